@@ -1,0 +1,1 @@
+"""InfVSR streaming video super-resolution: a pure-PyTorch core."""
