@@ -1,0 +1,326 @@
+"""InfVSR's causal DiT: Wan2.1-T2V-1.3B with a rolling KV cache in self-attention.
+
+Module attributes mirror the original Wan2.1 names, so `state_dict()` has
+exactly the keys of the published `InfVSR.ckpt` (`blocks.{i}.self_attn.q`,
+`blocks.{i}.modulation`, `head.head`, ...) and the file loads with no renaming.
+
+Streaming (SPEC section 2): each call processes one chunk of latent frames.
+Its keys/values in every self-attention layer are concatenated after those of
+the previous chunk only; queries come from the current chunk; the returned
+cache (this chunk's keys/values) replaces the old one, so memory is constant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .rope import apply_rope, rope_cos_sin
+from .weights import WeightFileError, require
+
+HEAD_DIM = 128
+_WHAT = "the InfVSR DiT checkpoint (InfVSR.ckpt)"
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of the DiT; the defaults are the published InfVSR (Wan2.1-1.3B, 512-d visual prompt)."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256
+    text_dim: int = 512
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def full(cls) -> DiTConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> DiTConfig:
+        """Two layers of two 128-d heads: same head dim (hence same RoPE split) as the real model, for tests."""
+        return cls(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], *, path: str | os.PathLike | None = None) -> DiTConfig:
+        """Infer the architecture from tensor shapes (works on meta tensors, reads no values)."""
+        pe = require(sd, "patch_embedding.weight", what=_WHAT, path=path)
+        dim, in_dim, *patch = pe.shape
+        if len(patch) != 3:
+            raise WeightFileError(f"{_WHAT}: patch_embedding.weight has shape {tuple(pe.shape)}, expected 5 dims")
+        if dim % HEAD_DIM:
+            where = f"{_WHAT} ('{path}')" if path is not None else _WHAT
+            raise WeightFileError(f"{where}: model dim {dim} (patch_embedding) is not a multiple of head dim {HEAD_DIM}")
+        layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+        ffn_dim = require(sd, "blocks.0.ffn.0.weight", what=_WHAT, path=path).shape[0]
+        head_out = require(sd, "head.head.weight", what=_WHAT, path=path).shape[0]
+        freq_dim = require(sd, "time_embedding.0.weight", what=_WHAT, path=path).shape[1]
+        text_dim = require(sd, "text_embedding.0.weight", what=_WHAT, path=path).shape[1]
+        return cls(
+            dim=dim,
+            ffn_dim=ffn_dim,
+            num_heads=dim // HEAD_DIM,
+            num_layers=max(layers) + 1,
+            in_dim=in_dim,
+            out_dim=head_out // math.prod(patch),
+            patch_size=tuple(int(p) for p in patch),
+            freq_dim=freq_dim,
+            text_dim=text_dim,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> DiTConfig:
+        """Read a Wan-style config.json; keys we do not use (model_type, text_len, ...) are ignored."""
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        return cls(**kwargs)
+
+
+@dataclass
+class KVCache:
+    """The previous chunk's self-attention keys (after RoPE) and values, one (B, L, H, D) tensor per layer.
+
+    It holds the previous chunk only (InfVSR's rolling cache): each forward
+    returns a new cache with just the current chunk, which replaces this one.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    latent_frames: int
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Wan's sinusoid: [cos, sin] of t * 10000^(-k/(dim/2)), computed in float64 on the CPU, returned in dtype."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / half)
+    args = t.detach().to("cpu", torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([args.cos(), args.sin()], dim=1).to(t.device, dtype)
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMSNorm: normalize in float32, cast back, then multiply by the weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the activation/parameter dtype; returns float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """norm(x) * (1 + scale) + shift in float32 (shift/scale are float32), cast back to x.dtype."""
+    return (norm(x) * (1 + scale) + shift).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention over [previous chunk, current chunk] keys/values with 3D RoPE on q and k."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (output, this chunk's roped keys, this chunk's values)."""
+        heads = (self.num_heads, -1)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), cos, sin)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), cos, sin)
+        v = self.v(x).unflatten(-1, heads)
+        k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
+        out = attention(q, k_all, v_all, backend)
+        return self.o(out.flatten(2)), k, v
+
+
+class CrossAttention(nn.Module):
+    """Attention from the video tokens to the embedded visual prompt (no RoPE, no cache)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(context)).unflatten(-1, heads)
+        v = self.v(context).unflatten(-1, heads)
+        return self.o(attention(q, k, v, backend).flatten(2))
+
+
+class DiTBlock(nn.Module):
+    """One Wan block: modulated self-attention, cross-attention, modulated FFN (SPEC section 1)."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t_mod: torch.Tensor,
+        context: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + t_mod.float()).chunk(6, dim=1)
+        y, k, v = self.self_attn(_modulate(self.norm1, x, shift1, scale1), cos, sin, past, backend)
+        x = (x.float() + y.float() * gate1).to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x).to(x.dtype), context, backend)
+        y = self.ffn(_modulate(self.norm2, x, shift2, scale2))
+        x = (x.float() + y.float() * gate2).to(x.dtype)
+        return x, k, v
+
+
+class Head(nn.Module):
+    """Output head: LayerNorm modulated by the time embedding e (not t_mod), then a linear to patch pixels."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.float()[:, None, :]).chunk(2, dim=1)
+        return self.head(_modulate(self.norm, x, shift, scale))
+
+
+class CausalWanDiT(nn.Module):
+    """The InfVSR DiT: one call per chunk, with the previous chunk's keys/values as rolling cache."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        if config.dim % config.num_heads or (config.dim // config.num_heads) % 2:
+            raise ValueError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
+        self.config = config
+        self.attention_backend: str = "sdpa"
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        timestep: torch.Tensor,
+        *,
+        time_offset: int = 0,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """latents (B, C, F, H, W), context (B, L, text_dim), timestep (B,) -> (prediction, this chunk's cache).
+
+        `time_offset` is the RoPE time position of the chunk's first latent
+        frame (latent frames already processed in the scene); `kv_cache` is
+        the previous chunk's cache, or None for a scene's first chunk.
+        """
+        cfg = self.config
+        b, _, frames, height, width = latents.shape
+        pt, ph, pw = cfg.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise ValueError(f"latent size {(frames, height, width)} is not a multiple of the patch {cfg.patch_size}")
+        f, h, w = frames // pt, height // ph, width // pw
+        if kv_cache is not None and len(kv_cache.keys) != cfg.num_layers:
+            raise ValueError(f"KV cache has {len(kv_cache.keys)} layers, the model {cfg.num_layers}")
+
+        dtype = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, f*h*w, dim)
+        cos, sin = rope_cos_sin(f, h, w, cfg.head_dim, time_offset, device=x.device)
+
+        time_dtype = self.time_embedding[0].weight.dtype
+        e = self.time_embedding(timestep_embedding(timestep.to(x.device), cfg.freq_dim, dtype=time_dtype))
+        t_mod = self.time_projection(e).unflatten(1, (6, cfg.dim))
+        ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            past = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None else None
+            x, k, v = block(x, t_mod, ctx, cos, sin, past, self.attention_backend)
+            keys.append(k)
+            values.append(v)
+
+        out = self.head(x, e)  # (B, f*h*w, pt*ph*pw*out_dim), channel last within a patch
+        out = out.reshape(b, f, h, w, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(b, cfg.out_dim, f * pt, h * ph, w * pw)
+        return out, KVCache(keys=keys, values=values, latent_frames=f)
+
+
+def random_dit_state_dict(config: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Random weights in the published format (names, shapes, bf16), scaled so activations stay sane.
+
+    Used to test and benchmark the full pipeline without the real checkpoint.
+    """
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CausalWanDiT(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=gen)
+        if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
+            t = 1.0 + 0.05 * noise
+        elif name.endswith("modulation"):
+            t = noise / config.dim**0.5
+        elif name.endswith("bias"):
+            t = 0.01 * noise
+        else:  # linear / conv weights
+            t = 0.02 * noise
+        sd[name] = t.to(dtype)
+    return sd

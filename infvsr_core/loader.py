@@ -1,0 +1,194 @@
+"""Find and load the four published InfVSR weight files into an `InfVSRPipeline`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dit import CausalWanDiT, DiTConfig
+from .guidance import build_guidance
+from .pipeline import InfVSRPipeline
+from .vae import StreamingVAE, build_vae
+from .weights import WeightFileError, load_checked, read_state_dict
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One published file: its name, what it is, and where users get it."""
+
+    role: str
+    filename: str
+    description: str
+    source: str
+    unwrap: tuple[str, ...] = ()
+
+    @property
+    def stem(self) -> str:
+        return Path(self.filename).stem
+
+
+WEIGHT_FILES: dict[str, WeightFile] = {
+    "dit": WeightFile(
+        "dit",
+        "InfVSR.ckpt",
+        "the InfVSR causal DiT checkpoint (plain state dict, bf16)",
+        "the InfVSR authors' release (github.com/Kai-Liu001/InfVSR, 'pretrained models')",
+    ),
+    "vae": WeightFile(
+        "vae",
+        "Wan2.1_VAE.pth",
+        "the original Wan2.1 causal 3D VAE state dict",
+        "Wan-AI/Wan2.1-T2V-1.3B on Hugging Face (also in the InfVSR release)",
+        unwrap=("model_state", "state_dict"),
+    ),
+    "ram": WeightFile(
+        "ram",
+        "ram_swin_large_14m.pth",
+        "the RAM tagging model ({'model': state dict}); its Swin-L visual encoder and image_proj are used",
+        "xinyu1205/recognize_anything_model on Hugging Face (also in the InfVSR release)",
+        unwrap=("model",),
+    ),
+    "dape": WeightFile(
+        "dape",
+        "DAPE.pth",
+        "the DAPE LoRA for RAM's Swin qkv layers",
+        "the SeeSR release (DAPE.pth; also in the InfVSR release)",
+    ),
+}
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
+
+
+def default_models_dir() -> Path:
+    """`$INFVSR_MODELS`, else ComfyUI's `models/infvsr` when run inside a ComfyUI tree, else `~/.cache/infvsr`."""
+    env = os.environ.get("INFVSR_MODELS")
+    if env:
+        return Path(env).expanduser()
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if parent.name == "custom_nodes":
+            return parent.parent / "models" / "infvsr"
+    cwd_models = Path.cwd() / "models" / "infvsr"
+    if cwd_models.is_dir():
+        return cwd_models
+    return Path.home() / ".cache" / "infvsr"
+
+
+def find_weight_file(role: str, folders: list[Path] | Path) -> Path:
+    """The file for `role` in the first folder that has it (any of the accepted suffixes).
+
+    Raises `WeightFileError` naming the file, every folder searched and where it is published.
+    """
+    spec = WEIGHT_FILES[role]
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    folders = [Path(f) for f in folders]
+    for folder in folders:
+        exact = folder / spec.filename
+        if exact.is_file():
+            return exact
+        for suffix in WEIGHT_SUFFIXES:
+            candidate = folder / (spec.stem + suffix)
+            if candidate.is_file():
+                return candidate
+    searched = ", ".join(f"'{f.resolve()}'" for f in folders) or "(no folder given)"
+    raise WeightFileError(
+        f"missing weight file '{spec.filename}' ({spec.description}); searched {searched}; "
+        f"download it from {spec.source} and put it in one of those folders"
+    )
+
+
+def _autodetect_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU and fp32 on the CPU unless asked otherwise."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def load_pipeline(
+    models_dir: str | os.PathLike | list[str | os.PathLike] | None = None,
+    *,
+    dit: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    ram: str | os.PathLike | None = None,
+    dape: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    output_device: str | torch.device = "cpu",
+    vae_tiling: str = "auto",
+) -> InfVSRPipeline:
+    """Load the four published files (explicit paths win over `models_dir` look-up).
+
+    Each file is checked (keys and shapes against the architecture inferred from
+    it) before anything is built, and every error names the file.
+    """
+    device = torch.device(device) if device is not None else _autodetect_device()
+    dtype = parse_dtype(dtype, device)
+    if models_dir is None:
+        folders = [default_models_dir()]
+    elif isinstance(models_dir, (list, tuple)):
+        folders = [Path(f) for f in models_dir]
+    else:
+        folders = [Path(models_dir)]
+    explicit = {"dit": dit, "vae": vae, "ram": ram, "dape": dape}
+    paths = {role: Path(p) if p is not None else find_weight_file(role, folders) for role, p in explicit.items()}
+
+    states = {
+        role: read_state_dict(paths[role], what=f"{WEIGHT_FILES[role].description}", unwrap=WEIGHT_FILES[role].unwrap)
+        for role in ("dit", "vae", "ram", "dape")
+    }
+
+    dit_config = _dit_config(states["dit"], paths["dit"])
+    with torch.device("meta"):
+        dit_model = CausalWanDiT(dit_config)
+    dit_model = dit_model.to_empty(device="cpu")
+    load_checked(dit_model, states["dit"], what=WEIGHT_FILES["dit"].description, path=paths["dit"])
+    dit_model = dit_model.to(device=device, dtype=dtype)
+
+    vae_model = build_vae(states["vae"], path=paths["vae"], dtype=dtype).to(device)
+    guidance = build_guidance(
+        states["ram"], states["dape"], ram_path=paths["ram"], dape_path=paths["dape"], dtype=dtype
+    ).to(device)
+    del states
+
+    return InfVSRPipeline(
+        dit_model,
+        StreamingVAE(vae_model, tiling=vae_tiling),
+        guidance,
+        device=device,
+        dtype=dtype,
+        output_device=output_device,
+        model_id=_model_id(paths, dtype),
+    )
+
+
+def _dit_config(state: dict[str, torch.Tensor], path: Path) -> DiTConfig:
+    """`config.json` beside the checkpoint when present, else inferred from tensor shapes."""
+    config_json = path.parent / "config.json"
+    if config_json.is_file():
+        return DiTConfig.from_json(config_json)
+    return DiTConfig.from_state_dict(state, path=path)
+
+
+def _model_id(paths: dict[str, Path], dtype: torch.dtype) -> str:
+    digest = hashlib.sha1()
+    for role in sorted(paths):
+        stat = paths[role].stat()
+        digest.update(f"{paths[role].resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    digest.update(str(dtype).encode())
+    return digest.hexdigest()[:16]

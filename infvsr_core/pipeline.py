@@ -1,0 +1,205 @@
+"""The streaming InfVSR pipeline: one DiT step per chunk between a causal VAE encode and decode.
+
+`InfVSRPipeline` holds the three networks; all per-stream state lives in an
+`InfVSRSession`, so one loaded pipeline serves any number of streams and a
+stream can be resumed from its session object.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import torch
+
+from .dit import CausalWanDiT
+from .guidance import VisualGuidance
+from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
+from .session import InfVSRSession, SceneState
+from .vae import StreamingVAE
+
+
+class InfVSRPipeline:
+    """InfVSR inference over the published networks, streamed chunk by chunk."""
+
+    def __init__(
+        self,
+        dit: CausalWanDiT,
+        vae: StreamingVAE,
+        guidance: VisualGuidance,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        output_device: torch.device | str = "cpu",
+        model_id: str | None = None,
+    ) -> None:
+        self.dit = dit.eval().requires_grad_(False)
+        self.vae = vae
+        self.guidance = guidance.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.output_device = torch.device(output_device)
+        self.model_id = model_id or uuid.uuid4().hex
+
+    # -- visual guidance -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def extract_prompt(self, reference: torch.Tensor) -> torch.Tensor:
+        """DAPE visual prompt (1, 145, 512) from one low-resolution frame (H, W, 3) in [0, 1]."""
+        if reference.ndim == 4:
+            if reference.shape[0] != 1:
+                raise ValueError(f"expected one reference frame, got a batch of {reference.shape[0]}")
+            reference = reference[0]
+        if reference.ndim != 3 or reference.shape[-1] != 3:
+            raise ValueError(f"expected a reference frame of shape (H, W, 3), got {tuple(reference.shape)}")
+        image = reference.to(self.device, torch.float32).permute(2, 0, 1).unsqueeze(0)
+        return self.guidance(image, dtype=self.dtype)
+
+    # -- sessions -------------------------------------------------------------------------------
+    def new_session(self, scale: int = 4, prompt: torch.Tensor | None = None) -> InfVSRSession:
+        """A fresh stream. With `prompt` given, it is used for every scene instead of the first frame's."""
+        if not isinstance(scale, int) or scale < 1:
+            raise ValueError(f"scale must be a positive integer, got {scale!r}")
+        session = InfVSRSession(model_id=self.model_id, scale=scale)
+        if prompt is not None:
+            session.prompt = self._check_prompt(prompt)
+            session.prompt_fixed = True
+        return session
+
+    def push(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+        """Feed low-resolution frames (T, H, W, 3) in [0, 1]; returns every frame completed so far.
+
+        Frames are held until a whole chunk is available, so the output of any
+        batching of the same video is identical, frame for frame.
+        """
+        self._check_session(session)
+        frames = self._check_frames(session, frames)
+        session.pending = frames if session.pending is None else torch.cat([session.pending, frames])
+        session.frames_in += int(frames.shape[0])
+        outputs = []
+        while session.pending_frames >= session.next_chunk_length:
+            outputs.append(self._take_chunk(session, session.next_chunk_length))
+        return self._join(session, outputs)
+
+    def cut(self, session: InfVSRSession) -> torch.Tensor:
+        """Scene cut: finish the current scene (its last chunk padded), then reset every cache.
+
+        The next chunk is a 9-frame first chunk with a fresh KV cache, fresh VAE
+        histories, time position 0 and (unless the prompt was supplied) a new
+        reference frame.
+        """
+        self._check_session(session)
+        outputs = self._flush(session)
+        session.scene = None
+        if not session.prompt_fixed:
+            session.prompt = None
+        return self._join(session, outputs)
+
+    def close(self, session: InfVSRSession) -> torch.Tensor:
+        """End of stream: upscale the remaining frames as a padded final chunk."""
+        self._check_session(session)
+        outputs = self._flush(session)
+        session.closed = True
+        return self._join(session, outputs)
+
+    def refresh_prompt(self, session: InfVSRSession, frame: torch.Tensor, index: int | None = None) -> None:
+        """Take a new reference frame without resetting caches (SPEC section 3's refresh rule)."""
+        self._check_session(session)
+        if not session.prompt_fixed:
+            session.prompt = self.extract_prompt(frame)
+            session.reference_index = session.frames_out if index is None else index
+
+    def upscale(self, frames: torch.Tensor, scale: int = 4, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole clip in one call: one scene, no scene detection."""
+        session = self.new_session(scale, prompt)
+        return torch.cat([self.push(session, frames), self.close(session)])
+
+    # -- internals ------------------------------------------------------------------------------
+    def _flush(self, session: InfVSRSession) -> list[torch.Tensor]:
+        outputs = []
+        while session.pending_frames:
+            outputs.append(self._take_chunk(session, min(session.pending_frames, session.next_chunk_length)))
+        return outputs
+
+    def _take_chunk(self, session: InfVSRSession, count: int) -> torch.Tensor:
+        assert session.pending is not None
+        chunk, rest = session.pending[:count], session.pending[count:]
+        session.pending = rest if rest.shape[0] else None
+        return self._upscale_chunk(session, chunk)
+
+    @torch.inference_mode()
+    def _upscale_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        first = session.scene is None
+        if first:
+            session.scene = SceneState(vae_history=self.vae.new_history())
+            session.scenes += 1
+        scene = session.scene
+        assert scene is not None and chunk_length(first) >= frames.shape[0]
+        if session.prompt is None:
+            session.prompt = self.extract_prompt(frames[0])
+            session.reference_index = session.frames_out
+        video, true_size = prepare_chunk(frames, session.scale, first, device=self.device, dtype=self.dtype)
+        latents = self.vae.encode_chunk(video, scene.vae_history)
+        del video
+        timestep = torch.full((latents.shape[0],), TIMESTEP, device=self.device, dtype=torch.float32)
+        prediction, scene.kv_cache = self.dit(
+            latents, session.prompt, timestep, time_offset=scene.latent_frames, kv_cache=scene.kv_cache
+        )
+        scene.latent_frames += latents.shape[2]
+        restored = one_step_restore(latents, prediction)
+        del prediction, latents
+        decoded = self.vae.decode_chunk(restored, scene.vae_history)
+        out = finish_frames(decoded, true_size).to(self.output_device)
+        scene.frames += int(frames.shape[0])
+        session.frames_out += int(frames.shape[0])
+        session.stats["last_chunk_seconds"] = time.perf_counter() - started
+        return out
+
+    def _join(self, session: InfVSRSession, outputs: list[torch.Tensor]) -> torch.Tensor:
+        if outputs:
+            return torch.cat(outputs)
+        height, width = session.input_size or (0, 0)
+        return torch.empty((0, height * session.scale, width * session.scale, 3), device=self.output_device)
+
+    def _check_session(self, session: InfVSRSession) -> None:
+        if not isinstance(session, InfVSRSession):
+            raise TypeError(f"expected an InfVSRSession, got {type(session).__name__}")
+        if session.model_id != self.model_id:
+            raise ValueError("this session (cache) was created by a different InfVSR model; start a new session")
+        if session.closed:
+            raise ValueError("this session is closed (its stream has ended); start a new session")
+
+    def _check_prompt(self, prompt: torch.Tensor) -> torch.Tensor:
+        expected = self.dit.config.text_dim
+        if prompt.ndim == 2:
+            prompt = prompt.unsqueeze(0)
+        if prompt.ndim != 3 or prompt.shape[0] != 1 or prompt.shape[-1] != expected:
+            raise ValueError(
+                f"visual prompt must have shape (1, tokens, {expected}), got {tuple(prompt.shape)}: "
+                "was it extracted by a different model?"
+            )
+        return prompt.to(self.device, self.dtype)
+
+    def _check_frames(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+        if not isinstance(frames, torch.Tensor):
+            raise TypeError(f"frames must be a torch.Tensor (T, H, W, 3), got {type(frames).__name__}")
+        if frames.ndim == 3:
+            frames = frames.unsqueeze(0)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must have shape (T, H, W, 3) with 3 RGB channels, got {tuple(frames.shape)}")
+        if frames.dtype == torch.uint8:
+            frames = frames.float() / 255
+        elif not frames.is_floating_point():
+            raise TypeError(f"frames must be float in [0, 1] or uint8, got {frames.dtype}")
+        size = (int(frames.shape[1]), int(frames.shape[2]))
+        if min(size) < 1:
+            raise ValueError(f"frames have an empty size {size[0]}x{size[1]}")
+        if session.input_size is None:
+            if frames.shape[0]:
+                session.input_size = size
+        elif size != session.input_size:
+            raise ValueError(
+                f"frame size changed mid-stream: the stream is {session.input_size[1]}x{session.input_size[0]} "
+                f"(width x height) but got {size[1]}x{size[0]}; start a new session for a different size"
+            )
+        return frames.detach().to("cpu", torch.float32)
