@@ -67,7 +67,9 @@ class DiTConfig:
             raise WeightFileError(f"{_WHAT}: patch_embedding.weight has shape {tuple(pe.shape)}, expected 5 dims")
         if dim % HEAD_DIM:
             where = f"{_WHAT} ('{path}')" if path is not None else _WHAT
-            raise WeightFileError(f"{where}: model dim {dim} (patch_embedding) is not a multiple of head dim {HEAD_DIM}")
+            raise WeightFileError(
+                f"{where}: model dim {dim} (patch_embedding) is not a multiple of head dim {HEAD_DIM}"
+            )
         layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
         ffn_dim = require(sd, "blocks.0.ffn.0.weight", what=_WHAT, path=path).shape[0]
         head_out = require(sd, "head.head.weight", what=_WHAT, path=path).shape[0]
@@ -87,9 +89,14 @@ class DiTConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> DiTConfig:
-        """Read a Wan-style config.json; keys we do not use (model_type, text_len, ...) are ignored."""
+        """Read a Wan-style config.json; keys we do not use (model_type, text_len, ...) are ignored.
+
+        The InfVSR release nests the values under "model_config"; plain Wan configs do not.
+        """
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
+        if isinstance(raw.get("model_config"), dict):
+            raw = raw["model_config"]
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
         if "patch_size" in kwargs:
@@ -197,11 +204,12 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         dim = cfg.dim
-        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
-        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
+        # Attribute order follows Wan's, so state_dict() lists keys in the published file's order.
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
-        self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
         self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
@@ -303,7 +311,9 @@ class CausalWanDiT(nn.Module):
         return out, KVCache(keys=keys, values=values, latent_frames=f)
 
 
-def random_dit_state_dict(config: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def random_dit_state_dict(
+    config: DiTConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """Random weights in the published format (names, shapes, bf16), scaled so activations stay sane.
 
     Used to test and benchmark the full pipeline without the real checkpoint.

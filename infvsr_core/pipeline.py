@@ -52,7 +52,7 @@ class InfVSRPipeline:
         if reference.ndim != 3 or reference.shape[-1] != 3:
             raise ValueError(f"expected a reference frame of shape (H, W, 3), got {tuple(reference.shape)}")
         image = reference.to(self.device, torch.float32).permute(2, 0, 1).unsqueeze(0)
-        return self.guidance(image, dtype=self.dtype)
+        return self.guidance(image)
 
     # -- sessions -------------------------------------------------------------------------------
     def new_session(self, scale: int = 4, prompt: torch.Tensor | None = None) -> InfVSRSession:

@@ -1,4 +1,37 @@
+from pathlib import Path
+
+import pytest
 import torch
 
 # CI and developer machines have 2 cores: keep the tests from oversubscribing them.
 torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """The four files in the published formats, tiny configuration, fixed seed."""
+    from infvsr_core.fixtures import write_fixtures
+
+    folder = tmp_path_factory.mktemp("tiny_models")
+    write_fixtures(folder, tiny=True, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_models):
+    from infvsr_core.loader import load_pipeline
+
+    return load_pipeline(tiny_models, device="cpu", dtype="fp32")
+
+
+def make_clip(frames: int, height: int = 12, width: int = 20, seed: int = 0) -> torch.Tensor:
+    """A smooth moving pattern with noise, (T, H, W, 3) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(frames, dtype=torch.float32)[:, None, None]
+    y = torch.arange(height, dtype=torch.float32)[None, :, None]
+    x = torch.arange(width, dtype=torch.float32)[None, None, :]
+    base = torch.stack([torch.sin((x + 0.7 * t) / 3), torch.cos((y - 0.5 * t) / 4), torch.sin((x + y + t) / 5)], -1)
+    return ((base + 1) / 2 * 0.8 + 0.2 * torch.rand(frames, height, width, 3, generator=g)).clamp(0, 1)

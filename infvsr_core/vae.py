@@ -1,0 +1,515 @@
+"""The causal Wan2.1 VAE of InfVSR, streamed chunk by chunk (SPEC sections 1, 2, 5, 6).
+
+The network itself is diffusers' `AutoencoderKLWan`; this module only
+(a) loads the published `Wan2.1_VAE.pth` (original Wan key names) into it with
+errors that name the original keys, and (b) drives its encoder and decoder the
+way the InfVSR release does: the per-conv temporal histories (`feat_cache`)
+live in a `VAEHistory` owned by the caller and survive across the chunks of a
+scene, so a clip streamed in chunks gives exactly the whole-clip result while
+memory stays constant.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+from .weights import WeightFileError, check_state_dict, require
+
+__all__ = [
+    "TINY_VAE_BASE_DIM",
+    "WAN21_LATENTS_MEAN",
+    "WAN21_LATENTS_STD",
+    "StreamingVAE",
+    "TileRegion",
+    "VAEHistory",
+    "build_vae",
+    "random_vae_state_dict",
+    "tile_regions",
+    "vae_config_from_state_dict",
+    "vae_state_dict_to_original",
+]
+
+WHAT = "the Wan2.1 VAE checkpoint (Wan2.1_VAE.pth)"
+
+# Wan2.1's per-channel latent statistics (16 channels): the DiT was trained on
+# latents normalized with exactly these numbers.
+WAN21_LATENTS_MEAN: tuple[float, ...] = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENTS_STD: tuple[float, ...] = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+# Smallest channel width that keeps every layer of the architecture valid and
+# the CPU tests fast.
+TINY_VAE_BASE_DIM = 8
+
+SPATIAL_FACTOR = 8  # pixels per latent, each axis
+TEMPORAL_FACTOR = 4  # frames per latent frame (after the scene's first frame)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def vae_config_from_state_dict(sd: Mapping[str, torch.Tensor], *, path: str | os.PathLike | None = None) -> dict:
+    """AutoencoderKLWan config for an original-format state dict, built locally (no hub access).
+
+    base_dim is read from `encoder.conv1.weight` and z_dim from `conv2.weight`
+    so that narrower test VAEs load too; everything else is Wan2.1's.
+    """
+    conv_in = require(sd, "encoder.conv1.weight", what=WHAT, path=path)
+    post_quant = require(sd, "conv2.weight", what=WHAT, path=path)
+    where = f"{WHAT} ('{path}')" if path is not None else WHAT
+    if conv_in.ndim != 5 or post_quant.ndim != 5:
+        raise WeightFileError(
+            f"{where}: 'encoder.conv1.weight' {tuple(conv_in.shape)} / 'conv2.weight' {tuple(post_quant.shape)} "
+            "are not 3D-conv weights: this is not a Wan2.1 VAE"
+        )
+    z_dim = int(post_quant.shape[0])
+    if z_dim != len(WAN21_LATENTS_MEAN):
+        raise WeightFileError(
+            f"{where}: latent channels (z_dim, from 'conv2.weight' {tuple(post_quant.shape)}) is {z_dim}, "
+            f"expected {len(WAN21_LATENTS_MEAN)}: this is not a Wan2.1 VAE (Wan2.2's VAE has 48)"
+        )
+    return {
+        "base_dim": int(conv_in.shape[0]),
+        "decoder_base_dim": None,
+        "z_dim": z_dim,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_scales": [],
+        "temperal_downsample": [False, True, True],
+        "dropout": 0.0,
+        "latents_mean": list(WAN21_LATENTS_MEAN),
+        "latents_std": list(WAN21_LATENTS_STD),
+        "is_residual": False,
+        "in_channels": 3,
+        "out_channels": 3,
+        "patch_size": None,
+        "scale_factor_temporal": TEMPORAL_FACTOR,
+        "scale_factor_spatial": SPATIAL_FACTOR,
+    }
+
+
+# diffusers name -> original Wan name, for the parts with a fixed rename.
+_RESNET_PARTS = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6"}
+_FIXED_RENAMES = {
+    "quant_conv.": "conv1.",
+    "post_quant_conv.": "conv2.",
+    "encoder.conv_in.": "encoder.conv1.",
+    "decoder.conv_in.": "decoder.conv1.",
+    "encoder.norm_out.": "encoder.head.0.",
+    "encoder.conv_out.": "encoder.head.2.",
+    "decoder.norm_out.": "decoder.head.0.",
+    "decoder.conv_out.": "decoder.head.2.",
+}
+_MID_RESNET = re.compile(
+    r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(norm1|conv1|norm2|conv2|conv_shortcut)\.(.+)$"
+)
+_MID_ATTN = re.compile(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)$")
+_DOWN = re.compile(r"^encoder\.down_blocks\.(\d+)\.(.+)$")
+_UP_RESNET = re.compile(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(norm1|conv1|norm2|conv2|conv_shortcut)\.(.+)$")
+_UP_SAMPLER = re.compile(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)$")
+_UP_PER_LEVEL = 4  # original decoder.upsamples: 3 residual blocks then 1 resample per level
+
+
+def _resnet_part(part: str) -> str:
+    return "shortcut" if part == "conv_shortcut" else _RESNET_PARTS[part]
+
+
+def _key_to_original(key: str) -> str:
+    for new, old in _FIXED_RENAMES.items():
+        if key.startswith(new):
+            return old + key[len(new) :]
+    if m := _MID_RESNET.match(key):
+        side, idx, part, rest = m.groups()
+        # original middle = [residual, attention, residual]
+        return f"{side}.middle.{2 * int(idx)}.{_resnet_part(part)}.{rest}"
+    if m := _MID_ATTN.match(key):
+        return f"{m.group(1)}.middle.1.{m.group(2)}"
+    if m := _DOWN.match(key):
+        idx, rest = m.groups()
+        head, _, tail = rest.partition(".")
+        if head in _RESNET_PARTS or head == "conv_shortcut":
+            rest = f"{_resnet_part(head)}.{tail}"
+        return f"encoder.downsamples.{idx}.{rest}"
+    if m := _UP_RESNET.match(key):
+        block, resnet, part, rest = m.groups()
+        return f"decoder.upsamples.{_UP_PER_LEVEL * int(block) + int(resnet)}.{_resnet_part(part)}.{rest}"
+    if m := _UP_SAMPLER.match(key):
+        block, rest = m.groups()
+        return f"decoder.upsamples.{_UP_PER_LEVEL * int(block) + _UP_PER_LEVEL - 1}.{rest}"
+    raise KeyError(f"no original Wan2.1 VAE name known for diffusers key '{key}'")
+
+
+def vae_state_dict_to_original(diffusers_sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename a diffusers AutoencoderKLWan state dict to the original Wan2.1 key names.
+
+    The inverse of diffusers' `convert_wan_vae_to_diffusers`; values (tensors or
+    shapes) pass through untouched. Used to state the expected original keys and
+    shapes, so that load errors name the keys the user's file actually has.
+    """
+    return {_key_to_original(k): v for k, v in diffusers_sd.items()}
+
+
+def _meta_vae(config: dict) -> AutoencoderKLWan:
+    # Built on the meta device: no memory and no random init for weights that
+    # are about to be replaced.
+    with torch.device("meta"):
+        return AutoencoderKLWan(**config)
+
+
+def build_vae(
+    sd_original: Mapping[str, torch.Tensor],
+    *,
+    path: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> AutoencoderKLWan:
+    """Check an original-format Wan2.1 VAE state dict and load it into diffusers' AutoencoderKLWan.
+
+    `sd_original` is the already unwrapped `Wan2.1_VAE.pth` content (bf16 or
+    fp32). Keys and shapes are checked under their original names first, so a
+    wrong file is reported as such rather than as a diffusers load failure.
+    """
+    config = vae_config_from_state_dict(sd_original, path=path)
+    model = _meta_vae(config)
+    expected = vae_state_dict_to_original({k: v.shape for k, v in model.state_dict().items()})
+    check_state_dict(sd_original, expected, what=WHAT, path=path)
+    converted = convert_wan_vae_to_diffusers(dict(sd_original))
+    converted = {k: v.to(dtype=dtype) for k, v in converted.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def random_vae_state_dict(base_dim: int = 96, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deterministic random Wan2.1 VAE state dict in the original published format (float32).
+
+    Weights have variance 1/fan_in so activations keep a sane scale through the
+    network; the decoder's output conv is scaled down so decoded frames mostly
+    stay inside [-1, 1] (as a trained VAE's do) and clamping is rare. The
+    global RNG is not touched.
+    """
+    config = vae_config_from_state_dict(
+        {"encoder.conv1.weight": torch.empty(base_dim, 3, 3, 3, 3), "conv2.weight": torch.empty(16, 16, 1, 1, 1)}
+    )
+    shapes = {k: v.shape for k, v in _meta_vae(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if name.endswith(".gamma"):
+            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith(".bias"):
+            value = 0.05 * torch.randn(shape, generator=gen)
+        else:
+            fan_in = shape[1:].numel()
+            value = torch.randn(shape, generator=gen) / fan_in**0.5
+            if name == "decoder.conv_out.weight":
+                value = value * 0.2
+        sd[name] = value
+    return vae_state_dict_to_original(sd)
+
+
+# --------------------------------------------------------------------------- streaming
+
+TileRegion = tuple[int, int, int, int]
+"""(top, bottom, left, right) of a tile, in latent pixels."""
+
+
+def _starts(length: int, size: int, stride: int) -> list[int]:
+    # A tile is added only while the previous one has not reached the end.
+    starts = [0]
+    while starts[-1] + size < length:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def tile_regions(latent_height: int, latent_width: int, size: int, stride: int) -> list[TileRegion]:
+    """Overlapping latent tiles covering the frame, row-major; edge tiles are clipped to the frame."""
+    if not 0 < stride <= size:
+        raise ValueError(f"tile stride must be in (0, tile size]; got size {size}, stride {stride}")
+    return [
+        (top, min(top + size, latent_height), left, min(left + size, latent_width))
+        for top in _starts(latent_height, size, stride)
+        for left in _starts(latent_width, size, stride)
+    ]
+
+
+def _ramp(length: int, border: int, ramp_start: bool, ramp_end: bool, device: torch.device) -> torch.Tensor:
+    weights = torch.ones(length, device=device)
+    border = min(border, length)
+    if border <= 0:
+        return weights
+    up = torch.arange(1, border + 1, device=device, dtype=torch.float32) / border
+    if ramp_start:
+        weights[:border] = up
+    if ramp_end:
+        weights[length - border :] = up.flip(0)
+    return weights
+
+
+def _tile_weights(
+    region: TileRegion, frame: tuple[int, int], border: int, factor: int, device: torch.device
+) -> torch.Tensor:
+    """Blending weights of one tile, (1, 1, 1, h, w), float32.
+
+    Linear ramps (1/border ... 1) over the overlap on every side that is not a
+    frame edge, the minimum of the row and column ramps at the corners; the
+    blended value is the weight-normalized sum of the tiles (the release's
+    scheme).
+    """
+    top, bottom, left, right = region
+    rows = _ramp((bottom - top) * factor, border * factor, top > 0, bottom < frame[0], device)
+    cols = _ramp((right - left) * factor, border * factor, left > 0, right < frame[1], device)
+    return torch.minimum(rows[:, None], cols[None, :])[None, None, None]
+
+
+def _cache_nbytes(cache: list) -> int:
+    return sum(t.numel() * t.element_size() for t in cache if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class TileHistory:
+    """Encoder and decoder `feat_cache` lists of one spatial tile (entries: None, "Rep" or tensors)."""
+
+    encoder_cache: list = field(default_factory=list)
+    decoder_cache: list = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return _cache_nbytes(self.encoder_cache) + _cache_nbytes(self.decoder_cache)
+
+
+@dataclass
+class VAEHistory:
+    """Causal VAE state of one scene; start a new one at every scene cut.
+
+    `encoder_cache`/`decoder_cache` are diffusers' per-conv `feat_cache` lists
+    for the untiled case; when the frame is tiled, each tile has its own pair
+    in `tiles` (keyed by its latent region) and the top-level lists stay unused.
+    `frame_size` (pixels) and the tiling decision are fixed by the scene's first
+    chunk. Everything stays on the device the VAE runs on.
+    """
+
+    encoder_cache: list = field(default_factory=list)
+    decoder_cache: list = field(default_factory=list)
+    encoded_first: bool = False
+    decoded_first: bool = False
+    frame_size: tuple[int, int] | None = None
+    tiles: dict[TileRegion, TileHistory] | None = None
+
+    @property
+    def tiled(self) -> bool:
+        return self.tiles is not None
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached activations (constant once a scene is past its second chunk)."""
+        total = _cache_nbytes(self.encoder_cache) + _cache_nbytes(self.decoder_cache)
+        return total + sum(t.nbytes() for t in (self.tiles or {}).values())
+
+
+Tiling = Literal["auto", "always", "never"]
+
+
+class StreamingVAE:
+    """Encode/decode the chunks of a scene through diffusers' AutoencoderKLWan, carrying the causal history.
+
+    Encoding sends the scene's very first frame alone, then groups of 4 frames,
+    through `vae.encoder` with the history's feat_cache (feat_idx reset per
+    call), applies `quant_conv`, keeps the posterior mean and normalizes it with
+    Wan2.1's constants. Decoding de-normalizes, applies `post_quant_conv` and
+    decodes one latent frame at a time (1 output frame for the scene's first, 4
+    for every later one), then clamps to [-1, 1].
+
+    Spatial tiling (SPEC section 5): with `tiling="auto"` a scene is tiled when
+    its output frame is taller than `tile_threshold` pixels, as in the release;
+    pass `threshold_axes="either"` to also tile frames that are only wider than
+    that (the release does not; this saves memory on very wide video at the
+    cost of differing from it). A tiled frame is split on both axes into latent
+    tiles of `tile_size` with `tile_stride` (defaults 128 / 110, i.e. 1024 /
+    880 pixels); each tile keeps its own encoder and decoder history, and
+    overlaps are blended linearly (weights ramping over the overlap,
+    normalized by their sum). `tiling="always"` tiles any frame (a frame that
+    fits one tile then gives the untiled result); `"never"` never tiles.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKLWan,
+        *,
+        tiling: Tiling = "auto",
+        tile_threshold: int = 1024,
+        tile_size: int = 128,
+        tile_stride: int = 110,
+        threshold_axes: Literal["height", "either"] = "height",
+    ) -> None:
+        if tiling not in ("auto", "always", "never"):
+            raise ValueError(f"tiling must be 'auto', 'always' or 'never', got {tiling!r}")
+        if threshold_axes not in ("height", "either"):
+            raise ValueError(f"threshold_axes must be 'height' or 'either', got {threshold_axes!r}")
+        if not 0 < tile_stride <= tile_size:
+            raise ValueError(f"tile stride must be in (0, tile size]; got size {tile_size}, stride {tile_stride}")
+        self.vae = vae
+        self.tiling = tiling
+        self.tile_threshold = tile_threshold
+        self.tile_size = tile_size
+        self.tile_stride = tile_stride
+        self.threshold_axes = threshold_axes
+        self.z_dim = int(vae.config.z_dim)
+        self._encoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
+        self._decoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        self._mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        # The release multiplies by 1/std (computed in float32, then cast), which
+        # rounds differently from dividing by std in bf16.
+        self._inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    # ----------------------------------------------------------------- state
+
+    def new_history(self) -> VAEHistory:
+        """Empty causal state for a new scene."""
+        return VAEHistory(encoder_cache=[None] * self._encoder_convs, decoder_cache=[None] * self._decoder_convs)
+
+    def _new_tile(self) -> TileHistory:
+        return TileHistory([None] * self._encoder_convs, [None] * self._decoder_convs)
+
+    def wants_tiling(self, height: int, width: int) -> bool:
+        """Whether a scene with output frames of height x width pixels is tiled."""
+        if self.tiling != "auto":
+            return self.tiling == "always"
+        if self.threshold_axes == "either":
+            return max(height, width) > self.tile_threshold
+        return height > self.tile_threshold
+
+    def _fix_frame(self, history: VAEHistory, height: int, width: int) -> None:
+        if history.frame_size is None:
+            history.frame_size = (height, width)
+            if self.wants_tiling(height, width):
+                regions = tile_regions(
+                    height // SPATIAL_FACTOR, width // SPATIAL_FACTOR, self.tile_size, self.tile_stride
+                )
+                history.tiles = {region: self._new_tile() for region in regions}
+        elif history.frame_size != (height, width):
+            raise ValueError(
+                f"frame size changed within a scene: {history.frame_size} then {(height, width)}; "
+                "start a new history for a new frame size"
+            )
+
+    def _params(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.vae.parameters())
+        return p.device, p.dtype
+
+    def _stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._mean.to(device=device, dtype=dtype), self._inv_std.to(device=device, dtype=dtype)
+
+    # ----------------------------------------------------------------- encode
+
+    @torch.no_grad()
+    def encode_chunk(self, frames: torch.Tensor, history: VAEHistory) -> torch.Tensor:
+        """(B, 3, T, H, W) frames in [-1, 1] -> normalized latents (B, 16, T', H/8, W/8).
+
+        T must be 1 mod 4 for the scene's first chunk (T' = 1 + (T-1)/4) and
+        0 mod 4 afterwards (T' = T/4); H and W multiples of 16 (the caller pads).
+        """
+        if frames.ndim != 5 or frames.shape[1] != 3:
+            raise ValueError(f"expected frames of shape (B, 3, T, H, W), got {tuple(frames.shape)}")
+        _, _, t, h, w = frames.shape
+        want = 0 if history.encoded_first else 1
+        if t == 0 or t % TEMPORAL_FACTOR != want:
+            which = "later chunks" if history.encoded_first else "a scene's first chunk"
+            raise ValueError(f"{which} need a frame count = {want} mod 4 (the causal VAE timeline), got {t}")
+        if h % 16 or w % 16:
+            raise ValueError(f"frame height and width must be multiples of 16 (pad first), got {h}x{w}")
+        self._fix_frame(history, h, w)
+        device, dtype = self._params()
+        frames = frames.to(device=device, dtype=dtype)
+        first = not history.encoded_first
+        if history.tiles is None:
+            out = self._encode(frames, history.encoder_cache, first)
+        else:
+            out = self._blend(
+                frames, history, lambda x, tile: self._encode(x, tile.encoder_cache, first), pixels_in=True
+            )
+        history.encoded_first = True
+        return out
+
+    def _encode(self, frames: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
+        pieces = [frames[:, :, :1]] if first else []
+        start = 1 if first else 0
+        pieces += [frames[:, :, i : i + TEMPORAL_FACTOR] for i in range(start, frames.shape[2], TEMPORAL_FACTOR)]
+        feats = [self.vae.encoder(piece, feat_cache=cache, feat_idx=[0]) for piece in pieces]
+        mean = self.vae.quant_conv(torch.cat(feats, dim=2))[:, : self.z_dim]
+        offset, inv_std = self._stats(mean.device, mean.dtype)
+        return (mean - offset) * inv_std
+
+    # ----------------------------------------------------------------- decode
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor, history: VAEHistory) -> torch.Tensor:
+        """Normalized latents (B, 16, T', h, w) -> frames (B, 3, T, 8h, 8w) in [-1, 1].
+
+        T = 1 + 4 (T' - 1) for the scene's first chunk, 4 T' afterwards.
+        """
+        if latents.ndim != 5 or latents.shape[1] != self.z_dim:
+            raise ValueError(f"expected latents of shape (B, {self.z_dim}, T, h, w), got {tuple(latents.shape)}")
+        if latents.shape[2] == 0:
+            raise ValueError("empty latent chunk")
+        _, _, _, h, w = latents.shape
+        self._fix_frame(history, h * SPATIAL_FACTOR, w * SPATIAL_FACTOR)
+        device, dtype = self._params()
+        latents = latents.to(device=device, dtype=dtype)
+        first = not history.decoded_first
+        if history.tiles is None:
+            out = self._decode(latents, history.decoder_cache, first)
+        else:
+            out = self._blend(
+                latents, history, lambda z, tile: self._decode(z, tile.decoder_cache, first), pixels_in=False
+            )
+        history.decoded_first = True
+        return out.clamp_(-1.0, 1.0)
+
+    def _decode(self, latents: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
+        offset, inv_std = self._stats(latents.device, latents.dtype)
+        x = self.vae.post_quant_conv(latents / inv_std + offset)
+        frames = [
+            self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)
+            for i in range(x.shape[2])
+        ]
+        return torch.cat(frames, dim=2)
+
+    # ----------------------------------------------------------------- tiling
+
+    def _blend(self, value: torch.Tensor, history: VAEHistory, run: Any, *, pixels_in: bool) -> torch.Tensor:
+        """Run `run(tile_input, tile_history)` per tile and blend the outputs (float32 accumulation)."""
+        assert history.tiles is not None and history.frame_size is not None
+        latent_frame = (history.frame_size[0] // SPATIAL_FACTOR, history.frame_size[1] // SPATIAL_FACTOR)
+        in_factor = SPATIAL_FACTOR if pixels_in else 1
+        out_factor = 1 if pixels_in else SPATIAL_FACTOR
+        border = self.tile_size - self.tile_stride
+        total: torch.Tensor | None = None
+        weight_sum = torch.zeros(
+            latent_frame[0] * out_factor, latent_frame[1] * out_factor, device=value.device, dtype=torch.float32
+        )
+        for region, tile in history.tiles.items():
+            top, bottom, left, right = region
+            piece = value[..., top * in_factor : bottom * in_factor, left * in_factor : right * in_factor]
+            out = run(piece, tile)
+            if total is None:
+                total = out.new_zeros(
+                    (*out.shape[:3], latent_frame[0] * out_factor, latent_frame[1] * out_factor), dtype=torch.float32
+                )
+            weights = _tile_weights(region, latent_frame, border, out_factor, value.device)
+            rows = slice(top * out_factor, bottom * out_factor)
+            cols = slice(left * out_factor, right * out_factor)
+            total[..., rows, cols] += out.float() * weights
+            weight_sum[rows, cols] += weights[0, 0, 0]
+        assert total is not None
+        return (total / weight_sum).to(value.dtype)

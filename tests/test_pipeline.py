@@ -1,0 +1,152 @@
+"""Session semantics of the streaming pipeline on tiny fixture weights (CPU, float32)."""
+
+import pytest
+import torch
+
+from infvsr_core.schedule import SIGMA, TIMESTEP, finish_frames, prepare_chunk
+from infvsr_core.session import InfVSRSession
+from tests.conftest import make_clip
+
+
+def release_loop(pipe, frames: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """A plain re-statement of the release's loop: 9 then 12 frames, one scene, caches by hand."""
+    outputs, cache, position, history, prompt = [], None, 0, pipe.vae.new_history(), None
+    start, first = 0, True
+    while start < frames.shape[0]:
+        size = 9 if first else 12
+        chunk = frames[start : start + size]
+        if prompt is None:
+            prompt = pipe.extract_prompt(chunk[0])
+        video, true_size = prepare_chunk(chunk, scale, first, device="cpu", dtype=torch.float32)
+        latents = pipe.vae.encode_chunk(video, history)
+        t = torch.full((1,), TIMESTEP)
+        prediction, cache = pipe.dit(latents, prompt, t, time_offset=position, kv_cache=cache)
+        position += latents.shape[2]
+        restored = latents + prediction * (-SIGMA)
+        outputs.append(finish_frames(pipe.vae.decode_chunk(restored, history), true_size))
+        start += chunk.shape[0]
+        first = False
+    return torch.cat(outputs)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return make_clip(40)
+
+
+@pytest.fixture(scope="module")
+def one_shot(tiny_pipeline, clip):
+    return tiny_pipeline.upscale(clip, scale=4)
+
+
+def test_one_shot_matches_the_release_loop(tiny_pipeline, clip, one_shot):
+    assert one_shot.shape == (40, 48, 80, 3)
+    assert torch.isfinite(one_shot).all()
+    reference = release_loop(tiny_pipeline, clip)
+    assert torch.equal(one_shot, reference)
+
+
+@pytest.mark.parametrize("batches", [[1] * 40, [7] * 6, [12] * 4, [100], [3, 20, 1, 16]])
+def test_any_batching_is_bit_identical(tiny_pipeline, clip, one_shot, batches):
+    session = tiny_pipeline.new_session(scale=4)
+    outputs, start = [], 0
+    for size in batches:
+        outputs.append(tiny_pipeline.push(session, clip[start : start + size]))
+        start += size
+    outputs.append(tiny_pipeline.close(session))
+    assert sum(o.shape[0] for o in outputs) == 40
+    assert torch.equal(torch.cat(outputs), one_shot)
+
+
+def test_frames_are_held_until_a_chunk_is_complete(tiny_pipeline, clip):
+    session = tiny_pipeline.new_session()
+    assert tiny_pipeline.push(session, clip[:8]).shape[0] == 0
+    assert session.pending_frames == 8
+    assert tiny_pipeline.push(session, clip[8:9]).shape[0] == 9  # first chunk: 9 frames
+    assert tiny_pipeline.push(session, clip[9:20]).shape[0] == 0
+    assert tiny_pipeline.push(session, clip[20:21]).shape[0] == 12
+    assert tiny_pipeline.close(session).shape[0] == 0
+    assert session.closed and session.frames_in == session.frames_out == 21
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 9, 10, 13, 22])
+def test_every_frame_comes_out_once(tiny_pipeline, length):
+    frames = make_clip(length, 8, 12, seed=length)
+    out = tiny_pipeline.upscale(frames, scale=2)
+    assert out.shape == (length, 16, 24, 3)
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_state_does_not_grow_with_the_number_of_chunks(tiny_pipeline):
+    frames = make_clip(9 + 12 * 6, 8, 12)
+    session = tiny_pipeline.new_session(scale=2)
+    sizes = []
+    tiny_pipeline.push(session, frames[:9])
+    for k in range(6):
+        tiny_pipeline.push(session, frames[9 + 12 * k : 21 + 12 * k])
+        sizes.append(session.state_bytes())
+        assert session.scene.kv_cache.latent_frames == 3
+        assert all(key.shape[1] == 3 * 4 * 6 for key in session.scene.kv_cache.keys)  # 3 latent frames of 4x6 tokens
+    assert len(set(sizes)) == 1, sizes
+    assert session.scene.latent_frames == 3 + 3 * 6
+
+
+def test_run_is_deterministic(tiny_models, clip, one_shot):
+    from infvsr_core.loader import load_pipeline
+
+    again = load_pipeline(tiny_models, device="cpu", dtype="fp32").upscale(clip, scale=4)
+    assert torch.equal(again, one_shot)
+
+
+def test_cut_resets_the_scene(tiny_pipeline, clip):
+    """After a cut, the new scene is upscaled exactly as if it were a fresh stream."""
+    session = tiny_pipeline.new_session()
+    first = torch.cat([tiny_pipeline.push(session, clip[:15]), tiny_pipeline.cut(session)])
+    assert first.shape[0] == 15 and session.scene is None and session.pending is None
+    second = torch.cat([tiny_pipeline.push(session, clip[15:]), tiny_pipeline.close(session)])
+    assert torch.equal(first, tiny_pipeline.upscale(clip[:15]))
+    assert torch.equal(second, tiny_pipeline.upscale(clip[15:]))
+    assert session.scenes == 2
+
+
+def test_fixed_prompt_is_kept_across_cuts(tiny_pipeline, clip):
+    prompt = tiny_pipeline.extract_prompt(clip[30])
+    assert prompt.shape == (1, 145, 512)
+    session = tiny_pipeline.new_session(prompt=prompt)
+    tiny_pipeline.push(session, clip[:10])
+    tiny_pipeline.cut(session)
+    assert session.prompt is not None and torch.equal(session.prompt, prompt)
+    # A different prompt changes the output: the guidance is really used.
+    out = tiny_pipeline.upscale(clip[:9], prompt=prompt)
+    assert not torch.equal(out, tiny_pipeline.upscale(clip[:9]))
+
+
+def test_refresh_prompt_keeps_caches(tiny_pipeline, clip):
+    session = tiny_pipeline.new_session()
+    tiny_pipeline.push(session, clip[:21])
+    cache = session.scene.kv_cache
+    tiny_pipeline.refresh_prompt(session, clip[21])
+    assert session.scene.kv_cache is cache and session.reference_index == 21
+    assert not torch.equal(session.prompt, tiny_pipeline.extract_prompt(clip[0]))
+
+
+def test_bad_inputs_get_clear_errors(tiny_pipeline, clip):
+    session = tiny_pipeline.new_session()
+    assert tiny_pipeline.push(session, clip[:0]).shape[0] == 0  # empty batch: nothing, no error
+    tiny_pipeline.push(session, clip[:3])
+    with pytest.raises(ValueError, match=r"frame size changed mid-stream: the stream is 20x12 .* got 10x12"):
+        tiny_pipeline.push(session, clip[3:5, :, :10])
+    with pytest.raises(ValueError, match="shape \\(T, H, W, 3\\)"):
+        tiny_pipeline.push(session, clip[3:5, ..., :1])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        tiny_pipeline.push(session, clip[3:5].numpy())
+    with pytest.raises(ValueError, match="scale must be a positive integer"):
+        tiny_pipeline.new_session(scale=0)
+    with pytest.raises(ValueError, match="different model"):
+        tiny_pipeline.new_session(prompt=torch.zeros(1, 145, 768))
+    tiny_pipeline.close(session)
+    with pytest.raises(ValueError, match="session is closed"):
+        tiny_pipeline.push(session, clip[:1])
+    foreign = InfVSRSession(model_id="another-model")
+    with pytest.raises(ValueError, match="different InfVSR model"):
+        tiny_pipeline.push(foreign, clip[:1])
