@@ -107,15 +107,6 @@ def _yuv_scales(bits: int, color_range: str) -> tuple[float, float, float, float
     return 1.0 / (219.0 * unit), -16.0 / 219.0, 1.0 / (224.0 * unit), -128.0 / 224.0
 
 
-def _rgb_from_ycbcr(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor, matrix: str) -> torch.Tensor:
-    kr, kb = _KR_KB[matrix]
-    kg = 1.0 - kr - kb
-    r = y + (2.0 * (1.0 - kr)) * cr
-    b = y + (2.0 * (1.0 - kb)) * cb
-    g = y - (2.0 * kb * (1.0 - kb) / kg) * cb - (2.0 * kr * (1.0 - kr) / kg) * cr
-    return torch.stack((r, g, b), dim=-1).clamp_(0.0, 1.0)
-
-
 def _ycbcr_from_rgb(rgb: torch.Tensor, matrix: str = "bt709") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kr, kb = _KR_KB[matrix]
     kg = 1.0 - kr - kb
@@ -124,27 +115,54 @@ def _ycbcr_from_rgb(rgb: torch.Tensor, matrix: str = "bt709") -> tuple[torch.Ten
     return y, (b - y) / (2.0 * (1.0 - kb)), (r - y) / (2.0 * (1.0 - kr))
 
 
-def _shift(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
-    """x shifted by one sample along dim (step=-1: previous sample, +1: next), edges replicated."""
-    n = x.shape[dim]
-    if n == 1:
-        return x
-    if step < 0:
-        return torch.cat((x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)), dim)
-    return torch.cat((x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)), dim)
+def _upsample_rows(c: torch.Tensor) -> torch.Tensor:
+    """(T, h, w, C) -> (T, 2h, w, C), chroma rows centred between luma rows: 3/4 nearer + 1/4 farther."""
+    h = c.shape[1]
+    out = c.new_empty(c.shape[0], 2 * h, *c.shape[2:])
+    out[:, 0] = c[:, 0]
+    out[:, -1] = c[:, -1]
+    if h > 1:
+        torch.lerp(c[:, 1:], c[:, :-1], 0.25, out=out[:, 2::2])
+        torch.lerp(c[:, :-1], c[:, 1:], 0.25, out=out[:, 1:-1:2])
+    return out
 
 
-def _interleave(even: torch.Tensor, odd: torch.Tensor, dim: int) -> torch.Tensor:
-    shape = list(even.shape)
-    shape[dim] *= 2
-    return torch.stack((even, odd), dim=dim + 1).reshape(shape)
+def _upsample_cols(c: torch.Tensor, centred: bool = True) -> torch.Tensor:
+    """(T, h, w, C) -> (T, h, 2w, C) with centred (JPEG) or co-sited (MPEG-2/H.264 "left") chroma columns."""
+    w = c.shape[2]
+    out = c.new_empty(*c.shape[:2], 2 * w, *c.shape[3:])
+    out[:, :, -1] = c[:, :, -1]  # right edge replicated
+    if not centred:
+        out[:, :, 0::2] = c  # even luma columns carry the chroma sample itself
+        if w > 1:
+            torch.lerp(c[:, :, :-1], c[:, :, 1:], 0.5, out=out[:, :, 1:-1:2])
+        return out
+    out[:, :, 0] = c[:, :, 0]
+    if w > 1:
+        torch.lerp(c[:, :, 1:], c[:, :, :-1], 0.25, out=out[:, :, 2::2])
+        torch.lerp(c[:, :, :-1], c[:, :, 1:], 0.25, out=out[:, :, 1:-1:2])
+    return out
 
 
-def _upsample2(c: torch.Tensor, dim: int, centred: bool) -> torch.Tensor:
-    """Double c along dim by linear interpolation; co-sited (left) or centred chroma siting."""
-    if centred:  # samples sit between two luma samples: 3/4 of the nearer, 1/4 of the farther.
-        return _interleave(0.75 * c + 0.25 * _shift(c, dim, -1), 0.75 * c + 0.25 * _shift(c, dim, 1), dim)
-    return _interleave(c, 0.5 * (c + _shift(c, dim, 1)), dim)
+def _add_cosited(terms: torch.Tensor, luma: torch.Tensor, scale: float, width: int) -> torch.Tensor:
+    """luma * scale + co-sited horizontal upsampling of terms, written straight into the output frame.
+
+    Same result as ``_upsample_cols(terms, centred=False)[:, :, :width] + luma * scale`` but without the
+    full-size intermediate: at 1080p this conversion is memory-bound, so passes matter.
+    """
+    t, h, w, ch = terms.shape
+    out = torch.empty(t, h, width, ch)
+    torch.add(terms[:, :, : (width + 1) // 2], luma[:, :, 0::2], alpha=scale, out=out[:, :, 0::2])
+    n_odd = width // 2
+    if n_odd:
+        odd = terms.new_empty(t, h, n_odd, ch)
+        inner = min(n_odd, w - 1)
+        if inner:
+            torch.lerp(terms[:, :, :inner], terms[:, :, 1 : inner + 1], 0.5, out=odd[:, :, :inner])
+        if inner < n_odd:
+            odd[:, :, inner:] = terms[:, :, w - 1 : w]  # right edge replicated
+        torch.add(odd, luma[:, :, 1::2], alpha=scale, out=out[:, :, 1::2])
+    return out
 
 
 def _downsample2(c: torch.Tensor, dim: int, centred: bool) -> torch.Tensor:
@@ -347,29 +365,48 @@ class _FrameConverter:
         return tuple(planes)
 
     def convert(self, batch: list[tuple[np.ndarray, ...]]) -> torch.Tensor:
-        """Float RGB (T, H, W, 3) in [0, 1] for a list of extracted frames, rotation applied."""
+        """Float RGB (T, H, W, 3) in [0, 1] for a list of extracted frames, rotation applied.
+
+        The chroma terms of the matrix are formed at chroma resolution and upsampled (both steps are linear,
+        so the order does not change the result), then luma is added: few full-resolution passes.
+        """
         if self.mode == "rgb":
-            rgb = torch.from_numpy(np.stack([b[0] for b in batch]).astype(np.float32)).mul_(1.0 / 65535.0)
+            rgb = torch.from_numpy(np.stack([b[0] for b in batch])).to(torch.float32).mul_(1.0 / 65535.0)
         else:
             ys, yo, cs, co = _yuv_scales(self.bits, self.color_range)
-
-            def to_float(i: int, scale: float, offset: float) -> torch.Tensor:
-                x = torch.from_numpy(np.stack([b[i] for b in batch]))
-                return x.to(torch.float32).mul_(scale).add_(offset)
-
-            y = to_float(0, ys, yo)
-            chroma = []
-            for i in (1, 2):
-                c = to_float(i, cs, co)
-                if self.sub_h == 2:
-                    c = _upsample2(c, 1, centred=True)
+            kr, kb = _KR_KB[self.matrix]
+            kg = 1.0 - kr - kb
+            cb = _as_tensor(np.stack([b[1] for b in batch])).to(torch.float32).mul_(cs).add_(co)
+            cr = _as_tensor(np.stack([b[2] for b in batch])).to(torch.float32).mul_(cs).add_(co)
+            terms = torch.stack(
+                (
+                    cr * (2.0 * (1.0 - kr)) + yo,
+                    cb * (-2.0 * kb * (1.0 - kb) / kg) - cr * (2.0 * kr * (1.0 - kr) / kg) + yo,
+                    cb * (2.0 * (1.0 - kb)) + yo,
+                ),
+                dim=-1,
+            )  # (T, h, w, 3): what R, G, B add to the scaled luma
+            if self.sub_h == 2:
+                terms = _upsample_rows(terms)
+            terms = terms[:, : self.height]
+            luma = _as_tensor(np.stack([b[0] for b in batch])).unsqueeze(-1)
+            if self.sub_w == 2 and not self.centred_h:
+                rgb = _add_cosited(terms, luma, ys, self.width)
+            else:
                 if self.sub_w == 2:
-                    c = _upsample2(c, 2, centred=self.centred_h)
-                chroma.append(c[:, : self.height, : self.width])
-            rgb = _rgb_from_ycbcr(y, chroma[0], chroma[1], self.matrix)
+                    terms = _upsample_cols(terms, centred=True)
+                rgb = torch.add(terms[:, :, : self.width], luma, alpha=ys)
+            rgb.clamp_(0.0, 1.0)
         if self.rotation:
-            rgb = torch.rot90(rgb, k=self.rotation // 90, dims=(1, 2))
-        return rgb.contiguous()
+            rgb = torch.rot90(rgb, k=self.rotation // 90, dims=(1, 2)).contiguous()
+        return rgb
+
+
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """uint8 stays uint8; 10/12-bit samples fit int16 (no copy); 16-bit goes to int32."""
+    if a.dtype == np.uint16:
+        return torch.from_numpy(a.astype(np.int32) if a.max(initial=0) > 32767 else a.view(np.int16))
+    return torch.from_numpy(a)
 
 
 def _pick_fps(stream: Any) -> Fraction | None:

@@ -33,5 +33,7 @@ def make_clip(frames: int, height: int = 12, width: int = 20, seed: int = 0) -> 
     t = torch.arange(frames, dtype=torch.float32)[:, None, None]
     y = torch.arange(height, dtype=torch.float32)[None, :, None]
     x = torch.arange(width, dtype=torch.float32)[None, None, :]
-    base = torch.stack([torch.sin((x + 0.7 * t) / 3), torch.cos((y - 0.5 * t) / 4), torch.sin((x + y + t) / 5)], -1)
+    shape = (frames, height, width)
+    channels = [torch.sin((x + 0.7 * t) / 3), torch.cos((y - 0.5 * t) / 4), torch.sin((x + y + t) / 5)]
+    base = torch.stack([c.expand(shape) for c in channels], -1)
     return ((base + 1) / 2 * 0.8 + 0.2 * torch.rand(frames, height, width, 3, generator=g)).clamp(0, 1)
