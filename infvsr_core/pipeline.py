@@ -156,8 +156,10 @@ class InfVSRPipeline:
         return out
 
     def _join(self, session: InfVSRSession, outputs: list[torch.Tensor]) -> torch.Tensor:
-        if outputs:
-            return torch.cat(outputs)
+        return torch.cat(outputs) if outputs else self.empty_output(session)
+
+    def empty_output(self, session: InfVSRSession) -> torch.Tensor:
+        """A (0, H*scale, W*scale, 3) batch: what a call that completed no chunk returns."""
         height, width = session.input_size or (0, 0)
         return torch.empty((0, height * session.scale, width * session.scale, 3), device=self.output_device)
 

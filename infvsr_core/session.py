@@ -7,7 +7,7 @@ pass it along and resume. Only the pipeline mutates it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -72,13 +72,23 @@ class InfVSRSession:
         """Stream index of the first frame not yet upscaled."""
         return self.frames_out
 
+    def fork(self) -> InfVSRSession:
+        """An independent copy of the stream state (for callers that must not see a session change,
+        e.g. ComfyUI's cached node outputs). Tensors are shared: the pipeline never writes into them."""
+        scene = None
+        if self.scene is not None:
+            scene = replace(self.scene, vae_history=self.scene.vae_history.fork())
+        return replace(self, scene=scene, stats=dict(self.stats))
+
     def state_bytes(self) -> int:
         """Bytes held by the causal state (KV cache, VAE histories, prompt, pending frames)."""
         total = 0
         if self.scene is not None:
             total += self.scene.vae_history.nbytes()
             if self.scene.kv_cache is not None:
-                total += sum(t.numel() * t.element_size() for t in self.scene.kv_cache.keys + self.scene.kv_cache.values)
+                total += sum(
+                    t.numel() * t.element_size() for t in self.scene.kv_cache.keys + self.scene.kv_cache.values
+                )
         for tensor in (self.prompt, self.pending):
             if tensor is not None:
                 total += tensor.numel() * tensor.element_size()

@@ -116,4 +116,4 @@ class SceneStream:
         outputs = [o for o in outputs if o.shape[0]]
         if outputs:
             return torch.cat(outputs)
-        return self.pipeline._join(self.session, [])
+        return self.pipeline.empty_output(self.session)

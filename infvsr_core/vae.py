@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -288,6 +288,10 @@ class TileHistory:
     def nbytes(self) -> int:
         return _cache_nbytes(self.encoder_cache) + _cache_nbytes(self.decoder_cache)
 
+    def fork(self) -> TileHistory:
+        """An independent copy; cached tensors are shared, as the VAE only ever replaces them."""
+        return TileHistory(list(self.encoder_cache), list(self.decoder_cache))
+
 
 @dataclass
 class VAEHistory:
@@ -315,6 +319,13 @@ class VAEHistory:
         """Bytes held by the cached activations (constant once a scene is past its second chunk)."""
         total = _cache_nbytes(self.encoder_cache) + _cache_nbytes(self.decoder_cache)
         return total + sum(t.nbytes() for t in (self.tiles or {}).values())
+
+    def fork(self) -> VAEHistory:
+        """An independent copy; cached tensors are shared, as the VAE only ever replaces list entries."""
+        tiles = None if self.tiles is None else {region: tile.fork() for region, tile in self.tiles.items()}
+        return replace(
+            self, encoder_cache=list(self.encoder_cache), decoder_cache=list(self.decoder_cache), tiles=tiles
+        )
 
 
 Tiling = Literal["auto", "always", "never"]

@@ -110,11 +110,15 @@ def load_checked(
     return module
 
 
-def require(state: Mapping[str, torch.Tensor], key: str, *, what: str, path: str | os.PathLike | None = None) -> torch.Tensor:
+def require(
+    state: Mapping[str, torch.Tensor], key: str, *, what: str, path: str | os.PathLike | None = None
+) -> torch.Tensor:
     """Fetch one tensor used to infer the architecture, with a clear error if absent."""
     if key not in state:
         where = f"{what} ('{path}')" if path is not None else what
-        raise WeightFileError(f"{where}: missing key '{key}' (is this the right file?); found e.g. {_sample(list(state))}")
+        raise WeightFileError(
+            f"{where}: missing key '{key}' (is this the right file?); found e.g. {_sample(list(state))}"
+        )
     return state[key]
 
 

@@ -51,7 +51,9 @@ def test_safetensors_give_the_same_output(tiny_pipeline, tmp_path):
     assert torch.equal(pipe.upscale(clip, 2), tiny_pipeline.upscale(clip, 2))
 
 
-@pytest.mark.parametrize(("dtype", "expected"), [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(
+    ("dtype", "expected"), [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]
+)
 def test_dtype_choice(tiny_models, dtype, expected):
     pipe = load_pipeline(tiny_models, device="cpu", dtype=dtype)
     assert pipe.dtype == expected
@@ -130,7 +132,9 @@ def test_missing_unexpected_and_misshaped_dit_keys(models):
     broken = dict(good)
     broken["blocks.0.self_attn.o.weight"] = torch.zeros(256, 128)
     torch.save(broken, path)
-    with pytest.raises(WeightFileError, match=r"blocks.0.self_attn.o.weight: file has \(256, 128\), expected \(256, 256\)"):
+    with pytest.raises(
+        WeightFileError, match=r"blocks.0.self_attn.o.weight: file has \(256, 128\), expected \(256, 256\)"
+    ):
         load_pipeline(models, device="cpu")
 
 

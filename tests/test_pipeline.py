@@ -151,3 +151,15 @@ def test_bad_inputs_get_clear_errors(tiny_pipeline, clip):
     foreign = InfVSRSession(model_id="another-model")
     with pytest.raises(ValueError, match="different InfVSR model"):
         tiny_pipeline.push(foreign, clip[:1])
+
+
+def test_fork_gives_an_independent_stream(tiny_pipeline, clip, one_shot):
+    session = tiny_pipeline.new_session()
+    head = tiny_pipeline.push(session, clip[:15])
+    fork = session.fork()
+    # Advancing the fork with other frames must leave the original stream untouched.
+    tiny_pipeline.push(fork, clip[20:40].flip(0))
+    tiny_pipeline.close(fork)
+    assert not session.closed and session.pending_frames == 6 and session.frames_out == 9
+    tail = torch.cat([tiny_pipeline.push(session, clip[15:]), tiny_pipeline.close(session)])
+    assert torch.equal(torch.cat([head, tail]), one_shot)

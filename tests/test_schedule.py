@@ -30,7 +30,15 @@ def _shifted(s: float) -> float:
 
 @pytest.mark.parametrize(
     ("frames", "first", "padded", "latent"),
-    [(9, True, 9, 3), (1, True, 1, 1), (2, True, 5, 2), (6, True, 9, 3), (12, False, 12, 3), (5, False, 8, 2), (1, False, 4, 1)],
+    [
+        (9, True, 9, 3),
+        (1, True, 1, 1),
+        (2, True, 5, 2),
+        (6, True, 9, 3),
+        (12, False, 12, 3),
+        (5, False, 8, 2),
+        (1, False, 4, 1),
+    ],
 )
 def test_frame_padding_and_latent_counts(frames, first, padded, latent):
     assert schedule.padded_frame_count(frames, first) == padded
@@ -46,7 +54,11 @@ def test_prepare_chunk_upscales_pads_and_keeps_true_size():
     assert video.shape == (1, 3, 9, 32, 32)
     # Bicubic reference computed independently in float64 on [-1, 1] values.
     ref = F.interpolate(
-        (frames.double().permute(0, 3, 1, 2) * 2 - 1), scale_factor=4, mode="bicubic", align_corners=False, antialias=True
+        (frames.double().permute(0, 3, 1, 2) * 2 - 1),
+        scale_factor=4,
+        mode="bicubic",
+        align_corners=False,
+        antialias=True,
     )
     got = video[0, :, :6, :28, :20].permute(1, 0, 2, 3).double()
     assert (got - ref).abs().max() < 1e-5
