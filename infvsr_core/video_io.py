@@ -4,17 +4,22 @@ Frames in the core are float32 tensors ``(T, H, W, 3)`` in ``[0, 1]`` (ComfyUI's
 
 Reading: :class:`VideoReader` decodes a file (anything PyAV/FFmpeg demuxes: mp4, mkv, mov, webm, avi,
 mpeg, ...) or a folder of numbered PNG/JPEG frames and yields :class:`FrameChunk` objects as the frames
-decode. YUV is converted to RGB here, in float32, from the raw planes rather than through swscale: swscale's
-result depends on flag combinations (some of which are off by whole code values or worse), while this path
-is exact and explicit:
+decode. Samples are converted to float RGB here, from the raw planes, not by swscale: with the FFmpeg 8 build
+PyAV 18 ships, ``to_ndarray(format="rgb48le" / "gbrpf32le")`` truncates YUV results to the input's bit depth
+(a mean bias of -0.5 code value), puts 4:2:0 chroma at the centre instead of H.264's co-sited position,
+gives garbage for some flag combinations (``FULL_CHR_H_INT`` with rgb48le), and does not even map 8-bit RGB
+to 16 bits exactly. This path is exact (float32) and explicit:
 
 * matrix from the frame's colorspace tag (BT.601, BT.709, BT.2020, SMPTE 240M, FCC); untagged video uses
   BT.709 when it is HD (width >= 1280 or height >= 720) and BT.601 otherwise, as players do;
 * range from the tag (``tv`` = limited, ``pc`` = full); untagged means limited except ``yuvj*`` formats;
 * any bit depth (8, 10, 12, 16) by scaling the code values exactly;
 * 4:2:0 / 4:2:2 / 4:4:0 chroma is upsampled bilinearly with MPEG-2/H.264 siting (horizontally co-sited with
-  the even luma columns, vertically centred); JPEG (``yuvj``) chroma is centred both ways;
-* RGB, grey and palette formats go through swscale to ``rgb48le`` (a lossless repack, no matrix involved).
+  the even luma columns, vertically centred); JPEG/MJPEG chroma is centred both ways (FFmpeg does not expose
+  the chroma-location tag through PyAV, so the codec decides);
+* packed/planar RGB and grey samples are read directly; semi-planar/packed YUV (nv12, p010, yuyv422) is
+  first repacked by swscale into the planar layout of the same subsampling and depth (no resampling);
+  palette and other rare formats go through swscale to rgb24.
 
 The display rotation (display-matrix side data, or the legacy ``rotate`` tag) is applied to the frames, in
 multiples of 90 degrees; flips in the display matrix are not applied.
@@ -282,8 +287,24 @@ def _rotation_of(frame: av.VideoFrame, stream: Any) -> int:
     return (90 * quarter) % 360
 
 
+def _plane_array(plane: Any, dtype: Any, samples_per_pixel: int = 1) -> np.ndarray:
+    """A copy of one plane's visible samples (FFmpeg pads each line to line_size bytes)."""
+    dt = np.dtype(dtype)
+    buf = np.frombuffer(plane, dtype=dt).reshape(plane.height, plane.line_size // dt.itemsize)
+    return buf[:, : plane.width * samples_per_pixel].copy()
+
+
+_PACKED_RGB = re.compile(r"^(rgb|bgr|rgba|bgra|argb|abgr|rgb0|bgr0|0rgb|0bgr)(24|48|64)?(le|be)?$")
+_PLANAR_RGB = re.compile(r"^gbra?p(\d+)?(le|be)?$")
+_GRAY = re.compile(r"^gray(\d+)?(le|be)?$")
+
+
 class _FrameConverter:
-    """Turns decoded frames of one stream into float RGB, batch by batch (see the module docstring)."""
+    """Turns decoded frames of one stream into float RGB, batch by batch (see the module docstring).
+
+    ``mode``: "yuv" (planar Y, Cb, Cr at any depth/subsampling), "rgb" (packed or planar RGB, samples read
+    directly), "gray", or "other" (palette, Bayer, ...: swscale to rgb24, an exact lookup for those).
+    """
 
     def __init__(
         self,
@@ -298,43 +319,81 @@ class _FrameConverter:
         fmt = frame.format
         self.src_fmt = fmt.name
         self.bits = max((c.bits for c in fmt.components), default=8)
-        match = _PLANAR_YUV.match(self.src_fmt)
-        is_yuv = not fmt.is_rgb and len(fmt.components) >= 3 and not fmt.has_palette
+        self.reformat_to: str | None = None
+        self.sub_w = self.sub_h = 1
         tag_matrix = _AVCOL_SPC.get(int(frame.colorspace), "unknown")
         tag_range = _AVCOL_RANGE.get(int(frame.color_range))
-        jpeg = self.src_fmt.startswith("yuvj") or codec in ("mjpeg", "jpegls")
+        # yuvj* means full range; JPEG's centred chroma siting applies to JPEG codecs only (full-range H.264
+        # also decodes to yuvj* but keeps H.264's co-sited chroma).
+        jpeg = self.src_fmt.startswith("yuvj")
+        self.centred_h = codec in ("mjpeg", "jpegls") if codec is not None else jpeg
         self.tagged = tag_matrix not in ("unknown", "ycgco") and tag_range is not None
+        is_yuv = not fmt.is_rgb and len(fmt.components) >= 3 and not fmt.has_palette and not fmt.is_bayer
         if is_yuv:
+            self.mode = "yuv"
             if matrix is None:
                 matrix = tag_matrix if tag_matrix in _KR_KB else _guess_matrix(self.width, self.height)
                 if tag_matrix not in _KR_KB and tag_matrix != "unknown":
                     log.warning("colour matrix %s is not supported; decoding as %s", tag_matrix, matrix)
             if color_range is None:
                 color_range = tag_range or ("pc" if jpeg else "tv")
+            self._setup_yuv(fmt)
         else:
-            matrix, color_range = "rgb", "pc"
+            self._setup_rgb(fmt)
+            if self.mode == "gray":
+                color_range = color_range or tag_range or "pc"
+            else:
+                color_range = "pc"
+            matrix = "rgb"
         if matrix != "rgb" and matrix not in _KR_KB:
             raise VideoError(f"unknown colour matrix {matrix!r}; use one of {sorted(_KR_KB)}")
         if color_range not in ("tv", "pc"):
             raise VideoError(f"unknown colour range {color_range!r}; use 'tv' (limited) or 'pc' (full)")
         self.matrix, self.color_range = matrix, color_range
-        self.mode = "rgb"
-        self.reformat_to: str | None = "rgb48le"
-        self.sub_w = self.sub_h = 1
-        self.centred_h = jpeg
-        if is_yuv:
-            self.mode = "yuv"
-            if match and match.group(2) in ("420", "422", "440", "444") and not fmt.is_big_endian and self.bits <= 16:
-                self.reformat_to = None
-                self.sub_w = 2 if match.group(2) in ("420", "422") else 1
-                self.sub_h = 2 if match.group(2) in ("420", "440") else 1
-            else:  # semi-planar, packed, big-endian or 4:1:1: swscale repacks to 4:4:4 in the same YUV space
-                self.reformat_to = "yuv444p16le"
-                self.bits = 16
-        self.dtype = np.uint8 if self.bits <= 8 else np.uint16
+
+    def _setup_yuv(self, fmt: Any) -> None:
+        match = _PLANAR_YUV.match(fmt.name)
+        comps = fmt.components
+        sub_w = 2 if comps[1].width * 2 <= comps[0].width + 1 and comps[0].width > 1 else 1
+        sub_h = 2 if comps[1].height * 2 <= comps[0].height + 1 and comps[0].height > 1 else 1
+        if match and not fmt.is_big_endian and self.bits <= 16:
+            self.sub_w = 2 if match.group(2) in ("420", "422") else 1
+            self.sub_h = 2 if match.group(2) in ("420", "440") else 1
+            return
+        # Semi-planar (nv12, p010), packed (yuyv422) or big-endian: swscale repacks the samples without
+        # resampling into the planar format of the same layout and depth; 4:1:1 and others go to 4:4:4.
+        layout = {(2, 2): "420", (2, 1): "422", (1, 2): "440", (1, 1): "444"}.get((sub_w, sub_h))
+        bits = self.bits if self.bits in (8, 10, 12, 16) else 16
+        if layout is None or (bits == 12 and layout == "440") or (bits == 16 and layout == "440"):
+            layout, bits = "444", 16
+        self.reformat_to = f"yuv{layout}p" + (f"{bits}le" if bits > 8 else "")
+        self.bits = bits
+        self.sub_w = 2 if layout in ("420", "422") else 1
+        self.sub_h = 2 if layout in ("420", "440") else 1
+
+    def _setup_rgb(self, fmt: Any) -> None:
+        name = fmt.name
+        self.mode = "other"
+        packed, planar, gray = _PACKED_RGB.match(name), _PLANAR_RGB.match(name), _GRAY.match(name)
+        if packed:
+            letters = packed.group(1)
+            self.mode, self.order = "rgb", [letters.index(ch) for ch in "rgb"]
+            self.channels = len(letters)
+            self.bits = 16 if packed.group(2) in ("48", "64") else 8
+            self.np_dtype = np.dtype(">u2" if packed.group(3) == "be" else "<u2") if self.bits == 16 else np.uint8
+        elif planar:
+            self.mode = "gbrp"
+            self.bits = int(planar.group(1) or 8)
+            self.np_dtype = np.dtype(">u2" if planar.group(2) == "be" else "<u2") if self.bits > 8 else np.uint8
+        elif gray:
+            self.mode = "gray"
+            self.bits = int(gray.group(1) or 8)
+            self.np_dtype = np.dtype(">u2" if gray.group(2) == "be" else "<u2") if self.bits > 8 else np.uint8
+        if self.mode == "other":
+            self.bits, self.reformat_to = 8, "rgb24"
 
     def _swscale_args(self) -> dict[str, Any]:
-        if self.mode == "rgb":
+        if self.mode != "yuv":
             return {"format": self.reformat_to}
         cs = {"bt709": "ITU709", "bt601": "ITU601", "bt2020": "BT2020", "smpte240m": "SMPTE240M", "fcc": "FCC"}
         rng = "MPEG" if self.color_range == "tv" else "JPEG"
@@ -354,15 +413,19 @@ class _FrameConverter:
             )
         if self.reformat_to is not None:
             frame = frame.reformat(**self._swscale_args())
+        if self.mode == "yuv":
+            dtype = np.uint8 if self.bits <= 8 else np.uint16
+            return tuple(_plane_array(frame.planes[i], dtype) for i in range(3))
         if self.mode == "rgb":
-            return (frame.to_ndarray(),)  # (H, W, 3) uint16
-        planes = []
-        for i in range(3):
-            plane = frame.planes[i]
-            itemsize = np.dtype(self.dtype).itemsize
-            buf = np.frombuffer(plane, dtype=self.dtype).reshape(plane.height, plane.line_size // itemsize)
-            planes.append(buf[:, : plane.width].copy())
-        return tuple(planes)
+            data = _plane_array(frame.planes[0], self.np_dtype, self.channels)
+            data = data.reshape(self.height, self.width, self.channels)[..., self.order]
+            return (np.ascontiguousarray(data.astype(np.uint16 if self.bits > 8 else np.uint8)),)
+        if self.mode == "gbrp":
+            g, b, r = (_plane_array(frame.planes[i], self.np_dtype) for i in range(3))
+            return (np.stack((r, g, b), axis=-1).astype(np.uint16 if self.bits > 8 else np.uint8),)
+        if self.mode == "gray":
+            return (_plane_array(frame.planes[0], self.np_dtype).astype(np.uint16 if self.bits > 8 else np.uint8),)
+        return (_plane_array(frame.planes[0], np.uint8, 3).reshape(self.height, self.width, 3),)
 
     def convert(self, batch: list[tuple[np.ndarray, ...]]) -> torch.Tensor:
         """Float RGB (T, H, W, 3) in [0, 1] for a list of extracted frames, rotation applied.
@@ -370,8 +433,13 @@ class _FrameConverter:
         The chroma terms of the matrix are formed at chroma resolution and upsampled (both steps are linear,
         so the order does not change the result), then luma is added: few full-resolution passes.
         """
-        if self.mode == "rgb":
-            rgb = torch.from_numpy(np.stack([b[0] for b in batch])).to(torch.float32).mul_(1.0 / 65535.0)
+        if self.mode == "gray":
+            ys, yo, _, _ = _yuv_scales(self.bits, self.color_range)
+            gray = _as_tensor(np.stack([b[0] for b in batch])).to(torch.float32).mul_(ys).add_(yo)
+            rgb = gray.unsqueeze(-1).expand(-1, -1, -1, 3).clamp(0.0, 1.0)
+        elif self.mode != "yuv":
+            peak = float((1 << self.bits) - 1)
+            rgb = _as_tensor(np.stack([b[0] for b in batch])).to(torch.float32).mul_(1.0 / peak)
         else:
             ys, yo, cs, co = _yuv_scales(self.bits, self.color_range)
             kr, kb = _KR_KB[self.matrix]
@@ -675,22 +743,33 @@ class VideoReader:
         container = None
         if self._images is not None:
             source = self._iter_images(start, stop)
-            first_frame = self._decode_image(self._images[0])
         else:
             container = self._open()
-            stream = container.streams.video[0]
-            source = self._decode(container, stream)
-            first_frame = None
+            source = self._decode(container, container.streams.video[0])
         conv: _FrameConverter | None = None
-        pending: list[tuple[np.ndarray, ...]] = []
+        pending: list[Any] = []
         pts: list[float] = []
         first_index = start
+
+        def flush() -> FrameChunk:
+            if self._images is not None:  # images were converted one by one (formats may differ)
+                frames = torch.stack(pending)
+            else:
+                assert conv is not None
+                frames = conv.convert(pending)
+            return FrameChunk(frames, list(pts), first_index)
+
         try:
-            if first_frame is not None:
-                conv = _FrameConverter(first_frame, self.info.rotation, self._matrix, self._range, self.info.codec)
-            for index, t, frame in source:
-                if conv is None:
-                    conv = _FrameConverter(frame, self.info.rotation, self._matrix, self._range, self.info.codec)
+            while True:
+                try:
+                    item = next(source, None)
+                except VideoError:
+                    if pending:  # hand out what decoded before the damage, then report it
+                        yield flush()
+                    raise
+                if item is None:
+                    break
+                index, t, frame = item
                 if index < start:
                     continue
                 if stop is not None and index >= stop:
@@ -698,21 +777,37 @@ class VideoReader:
                 if not pending:
                     first_index = index
                 try:
-                    pending.append(conv.extract(frame))
+                    if self._images is not None:
+                        pending.append(self._image_to_rgb(frame))
+                    else:
+                        if conv is None:
+                            conv = _FrameConverter(frame, self.info.rotation, self._matrix, self._range,
+                                                   self.info.codec)
+                        pending.append(conv.extract(frame))
                 except VideoError as e:
                     raise VideoError(f"{self.path}: {e} (frame {index})") from e
                 pts.append(t)
                 if len(pending) == chunk_size:
-                    yield FrameChunk(conv.convert(pending), pts, first_index)
+                    yield flush()
                     pending, pts = [], []
                     if stop is not None and index + 1 >= stop:
                         break
-            if pending and conv is not None:
-                yield FrameChunk(conv.convert(pending), pts, first_index)
-                pending = []
+            if pending:
+                yield flush()
         finally:
             if container is not None:
                 self._release(container)
+
+    def _image_to_rgb(self, frame: av.VideoFrame) -> torch.Tensor:
+        rotation = _rotation_of(frame, None) if self._apply_rotation else 0
+        conv = _FrameConverter(frame, rotation, self._matrix, self._range, self._image_codec)
+        rgb = conv.convert([conv.extract(frame)])[0]
+        if (rgb.shape[1], rgb.shape[0]) != (self.info.width, self.info.height):
+            raise VideoError(
+                f"image size {rgb.shape[1]}x{rgb.shape[0]} differs from the first image's "
+                f"{self.info.width}x{self.info.height}"
+            )
+        return rgb
 
     def read_all(self, **kwargs: Any) -> FrameChunk:
         """All selected frames as one chunk: only for short clips (tests, previews), it holds them in memory."""
@@ -939,11 +1034,11 @@ class _AudioMuxer:
                 continue
             p_start = float(packet.pts * tb)
             p_end = p_start + float((packet.duration or 0) * tb)
-            if p_start >= end - 1e-9:
+            if p_start >= end - 1e-9 or (not final and p_end > end):
                 if final:
                     self._finish(output, end)
                 else:
-                    self.lookahead = packet  # not yet: wait for more video
+                    self.lookahead = packet  # reaches past the video written so far: wait for more
                 return
             if self.copy:
                 if p_start < self.abs_start - 1e-9:

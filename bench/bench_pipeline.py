@@ -1,0 +1,226 @@
+"""Speed and memory of the full-size InfVSR pipeline on a GPU (random weights, published formats).
+
+    python bench/bench_pipeline.py --sizes 480p 720p 1080p --chunks 8 [--dtype bf16] [--models DIR]
+
+Speed and memory do not depend on the weights' values, so by default the
+four networks are built from random state dicts in the published formats
+(the same builders the loader uses) instead of reading several GB from disk.
+For each size it streams `--chunks` chunks of a synthetic clip through a
+session (frames in and out on the GPU) and prints: fps with the first chunk
+excluded and included, per-stage time of one steady chunk (VAE encode, DiT,
+VAE decode), peak allocated and reserved memory, and optionally (--parity)
+the PSNR of the run against the plain float32 path on the same input.
+Results go to bench/RESULTS.md by hand, with device, date, command and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
+from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
+from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
+from infvsr_core.pipeline import InfVSRPipeline  # noqa: E402
+from infvsr_core.schedule import TIMESTEP, finish_frames, one_step_restore, prepare_chunk  # noqa: E402
+from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict  # noqa: E402
+from infvsr_core.weights import load_checked  # noqa: E402
+
+SIZES = {"tiny": (12, 20), "480p": (120, 208), "720p": (180, 320), "1080p": (270, 480), "2160p": (540, 960)}
+
+
+def random_pipeline(
+    device: torch.device, dtype: torch.dtype, seed: int = 0, tiny: bool = False, **vae_kwargs
+) -> InfVSRPipeline:
+    """Full-size (or tiny) networks from random published-format state dicts, built like the loader does."""
+    config = DiTConfig.tiny() if tiny else DiTConfig.full()
+    with torch.device("meta"):
+        dit = CausalWanDiT(config)
+    dit = dit.to_empty(device="cpu")
+    load_checked(dit, random_dit_state_dict(config, seed=seed), what="random DiT")
+    vae = build_vae(random_vae_state_dict(TINY_VAE_BASE_DIM if tiny else 96, seed=seed + 1), dtype=dtype)
+    swin = SwinConfig.tiny() if tiny else SwinConfig.full()
+    ram = random_ram_state_dict(swin, seed=seed + 2)
+    guidance = build_guidance(ram, random_dape_state_dict(swin, seed=seed + 3), dtype=dtype)
+    return InfVSRPipeline(
+        dit.to(device=device, dtype=dtype),
+        StreamingVAE(vae.to(device), **vae_kwargs),
+        guidance.to(device),
+        device=device,
+        dtype=dtype,
+        output_device=device,
+        model_id=f"random-{seed}",
+    )
+
+
+def synthetic_clip(frames: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """A moving smooth pattern plus noise, (T, H, W, 3) in [0, 1], on the device."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    t = torch.arange(frames, dtype=torch.float32)[:, None, None]
+    y = torch.arange(height, dtype=torch.float32)[None, :, None]
+    x = torch.arange(width, dtype=torch.float32)[None, None, :]
+    shape = (frames, height, width)
+    channels = [torch.sin((x + 1.5 * t) / 7), torch.cos((y - 0.8 * t) / 9), torch.sin((x + y + 2 * t) / 11)]
+    clip = torch.stack([c.expand(shape) for c in channels], -1) * 0.4 + 0.5
+    clip = clip + 0.05 * torch.randn(*shape, 3, generator=g)
+    return clip.clamp(0, 1).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_stream(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> tuple[torch.Tensor, list[float]]:
+    """Push the clip chunk by chunk through one session; per-chunk wall times (synchronized)."""
+    session = pipe.new_session(scale)
+    outputs, times, start = [], [], 0
+    while start < clip.shape[0]:
+        size = session.next_chunk_length
+        sync(pipe.device)
+        t0 = time.perf_counter()
+        out = pipe.push(session, clip[start : start + size])
+        if start + size >= clip.shape[0]:
+            out = torch.cat([out, pipe.close(session)])
+        sync(pipe.device)
+        times.append(time.perf_counter() - t0)
+        outputs.append(out)
+        start += size
+    return torch.cat(outputs), times
+
+
+@torch.inference_mode()
+def stage_times(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> dict[str, float]:
+    """Seconds per stage for the second (steady, 12-frame) chunk of a scene."""
+    events = {}
+    history, cache, position = pipe.vae.new_history(), None, 0
+    prompt = pipe.extract_prompt(clip[0])
+    start = 0
+    for index, size in enumerate((9, 12)):
+        marks = []
+
+        def mark():
+            sync(pipe.device)
+            marks.append(time.perf_counter())  # noqa: B023
+
+        mark()
+        video, true_size = prepare_chunk(
+            clip[start : start + size], scale, index == 0, device=pipe.device, dtype=pipe.dtype
+        )
+        mark()
+        latents = pipe.vae.encode_chunk(video, history)
+        mark()
+        timestep = torch.full((1,), TIMESTEP, device=pipe.device)
+        prediction, cache = pipe.dit(latents, prompt, timestep, time_offset=position, kv_cache=cache)
+        position += latents.shape[2]
+        mark()
+        decoded = pipe.vae.decode_chunk(one_step_restore(latents, prediction), history)
+        mark()
+        finish_frames(decoded, true_size)
+        mark()
+        start += size
+        names = ("prepare", "encode", "dit", "decode", "finish")
+        events = {n: marks[i + 1] - marks[i] for i, n in enumerate(names)}
+    return events
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR over [0, 1] frames (equal to the SPEC's [-1, 1] PSNR: both ranges scale together)."""
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["480p", "720p", "1080p"], choices=sorted(SIZES))
+    parser.add_argument("--chunks", type=int, default=8, help="chunks per run (first chunk 9 frames, then 12)")
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--tiny", action="store_true", help="tiny networks (a CPU smoke run of this script)")
+    parser.add_argument("--models", type=Path, help="load the four files from here instead of random weights")
+    parser.add_argument("--parity", action="store_true", help="also compare against a float32 run (first 3 chunks)")
+    parser.add_argument("--memory-fraction", type=float, help="torch.cuda.set_per_process_memory_fraction")
+    parser.add_argument("--json", type=Path, help="append one JSON line per size here")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = parse_dtype(args.dtype, device)
+    if args.memory_fraction and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    commit = (
+        os.environ.get("INFVSR_COMMIT")
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, dtype {dtype}, commit {commit or '?'}")
+
+    if args.models:
+        pipe = load_pipeline(args.models, device=device, dtype=dtype, output_device=device)
+    else:
+        pipe = random_pipeline(device, dtype, tiny=args.tiny)
+
+    frames_total = 9 + 12 * (args.chunks - 1)
+    parity_frames = min(frames_total, 33)
+    rows, kept = [], {}
+    for size in args.sizes:
+        height, width = SIZES[size]
+        clip = synthetic_clip(frames_total, height, width, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        stream_out, times = run_stream(pipe, clip, args.scale)
+        peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        peak_res = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
+        steady = frames_total - 9
+        fps_steady = steady / sum(times[1:]) if len(times) > 1 else float("nan")
+        fps_all = frames_total / sum(times)
+        stages = stage_times(pipe, clip, args.scale)
+        row = {
+            "size": size,
+            "input": f"{width}x{height}",
+            "output": f"{width * args.scale}x{height * args.scale}",
+            "frames": frames_total,
+            "fps_steady": round(fps_steady, 2),
+            "fps_with_first": round(fps_all, 2),
+            "first_chunk_s": round(times[0], 3),
+            "peak_alloc_gib": round(peak_alloc, 2),
+            "peak_reserved_gib": round(peak_res, 2),
+            "stage_ms": {k: round(v * 1000, 1) for k, v in stages.items()},
+            "tiled": pipe.vae.wants_tiling(-(-height * args.scale // 16) * 16, -(-width * args.scale // 16) * 16),
+        }
+        if args.parity:
+            kept[size] = (clip[:parity_frames].cpu(), stream_out[:parity_frames].cpu())
+        del stream_out, clip
+        print(json.dumps(row))
+        rows.append(row)
+
+    if args.parity and not args.models:
+        # The float32 reference is built only now, so that it never sits in memory during the timed runs.
+        del pipe
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        reference = random_pipeline(device, torch.float32, tiny=args.tiny)
+        for row in rows:
+            clip, out = kept[row["size"]]
+            ref_out, _ = run_stream(reference, clip.to(device), args.scale)
+            row["psnr_vs_fp32_db"] = round(psnr(out.to(device), ref_out), 2)
+            print(json.dumps({"size": row["size"], "psnr_vs_fp32_db": row["psnr_vs_fp32_db"], "frames": len(out)}))
+    if args.json:
+        with args.json.open("a") as f:
+            for row in rows:
+                f.write(json.dumps({**row, "device": name, "dtype": str(dtype), "commit": commit}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

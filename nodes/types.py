@@ -1,0 +1,165 @@
+"""The values that travel on the pack's own sockets: INFVSR_MODEL, INFVSR_GUIDANCE, INFVSR_CACHE.
+
+They are thin wrappers over core objects: they add what ComfyUI's graph needs
+(identity checks between sockets, copies so that ComfyUI's output cache never
+sees a mutated value, where the weights live between runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import comfy
+from ._core import InfVSRPipeline, InfVSRSession
+
+MODEL_TYPE = "INFVSR_MODEL"
+GUIDANCE_TYPE = "INFVSR_GUIDANCE"
+CACHE_TYPE = "INFVSR_CACHE"
+STREAM_TYPE = "INFVSR_STREAM"
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+@dataclass(eq=False)
+class InfVSRModel:
+    """A loaded pipeline plus where its weights live between runs.
+
+    With `offload` the networks sit on the CPU while no InfVSR node runs and
+    move to `device` for the duration of a node (`with model.active():`), so an
+    idle InfVSR graph leaves the GPU to the other models of the workflow.
+    """
+
+    pipeline: InfVSRPipeline
+    device: torch.device
+    offload: bool
+    files: dict[str, Path]
+    attention: str
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _depth: int = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.pipeline.model_id
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.pipeline.dit, self.pipeline.vae.vae, self.pipeline.guidance]
+
+    def weight_bytes(self) -> int:
+        return sum(_module_bytes(m) for m in self.modules())
+
+    def _move(self, device: torch.device) -> None:
+        for module in self.modules():
+            module.to(device)
+
+    @contextmanager
+    def active(self) -> Iterator[InfVSRPipeline]:
+        """The pipeline with its weights on the compute device; offloaded again afterwards if asked."""
+        with self._lock:
+            if self.offload and self._depth == 0 and self.device.type != "cpu":
+                comfy.free_device_memory(int(self.weight_bytes() * 1.3), self.device)
+                self._move(self.device)
+            self._depth += 1
+            try:
+                yield self.pipeline
+            finally:
+                self._depth -= 1
+                if self.offload and self._depth == 0 and self.device.type != "cpu":
+                    self._move(torch.device("cpu"))
+                    comfy.empty_cache()
+
+    def describe(self) -> str:
+        where = "offloaded to CPU when idle" if self.offload else f"kept on {self.device}"
+        return f"InfVSR {self.pipeline.dtype} on {self.device} ({where}), attention {self.attention}"
+
+
+@dataclass(frozen=True, eq=False)
+class DAPEGuidance:
+    """A DAPE visual prompt and the model it was extracted with (prompts only fit their own model)."""
+
+    prompt: torch.Tensor
+    model_id: str
+    reference: str
+    """How the reference frame was chosen, for messages (e.g. 'frame 0 of 48')."""
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def same_as(self, other: DAPEGuidance | None) -> bool:
+        if other is None:
+            return False
+        if other.uid == self.uid:
+            return True
+        return other.prompt.shape == self.prompt.shape and torch.equal(other.prompt.cpu(), self.prompt.cpu())
+
+
+def _structural_copy(value: Any) -> Any:
+    """Copy dataclasses, lists, dicts and tuples; share tensors and everything else.
+
+    The pipeline replaces tensors instead of writing into them, so the copy is
+    an independent session at the cost of a few Python objects.
+    """
+    if isinstance(value, torch.Tensor) or value is None:
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        clone = copy.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(clone, f.name, _structural_copy(getattr(value, f.name)))
+        return clone
+    if isinstance(value, list):
+        return [_structural_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _structural_copy(v) for k, v in value.items()}
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_structural_copy(v) for v in value)
+    return value
+
+
+def fork_session(session: InfVSRSession) -> InfVSRSession:
+    """An independent copy of a session (see `_structural_copy`); the original is never touched."""
+    return _structural_copy(session)
+
+
+@dataclass(eq=False)
+class StreamCache:
+    """INFVSR_CACHE: the core session of a stream after some chunks, and the guidance it started with.
+
+    Nodes never advance a cache they received: they fork it first, so a cached
+    upstream output stays valid when ComfyUI re-runs only part of the graph.
+    """
+
+    session: InfVSRSession
+    guidance: DAPEGuidance | None
+    chunks: int = 0
+    """Chunk nodes (or stream runs) that have advanced this stream."""
+
+    def fork(self) -> StreamCache:
+        return StreamCache(fork_session(self.session), self.guidance, self.chunks)
+
+    @property
+    def model_id(self) -> str:
+        return self.session.model_id
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers the web extension shows on the node."""
+        s = self.session
+        return {
+            "frames_in": s.frames_in,
+            "frames_out": s.frames_out,
+            "pending": s.pending_frames,
+            "scenes": s.scenes,
+            "chunks": self.chunks,
+            "state_bytes": s.state_bytes(),
+            "closed": s.closed,
+            "size": list(s.input_size) if s.input_size else None,
+            "scale": s.scale,
+        }
