@@ -11,12 +11,16 @@ length 0 on (reference frame, chunk's first frame) (SPEC section 3). This module
 * frame score = weighted mean of the mean absolute differences of hue, saturation and value between
   consecutive frames (default weights 1, 1, 1; edges 0), compared with ``>= threshold``; the first frame
   scores 0;
-* ``min_scene_len`` through scenedetect's ``FlashFilter`` in its default MERGE mode: a cut closer than
-  ``min_scene_len`` frames to the previous frame above the threshold is merged, and a run of such cuts is
-  reported once it has lasted ``min_scene_len`` frames, at its last frame above the threshold, ``min_scene_len``
-  frames late. Before the first reported cut nothing is merged: cuts within the first ``min_scene_len`` frames
-  are simply dropped. SUPPRESS mode is available too. Like scenedetect, nothing is reported after the last
-  frame (pending merges are dropped).
+* ``min_scene_len`` (15) through scenedetect's ``FlashFilter`` in its default MERGE mode. A frame above the
+  threshold at least ``min_scene_len`` frames after the previous frame above it is a cut, reported at once.
+  Before the first reported cut, closer ones are simply dropped (nothing in the first ``min_scene_len``
+  frames is ever a cut). After it, a closer one opens a merge run, which every later frame above the
+  threshold extends. The run's last frame above the threshold is reported, ``min_scene_len`` frames late, at
+  the first frame below the threshold ``min_scene_len`` frames past it, provided the run spans at least
+  ``min_scene_len`` frames by then; otherwise the run stays open (its cuts merged away) and even a much later
+  cut joins it and is reported late. SUPPRESS mode (report when ``min_scene_len`` frames have passed since
+  the last reported cut, never late) is available too. Like scenedetect, nothing is reported after the
+  last frame: a pending run is dropped.
 
 Float frames are quantized to 8 bits as ``round(x * 255)`` first: the release decodes 8-bit RGB.
 """

@@ -51,12 +51,17 @@ class SceneStream:
         self._start = 0  # stream index of the first held frame
         self._reference: torch.Tensor | None = None
         self._reference_index = 0
+        self._size: tuple[int, int] | None = None
         self.cuts_seen: list[int] = []
+        self.chunks: list[tuple[int, int, str]] = []
+        """(first frame index, frame count, "scene" | "refresh" | "") of every chunk handed over."""
 
     def push(self, frames: torch.Tensor) -> torch.Tensor:
         """Add low-resolution frames (T, H, W, 3) in [0, 1]; returns the frames finished so far."""
         if frames.ndim == 3:
             frames = frames.unsqueeze(0)
+        if self._size is None and frames.ndim == 4 and frames.shape[0]:
+            self._size = (int(frames.shape[1]), int(frames.shape[2]))
         if not self.detect_scenes:
             return self.pipeline.push(self.session, frames)
         outputs = []
@@ -67,7 +72,7 @@ class SceneStream:
             self._cuts.extend(found)
             self.cuts_seen.extend(found)
             self._received += 1
-            outputs.extend(self._drain(self._received - self.detector.held_back))
+            outputs.extend(self._drain(self.detector.safe_count))
         return self._cat(outputs)
 
     def close(self) -> torch.Tensor:
@@ -75,7 +80,7 @@ class SceneStream:
         outputs = []
         if self.detect_scenes:
             assert self.detector is not None
-            found = self.detector.flush()
+            found = self.detector.finish()
             self._cuts.extend(found)
             self.cuts_seen.extend(found)
             outputs.extend(self._drain(self._received, final=True))
@@ -98,9 +103,10 @@ class SceneStream:
                 break
             count = min(size, available)
             batch = torch.stack([self._held.popleft() for _ in range(count)])
-            new_scene = session.scene is None
-            if new_scene:
+            event = ""
+            if session.scene is None:
                 self._reference, self._reference_index = batch[0], self._start
+                event = "scene"
             elif (
                 self._start - self._reference_index >= REFERENCE_MIN_AGE
                 and not session.prompt_fixed
@@ -108,6 +114,8 @@ class SceneStream:
             ):
                 pipe.refresh_prompt(session, batch[0], index=self._start)
                 self._reference, self._reference_index = batch[0], self._start
+                event = "refresh"
+            self.chunks.append((self._start, count, event))
             outputs.append(pipe.push(session, batch))
             self._start += count
         return outputs
@@ -116,4 +124,6 @@ class SceneStream:
         outputs = [o for o in outputs if o.shape[0]]
         if outputs:
             return torch.cat(outputs)
-        return self.pipeline.empty_output(self.session)
+        height, width = self._size or (0, 0)
+        scale = self.session.scale
+        return torch.empty((0, height * scale, width * scale, 3), device=self.pipeline.output_device)

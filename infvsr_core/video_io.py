@@ -7,8 +7,8 @@ mpeg, ...) or a folder of numbered PNG/JPEG frames and yields :class:`FrameChunk
 decode. Samples are converted to float RGB here, from the raw planes, not by swscale: with the FFmpeg 8 build
 PyAV 18 ships, ``to_ndarray(format="rgb48le" / "gbrpf32le")`` truncates YUV results to the input's bit depth
 (a mean bias of -0.5 code value), puts 4:2:0 chroma at the centre instead of H.264's co-sited position,
-gives garbage for some flag combinations (``FULL_CHR_H_INT`` with rgb48le), and does not even map 8-bit RGB
-to 16 bits exactly. This path is exact (float32) and explicit:
+gives garbage for some flag combinations (``FULL_CHR_H_INT`` with rgb48le), and even maps 8-bit ``bgr0`` to
+``rgb48le`` inexactly. This path is exact (float32) and explicit:
 
 * matrix from the frame's colorspace tag (BT.601, BT.709, BT.2020, SMPTE 240M, FCC); untagged video uses
   BT.709 when it is HD (width >= 1280 or height >= 720) and BT.601 otherwise, as players do;
@@ -36,7 +36,6 @@ same folder (``.name.partial.ext``) and is moved into place by :meth:`VideoWrite
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import shutil
@@ -112,14 +111,6 @@ def _yuv_scales(bits: int, color_range: str) -> tuple[float, float, float, float
     return 1.0 / (219.0 * unit), -16.0 / 219.0, 1.0 / (224.0 * unit), -128.0 / 224.0
 
 
-def _ycbcr_from_rgb(rgb: torch.Tensor, matrix: str = "bt709") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kr, kb = _KR_KB[matrix]
-    kg = 1.0 - kr - kb
-    r, g, b = rgb.unbind(-1)
-    y = kr * r + kg * g + kb * b
-    return y, (b - y) / (2.0 * (1.0 - kb)), (r - y) / (2.0 * (1.0 - kr))
-
-
 def _upsample_rows(c: torch.Tensor) -> torch.Tensor:
     """(T, h, w, C) -> (T, 2h, w, C), chroma rows centred between luma rows: 3/4 nearer + 1/4 farther."""
     h = c.shape[1]
@@ -168,18 +159,6 @@ def _add_cosited(terms: torch.Tensor, luma: torch.Tensor, scale: float, width: i
             odd[:, :, inner:] = terms[:, :, w - 1 : w]  # right edge replicated
         torch.add(odd, luma[:, :, 1::2], alpha=scale, out=out[:, :, 1::2])
     return out
-
-
-def _downsample2(c: torch.Tensor, dim: int, centred: bool) -> torch.Tensor:
-    """Halve c along dim (even length): average of pairs (centred) or [1 2 1]/4 on even samples (co-sited)."""
-    even = c.narrow(dim, 0, c.shape[dim] // 2 * 2)
-    pairs = even.reshape(*even.shape[:dim], even.shape[dim] // 2, 2, *even.shape[dim + 1 :])
-    first, second = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)
-    if centred:
-        return 0.5 * (first + second)
-    n = first.shape[dim]  # left of sample 0 is sample 0 itself (edge replicated)
-    previous_odd = torch.cat((first.narrow(dim, 0, 1), second.narrow(dim, 0, n - 1)), dim)
-    return 0.25 * previous_odd + 0.5 * first + 0.25 * second
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -537,6 +516,8 @@ class VideoReader:
         target = path or self.path
         try:
             container = av.open(str(target), mode="r")
+        except av.error.EOFError as e:  # a header and nothing after it
+            raise VideoError(f"video file {target} contains no video frames (zero frames after its header)") from e
         except av.error.FFmpegError as e:
             raise _open_error(target, e) from e
         self._containers.append(container)
@@ -698,6 +679,9 @@ class VideoReader:
         """Raise when the stream's own length says frames are missing at the end (a cut-off download)."""
         if count == 0:
             raise VideoError(f"video file {self.path} contains no decodable video frames (zero frames)")
+        fmt = container.format.name
+        if "mov" not in fmt and "matroska" not in fmt:
+            return  # only these record the length in their header; MPEG-TS/PS and AVI estimates are guesses
         expected = None
         if stream.duration and stream.time_base:
             expected = float(stream.duration * stream.time_base)
@@ -781,8 +765,9 @@ class VideoReader:
                         pending.append(self._image_to_rgb(frame))
                     else:
                         if conv is None:
-                            conv = _FrameConverter(frame, self.info.rotation, self._matrix, self._range,
-                                                   self.info.codec)
+                            conv = _FrameConverter(
+                                frame, self.info.rotation, self._matrix, self._range, self.info.codec
+                            )
                         pending.append(conv.extract(frame))
                 except VideoError as e:
                     raise VideoError(f"{self.path}: {e} (frame {index})") from e
@@ -814,8 +799,9 @@ class VideoReader:
         chunks = list(self.read_chunks(**kwargs))
         if not chunks:
             return FrameChunk(torch.zeros(0, self.info.height, self.info.width, 3), [], self.start)
-        return FrameChunk(torch.cat([c.frames for c in chunks]), [t for c in chunks for t in c.pts_seconds],
-                          chunks[0].index)
+        return FrameChunk(
+            torch.cat([c.frames for c in chunks]), [t for c in chunks for t in c.pts_seconds], chunks[0].index
+        )
 
     def close(self) -> None:
         for container in list(self._containers):
@@ -884,15 +870,22 @@ def _to_numpy_rgb(frames: Any) -> torch.Tensor:
     return tensor.to(torch.float32).clamp(0.0, 1.0)
 
 
-def _fill_plane(plane: Any, data: np.ndarray) -> None:
-    """Copy rows of data (2-D, or 3-D packed) into an FFmpeg plane buffer that may have padded lines."""
-    rows = np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], -1)
-    buf = np.frombuffer(plane, dtype=np.uint8).reshape(-1, plane.line_size)
-    buf[: rows.shape[0], : rows.shape[1]] = rows
+def _plane_view(plane: Any, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """A writable tensor over the visible part of an FFmpeg plane (lines are padded to line_size bytes)."""
+    np_dtype = {torch.uint8: np.uint8, torch.int16: np.int16}[dtype]
+    itemsize = np.dtype(np_dtype).itemsize
+    buf = np.frombuffer(plane, dtype=np_dtype).reshape(plane.height, plane.line_size // itemsize)
+    return torch.from_numpy(buf)[:, :width]
 
 
 class _FrameEncoder:
-    """RGB float -> av.VideoFrame of a given pixel format (BT.709 limited for YUV, see module docstring)."""
+    """RGB float -> av.VideoFrame of a given pixel format (BT.709 limited for YUV, see module docstring).
+
+    Samples are computed with few full-resolution passes and written straight into FFmpeg's frame buffers:
+    an upscaled 4K frame is 25 M floats, so this costs as much as the encoder's own colour work otherwise.
+    Chroma is formed from the low-passed RGB (the filter and the matrix are both linear, so the order does
+    not matter), which keeps the chroma matrix at chroma resolution.
+    """
 
     def __init__(self, pix_fmt: str) -> None:
         self.pix_fmt = pix_fmt
@@ -901,57 +894,93 @@ class _FrameEncoder:
         self.bits = int(m.group(3) or 8) if m else 8
         self.sub_w = 2 if m and m.group(2) in ("420", "422") else 1
         self.sub_h = 2 if m and m.group(2) == "420" else 1
-        self.dtype = np.uint16 if self.bits > 8 or pix_fmt in ("gbrp10le", "gbrp16le", "rgb48be") else np.uint8
+        if self.yuv:
+            kr, kb = _KR_KB["bt709"]
+            kg = 1.0 - kr - kb
+            unit = float(1 << (self.bits - 8))
+            self.luma_weights = torch.tensor([kr, kg, kb]) * (219.0 * unit)
+            cb = torch.tensor([-kr, -kg, 1.0 - kb]) / (2.0 * (1.0 - kb))
+            cr = torch.tensor([1.0 - kr, -kg, -kb]) / (2.0 * (1.0 - kr))
+            gain = 1.0 / (self.sub_w * 2 if self.sub_w == 2 else 1) / self.sub_h  # the box/[1 2 1] sums below
+            self.chroma_weights = torch.stack((cb, cr)) * (224.0 * unit * gain)
+            self.unit, self.top = unit, float((1 << self.bits) - 1)
+        elif pix_fmt not in ("bgr0", "rgb24", "rgb48be", "gbrp10le", "gbrp16le"):
+            raise VideoError(f"pixel format {pix_fmt} is not supported by the writer")
+
+        self._scratch: dict[str, torch.Tensor] = {}
 
     def padded_size(self, width: int, height: int) -> tuple[int, int]:
         return width + (-width % self.sub_w), height + (-height % self.sub_h)
 
-    def frames(self, rgb: torch.Tensor) -> list[av.VideoFrame]:
+    def _buffer(self, name: str, *shape: int) -> torch.Tensor:
+        """Scratch tensors reused from frame to frame (fresh 100 MB allocations cost page faults each time)."""
+        buf = self._scratch.get(name)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._scratch[name] = torch.empty(shape)
+        return buf
+
+    def frames(self, rgb: torch.Tensor) -> Iterator[av.VideoFrame]:
+        """One av.VideoFrame per input frame, padded by edge replication where the chroma layout needs it."""
         t, h, w, _ = rgb.shape
         pw, ph = self.padded_size(w, h)
-        if (pw, ph) != (w, h):  # replicate the last column/row up to the size the chroma layout needs
+        if (pw, ph) != (w, h):
             rgb = torch.nn.functional.pad(rgb.permute(0, 3, 1, 2), (0, pw - w, 0, ph - h), mode="replicate")
             rgb = rgb.permute(0, 2, 3, 1)
-        planes = self._planes(rgb)
-        out = []
         for i in range(t):
             frame = av.VideoFrame(pw, ph, self.pix_fmt)
-            for plane, data in zip(frame.planes, planes, strict=False):
-                _fill_plane(plane, data[i])
+            x = rgb[i].contiguous()
             if self.yuv:
+                self._fill_yuv(frame, x)
                 frame.colorspace = 1  # AVCOL_SPC_BT709
                 frame.color_range = 1  # AVCOL_RANGE_MPEG
             else:
+                self._fill_rgb(frame, x)
                 frame.color_range = 2
-            out.append(frame)
-        return out
+            yield frame
 
-    def _planes(self, rgb: torch.Tensor) -> list[np.ndarray]:
-        if self.yuv:
-            y, cb, cr = _ycbcr_from_rgb(rgb, "bt709")
-            unit = float(1 << (self.bits - 8))
-            planes = [(y * 219.0 + 16.0) * unit]
-            for c in (cb, cr):
-                if self.sub_h == 2:
-                    c = _downsample2(c, 1, centred=True)
-                if self.sub_w == 2:
-                    c = _downsample2(c, 2, centred=False)
-                planes.append((c * 224.0 + 128.0) * unit)
-            top = float((1 << self.bits) - 1)
-            return [p.round_().clamp_(0.0, top).numpy().astype(self.dtype) for p in planes]
-        if self.pix_fmt == "bgr0":
-            q = (rgb * 255.0).round_().to(torch.uint8)
-            packed = torch.cat((q.flip(-1), torch.zeros_like(q[..., :1])), dim=-1)
-            return [packed.numpy()]
-        if self.pix_fmt == "rgb24":
-            return [(rgb * 255.0).round_().to(torch.uint8).numpy()]
+    def _fill_yuv(self, frame: av.VideoFrame, x: torch.Tensor) -> None:
+        dtype = torch.int16 if self.bits > 8 else torch.uint8  # <= 12-bit samples fit int16
+        h, w, _ = x.shape
+        y = torch.matmul(x, self.luma_weights, out=self._buffer("y", h, w))
+        y.add_(16.0 * self.unit).round_().clamp_(0.0, self.top)
+        _plane_view(frame.planes[0], w, dtype).copy_(y)
+        c = x
+        if self.sub_h == 2:  # vertical pairs (chroma centred between rows)
+            c = torch.add(c[0::2], c[1::2], out=self._buffer("rows", h // 2, w, 3))
+        if self.sub_w == 2:  # [1 2 1] around the even columns (co-sited), left edge replicated
+            pairs = c.view(c.shape[0], c.shape[1] // 2, 2, 3)
+            even, odd = pairs[:, :, 0], pairs[:, :, 1]
+            low = torch.add(odd, even, alpha=2.0, out=self._buffer("cols", c.shape[0], c.shape[1] // 2, 3))
+            low[:, 1:] += odd[:, :-1]
+            low[:, :1] += even[:, :1]
+            c = low
+        chroma = torch.einsum("hwc,kc->khw", c, self.chroma_weights).add_(128.0 * self.unit)
+        chroma.round_().clamp_(0.0, self.top)
+        for k in (0, 1):
+            _plane_view(frame.planes[k + 1], chroma.shape[2], dtype).copy_(chroma[k])
+
+    def _fill_rgb(self, frame: av.VideoFrame, x: torch.Tensor) -> None:
+        h, w, _ = x.shape
+        if self.pix_fmt in ("bgr0", "rgb24"):
+            n = 4 if self.pix_fmt == "bgr0" else 3
+            dst = _plane_view(frame.planes[0], w * n, torch.uint8).view(h, w, n)
+            q = torch.mul(x, 255.0, out=self._buffer("q", h, w, 3)).round_()
+            if n == 4:
+                for k in range(3):
+                    dst[..., k].copy_(q[..., 2 - k])
+                dst[..., 3] = 0
+            else:
+                dst.copy_(q)
+            return
+        top = 1023.0 if self.pix_fmt == "gbrp10le" else 65535.0
+        q = torch.mul(x, top, out=self._buffer("q", h, w, 3)).round_().to(torch.int32)
         if self.pix_fmt == "rgb48be":
-            return [(rgb * 65535.0).round_().numpy().astype(">u2")]
-        if self.pix_fmt in ("gbrp10le", "gbrp16le"):
-            top = 1023.0 if self.pix_fmt == "gbrp10le" else 65535.0
-            q = (rgb * top).round_().numpy().astype(np.uint16)
-            return [q[..., 1], q[..., 2], q[..., 0]]  # planes are G, B, R
-        raise VideoError(f"pixel format {self.pix_fmt} is not supported by the writer")
+            dst = _plane_view(frame.planes[0], w * 6, torch.uint8).view(h, w, 3, 2)
+            dst[..., 0].copy_(q >> 8)
+            dst[..., 1].copy_(q & 255)
+            return
+        for plane, channel in zip(frame.planes, (1, 2, 0), strict=True):  # planes are G, B, R
+            _plane_view(plane, w, torch.int16).copy_(q[..., channel].to(torch.int16))  # 16-bit wraps as intended
 
 
 class _AudioMuxer:
@@ -1072,10 +1101,14 @@ class _AudioMuxer:
                 continue
             if first > 0 or last < frame.samples:
                 data = frame.to_ndarray()
-                data = data[:, first:last] if frame.format.is_planar else data[:, first * len(frame.layout.channels):
-                                                                               last * len(frame.layout.channels)]
-                cut = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=frame.format.name,
-                                                 layout=frame.layout.name)
+                data = (
+                    data[:, first:last]
+                    if frame.format.is_planar
+                    else data[:, first * len(frame.layout.channels) : last * len(frame.layout.channels)]
+                )
+                cut = av.AudioFrame.from_ndarray(
+                    np.ascontiguousarray(data), format=frame.format.name, layout=frame.layout.name
+                )
                 cut.sample_rate = rate
                 frame = cut
             begin = f_start + first / rate - self.abs_start
@@ -1421,9 +1454,3 @@ class VideoWriter:
                 self.abort()
             except Exception:  # noqa: BLE001
                 pass
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two [0, 1] tensors (inf when equal); used by tests and quick checks."""
-    mse = float(torch.mean((a.double() - b.double()) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)

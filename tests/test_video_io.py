@@ -106,7 +106,7 @@ def make_clip(
     out = av.open(str(path), "w")
     stream = out.add_stream(codec, rate=rate, options=options or {})
     first = frames[0]
-    h, w = (first[0].shape if isinstance(first, list) else first.shape[:2])
+    h, w = first[0].shape if isinstance(first, list) else first.shape[:2]
     stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
     if colorspace is not None:
         stream.codec_context.colorspace = colorspace
@@ -471,8 +471,9 @@ def make_av_clip(path: Path, acodec: str, rate: int = 48000, seconds: float = 3.
         while done < n and done / rate < (i + 1) / fps:
             chunk = signal[done : done + step]
             data = (chunk * 32767).astype(np.int16) if fmt.startswith("s16") else chunk
-            aframe = av.AudioFrame.from_ndarray(data[None, :], format="s16" if fmt.startswith("s16") else "fltp",
-                                                layout="mono")
+            aframe = av.AudioFrame.from_ndarray(
+                data[None, :], format="s16" if fmt.startswith("s16") else "fltp", layout="mono"
+            )
             aframe.sample_rate, aframe.pts, aframe.time_base = rate, done, Fraction(1, rate)
             out.mux(audio.encode(aframe))
             done += len(chunk)
@@ -482,16 +483,20 @@ def make_av_clip(path: Path, acodec: str, rate: int = 48000, seconds: float = 3.
 
 
 def stream_span(path: Path, kind: str) -> tuple[float, float, str]:
-    """(first packet start, last packet end) in seconds, and the codec."""
+    """(start, end) in seconds of what a player presents, and the codec: video from its packets, audio from
+    its decoded frames (AAC's priming samples have negative timestamps and are dropped by the decoder)."""
     with av.open(str(path)) as container:
         stream = getattr(container.streams, kind)[0]
-        packets = [p for p in container.demux(stream) if p.pts is not None]
-        tb = stream.time_base
-        return (
-            float(min(p.pts for p in packets) * tb),
-            float(max(p.pts + p.duration for p in packets) * tb),
-            stream.codec_context.name,
-        )
+        if kind == "video":
+            packets = [p for p in container.demux(stream) if p.pts is not None]
+            tb = stream.time_base
+            return (
+                float(min(p.pts for p in packets) * tb),
+                float(max(p.pts + p.duration for p in packets) * tb),
+                stream.codec_context.name,
+            )
+        frames = [(float(f.pts * f.time_base), f.samples / f.sample_rate) for f in container.decode(stream)]
+        return frames[0][0], frames[-1][0] + frames[-1][1], stream.codec_context.name
 
 
 def first_beep(path: Path) -> float:
@@ -512,8 +517,8 @@ def first_beep(path: Path) -> float:
     [
         ("src_aac.mp4", "aac", 48000, "out_aac.mp4", "aac", 1024 / 48000),  # stream copy
         ("src_aac.mp4", "aac", 48000, "out_aac.mkv", "aac", 1024 / 48000),  # stream copy, other container
-        ("src_mulaw.mov", "pcm_mulaw", 8000, "out_mulaw.mp4", "aac", 0.002),  # mp4 cannot hold mu-law: AAC
-        ("src_mulaw.mov", "pcm_mulaw", 8000, "out_mulaw.mkv", "flac", 0.002),  # ... and FLAC for mkv
+        ("src_mulaw.mov", "pcm_mulaw", 8000, "out_mulaw.mp4", "aac", 1024 / 8000),  # mp4 cannot hold mu-law
+        ("src_mulaw.mov", "pcm_mulaw", 8000, "out_mulaw.mkv", "flac", 1 / 8000),  # re-encoded, cut to the sample
     ],
 )
 def test_audio_follows_the_written_video_span(
@@ -608,8 +613,12 @@ def test_bad_inputs_have_clear_messages(work: Path) -> None:
 
     mkv = work / "good.mkv"
     rng = np.random.default_rng(0)
-    make_clip(mkv, [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(30)], codec="libx264",
-              options={"preset": "ultrafast"})
+    make_clip(
+        mkv,
+        [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(30)],
+        codec="libx264",
+        options={"preset": "ultrafast"},
+    )
     data = mkv.read_bytes()
     (work / "cut.mkv").write_bytes(data[: len(data) // 2])  # clean end of file, but the header knows better
     with VideoReader(work / "cut.mkv") as reader, pytest.raises(VideoError, match=r"truncated: .*after frame \d+"):
