@@ -1,6 +1,6 @@
 """Random weights in the exact published formats, for tests and benchmarks.
 
-    python -m infvsr_core.fixtures DIR [--tiny] [--seed N] [--safetensors]
+    python -m infvsr_core.fixtures DIR [--tiny] [--seed N] [--safetensors] [--clip FILE]
 
 writes `InfVSR.ckpt`, `Wan2.1_VAE.pth`, `ram_swin_large_14m.pth` and `DAPE.pth`
 into DIR: full size by default (speed and memory do not depend on the values),
@@ -51,6 +51,23 @@ def write_fixtures(folder: str | os.PathLike, *, tiny: bool = False, seed: int =
     return paths
 
 
+def write_demo_clip(path: str | os.PathLike, frames: int = 30, width: int = 64, height: int = 36) -> Path:
+    """A small synthetic moving clip (h264, 24 fps) to try the command line on."""
+    from fractions import Fraction
+
+    from .video_io import VideoWriter
+
+    t = torch.arange(frames, dtype=torch.float32)[:, None, None]
+    y = torch.arange(height, dtype=torch.float32)[None, :, None]
+    x = torch.arange(width, dtype=torch.float32)[None, None, :]
+    shape = (frames, height, width)
+    channels = [torch.sin((x + 2 * t) / 5), torch.cos((y - t) / 4), torch.sin((x + y + 3 * t) / 7)]
+    video = torch.stack([c.expand(shape) for c in channels], -1) * 0.4 + 0.5
+    with VideoWriter(path, Fraction(24), codec="h264", crf=12, overwrite=True) as writer:
+        writer.write(video)
+    return Path(path)
+
+
 def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
@@ -68,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny configuration for CPU tests")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--safetensors", action="store_true", help="write .safetensors instead of pickles")
+    parser.add_argument("--clip", type=Path, help="also write a small synthetic test clip (mp4) here")
     args = parser.parse_args(argv)
     paths = write_fixtures(args.folder, tiny=args.tiny, seed=args.seed, safetensors=args.safetensors)
     for role, path in paths.items():
         print(f"{role:5s} {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if args.clip:
+        print(f"clip  {write_demo_clip(args.clip)}")
     return 0
 
 

@@ -1,0 +1,166 @@
+"""Command line: upscale a whole film, streaming, in constant memory.
+
+    python -m infvsr_core upscale INPUT -o OUTPUT [options]
+
+Frames are decoded, upscaled and encoded chunk by chunk; the output appears
+under its final name only when complete (Ctrl-C keeps a valid file of what was
+finished). Any error ends with one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+READ_CHUNK = 12
+CODECS = ("auto", "h264", "h265", "prores", "ffv1", "png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .loader import default_models_dir
+
+    parser = argparse.ArgumentParser(
+        prog="python -m infvsr_core", description="InfVSR streaming video super-resolution."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser(
+        "upscale",
+        help="upscale a video file or a folder of frames",
+        description="Upscale INPUT (a video file, or a folder of numbered PNG/JPEG frames) into OUTPUT "
+        "(a video file, or a folder that receives frame_000001.png, ...). Audio is copied when the input has any.",
+    )
+    up.add_argument("input", type=Path, help="video file (mp4, mkv, mov, webm, avi, mpeg, ...) or frame folder")
+    up.add_argument("-o", "--output", type=Path, required=True, help="output video file, or folder for --codec png")
+    up.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help=f"folder with InfVSR.ckpt, Wan2.1_VAE.pth, ram_swin_large_14m.pth, DAPE.pth "
+        f"(default: $INFVSR_MODELS, else models/infvsr of the ComfyUI tree this is installed in, "
+        f"else ~/.cache/infvsr; now: {default_models_dir()})",
+    )
+    up.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4, as trained)")
+    up.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
+    up.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    up.add_argument("--codec", choices=CODECS, default="auto", help="default: png for a folder output, else h264")
+    up.add_argument("--crf", type=int, help="quality for h264/h265 (lower is better; default 18 / 20)")
+    up.add_argument("--pix-fmt", help="override the pixel format (e.g. yuv444p for h264)")
+    up.add_argument("--prores-profile", choices=("hq", "4444"), default="hq", help="ProRes 422 HQ or 4444")
+    up.add_argument("--no-scene-detect", action="store_true", help="one scene: never reset caches or the reference")
+    up.add_argument("--scene-threshold", type=float, default=27.0, help="content detector threshold (default 27)")
+    up.add_argument("--start", type=int, default=0, help="first input frame to upscale (default 0)")
+    up.add_argument("--frames", type=int, help="upscale at most this many frames")
+    up.add_argument("--fps", type=float, help="frame rate of a frame-folder input (default 24)")
+    up.add_argument("--no-audio", action="store_true", help="do not copy the input's audio")
+    up.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    up.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return upscale_command(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one clear line, whatever went wrong
+        name = type(exc).__name__
+        print(
+            f"error: {exc}" if name in ("VideoError", "WeightFileError") else f"error: {name}: {exc}", file=sys.stderr
+        )
+        return EXIT_ERROR
+
+
+def upscale_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .loader import load_pipeline
+    from .stream import SceneStream
+    from .video_io import VideoReader, VideoWriter
+
+    if args.scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {args.scale}")
+    if args.start < 0 or (args.frames is not None and args.frames < 1):
+        raise ValueError("--start must be >= 0 and --frames >= 1")
+    codec = args.codec
+    if codec == "auto":
+        codec = "png" if args.output.suffix == "" or args.output.is_dir() else "h264"
+
+    reader = VideoReader(args.input, start=args.start, max_frames=args.frames, fps=args.fps)
+    with reader:
+        info = reader.info
+        total = info.frame_count
+        if total is not None:
+            total = max(0, total - args.start)
+            total = min(total, args.frames) if args.frames else total
+        # Check the output before loading several GB of weights.
+        if args.output.exists() and not args.overwrite:
+            raise ValueError(f"output {args.output} already exists (use --overwrite to replace it)")
+        pipe = load_pipeline(args.models, device=args.device, dtype=args.dtype)
+        stream = SceneStream(
+            pipe, scale=args.scale, detect_scenes=not args.no_scene_detect, threshold=args.scene_threshold
+        )
+        chunks = reader.read_chunks(READ_CHUNK)
+        first = next(chunks, None)
+        if first is None:
+            raise ValueError(f"{args.input}: no frames to upscale (start {args.start} is past the end?)")
+        audio = info.has_audio and not args.no_audio and codec != "png" and not info.is_image_sequence
+        writer = VideoWriter(
+            args.output,
+            info.fps,
+            codec=codec,
+            crf=args.crf,
+            pix_fmt=args.pix_fmt,
+            prores_profile=args.prores_profile,
+            audio_from=args.input if audio else None,
+            audio_start=first.pts_seconds[0] if audio else 0.0,
+            overwrite=args.overwrite,
+        )
+        timestamps: deque[float] = deque()
+        bar = tqdm(total=total, unit="frame", disable=args.quiet, dynamic_ncols=True, desc="upscaling")
+        started = time.perf_counter()
+        try:
+            for chunk in _chain(first, chunks):
+                timestamps.extend(chunk.pts_seconds)
+                _write(writer, stream.push(chunk.frames), timestamps, bar)
+            _write(writer, stream.close(), timestamps, bar)
+        except KeyboardInterrupt:
+            bar.close()
+            kept = writer.finalize_partial()
+            where = f"kept the {writer.frames_written} finished frames in {kept}" if kept else "nothing was written"
+            print(f"interrupted: {where}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except BaseException:
+            bar.close()
+            writer.abort()
+            raise
+        bar.close()
+        path = writer.close()
+    seconds = time.perf_counter() - started
+    if not args.quiet:
+        print(
+            f"wrote {path}: {writer.frames_written} frames, {stream.session.scenes} scene(s), "
+            f"{writer.frames_written / max(seconds, 1e-9):.2f} fps",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _write(writer, frames, timestamps: deque[float], bar) -> None:
+    count = int(frames.shape[0])
+    if not count:
+        return
+    stamps = [timestamps.popleft() for _ in range(count)]
+    writer.write(frames, timestamps=stamps)  # the input's own timing: variable frame rate survives
+    bar.update(count)

@@ -1,0 +1,127 @@
+"""The command line end to end on tiny fixture weights."""
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from infvsr_core import cli
+from infvsr_core.stream import SceneStream
+from tests.conftest import make_clip
+
+
+@pytest.fixture(scope="module")
+def small_clip(tmp_path_factory):
+    """A 24-frame 32x24 h264 clip at 12 fps with a 440 Hz AAC track of the same length."""
+    path = tmp_path_factory.mktemp("clip") / "in.mp4"
+    frames = (make_clip(24, 24, 32, seed=5).numpy() * 255).round().astype(np.uint8)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=12)
+        video.width, video.height, video.pix_fmt = 32, 24, "yuv444p"
+        audio = out.add_stream("aac", rate=48000)
+        audio.layout = "mono"
+        for frame in frames:
+            out.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(video.encode())
+        t = np.arange(48000 * 2) / 48000
+        samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+        for k in range(0, samples.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(samples[:, k : k + 1024], format="flt", layout="mono")
+            frame.sample_rate, frame.pts = 48000, k
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode())
+    return path
+
+
+def read(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        has_audio = bool(container.streams.audio)
+        audio_seconds = None
+        if has_audio:
+            a = container.streams.audio[0]
+            audio_seconds = float(a.duration * a.time_base) if a.duration else None
+        return frames, Fraction(stream.average_rate), has_audio, audio_seconds
+
+
+def test_upscale_end_to_end_with_audio(small_clip, tiny_models, tmp_path, capsys):
+    out = tmp_path / "up.mp4"
+    code = cli.main(["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models), "--scale", "2"])
+    assert code == 0, capsys.readouterr().err
+    frames, fps, has_audio, audio_seconds = read(out)
+    assert len(frames) == 24 and frames[0].shape == (48, 64, 3)
+    assert fps == 12
+    assert has_audio and audio_seconds == pytest.approx(2.0, abs=0.05)
+    assert "wrote" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name != "up.mp4"]  # no temp file left behind
+
+
+def test_png_folder_output_with_start_and_frames(small_clip, tiny_models, tmp_path):
+    out = tmp_path / "frames"
+    args = ["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models), "--scale", "2"]
+    assert cli.main([*args, "--start", "5", "--frames", "10", "--quiet", "--no-scene-detect"]) == 0
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == [f"frame_{i:06d}.png" for i in range(1, 11)]
+
+
+def test_existing_output_is_refused(small_clip, tiny_models, tmp_path, capsys):
+    out = tmp_path / "exists.mp4"
+    out.write_bytes(b"keep me")
+    assert cli.main(["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    assert out.read_bytes() == b"keep me"
+
+
+def test_missing_weights_one_clear_line(small_clip, tmp_path, capsys):
+    code = cli.main(["upscale", str(small_clip), "-o", str(tmp_path / "o.mp4"), "--models", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: missing weight file 'InfVSR.ckpt'") and str(tmp_path) in err[0]
+
+
+def test_not_a_video(tmp_path, tiny_models, capsys):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video")
+    assert cli.main(["upscale", str(bad), "-o", str(tmp_path / "o.mp4"), "--models", str(tiny_models)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "notes.mp4" in err[0]
+
+
+def test_ctrl_c_keeps_a_valid_partial_file(small_clip, tiny_models, tmp_path, monkeypatch, capsys):
+    real_push, calls = SceneStream.push, []
+
+    def push(self, frames):
+        calls.append(1)
+        if len(calls) == 2:  # after the first read chunk was upscaled and written
+            raise KeyboardInterrupt
+        return real_push(self, frames)
+
+    monkeypatch.setattr(SceneStream, "push", push)
+    out = tmp_path / "partial.mp4"
+    args = ["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models), "--scale", "2"]
+    assert cli.main([*args, "--no-scene-detect", "--quiet"]) == 130
+    assert "interrupted: kept the 9 finished frames" in capsys.readouterr().err
+    frames, _, _, _ = read(out)
+    assert len(frames) == 9
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["upscale", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--models",
+        "--scale",
+        "--dtype",
+        "--device",
+        "--codec",
+        "--crf",
+        "--no-scene-detect",
+        "--start",
+        "--frames",
+        "--overwrite",
+    ):
+        assert flag in text
