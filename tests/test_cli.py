@@ -125,3 +125,27 @@ def test_help_documents_every_flag(capsys):
         "--overwrite",
     ):
         assert flag in text
+
+
+def test_variable_frame_rate_timing_is_kept(tiny_models, tmp_path):
+    """A clip whose first frame lasts 3 frame periods keeps that gap in the upscaled file."""
+    src = tmp_path / "vfr.mkv"
+    frames = (make_clip(12, 16, 16, seed=9).numpy() * 255).round().astype(np.uint8)
+    pts = [0, 3] + list(range(4, 14))  # in 1/24 s: a long first frame, then a steady 24 fps
+    with av.open(str(src), "w") as out:
+        stream = out.add_stream("ffv1", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "bgr0"
+        stream.time_base = Fraction(1, 24)
+        for frame, t in zip(frames, pts, strict=True):
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            vf.pts, vf.time_base = t, Fraction(1, 24)
+            out.mux(stream.encode(vf))
+        out.mux(stream.encode())
+    dst = tmp_path / "vfr_x2.mkv"
+    args = ["upscale", str(src), "-o", str(dst), "--models", str(tiny_models), "--scale", "2", "--codec", "ffv1"]
+    assert cli.main([*args, "--quiet"]) == 0
+    with av.open(str(dst)) as container:
+        times = [float(f.pts * f.time_base) for f in container.decode(video=0)]
+    assert len(times) == 12
+    assert times[1] - times[0] == pytest.approx(3 / 24, abs=2e-3)
+    assert times[2] - times[1] == pytest.approx(1 / 24, abs=2e-3)
