@@ -40,9 +40,13 @@ SIZES = {"tiny": (12, 20), "480p": (120, 208), "720p": (180, 320), "1080p": (270
 
 
 def random_pipeline(
-    device: torch.device, dtype: torch.dtype, seed: int = 0, tiny: bool = False, **vae_kwargs
+    device: torch.device, dtype: torch.dtype, seed: int = 0, tiny: bool = False, fast: bool | None = None, **vae_kwargs
 ) -> InfVSRPipeline:
-    """Full-size (or tiny) networks from random published-format state dicts, built like the loader does."""
+    """Full-size (or tiny) networks from random published-format state dicts, built like the loader does.
+
+    `fast` selects the optimized VAE forward and fused DiT ops (None: automatic, i.e. on CUDA;
+    False: the plain path, which is the parity reference).
+    """
     config = DiTConfig.tiny() if tiny else DiTConfig.full()
     with torch.device("meta"):
         dit = CausalWanDiT(config)
@@ -52,9 +56,10 @@ def random_pipeline(
     swin = SwinConfig.tiny() if tiny else SwinConfig.full()
     ram = random_ram_state_dict(swin, seed=seed + 2)
     guidance = build_guidance(ram, random_dape_state_dict(swin, seed=seed + 3), dtype=dtype)
+    dit.fuse_elementwise = fast
     return InfVSRPipeline(
         dit.to(device=device, dtype=dtype),
-        StreamingVAE(vae.to(device), **vae_kwargs),
+        StreamingVAE(vae.to(device), fast=fast, **vae_kwargs),
         guidance.to(device),
         device=device,
         dtype=dtype,
@@ -81,8 +86,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_stream(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> tuple[torch.Tensor, list[float]]:
-    """Push the clip chunk by chunk through one session; per-chunk wall times (synchronized)."""
+def run_stream(
+    pipe: InfVSRPipeline, clip: torch.Tensor, scale: int, peaks: list[float] | None = None, keep: bool = True
+) -> tuple[torch.Tensor | None, list[float]]:
+    """Push the clip chunk by chunk through one session; per-chunk wall times (synchronized).
+
+    `peaks` (when given) receives the peak allocated GiB after each chunk; with `keep` False the
+    outputs are dropped as they come (long memory-flatness runs).
+    """
     session = pipe.new_session(scale)
     outputs, times, start = [], [], 0
     while start < clip.shape[0]:
@@ -94,9 +105,13 @@ def run_stream(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> tuple[to
             out = torch.cat([out, pipe.close(session)])
         sync(pipe.device)
         times.append(time.perf_counter() - t0)
-        outputs.append(out)
+        if peaks is not None and pipe.device.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+        if keep:
+            outputs.append(out)
+        del out
         start += size
-    return torch.cat(outputs), times
+    return (torch.cat(outputs) if keep else None), times
 
 
 @torch.inference_mode()
@@ -151,6 +166,9 @@ def main() -> int:
     parser.add_argument("--parity", action="store_true", help="also compare against a float32 run (first 3 chunks)")
     parser.add_argument("--memory-fraction", type=float, help="torch.cuda.set_per_process_memory_fraction")
     parser.add_argument("--json", type=Path, help="append one JSON line per size here")
+    parser.add_argument("--plain", action="store_true", help="the plain path (diffusers VAE modules, eager DiT ops)")
+    parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile one steady chunk of (top kernels)")
+    parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,7 +186,10 @@ def main() -> int:
     if args.models:
         pipe = load_pipeline(args.models, device=device, dtype=dtype, output_device=device)
     else:
-        pipe = random_pipeline(device, dtype, tiny=args.tiny)
+        pipe = random_pipeline(device, dtype, tiny=args.tiny, fast=False if args.plain else None)
+    if args.plain:
+        pipe.dit.fuse_elementwise = False
+        pipe.vae.fast = False
 
     frames_total = 9 + 12 * (args.chunks - 1)
     parity_frames = min(frames_total, 33)
@@ -179,7 +200,8 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        stream_out, times = run_stream(pipe, clip, args.scale)
+        peaks: list[float] = []
+        stream_out, times = run_stream(pipe, clip, args.scale, peaks)
         peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         peak_res = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
         steady = frames_total - 9
@@ -198,7 +220,29 @@ def main() -> int:
             "peak_reserved_gib": round(peak_res, 2),
             "stage_ms": {k: round(v * 1000, 1) for k, v in stages.items()},
             "tiled": pipe.vae.wants_tiling(-(-height * args.scale // 16) * 16, -(-width * args.scale // 16) * 16),
+            "peak_after_chunk_gib": [round(p, 2) for p in peaks],
         }
+        if size in args.profile and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                stage_times(pipe, clip, args.scale)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+        if args.flat_frames and device.type == "cuda":
+            long_clip = synthetic_clip(12, height, width, device).repeat(-(-args.flat_frames // 12), 1, 1, 1)
+            long_clip = long_clip[: args.flat_frames]
+            torch.cuda.reset_peak_memory_stats()
+            flat_peaks: list[float] = []
+            _, flat_times = run_stream(pipe, long_clip, args.scale, flat_peaks, keep=False)
+            at_60 = flat_peaks[min(len(flat_peaks), 6) - 1]
+            row["flat"] = {
+                "frames": args.flat_frames,
+                "peak_after_60_gib": round(at_60, 3),
+                "peak_final_gib": round(flat_peaks[-1], 3),
+                "growth_pct": round(100 * (flat_peaks[-1] / at_60 - 1), 3),
+                "fps_steady": round((args.flat_frames - 9) / sum(flat_times[1:]), 2),
+            }
+            del long_clip
         if args.parity:
             kept[size] = (clip[:parity_frames].cpu(), stream_out[:parity_frames].cpu())
         del stream_out, clip
@@ -209,7 +253,7 @@ def main() -> int:
         # The float32 reference is built only now, so that it never sits in memory during the timed runs.
         del pipe
         torch.cuda.empty_cache() if device.type == "cuda" else None
-        reference = random_pipeline(device, torch.float32, tiny=args.tiny)
+        reference = random_pipeline(device, torch.float32, tiny=args.tiny, fast=False)
         for row in rows:
             clip, out = kept[row["size"]]
             ref_out, _ = run_stream(reference, clip.to(device), args.scale)

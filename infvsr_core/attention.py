@@ -12,13 +12,30 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# On CUDA, cuDNN's attention first: on the H100 it takes 2.27 ms where PyTorch's
+# default pick (flash) takes 3.91 ms for a 720p chunk (10,800 queries, 21,600 keys).
+# Backends that refuse a shape fall through to the next one in this order.
+CUDA_SDPA_PRIORITY: list[SDPBackend] = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """PyTorch's fused kernel; it wants (B, H, L, D)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    """PyTorch's fused kernel; it wants (B, H, L, D). On CUDA the backends are tried in CUDA_SDPA_PRIORITY order."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.is_cuda and CUDA_SDPA_PRIORITY:
+        with sdpa_kernel(CUDA_SDPA_PRIORITY, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2)
 
 

@@ -152,6 +152,70 @@ def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torc
     return (norm(x) * (1 + scale) + shift).to(x.dtype)
 
 
+# ----------------------------------------------------------------------------- elementwise ops
+# The block's elementwise work written as pure tensor functions, so that on CUDA
+# each can be compiled into one or two fused kernels (torch.compile); the plain
+# versions are the same Python run eagerly. Same math and casts as the modules.
+
+
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def _rms_rope_op(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, heads: int
+) -> torch.Tensor:
+    """RMSNorm over the full dim, then RoPE per head: (B, L, dim) -> (B, L, heads, head_dim)."""
+    return apply_rope(_rms_norm_op(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
+
+
+def _ln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Affine-free float32 LayerNorm, * (1 + scale) + shift, cast back."""
+    normed = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
+    return (normed * (1 + scale) + shift).to(x.dtype)
+
+
+def _ln_affine_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def _gated_add_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return (x.float() + y.float() * gate).to(x.dtype)
+
+
+class _Ops:
+    """One set of the elementwise ops: eager, or each wrapped in torch.compile."""
+
+    def __init__(self, compile_fn=None) -> None:
+        wrap = compile_fn or (lambda fn: fn)
+        self.rms_norm = wrap(_rms_norm_op)
+        self.rms_rope = wrap(_rms_rope_op)
+        self.ln_modulate = wrap(_ln_modulate_op)
+        self.ln_affine = wrap(_ln_affine_op)
+        self.gated_add = wrap(_gated_add_op)
+
+
+EAGER_OPS = _Ops()
+_COMPILED_OPS: list[_Ops] = []
+
+
+def compiled_ops() -> _Ops:
+    """The torch.compile'd ops (built once, compiled per shape on first use)."""
+    if not _COMPILED_OPS:
+        _COMPILED_OPS.append(_Ops(lambda fn: torch.compile(fn, fullgraph=True)))
+    return _COMPILED_OPS[0]
+
+
+def compile_available() -> bool:
+    """torch.compile's GPU backend needs Triton."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class SelfAttention(nn.Module):
     """Self-attention over [previous chunk, current chunk] keys/values with 3D RoPE on q and k."""
 
@@ -169,11 +233,12 @@ class SelfAttention(nn.Module):
         sin: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None,
         backend: str,
+        ops: _Ops = EAGER_OPS,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output, this chunk's roped keys, this chunk's values)."""
         heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), cos, sin)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), cos, sin)
+        q = ops.rms_rope(self.q(x), self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
+        k = ops.rms_rope(self.k(x), self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
         v = self.v(x).unflatten(-1, heads)
         k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
         out = attention(q, k_all, v_all, backend)
@@ -190,10 +255,10 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str, ops: _Ops = EAGER_OPS) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(context)).unflatten(-1, heads)
+        q = ops.rms_norm(self.q(x), self.norm_q.weight, self.norm_q.eps).unflatten(-1, heads)
+        k = ops.rms_norm(self.k(context), self.norm_k.weight, self.norm_k.eps).unflatten(-1, heads)
         v = self.v(context).unflatten(-1, heads)
         return self.o(attention(q, k, v, backend).flatten(2))
 
@@ -222,13 +287,15 @@ class DiTBlock(nn.Module):
         sin: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None,
         backend: str,
+        ops: _Ops = EAGER_OPS,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + t_mod.float()).chunk(6, dim=1)
-        y, k, v = self.self_attn(_modulate(self.norm1, x, shift1, scale1), cos, sin, past, backend)
-        x = (x.float() + y.float() * gate1).to(x.dtype)
-        x = x + self.cross_attn(self.norm3(x).to(x.dtype), context, backend)
-        y = self.ffn(_modulate(self.norm2, x, shift2, scale2))
-        x = (x.float() + y.float() * gate2).to(x.dtype)
+        eps = self.norm1.eps
+        y, k, v = self.self_attn(ops.ln_modulate(x, shift1, scale1, eps), cos, sin, past, backend, ops)
+        x = ops.gated_add(x, y, gate1)
+        x = x + self.cross_attn(ops.ln_affine(x, self.norm3.weight, self.norm3.bias, eps), context, backend, ops)
+        y = self.ffn(ops.ln_modulate(x, shift2, scale2, eps))
+        x = ops.gated_add(x, y, gate2)
         return x, k, v
 
 
@@ -255,6 +322,8 @@ class CausalWanDiT(nn.Module):
             raise ValueError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
         self.config = config
         self.attention_backend: str = "sdpa"
+        # Fused elementwise ops (torch.compile): None = on CUDA when Triton is there.
+        self.fuse_elementwise: bool | None = None
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(
@@ -264,6 +333,12 @@ class CausalWanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
+
+    def _ops(self, device: torch.device) -> _Ops:
+        fuse = self.fuse_elementwise
+        if fuse is None:
+            fuse = device.type == "cuda" and compile_available()
+        return compiled_ops() if fuse else EAGER_OPS
 
     def forward(
         self,
@@ -298,10 +373,11 @@ class CausalWanDiT(nn.Module):
         t_mod = self.time_projection(e).unflatten(1, (6, cfg.dim))
         ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
 
+        ops = self._ops(x.device)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             past = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None else None
-            x, k, v = block(x, t_mod, ctx, cos, sin, past, self.attention_backend)
+            x, k, v = block(x, t_mod, ctx, cos, sin, past, self.attention_backend, ops)
             keys.append(k)
             values.append(v)
 

@@ -22,6 +22,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from .fast_vae import fast_decoder, fast_encoder, prepare_channels_last, supports_fast_forward
 from .weights import WeightFileError, check_state_dict, require
 
 __all__ = [
@@ -362,6 +363,7 @@ class StreamingVAE:
         tile_size: int = 128,
         tile_stride: int = 110,
         threshold_axes: Literal["height", "either"] = "height",
+        fast: bool | None = None,
     ) -> None:
         if tiling not in ("auto", "always", "never"):
             raise ValueError(f"tiling must be 'auto', 'always' or 'never', got {tiling!r}")
@@ -375,6 +377,7 @@ class StreamingVAE:
         self.tile_size = tile_size
         self.tile_stride = tile_stride
         self.threshold_axes = threshold_axes
+        self.fast = fast
         self.z_dim = int(vae.config.z_dim)
         self._encoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
         self._decoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
@@ -418,6 +421,16 @@ class StreamingVAE:
         p = next(self.vae.parameters())
         return p.device, p.dtype
 
+    def _use_fast(self, device: torch.device) -> bool:
+        wanted = device.type == "cuda" if self.fast is None else self.fast
+        if wanted and not supports_fast_forward(self.vae):
+            if self.fast:
+                raise ValueError("the fast VAE forward supports Wan2.1's architecture only")
+            return False
+        if wanted:
+            prepare_channels_last(self.vae)
+        return wanted
+
     def _stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self._mean.to(device=device, dtype=dtype), self._inv_std.to(device=device, dtype=dtype)
 
@@ -456,7 +469,10 @@ class StreamingVAE:
         pieces = [frames[:, :, :1]] if first else []
         start = 1 if first else 0
         pieces += [frames[:, :, i : i + TEMPORAL_FACTOR] for i in range(start, frames.shape[2], TEMPORAL_FACTOR)]
-        feats = [self.vae.encoder(piece, feat_cache=cache, feat_idx=[0]) for piece in pieces]
+        if self._use_fast(frames.device):
+            feats = [fast_encoder(self.vae, piece, cache) for piece in pieces]
+        else:
+            feats = [self.vae.encoder(piece, feat_cache=cache, feat_idx=[0]) for piece in pieces]
         mean = self.vae.quant_conv(torch.cat(feats, dim=2))[:, : self.z_dim]
         offset, inv_std = self._stats(mean.device, mean.dtype)
         return (mean - offset) * inv_std
@@ -490,10 +506,14 @@ class StreamingVAE:
     def _decode(self, latents: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
         offset, inv_std = self._stats(latents.device, latents.dtype)
         x = self.vae.post_quant_conv(latents / inv_std + offset)
-        frames = [
-            self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)
-            for i in range(x.shape[2])
-        ]
+        if self._use_fast(x.device):
+            # Wan2.1's decoder ignores first_chunk (it only matters for Wan2.2's residual up blocks).
+            frames = [fast_decoder(self.vae, x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
+        else:
+            frames = [
+                self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)
+                for i in range(x.shape[2])
+            ]
         return torch.cat(frames, dim=2)
 
     # ----------------------------------------------------------------- tiling

@@ -1,0 +1,191 @@
+"""Channel RMS-norm (+ SiLU) of the Wan VAE over channels-last rows, in one read and one write.
+
+diffusers' `WanRMS_norm` followed by SiLU makes about eight full-resolution
+passes (a float32 copy, the norm, the cast, the scale, the gamma, the bias,
+the SiLU). In channels-last memory the C channels of a pixel are contiguous,
+so one Triton program can normalize a block of pixels entirely in registers
+and write the result straight into the caller's buffer (e.g. behind the
+causal conv's 2-frame cache). Where Triton is missing (CPU, no compiler) the
+same result comes from the diffusers-order PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU builds lack it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+_TRITON_BROKEN: list[str] = []  # filled with the reason if a launch ever failed: then stay on the fallback
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_silu_kernel(
+        x_ptr,
+        pre_ptr,
+        gamma_ptr,
+        bias_ptr,
+        out_ptr,
+        rows,
+        C: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        HAS_PRE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        SILU: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        mask = (r < rows)[:, None] & cmask[None, :]
+        offs = r[:, None] * C + c[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_PRE:  # the producing conv's bias, added here instead of in a pass of its own
+            x += tl.load(pre_ptr + c, mask=cmask, other=0.0)[None, :]
+        norm = tl.sqrt(tl.sum(x * x, axis=1))
+        inv = 1.0 / tl.maximum(norm, 1e-12)  # F.normalize's eps
+        gamma = tl.load(gamma_ptr + c, mask=cmask, other=0.0)
+        y = x * inv[:, None] * gamma[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + c, mask=cmask, other=0.0)[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bias_add_kernel(
+        y_ptr,
+        bias_ptr,
+        res_ptr,
+        rows,
+        C: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        HAS_RES: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        mask = (r < rows)[:, None] & cmask[None, :]
+        offs = r[:, None] * C + c[None, :]
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(bias_ptr + c, mask=cmask, other=0.0)[None, :]
+        if HAS_RES:
+            y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel can run on this tensor's device."""
+    return triton is not None and x.is_cuda and not _TRITON_BROKEN
+
+
+def _blocks(c: int) -> tuple[int, int]:
+    block_c = triton.next_power_of_2(c)
+    return block_c, max(1, 4096 // block_c)
+
+
+def bias_add_rows_(
+    rows: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, *, use_triton: bool | None = None
+) -> torch.Tensor:
+    """rows += bias (per channel) [+ residual], in place, in one pass; rows (N, C) with contiguous rows.
+
+    PyTorch adds a conv's bias as a separate broadcast pass; here it shares
+    one pass with the residual add (rounded once instead of twice).
+    """
+    if use_triton is None:
+        use_triton = triton_usable(rows)
+    ok = rows.is_contiguous() and (residual is None or residual.is_contiguous())
+    if use_triton and ok and rows.numel():
+        n, c = rows.shape
+        block_c, block_r = _blocks(c)
+        try:
+            _bias_add_kernel[(triton.cdiv(n, block_r),)](
+                rows, bias.float().contiguous(), rows if residual is None else residual, n,
+                C=c, BLOCK_C=block_c, BLOCK_R=block_r, HAS_RES=residual is not None, num_warps=4,
+            )  # fmt: skip
+            return rows
+        except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
+            _TRITON_BROKEN.append(repr(error))
+    rows.add_(bias.to(rows.dtype))
+    if residual is not None:
+        rows.add_(residual)
+    return rows
+
+
+def rms_norm_rows_reference(
+    rows: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | float,
+    silu: bool,
+    pre_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """diffusers' WanRMS_norm (+ SiLU) on (N, C) rows, in its own op order and dtypes.
+
+    `pre_bias` is the producing conv's bias, added first (as the conv would have).
+    """
+    if pre_bias is not None:
+        rows = rows + pre_bias.to(rows.dtype)
+    low = rows.dtype in (torch.float16, torch.bfloat16)
+    normalized = F.normalize(rows.float() if low else rows, dim=-1).to(rows.dtype)
+    y = normalized * scale * gamma.reshape(-1).to(rows.dtype)
+    if isinstance(bias, torch.Tensor):
+        y = y + bias.reshape(-1).to(rows.dtype)
+    else:
+        y = y + bias
+    return F.silu(y) if silu else y
+
+
+def rms_norm_rows(
+    rows: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | float = 0.0,
+    *,
+    silu: bool,
+    out: torch.Tensor | None = None,
+    use_triton: bool | None = None,
+    pre_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """normalize(rows + pre_bias) * scale * gamma + bias, then SiLU if asked; rows (N, C), contiguous rows.
+
+    `out` (N, C), row-contiguous, receives the result when given. The Triton
+    kernel computes in float32 and rounds once (the reference rounds after
+    each op: the two differ at the last bit of the output dtype).
+    """
+    if rows.ndim != 2:
+        raise ValueError(f"expected (N, C) rows, got {tuple(rows.shape)}")
+    if out is None:
+        out = torch.empty_like(rows, memory_format=torch.contiguous_format)
+    if use_triton is None:
+        use_triton = triton_usable(rows)
+    contiguous = rows.is_contiguous() and out.is_contiguous()
+    if use_triton and contiguous and rows.numel():
+        n, c = rows.shape
+        block_c, block_r = _blocks(c)
+        gamma_scaled = (gamma.reshape(-1).float() * scale).contiguous()
+        has_bias = isinstance(bias, torch.Tensor)
+        bias_t = bias.reshape(-1).float().contiguous() if has_bias else gamma_scaled
+        if not has_bias and bias != 0.0:
+            bias_t, has_bias = torch.full_like(gamma_scaled, float(bias)), True
+        try:
+            pre = gamma_scaled if pre_bias is None else pre_bias.float().contiguous()
+            _rms_norm_silu_kernel[(triton.cdiv(n, block_r),)](
+                rows, pre, gamma_scaled, bias_t, out, n, C=c, BLOCK_C=block_c, BLOCK_R=block_r,
+                HAS_PRE=pre_bias is not None, HAS_BIAS=has_bias, SILU=silu, num_warps=4,
+            )  # fmt: skip
+            return out
+        except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
+            _TRITON_BROKEN.append(repr(error))
+    out.copy_(rms_norm_rows_reference(rows, gamma, scale, bias, silu, pre_bias))
+    return out
