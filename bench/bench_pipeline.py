@@ -166,6 +166,13 @@ def main() -> int:
     parser.add_argument("--parity", action="store_true", help="also compare against a float32 run (first 3 chunks)")
     parser.add_argument("--memory-fraction", type=float, help="torch.cuda.set_per_process_memory_fraction")
     parser.add_argument("--json", type=Path, help="append one JSON line per size here")
+    parser.add_argument(
+        "--tiling",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="VAE tiling of the timed runs "
+        "(the float32 reference always uses 'auto', the release's rule: its PSNR then shows the seams)",
+    )
     parser.add_argument("--plain", action="store_true", help="the plain path (diffusers VAE modules, eager DiT ops)")
     parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile one steady chunk of (top kernels)")
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
@@ -186,7 +193,7 @@ def main() -> int:
     if args.models:
         pipe = load_pipeline(args.models, device=device, dtype=dtype, output_device=device)
     else:
-        pipe = random_pipeline(device, dtype, tiny=args.tiny, fast=False if args.plain else None)
+        pipe = random_pipeline(device, dtype, tiny=args.tiny, fast=False if args.plain else None, tiling=args.tiling)
     if args.plain:
         pipe.dit.fuse_elementwise = False
         pipe.vae.fast = False
