@@ -7,8 +7,6 @@ sees a mutated value, where the weights live between runs).
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import threading
 import uuid
 from collections.abc import Iterator
@@ -54,7 +52,9 @@ class InfVSRModel:
         return self.pipeline.model_id
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.pipeline.dit, self.pipeline.vae.vae, self.pipeline.guidance]
+        """The networks this handle moves; with the core's own offload "all" the DiT is the core's to move."""
+        dit = [] if getattr(self.pipeline, "offload", "none") == "all" else [self.pipeline.dit]
+        return [*dit, self.pipeline.vae.vae, self.pipeline.guidance]
 
     def weight_bytes(self) -> int:
         return sum(_module_bytes(m) for m in self.modules())
@@ -102,31 +102,9 @@ class DAPEGuidance:
         return other.prompt.shape == self.prompt.shape and torch.equal(other.prompt.cpu(), self.prompt.cpu())
 
 
-def _structural_copy(value: Any) -> Any:
-    """Copy dataclasses, lists, dicts and tuples; share tensors and everything else.
-
-    The pipeline replaces tensors instead of writing into them, so the copy is
-    an independent session at the cost of a few Python objects.
-    """
-    if isinstance(value, torch.Tensor) or value is None:
-        return value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        clone = copy.copy(value)
-        for f in dataclasses.fields(value):
-            object.__setattr__(clone, f.name, _structural_copy(getattr(value, f.name)))
-        return clone
-    if isinstance(value, list):
-        return [_structural_copy(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _structural_copy(v) for k, v in value.items()}
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_structural_copy(v) for v in value)
-    return value
-
-
 def fork_session(session: InfVSRSession) -> InfVSRSession:
-    """An independent copy of a session (see `_structural_copy`); the original is never touched."""
-    return _structural_copy(session)
+    """An independent copy of a session (the core's `InfVSRSession.fork`: containers copied, tensors shared)."""
+    return session.fork()
 
 
 @dataclass(eq=False)

@@ -1,0 +1,36 @@
+"""The node classes of ComfyUI-InfVSR (classic node API) and their registration."""
+
+from __future__ import annotations
+
+from . import comfy
+from .model_nodes import ExtractDAPEGuidance, LoadInfVSRModel
+from .routes import register_routes
+from .streams import install_comfy_backend
+from .upscale_nodes import InfVSRChunkUpscale, InfVSRUpscaleVideoFile
+from .video_nodes import InfVSRLoadVideoFrames, InfVSRVideoCombine, InfVSRVideoStream
+
+NODE_CLASS_MAPPINGS = {
+    "LoadInfVSRModel": LoadInfVSRModel,
+    "ExtractDAPEGuidance": ExtractDAPEGuidance,
+    "InfVSRChunkUpscale": InfVSRChunkUpscale,
+    "InfVSRVideoCombine": InfVSRVideoCombine,
+    "InfVSRLoadVideoFrames": InfVSRLoadVideoFrames,
+    "InfVSRVideoStream": InfVSRVideoStream,
+    "InfVSRUpscaleVideoFile": InfVSRUpscaleVideoFile,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoadInfVSRModel": "Load InfVSR Model",
+    "ExtractDAPEGuidance": "InfVSR DAPE Guidance",
+    "InfVSRChunkUpscale": "InfVSR Chunk Upscale",
+    "InfVSRVideoCombine": "InfVSR Video Combine",
+    "InfVSRLoadVideoFrames": "InfVSR Load Video Frames",
+    "InfVSRVideoStream": "InfVSR Video Stream (one chunk per run)",
+    "InfVSRUpscaleVideoFile": "InfVSR Upscale Video File",
+}
+
+comfy.register_model_folder()
+install_comfy_backend()
+register_routes()
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,210 @@
+"""Writing upscaled frames to a file in ComfyUI's output folder, chunk after chunk.
+
+`VideoSink` names the file (never outside the output folder), picks the codec
+settings of a format preset, attaches audio, and keeps a small preview still
+in the temp folder for the node's preview widget. The file appears under its
+final name only when closed (the core writer's temporary-name-then-rename),
+and `finalize_partial` turns an interrupted run into a valid, shorter file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import torch
+import torch.nn.functional as F
+
+from . import audio as audio_io
+from . import comfy
+from ._core import VideoWriter
+from .paths import next_output_path
+
+log = logging.getLogger("infvsr")
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    codec: str
+    extension: str  # "" for an image-sequence folder
+    mime: str
+    prores_profile: str = "hq"
+    uses_crf: bool = False
+    browser_playable: bool = False
+
+
+FORMATS: dict[str, OutputFormat] = {
+    "h264-mp4": OutputFormat("h264", "mp4", "video/mp4", uses_crf=True, browser_playable=True),
+    "h265-mp4": OutputFormat("h265", "mp4", "video/mp4", uses_crf=True),
+    "prores-422hq-mov": OutputFormat("prores", "mov", "video/quicktime", prores_profile="hq"),
+    "prores-4444-mov": OutputFormat("prores", "mov", "video/quicktime", prores_profile="4444"),
+    "ffv1-mkv": OutputFormat("ffv1", "mkv", "video/x-matroska"),
+    "png-sequence": OutputFormat("png", "", "image/png"),
+}
+
+PREVIEW_MAX_WIDTH = 640
+
+
+def fps_fraction(fps: float) -> Fraction:
+    """Common NTSC rates given as floats (23.976...) become their exact fractions."""
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    for exact in (Fraction(24000, 1001), Fraction(30000, 1001), Fraction(60000, 1001)):
+        if abs(float(exact) - fps) < 5e-4:
+            return exact
+    return Fraction(fps).limit_denominator(1001)
+
+
+def _png_bytes(frame: torch.Tensor) -> bytes:
+    """One (H, W, 3) [0, 1] frame as PNG, scaled down for the preview."""
+    image = frame.detach().float().cpu().clamp(0, 1)
+    height, width = image.shape[:2]
+    if width > PREVIEW_MAX_WIDTH:
+        new_h = max(1, round(height * PREVIEW_MAX_WIDTH / width))
+        image = F.interpolate(image.permute(2, 0, 1)[None], size=(new_h, PREVIEW_MAX_WIDTH), mode="area")[0]
+        image = image.permute(1, 2, 0)
+    array = (image * 255).round().to(torch.uint8).contiguous().numpy()
+    frame_av = av.VideoFrame.from_ndarray(array, format="rgb24")
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = frame_av.width, frame_av.height, "rgb24"
+    codec.time_base = Fraction(1, 25)
+    return b"".join(bytes(p) for p in codec.encode(frame_av)) + b"".join(bytes(p) for p in codec.encode(None))
+
+
+class VideoSink:
+    """One output video (or PNG folder) that frames are appended to."""
+
+    def __init__(
+        self,
+        filename_prefix: str,
+        format_name: str,
+        fps: float,
+        crf: int,
+        audio: Any = None,
+        *,
+        output_dir: Path | None = None,
+    ) -> None:
+        if format_name not in FORMATS:
+            raise ValueError(f"unknown format {format_name!r}; choose one of {', '.join(FORMATS)}")
+        self.format = FORMATS[format_name]
+        self.format_name = format_name
+        self.fps = fps_fraction(float(fps))
+        self.output_dir = Path(output_dir) if output_dir is not None else comfy.output_directory()
+        self.path, self.subfolder, self.filename = next_output_path(
+            self.output_dir, filename_prefix, self.format.extension
+        )
+        self._temp_audio: Path | None = None
+        audio_from, audio_start = None, 0.0
+        if audio is not None and self.format.codec != "png":
+            source = audio_io.audio_source(audio)
+            container = "mp4" if self.format.extension == "mp4" else self.format.extension
+            if source is not None:
+                audio_from, audio_start = source["path"], float(source.get("start") or 0.0)
+                codec = audio_io.source_audio_codec(Path(audio_from))
+                if container == "mp4" and codec not in audio_io.MP4_AUDIO_CODECS:
+                    self._temp_audio = audio_io.transcode_to_m4a(Path(audio_from), comfy.temp_directory())
+                    audio_from = str(self._temp_audio)
+            else:
+                self._temp_audio = audio_io.write_audio_file(audio, comfy.temp_directory(), container)
+                audio_from = str(self._temp_audio)
+        self.has_audio = audio_from is not None
+        self.preview_name = f"infvsr_preview_{self.path.stem}_{id(self):x}.png"
+        try:
+            self.writer = VideoWriter(
+                self.path,
+                self.fps,
+                codec=self.format.codec,
+                crf=int(crf) if self.format.uses_crf else None,
+                prores_profile=self.format.prores_profile,
+                audio_from=audio_from,
+                audio_start=audio_start,
+            )
+        except BaseException:
+            self._drop_temp_audio()
+            raise
+        self.closed = False
+        self.final_path: Path | None = None
+        self._last_frame: torch.Tensor | None = None
+
+    @property
+    def frames_written(self) -> int:
+        return self.writer.frames_written
+
+    def write(self, frames: torch.Tensor) -> None:
+        """Append (T, H, W, 3) frames in [0, 1]; T may be 0."""
+        if frames.shape[0] == 0:
+            return
+        self.writer.write(frames)
+        self._last_frame = frames[-1].detach().cpu()
+        self._write_preview()
+
+    def close(self) -> Path:
+        """Finish the file under its final name."""
+        try:
+            self.final_path = self.writer.close()
+        finally:
+            self.closed = True
+            self._drop_temp_audio()
+        self._write_preview()
+        return self.final_path
+
+    def finalize_partial(self) -> Path | None:
+        """Keep what was written as a valid file (None when nothing was); for interrupts and errors."""
+        try:
+            self.final_path = self.writer.finalize_partial()
+        except Exception as e:  # noqa: BLE001 - never mask the interrupt that brought us here
+            log.error("could not finalize %s: %s", self.path, e)
+            self.writer.abort()
+            self.final_path = None
+        finally:
+            self.closed = True
+            self._drop_temp_audio()
+        self._write_preview()
+        return self.final_path
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.closed = True
+        self._drop_temp_audio()
+
+    def _drop_temp_audio(self) -> None:
+        if self._temp_audio is not None:
+            self._temp_audio.unlink(missing_ok=True)
+            self._temp_audio = None
+
+    def _write_preview(self) -> None:
+        if self._last_frame is None:
+            return
+        try:
+            folder = comfy.temp_directory()
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / self.preview_name).write_bytes(_png_bytes(self._last_frame))
+        except Exception as e:  # noqa: BLE001 - a missing preview is cosmetic
+            log.debug("preview still failed: %s", e)
+
+    def preview(self) -> dict[str, Any]:
+        """What the web extension needs to show the result (ComfyUI's /view addresses)."""
+        finished = self.final_path is not None
+        entry: dict[str, Any] = {
+            "filename": self.filename,
+            "subfolder": self.subfolder,
+            "type": "output",
+            "format": self.format.mime,
+            "format_name": self.format_name,
+            "playable": self.format.browser_playable,
+            "frames": self.frames_written,
+            "fps": float(self.fps),
+            "finished": finished,
+            "has_audio": self.has_audio,
+            "poster": {"filename": self.preview_name, "subfolder": "", "type": "temp"}
+            if self._last_frame is not None
+            else None,
+        }
+        if self.format.codec == "png" and finished:
+            folder = f"{self.subfolder}/{self.filename}" if self.subfolder else self.filename
+            entry.update(subfolder=folder, filename=f"frame_{self.frames_written:06d}.png", sequence=True)
+        return entry

@@ -1,0 +1,313 @@
+"""The pack inside a real ComfyUI server: /object_info, every saved workflow through /prompt, the stream loop.
+
+Runs only when `COMFYUI_DIR` names a ComfyUI checkout (kept outside this repository); skipped otherwise.
+`COMFYUI_PYTHON` is the interpreter that has ComfyUI's requirements and this pack's (default: this one).
+With node, playwright-core and Chromium present (the harness in ../shared/tools/comfy_harness installs them),
+every workflow is also loaded in the real frontend and must show no missing nodes and no console errors.
+
+    COMFYUI_DIR=/tmp/comfyui COMFYUI_PYTHON=/tmp/comfy-venv/bin/python python -m pytest tests/test_comfy_integration.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+HARNESS = Path(os.environ.get("COMFY_HARNESS", ROOT.parent / "shared" / "tools" / "comfy_harness"))
+PACK_NAME = "ComfyUI-InfVSR"
+NODES = {"LoadInfVSRModel", "ExtractDAPEGuidance", "InfVSRChunkUpscale", "InfVSRVideoCombine",
+         "InfVSRLoadVideoFrames", "InfVSRVideoStream", "InfVSRUpscaleVideoFile"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+INPUT_VIDEO = "infvsr_example.mp4"
+FRAMES, H, W = 60, 24, 32  # the example video the workflows name: 60 frames, 32x24, with audio
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").is_file(),
+    reason="set COMFYUI_DIR to a ComfyUI checkout to run the real-server integration test",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, data: dict | None = None, timeout: float = 30) -> tuple[int, object]:
+    body = None if data is None else json.dumps(data).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw.decode(errors="replace")
+
+
+def _write_input_video(path: Path, temp: Path) -> None:
+    from infvsr_core.video_io import VideoWriter
+    from nodes.audio import write_audio_file
+    from tests.conftest import make_clip
+
+    t = torch.arange(int(48000 * (FRAMES / 24 + 0.5))) / 48000
+    tone = torch.stack([torch.sin(2 * math.pi * 440 * t), torch.sin(2 * math.pi * 550 * t)])[None] * 0.3
+    audio = write_audio_file({"waveform": tone, "sample_rate": 48000}, temp, "mp4")
+    with VideoWriter(path, 24, codec="h264", audio_from=audio) as writer:
+        writer.write(make_clip(FRAMES, H, W, seed=11))
+    audio.unlink()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A ComfyUI server on 127.0.0.1 with this pack, tiny weights in models/infvsr, the example video in input/."""
+    from infvsr_core.fixtures import write_fixtures
+
+    run = tmp_path_factory.mktemp("comfy_run")
+    for name in ("input", "output", "temp", "user", "custom_nodes", "models/infvsr"):
+        (run / name).mkdir(parents=True)
+    (run / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    write_fixtures(run / "models" / "infvsr", tiny=True, seed=0)
+    _write_input_video(run / "input" / INPUT_VIDEO, run / "temp")
+    (run / "extra_model_paths.yaml").write_text(
+        f"infvsr_integration:\n  custom_nodes: {run / 'custom_nodes'}\n  infvsr: {run / 'models' / 'infvsr'}\n"
+    )
+    port = _free_port()
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    args = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+            "--extra-model-paths-config", str(run / "extra_model_paths.yaml"),
+            "--input-directory", str(run / "input"), "--output-directory", str(run / "output"),
+            "--temp-directory", str(run / "temp"), "--user-directory", str(run / "user")]
+    cli = (Path(COMFYUI_DIR) / "comfy" / "cli_args.py").read_text()
+    if "--database-url" in cli:
+        args += ["--database-url", f"sqlite:///{run / 'user' / 'comfyui.db'}"]
+    if "--disable-api-nodes" in cli:
+        args.append("--disable-api-nodes")
+    log = open(run / "server.log", "w")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(args, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited early:\n{(run / 'server.log').read_text()[-4000:]}")
+            try:
+                if _http(url + "/system_stats", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI did not start:\n{(run / 'server.log').read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "run": run, "port": port}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    status, info = _http(server["url"] + "/object_info", timeout=60)
+    assert status == 200
+    return info
+
+
+def to_api(workflow: dict) -> dict:
+    """The editor's graphToPrompt for these workflows: links, widget values by widget order, no frontend nodes."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        inputs: dict = {}
+        values = list(node.get("widgets_values") or [])
+        widget_inputs = [i for i in node.get("inputs", []) if i.get("widget")]
+        for slot, value in zip(widget_inputs, values, strict=False):
+            if slot["name"] != "upload":
+                inputs[slot["name"]] = value
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def wait_idle(server, timeout: float = 600) -> None:
+    """Until the queue is empty and no InfVSR stream runs (streams re-queue themselves)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, queue = _http(server["url"] + "/queue")
+        _, streams = _http(server["url"] + "/infvsr/streams")
+        busy = queue["queue_running"] or queue["queue_pending"]
+        if not busy and not any(s["state"] == "running" for s in streams["streams"]):
+            return
+        time.sleep(0.5)
+    pytest.fail("ComfyUI did not finish in time")
+
+
+def submit(server, workflow: dict, api: dict) -> str:
+    status, reply = _http(server["url"] + "/prompt", {
+        "prompt": api, "client_id": uuid.uuid4().hex, "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
+    assert status == 200, reply
+    return reply["prompt_id"]
+
+
+def probe(path: Path) -> tuple[int, int, int, bool]:
+    from infvsr_core.video_io import VideoReader
+
+    with VideoReader(path) as reader:
+        count = sum(len(c) for c in reader.read_chunks(64))
+        return count, reader.info.width, reader.info.height, reader.info.has_audio
+
+
+def test_object_info_lists_every_node(object_info):
+    ours = {name: spec for name, spec in object_info.items() if spec.get("category") == "InfVSR"}
+    assert set(ours) == NODES
+    assert all(spec["python_module"].endswith(PACK_NAME) for spec in ours.values())
+    model = ours["LoadInfVSRModel"]["input"]["required"]
+    assert "InfVSR.ckpt" in model["dit"][0] and "Wan2.1_VAE.pth" in model["vae"][0]
+    assert INPUT_VIDEO in ours["InfVSRVideoStream"]["input"]["required"]["video"][0]
+    assert ours["InfVSRVideoCombine"]["output_node"] and ours["InfVSRUpscaleVideoFile"]["output_node"]
+    assert ours["InfVSRVideoStream"]["output"] == ["IMAGE", "AUDIO", "FLOAT", "VHS_VIDEOINFO", "INFVSR_STREAM"]
+
+
+def test_workflows_are_served_as_templates(server):
+    status, templates = _http(server["url"] + "/workflow_templates")
+    assert status == 200
+    names = {p.stem for p in (ROOT / "workflows").glob("*.json")}
+    assert set(templates.get(PACK_NAME, [])) == names
+    status, _ = _http(f"{server['url']}/api/workflow_templates/{PACK_NAME}/infvsr_stream_4x.json")
+    assert status == 200
+
+
+EXPECTED = {  # workflow -> (output prefix, frames, audio)
+    "infvsr_stream_4x": ("InfVSR/stream_4x", FRAMES, True),
+    "infvsr_chained_chunks": ("InfVSR/chained_4x", 48, True),
+    "infvsr_long_video_file": ("InfVSR/long_4x", FRAMES, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_workflow_runs_through_the_http_api(server, object_info, name):
+    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    api = to_api(workflow)
+    missing = {node["class_type"] for node in api.values()} - set(object_info)
+    assert not missing, f"{name} uses node types the server lacks: {missing}"
+    first = submit(server, workflow, api)
+    wait_idle(server)
+    _, history = _http(server["url"] + "/history?max_items=200")
+    assert history[first]["status"]["status_str"] == "success", history[first]["status"]
+    prefix, frames, audio = EXPECTED[name]
+    folder = server["run"] / "output" / Path(prefix).parent
+    outputs = sorted(folder.glob(Path(prefix).name + "_*.mp4"))
+    assert len(outputs) == 1, outputs
+    assert probe(outputs[0]) == (frames, 4 * W, 4 * H, audio)
+    assert not [p for p in folder.iterdir() if ".partial" in p.name]
+    if name == "infvsr_stream_4x":  # one queue press; the prompt re-queued itself until the video ended
+        per_run = next(v["inputs"]["frames_per_run"] for v in api.values() if v["class_type"] == "InfVSRVideoStream")
+        runs = [h for h in history.values() if any(n.get("class_type") == "InfVSRVideoStream"
+                                                   and n["inputs"].get("session") == "infvsr-stream"
+                                                   for n in h["prompt"][2].values())]
+        assert len(runs) == math.ceil(FRAMES / per_run) > 1
+        assert all(h["status"]["status_str"] == "success" for h in runs)
+        _, streams = _http(server["url"] + "/infvsr/streams")
+        (stream,) = [s for s in streams["streams"] if s["session"] == "infvsr-stream"]
+        assert stream["state"] == "done" and stream["chunks"] == len(runs) and stream["frames_done"] == FRAMES
+    combine = [n for n, v in api.items() if v["class_type"] in ("InfVSRVideoCombine", "InfVSRUpscaleVideoFile")]
+    ui = history[first]["outputs"] if name != "infvsr_stream_4x" else {}
+    for node_id in combine if ui else []:
+        assert ui[node_id]["infvsr_video"][0]["finished"]
+
+
+def _start_small_stream(server, session: str, prefix: str) -> None:
+    """The streaming workflow, 6 frames per run (10 runs), waiting until two runs wrote frames (9 of them)."""
+    workflow = json.loads((ROOT / "workflows" / "infvsr_stream_4x.json").read_text())
+    api = to_api(workflow)
+    loader = next(n for n, v in api.items() if v["class_type"] == "InfVSRVideoStream")
+    combine = next(n for n, v in api.items() if v["class_type"] == "InfVSRVideoCombine")
+    api[loader]["inputs"].update(frames_per_run=6, session=session)
+    api[combine]["inputs"]["filename_prefix"] = prefix
+    submit(server, workflow, api)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        _, streams = _http(server["url"] + "/infvsr/streams")
+        mine = [s for s in streams["streams"] if s["session"] == session]
+        if mine and mine[0]["chunk"] >= 3:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"stream {session} did not start")
+
+
+def _check_ended_stream(server, session: str, prefix: str, early_state: str) -> None:
+    wait_idle(server)
+    _, streams = _http(server["url"] + "/infvsr/streams")
+    (stream,) = [s for s in streams["streams"] if s["session"] == session]
+    assert stream["state"] in (early_state, "done"), stream  # "done" only if the last chunk won the race
+    (output,) = (server["run"] / "output").glob(prefix + "_*.mp4")
+    count, width, height, audio = probe(output)
+    assert (width, height, audio) == (4 * W, 4 * H, True) and 0 < count <= FRAMES
+    assert count == stream["outputs"][0]["frames"]
+    if stream["state"] == early_state:
+        assert count < FRAMES
+    assert not [p for p in output.parent.iterdir() if ".partial" in p.name]
+
+
+def test_stream_stop_leaves_a_playable_file(server):
+    _start_small_stream(server, "stop-test", "InfVSR/stopped")
+    status, reply = _http(server["url"] + "/infvsr/streams/stop", {"session": "stop-test"})
+    assert status == 200 and reply["session"] == "stop-test"
+    _check_ended_stream(server, "stop-test", "InfVSR/stopped", "stopped")
+
+
+def test_cancel_leaves_a_playable_file(server):
+    """ComfyUI's own Cancel (POST /interrupt) in the middle of the queue-run loop."""
+    _start_small_stream(server, "cancel-test", "InfVSR/cancelled")
+    status, _ = _http(server["url"] + "/interrupt", {})
+    assert status == 200
+    _check_ended_stream(server, "cancel-test", "InfVSR/cancelled", "interrupted")
+
+
+def _frontend_available() -> bool:
+    node_modules = Path(os.environ.get("HARNESS_NODE", "/tmp/comfy-harness-node")) / "node_modules" / "playwright-core"
+    return (HARNESS / "screenshot.mjs").is_file() and shutil.which("node") is not None and node_modules.is_dir() and (
+        Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")).exists())
+
+
+@pytest.mark.skipif(not _frontend_available(), reason="the harness's frontend check (node, Chromium) is not installed")
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_workflow_loads_in_the_real_frontend(server, name, tmp_path):
+    done = subprocess.run(
+        ["node", str(HARNESS / "screenshot.mjs"), "--server", server["url"], "--workflow",
+         str(ROOT / "workflows" / f"{name}.json"), "--out", str(tmp_path / f"{name}.png")],
+        capture_output=True, text=True, timeout=240,
+    )
+    report = json.loads(done.stdout)
+    assert report["missing_node_types"] == [] and report["nodes_with_errors"] == []
+    assert report["console_errors"] == [] and report["page_errors"] == [], report
+    assert not [d for d in report["dialogs"] if "missing" in d.lower()]
+    assert not report["http_errors"], report["http_errors"]
