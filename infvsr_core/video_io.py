@@ -843,6 +843,15 @@ _CODECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 _DEFAULT_CRF = {"h264": 18, "h265": 20}
 _PRORES_PROFILES = {"hq": ("3", "yuv422p10le"), "4444": ("4", "yuv444p10le")}
 _REENCODE_AUDIO = {"mp4": "aac", "mov": "aac", "matroska": "flac", "webm": "libopus", "avi": "libmp3lame"}
+_NAMED_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+# Audio codecs each container takes as a stream copy. FFmpeg accepts some others when the stream is added
+# (PCM into mp4, for one) and fails only when the file is finalized, so copying is decided here instead.
+_COPYABLE_AUDIO = {
+    "mp4": {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"},
+    "mov": {"aac", "mp3", "alac", "ac3", "eac3", "pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_f32le"},
+    "webm": {"opus", "vorbis"},
+    "avi": {"mp3", "ac3", "pcm_s16le"},
+}
 _VFR_TIME_BASE = Fraction(1, 90000)
 
 
@@ -1017,6 +1026,9 @@ class _AudioMuxer:
 
     def add_to(self, output: Any, fmt: str) -> None:
         try:
+            allowed = _COPYABLE_AUDIO.get(fmt)
+            if allowed is not None and self.in_stream.codec_context.name not in allowed:
+                raise ValueError(f"{fmt} does not take {self.in_stream.codec_context.name} as a stream copy")
             self.out_stream = output.add_stream_from_template(self.in_stream)
         except ValueError:
             self.copy = False
@@ -1026,7 +1038,9 @@ class _AudioMuxer:
             if name == "libopus" and rate not in (8000, 12000, 16000, 24000, 48000):
                 rate = 48000
             self.out_stream = output.add_stream(name, rate=rate)
-            self.out_stream.layout = ctx.layout.name if ctx.layout else "stereo"
+            # A WAV's layout can be "1 channels" (no order); encoders want a named layout of that size.
+            channels = len(ctx.layout.channels) if ctx.layout else 2
+            self.out_stream.layout = _NAMED_LAYOUTS.get(channels, ctx.layout.name if ctx.layout else "stereo")
             if name in ("aac", "libopus", "libmp3lame"):
                 self.out_stream.bit_rate = 192_000
             self.out_stream.time_base = Fraction(1, rate)

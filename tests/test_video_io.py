@@ -733,3 +733,27 @@ def test_writer_exception_leaves_nothing_and_partial_close_is_valid(work: Path, 
     assert not nothing.exists() and not (work / ".nothing.partial.mp4").exists()
     assert VideoWriter(work / "nothing2.mp4", 25).finalize_partial() is None
     assert not list(work.glob(".nothing2*"))
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".mov"])
+def test_pcm_wav_audio_is_reencoded_where_it_cannot_be_copied(work: Path, suffix: str) -> None:
+    """FFmpeg accepts a PCM stream into mp4 and fails only when the file is finalized: re-encode instead."""
+    wav = work / f"tone{suffix}.wav"
+    with av.open(str(wav), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=16000)
+        stream.layout = "mono"
+        t = np.arange(16000) / 16000
+        samples = (0.4 * np.sin(2 * np.pi * 300 * t) * 32767).astype(np.int16)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = 16000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    path = work / f"with_wav_audio{suffix}"
+    with VideoWriter(path, Fraction(10), codec="h264" if suffix != ".mkv" else "ffv1", audio_from=wav) as writer:
+        writer.write(torch.rand(10, 16, 16, 3))
+    with av.open(str(path)) as container:
+        audio = container.streams.audio[0]
+        codec = audio.codec_context.name
+        seconds = sum(f.samples for f in container.decode(audio=0)) / audio.rate
+    assert codec == {".mp4": "aac", ".mkv": "pcm_s16le", ".mov": "pcm_s16le"}[suffix]  # copied where allowed
+    assert seconds == pytest.approx(1.0, abs=0.07)
