@@ -36,7 +36,14 @@ from infvsr_core.schedule import TIMESTEP, finish_frames, one_step_restore, prep
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict  # noqa: E402
 from infvsr_core.weights import load_checked  # noqa: E402
 
-SIZES = {"tiny": (12, 20), "480p": (120, 208), "720p": (180, 320), "1080p": (270, 480), "2160p": (540, 960)}
+SIZES = {
+    "tiny": (12, 20),
+    "480p": (120, 208),
+    "720p": (180, 320),
+    "1080p": (270, 480),
+    "1440p": (360, 640),
+    "2160p": (540, 960),
+}
 
 
 def random_pipeline(
@@ -68,6 +75,9 @@ def random_pipeline(
     )
 
 
+PROGRESS = False
+
+
 def synthetic_clip(frames: int, height: int, width: int, device: torch.device) -> torch.Tensor:
     """A moving smooth pattern plus noise, (T, H, W, 3) in [0, 1], on the device."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -87,7 +97,12 @@ def sync(device: torch.device) -> None:
 
 
 def run_stream(
-    pipe: InfVSRPipeline, clip: torch.Tensor, scale: int, peaks: list[float] | None = None, keep: bool = True
+    pipe: InfVSRPipeline,
+    clip: torch.Tensor,
+    scale: int,
+    peaks: list[float] | None = None,
+    keep: bool = True,
+    keep_device: torch.device | None = None,
 ) -> tuple[torch.Tensor | None, list[float]]:
     """Push the clip chunk by chunk through one session; per-chunk wall times (synchronized).
 
@@ -107,8 +122,10 @@ def run_stream(
         times.append(time.perf_counter() - t0)
         if peaks is not None and pipe.device.type == "cuda":
             peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+        if PROGRESS:
+            print(f"  chunk {len(times)}: {times[-1]:.2f} s", flush=True)
         if keep:
-            outputs.append(out)
+            outputs.append(out if keep_device is None else out.to(keep_device))
         del out
         start += size
     return (torch.cat(outputs) if keep else None), times
@@ -136,7 +153,9 @@ def stage_times(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> dict[st
         latents = pipe.vae.encode_chunk(video, history)
         mark()
         timestep = torch.full((1,), TIMESTEP, device=pipe.device)
-        prediction, cache = pipe.dit(latents, prompt, timestep, time_offset=position, kv_cache=cache)
+        cache = pipe._kv_to(cache, pipe.device)
+        pipe.vae.prefetch_decoder(history)
+        prediction, cache = pipe._run_dit(latents, prompt, timestep, position, cache)  # with the offload moves
         position += latents.shape[2]
         mark()
         decoded = pipe.vae.decode_chunk(one_step_restore(latents, prediction), history)
@@ -147,6 +166,45 @@ def stage_times(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> dict[st
         names = ("prepare", "encode", "dit", "decode", "finish")
         events = {n: marks[i + 1] - marks[i] for i, n in enumerate(names)}
     return events
+
+
+def seam_check(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> dict:
+    """The clip tiled (release tiles) and untiled through the same pipeline: PSNR and where they differ.
+
+    `overlap_mae` is the mean |tiled - untiled| over the pixels of the tile overlaps (where tiles are
+    blended), `interior_mae` over the rest; invisible seams mean no excess error on the overlaps.
+    """
+    from infvsr_core.vae import SPATIAL_FACTOR, tile_regions
+
+    saved = pipe.vae.tiling
+    outs = {}
+    try:
+        for tiling in ("always", "never"):
+            pipe.vae.tiling = tiling
+            torch.cuda.reset_peak_memory_stats() if pipe.device.type == "cuda" else None
+            t0 = time.perf_counter()
+            out, _ = run_stream(pipe, clip, scale, keep_device=torch.device("cpu"))
+            outs[tiling] = (out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30)
+    finally:
+        pipe.vae.tiling = saved
+    tiled, untiled = outs["always"][0], outs["never"][0]
+    height, width = tiled.shape[1:3]
+    lat_h, lat_w = -(-height // 16) * 16 // SPATIAL_FACTOR, -(-width // 16) * 16 // SPATIAL_FACTOR
+    regions = tile_regions(lat_h, lat_w, pipe.vae.tile_size, pipe.vae.tile_stride)
+    cover = torch.zeros(lat_h * SPATIAL_FACTOR, lat_w * SPATIAL_FACTOR)
+    for top, bottom, left, right in regions:
+        cover[top * SPATIAL_FACTOR : bottom * SPATIAL_FACTOR, left * SPATIAL_FACTOR : right * SPATIAL_FACTOR] += 1
+    overlap = (cover > 1)[:height, :width]
+    err = (tiled.double() - untiled.double()).abs().mean(dim=(0, 3))
+    return {
+        "tiles": len(regions),
+        "psnr_tiled_vs_untiled_db": round(psnr(tiled, untiled), 2),
+        "overlap_mae": float(err[overlap].mean()),
+        "interior_mae": float(err[~overlap].mean()),
+        "overlap_fraction": round(float(overlap.float().mean()), 3),
+        "seconds_tiled_untiled": [round(outs[k][1], 2) for k in ("always", "never")],
+        "peak_tiled_untiled_gib": [round(outs[k][2], 2) for k in ("always", "never")],
+    }
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,6 +223,20 @@ def main() -> int:
     parser.add_argument("--models", type=Path, help="load the four files from here instead of random weights")
     parser.add_argument("--parity", action="store_true", help="also compare against a float32 run (first 3 chunks)")
     parser.add_argument("--memory-fraction", type=float, help="torch.cuda.set_per_process_memory_fraction")
+    parser.add_argument("--memory-gib", type=float, help="the same as a budget in GiB of the device's total")
+    parser.add_argument(
+        "--offload", nargs="+", default=["none"], choices=["none", "histories", "state", "all"], help="one run each"
+    )
+    parser.add_argument("--pageable", action="store_true", help="offloaded state in pageable (not pinned) memory")
+    parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timing run")
+    parser.add_argument("--progress", action="store_true", help="print every chunk's time")
+    parser.add_argument("--outputs-on-cpu", action="store_true", help="keep the timed runs' outputs in host memory")
+    parser.add_argument(
+        "--seams",
+        nargs="*",
+        default=[],
+        help="sizes to also run tiled ('always') and untiled, same precision: PSNR and error on tile overlaps",
+    )
     parser.add_argument("--json", type=Path, help="append one JSON line per size here")
     parser.add_argument(
         "--tiling",
@@ -177,9 +249,13 @@ def main() -> int:
     parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile one steady chunk of (top kernels)")
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
     args = parser.parse_args()
+    global PROGRESS
+    PROGRESS = args.progress
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(args.dtype, device)
+    if args.memory_gib and device.type == "cuda":
+        args.memory_fraction = args.memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory
     if args.memory_fraction and device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -198,23 +274,26 @@ def main() -> int:
         pipe.dit.fuse_elementwise = False
         pipe.vae.fast = False
 
+    pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
     frames_total = 9 + 12 * (args.chunks - 1)
     parity_frames = min(frames_total, 33)
     rows, kept = [], {}
-    for size in args.sizes:
+    for size, mode in [(size, mode) for size in args.sizes for mode in args.offload]:
+        pipe.offload = mode
         height, width = SIZES[size]
         clip = synthetic_clip(frames_total, height, width, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         peaks: list[float] = []
-        stream_out, times = run_stream(pipe, clip, args.scale, peaks)
+        keep_device = torch.device("cpu") if args.outputs_on_cpu else None
+        stream_out, times = run_stream(pipe, clip, args.scale, peaks, keep_device=keep_device)
         peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         peak_res = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
         steady = frames_total - 9
         fps_steady = steady / sum(times[1:]) if len(times) > 1 else float("nan")
         fps_all = frames_total / sum(times)
-        stages = stage_times(pipe, clip, args.scale)
+        stages = {} if args.no_stages else stage_times(pipe, clip, args.scale)
         row = {
             "size": size,
             "input": f"{width}x{height}",
@@ -228,6 +307,7 @@ def main() -> int:
             "stage_ms": {k: round(v * 1000, 1) for k, v in stages.items()},
             "tiled": pipe.vae.wants_tiling(-(-height * args.scale // 16) * 16, -(-width * args.scale // 16) * 16),
             "peak_after_chunk_gib": [round(p, 2) for p in peaks],
+            "offload": mode,
         }
         if size in args.profile and device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
@@ -250,8 +330,10 @@ def main() -> int:
                 "fps_steady": round((args.flat_frames - 9) / sum(flat_times[1:]), 2),
             }
             del long_clip
+        if size in args.seams:
+            row["seams"] = seam_check(pipe, clip[: min(frames_total, 21)], args.scale)
         if args.parity:
-            kept[size] = (clip[:parity_frames].cpu(), stream_out[:parity_frames].cpu())
+            kept[size, mode] = (clip[:parity_frames].cpu(), stream_out[:parity_frames].cpu())
         del stream_out, clip
         print(json.dumps(row))
         rows.append(row)
@@ -262,10 +344,19 @@ def main() -> int:
         torch.cuda.empty_cache() if device.type == "cuda" else None
         reference = random_pipeline(device, torch.float32, tiny=args.tiny, fast=False)
         for row in rows:
-            clip, out = kept[row["size"]]
+            clip, out = kept[row["size"], row["offload"]]
             ref_out, _ = run_stream(reference, clip.to(device), args.scale)
             row["psnr_vs_fp32_db"] = round(psnr(out.to(device), ref_out), 2)
-            print(json.dumps({"size": row["size"], "psnr_vs_fp32_db": row["psnr_vs_fp32_db"], "frames": len(out)}))
+            print(
+                json.dumps(
+                    {
+                        "size": row["size"],
+                        "offload": row["offload"],
+                        "psnr_vs_fp32_db": row["psnr_vs_fp32_db"],
+                        "frames": len(out),
+                    }
+                )
+            )
     if args.json:
         with args.json.open("a") as f:
             for row in rows:

@@ -131,11 +131,15 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     output_device: str | torch.device = "cpu",
     vae_tiling: str = "auto",
+    offload: str | None = None,
+    low_vram: bool = False,
 ) -> InfVSRPipeline:
     """Load the four published files (explicit paths win over `models_dir` look-up).
 
     Each file is checked (keys and shapes against the architecture inferred from
-    it) before anything is built, and every error names the file.
+    it) before anything is built, and every error names the file. `offload`
+    ("none", "histories", "state", "all"; see `InfVSRPipeline`) keeps state in
+    host memory between uses; `low_vram=True` is `offload="all"`.
     """
     device = torch.device(device) if device is not None else _autodetect_device()
     dtype = parse_dtype(dtype, device)
@@ -174,6 +178,7 @@ def load_pipeline(
         dtype=dtype,
         output_device=output_device,
         model_id=_model_id(paths, dtype),
+        offload="all" if low_vram else (offload or "none"),
     )
 
 

@@ -9,18 +9,35 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Literal
 
 import torch
 
-from .dit import CausalWanDiT
+from .dit import CausalWanDiT, KVCache
 from .guidance import VisualGuidance
 from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
 from .session import InfVSRSession, SceneState
-from .vae import StreamingVAE
+from .vae import ArrivingCache, HostCache, HostOffload, StreamingVAE
+
+Offload = Literal["none", "histories", "state", "all"]
+OFFLOAD_MODES: tuple[str, ...] = ("none", "histories", "state", "all")
 
 
 class InfVSRPipeline:
-    """InfVSR inference over the published networks, streamed chunk by chunk."""
+    """InfVSR inference over the published networks, streamed chunk by chunk.
+
+    `offload` keeps state off the accelerator between uses, in host memory
+    (pinned, with asynchronous copies on side streams; the results are bit for
+    bit the same):
+
+    - "none": everything stays on the device (fastest, most memory);
+    - "histories": the VAE's causal histories (the largest state: ~6.7 GiB at
+      720p), the encoder's while the DiT and decoder run and vice versa, and
+      per tile when tiled; the decoder's upload overlaps the DiT;
+    - "state": also the DiT's rolling KV cache (2 GiB at 720p) outside the DiT;
+    - "all" (low-VRAM): also the DiT's weights outside the DiT, and no
+      prefetching ahead, so only the running stage's state is on the device.
+    """
 
     def __init__(
         self,
@@ -32,6 +49,7 @@ class InfVSRPipeline:
         dtype: torch.dtype = torch.float32,
         output_device: torch.device | str = "cpu",
         model_id: str | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.dit = dit.eval().requires_grad_(False)
         self.vae = vae
@@ -40,6 +58,64 @@ class InfVSRPipeline:
         self.dtype = dtype
         self.output_device = torch.device(output_device)
         self.model_id = model_id or uuid.uuid4().hex
+        self._host = HostOffload()
+        self._dit_host: HostCache | None = None  # the DiT's weights while they are off the device
+        self._offload = "none"
+        # None: as the VAE was built (its history_device), nothing else offloaded.
+        self.offload = offload or ("none" if vae.history_device is None else "histories")
+
+    # -- offload --------------------------------------------------------------------------------
+    @property
+    def offload(self) -> str:
+        return self._offload
+
+    @offload.setter
+    def offload(self, mode: str) -> None:
+        if mode not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+        self.vae.history_device = None if mode == "none" else "cpu"
+        self.vae.prefetch = mode != "all"
+        if mode == "all" and self._dit_host is None:
+            self._dit_host = self._host.to_host([t.data for t in self._dit_tensors()])
+            self._dit_weights(self._dit_host)
+        elif mode != "all" and self._dit_host is not None:
+            self._dit_weights(self._host.to_device(self._dit_host, self.device))
+            self._dit_host = None
+        self._offload = mode
+
+    def _dit_tensors(self) -> list[torch.Tensor]:
+        return [*self.dit.parameters(), *self.dit.buffers()]
+
+    def _dit_weights(self, values: list) -> None:
+        # settle(): iterating an ArrivingCache would not wait for its uploads, indexing does.
+        values = values.settle() if isinstance(values, ArrivingCache) else values
+        for tensor, value in zip(self._dit_tensors(), values, strict=True):
+            tensor.data = value
+
+    def _run_dit(self, latents, prompt, timestep, time_offset: int, kv_cache: KVCache | None):
+        if self._dit_host is not None:
+            self._dit_weights(self._host.to_device(self._dit_host, self.device))
+        try:
+            prediction, cache = self.dit(latents, prompt, timestep, time_offset=time_offset, kv_cache=kv_cache)
+        finally:
+            if self._dit_host is not None:
+                self._dit_weights(self._dit_host)
+        if self.offload in ("state", "all"):
+            cache = self._kv_to(cache, None)
+        return prediction, cache
+
+    def _kv_to(self, cache: KVCache | None, device: torch.device | None) -> KVCache | None:
+        """The KV cache in host memory (device None) or on `device` (no-op for a cache already there)."""
+        if cache is None:
+            return None
+        if device is None:
+            move = self._host.to_host
+        else:
+
+            def move(tensors):
+                return self._host.to_device(tensors, device)
+
+        return KVCache(keys=move(cache.keys), values=move(cache.values), latent_frames=cache.latent_frames)
 
     # -- visual guidance -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -139,11 +215,15 @@ class InfVSRPipeline:
             session.prompt = self.extract_prompt(frames[0])
             session.reference_index = session.frames_out
         video, true_size = prepare_chunk(frames, session.scale, first, device=self.device, dtype=self.dtype)
+        if self.offload != "all":  # the KV cache's upload overlaps the encoder
+            scene.kv_cache = self._kv_to(scene.kv_cache, self.device)
         latents = self.vae.encode_chunk(video, scene.vae_history)
         del video
+        scene.kv_cache = self._kv_to(scene.kv_cache, self.device)
+        self.vae.prefetch_decoder(scene.vae_history)  # overlaps the DiT (when offloading histories)
         timestep = torch.full((latents.shape[0],), TIMESTEP, device=self.device, dtype=torch.float32)
-        prediction, scene.kv_cache = self.dit(
-            latents, session.prompt, timestep, time_offset=scene.latent_frames, kv_cache=scene.kv_cache
+        prediction, scene.kv_cache = self._run_dit(
+            latents, session.prompt, timestep, scene.latent_frames, scene.kv_cache
         )
         scene.latent_frames += latents.shape[2]
         restored = one_step_restore(latents, prediction)

@@ -27,6 +27,7 @@ from .weights import WeightFileError, check_state_dict, require
 
 __all__ = [
     "TINY_VAE_BASE_DIM",
+    "HostOffload",
     "WAN21_LATENTS_MEAN",
     "WAN21_LATENTS_STD",
     "StreamingVAE",
@@ -279,6 +280,144 @@ def _cache_nbytes(cache: list) -> int:
     return sum(t.numel() * t.element_size() for t in cache if isinstance(t, torch.Tensor))
 
 
+# --------------------------------------------------------------------------- host offload
+
+
+class HostCache(list):
+    """A feat_cache list (or any list of tensors) whose tensors live in host memory.
+
+    `ready` is the CUDA event after which the device-to-host copies that filled
+    it are complete (None when they were synchronous, e.g. on the CPU).
+    """
+
+    ready: torch.cuda.Event | None = None
+
+
+class ArrivingCache(list):
+    """A list of device tensors whose host-to-device copies may still be running on a side stream.
+
+    Reading an entry (`cache[i]`, what diffusers and the fast forward do) makes
+    the current stream wait for that entry's copy only, so compute starts as
+    soon as the first entries are in, while the later ones are still coming.
+    Iterating does not wait: use `settle()` to read it as a whole.
+    """
+
+    def __init__(self, items: list, events: dict[int, Any] | None = None, device: torch.device | None = None) -> None:
+        super().__init__(items)
+        self.events = events or {}
+        self.device = device
+
+    def _arrive(self, index: int) -> None:
+        event = self.events.pop(index, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if self.events and isinstance(index, int):
+            self._arrive(index % len(self))
+        return super().__getitem__(index)
+
+    def __setitem__(self, index, value) -> None:  # type: ignore[override]
+        if self.events and isinstance(index, int):
+            # The old tensor is freed by this assignment: its copy must be over first.
+            self._arrive(index % len(self))
+        super().__setitem__(index, value)
+
+    def settle(self) -> list:
+        """A plain list of the entries, every copy waited for."""
+        for index in list(self.events):
+            self._arrive(index)
+        return list(self)
+
+
+def copy_cache(cache: list) -> list:
+    """An independent copy of a cache list (tensors shared), keeping where its tensors live."""
+    if isinstance(cache, HostCache):
+        copied = HostCache(cache)
+        copied.ready = cache.ready
+        return copied
+    if isinstance(cache, ArrivingCache):
+        return cache.settle()
+    return list(cache)
+
+
+class HostOffload:
+    """Moves lists of tensors (VAE feat_cache lists, KV caches, weights) between a device and host memory.
+
+    On CUDA the host copies are pinned and every copy runs asynchronously on a
+    side stream (one for each direction, so uploads and downloads overlap each
+    other and the compute); the current stream waits per tensor, and only
+    where it reads it. On the CPU the "host copy" is simply another tensor: the
+    same code path, synchronous, bit for bit the same values. Host copies are
+    fresh tensors every time (never written in place), so forked histories that
+    share them stay independent.
+    """
+
+    def __init__(self, pin_memory: bool = True) -> None:
+        self.pin_memory = pin_memory
+        self._streams: dict[tuple[torch.device, str], Any] = {}
+
+    def _side(self, device: torch.device, direction: str):
+        if device.type != "cuda":
+            return None
+        key = (device, direction)
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device)
+        return self._streams[key]
+
+    def to_host(self, cache: list) -> list:
+        """The list with its device tensors replaced by host copies (a HostCache); the device copies are dropped."""
+        if isinstance(cache, HostCache):
+            return cache
+        items = cache.settle() if isinstance(cache, ArrivingCache) else list(cache)
+        tensors = [t for t in items if isinstance(t, torch.Tensor)]
+        out = HostCache(items)
+        if not tensors:
+            return out
+        device = tensors[0].device
+        side = self._side(device, "down")
+        if side is None:
+            out[:] = [t.clone() if isinstance(t, torch.Tensor) else t for t in items]
+            return out
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for i, t in enumerate(items):
+                if isinstance(t, torch.Tensor):
+                    host = torch.empty_like(t, device="cpu", pin_memory=self.pin_memory)
+                    host.copy_(t, non_blocking=True)
+                    t.record_stream(side)  # the device block is not reused before the copy is done
+                    out[i] = host
+            out.ready = torch.cuda.Event()
+            out.ready.record(side)
+        return out
+
+    def to_device(self, cache: list, device: torch.device) -> list:
+        """A HostCache brought back to `device` (an ArrivingCache); any other list is returned as it is."""
+        if not isinstance(cache, HostCache):
+            return cache
+        side = self._side(device, "up")
+        if side is None:
+            return ArrivingCache([t.clone() if isinstance(t, torch.Tensor) else t for t in cache])
+        main = torch.cuda.current_stream(device)
+        # Device blocks are allocated on the current stream: the copies must not
+        # start before the work already queued there (which may still use them).
+        side.wait_stream(main)
+        if cache.ready is not None:
+            side.wait_event(cache.ready)
+        items, events = list(cache), {}
+        with torch.cuda.stream(side):
+            for i, t in enumerate(cache):
+                if isinstance(t, torch.Tensor):
+                    with torch.cuda.stream(main):
+                        dev = torch.empty_like(t, device=device)
+                    dev.copy_(t, non_blocking=True)
+                    dev.record_stream(side)  # not reused before the copy is done, even if dropped unread
+                    events[i] = torch.cuda.Event()
+                    events[i].record(side)
+                    items[i] = dev
+        return ArrivingCache(items, events, device)
+
+
 @dataclass
 class TileHistory:
     """Encoder and decoder `feat_cache` lists of one spatial tile (entries: None, "Rep" or tensors)."""
@@ -291,7 +430,7 @@ class TileHistory:
 
     def fork(self) -> TileHistory:
         """An independent copy; cached tensors are shared, as the VAE only ever replaces them."""
-        return TileHistory(list(self.encoder_cache), list(self.decoder_cache))
+        return TileHistory(copy_cache(self.encoder_cache), copy_cache(self.decoder_cache))
 
 
 @dataclass
@@ -302,7 +441,8 @@ class VAEHistory:
     for the untiled case; when the frame is tiled, each tile has its own pair
     in `tiles` (keyed by its latent region) and the top-level lists stay unused.
     `frame_size` (pixels) and the tiling decision are fixed by the scene's first
-    chunk. Everything stays on the device the VAE runs on.
+    chunk. The caches stay on the device the VAE runs on, or, with the VAE's
+    `history_device="cpu"`, in host memory between uses (HostCache lists).
     """
 
     encoder_cache: list = field(default_factory=list)
@@ -325,7 +465,10 @@ class VAEHistory:
         """An independent copy; cached tensors are shared, as the VAE only ever replaces list entries."""
         tiles = None if self.tiles is None else {region: tile.fork() for region, tile in self.tiles.items()}
         return replace(
-            self, encoder_cache=list(self.encoder_cache), decoder_cache=list(self.decoder_cache), tiles=tiles
+            self,
+            encoder_cache=copy_cache(self.encoder_cache),
+            decoder_cache=copy_cache(self.decoder_cache),
+            tiles=tiles,
         )
 
 
@@ -352,6 +495,15 @@ class StreamingVAE:
     overlaps are blended linearly (weights ramping over the overlap,
     normalized by their sum). `tiling="always"` tiles any frame (a frame that
     fits one tile then gives the untiled result); `"never"` never tiles.
+
+    Host offload: with `history_device="cpu"` the causal histories live in
+    host memory (pinned on CUDA) between uses: the encoder's while the DiT and
+    the decoder run and vice versa, and, when tiled, every tile's but the one
+    being processed (as in the release). Copies run on side streams and are
+    waited for per cache entry; `prefetch_decoder` (the pipeline calls it before
+    the DiT) starts the decoder's upload early, and the next tile's history is
+    uploaded while the current tile runs when `prefetch` is True. The values
+    are bit for bit those of the resident path.
     """
 
     def __init__(
@@ -364,7 +516,11 @@ class StreamingVAE:
         tile_stride: int = 110,
         threshold_axes: Literal["height", "either"] = "height",
         fast: bool | None = None,
+        history_device: Literal["cpu"] | None = None,
+        prefetch: bool = True,
     ) -> None:
+        if history_device not in (None, "cpu"):
+            raise ValueError(f"history_device must be None (the VAE's device) or 'cpu', got {history_device!r}")
         if tiling not in ("auto", "always", "never"):
             raise ValueError(f"tiling must be 'auto', 'always' or 'never', got {tiling!r}")
         if threshold_axes not in ("height", "either"):
@@ -378,6 +534,9 @@ class StreamingVAE:
         self.tile_stride = tile_stride
         self.threshold_axes = threshold_axes
         self.fast = fast
+        self.history_device = history_device
+        self.prefetch = prefetch
+        self._offload = HostOffload()
         self.z_dim = int(vae.config.z_dim)
         self._encoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
         self._decoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
@@ -431,6 +590,31 @@ class StreamingVAE:
             prepare_channels_last(self.vae)
         return wanted
 
+    def _with_cache(self, owner: Any, attr: str, run: Any) -> torch.Tensor:
+        """run(cache) with `owner.attr`'s cache on the VAE's device; back to host memory after, if offloading."""
+        # A cache left in host memory is brought back even if offloading was switched off since.
+        cache = self._offload.to_device(getattr(owner, attr), self._params()[0])
+        setattr(owner, attr, cache)
+        out = run(cache)
+        if self.history_device is not None:
+            setattr(owner, attr, self._offload.to_host(cache))
+        return out
+
+    def _prefetch(self, owner: Any, attr: str) -> None:
+        setattr(owner, attr, self._offload.to_device(getattr(owner, attr), self._params()[0]))
+
+    def prefetch_decoder(self, history: VAEHistory) -> None:
+        """Start uploading the decoder history (the first tile's when tiled) for the next decode_chunk.
+
+        A no-op unless offloading with `prefetch` on. Call it before work that the copies can overlap (the DiT).
+        """
+        if self.history_device is None or not self.prefetch:
+            return
+        if history.tiles is None:
+            self._prefetch(history, "decoder_cache")
+        elif history.tiles:
+            self._prefetch(next(iter(history.tiles.values())), "decoder_cache")
+
     def _stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self._mean.to(device=device, dtype=dtype), self._inv_std.to(device=device, dtype=dtype)
 
@@ -457,11 +641,9 @@ class StreamingVAE:
         frames = frames.to(device=device, dtype=dtype)
         first = not history.encoded_first
         if history.tiles is None:
-            out = self._encode(frames, history.encoder_cache, first)
+            out = self._with_cache(history, "encoder_cache", lambda cache: self._encode(frames, cache, first))
         else:
-            out = self._blend(
-                frames, history, lambda x, tile: self._encode(x, tile.encoder_cache, first), pixels_in=True
-            )
+            out = self._blend(frames, history, "encoder_cache", lambda x, cache: self._encode(x, cache, first), True)
         history.encoded_first = True
         return out
 
@@ -495,11 +677,9 @@ class StreamingVAE:
         latents = latents.to(device=device, dtype=dtype)
         first = not history.decoded_first
         if history.tiles is None:
-            out = self._decode(latents, history.decoder_cache, first)
+            out = self._with_cache(history, "decoder_cache", lambda cache: self._decode(latents, cache, first))
         else:
-            out = self._blend(
-                latents, history, lambda z, tile: self._decode(z, tile.decoder_cache, first), pixels_in=False
-            )
+            out = self._blend(latents, history, "decoder_cache", lambda z, cache: self._decode(z, cache, first), False)
         history.decoded_first = True
         return out.clamp_(-1.0, 1.0)
 
@@ -518,8 +698,8 @@ class StreamingVAE:
 
     # ----------------------------------------------------------------- tiling
 
-    def _blend(self, value: torch.Tensor, history: VAEHistory, run: Any, *, pixels_in: bool) -> torch.Tensor:
-        """Run `run(tile_input, tile_history)` per tile and blend the outputs (float32 accumulation)."""
+    def _blend(self, value: torch.Tensor, history: VAEHistory, attr: str, run: Any, pixels_in: bool) -> torch.Tensor:
+        """Run `run(tile_input, tile_cache)` per tile (its `attr` cache) and blend the outputs (float32 sums)."""
         assert history.tiles is not None and history.frame_size is not None
         latent_frame = (history.frame_size[0] // SPATIAL_FACTOR, history.frame_size[1] // SPATIAL_FACTOR)
         in_factor = SPATIAL_FACTOR if pixels_in else 1
@@ -529,10 +709,14 @@ class StreamingVAE:
         weight_sum = torch.zeros(
             latent_frame[0] * out_factor, latent_frame[1] * out_factor, device=value.device, dtype=torch.float32
         )
-        for region, tile in history.tiles.items():
+        tiles = list(history.tiles.items())
+        for index, (region, tile) in enumerate(tiles):
             top, bottom, left, right = region
             piece = value[..., top * in_factor : bottom * in_factor, left * in_factor : right * in_factor]
-            out = run(piece, tile)
+            if self.prefetch and self.history_device is not None and index + 1 < len(tiles):
+                self._prefetch(tile, attr)  # this tile's upload is queued before the next one's
+                self._prefetch(tiles[index + 1][1], attr)
+            out = self._with_cache(tile, attr, lambda cache: run(piece, cache))  # noqa: B023
             if total is None:
                 total = out.new_zeros(
                     (*out.shape[:3], latent_frame[0] * out_factor, latent_frame[1] * out_factor), dtype=torch.float32

@@ -1,0 +1,124 @@
+"""Host offload of the causal state (VAE histories, KV cache, DiT weights): bit for bit the resident path.
+
+On the CPU the "host copy" is just another tensor, so these tests run the
+offload code path (HostCache / ArrivingCache lists, per-tile moves, prefetch,
+the pipeline's KV cache and DiT weight moves) and compare with the plain path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infvsr_core.loader import load_pipeline
+from infvsr_core.vae import (
+    TINY_VAE_BASE_DIM,
+    ArrivingCache,
+    HostCache,
+    StreamingVAE,
+    build_vae,
+    random_vae_state_dict,
+)
+
+from .conftest import make_clip
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return build_vae(random_vae_state_dict(TINY_VAE_BASE_DIM, seed=0))
+
+
+@pytest.fixture(scope="module")
+def clip() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    low = torch.rand(1, 3, 21, 8, 12, generator=gen) * 2 - 1
+    return torch.nn.functional.interpolate(low, size=(21, 32, 48), mode="trilinear")
+
+
+def _stream(sv: StreamingVAE, clip: torch.Tensor, fork_at: int | None = None):
+    """Encode + decode the clip in a 9- and a 12-frame chunk; the histories' kinds after each chunk."""
+    history = sv.new_history()
+    outs, kinds, start = [], [], 0
+    for n in (9, 12):
+        latents = sv.encode_chunk(clip[:, :, start : start + n], history)
+        sv.prefetch_decoder(history)
+        outs.append(sv.decode_chunk(latents, history))
+        caches = (
+            [history.encoder_cache, history.decoder_cache]
+            if history.tiles is None
+            else [c for tile in history.tiles.values() for c in (tile.encoder_cache, tile.decoder_cache)]
+        )
+        kinds.append({type(c) for c in caches})
+        if fork_at == start:
+            forked = history.fork()
+            assert {type(c) for c in (forked.encoder_cache, forked.decoder_cache)} <= {HostCache, list}
+            # Advancing the fork must not change the original history.
+            sv.decode_chunk(latents, forked)
+        start += n
+    return torch.cat(outs, dim=2), kinds
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_histories_in_host_memory_are_bit_identical(vae, clip, fast, tiled):
+    kwargs = dict(tiling="always", tile_size=3, tile_stride=2) if tiled else {}
+    plain, _ = _stream(StreamingVAE(vae, fast=fast, **kwargs), clip)
+    for prefetch in (True, False):
+        offloaded, kinds = _stream(
+            StreamingVAE(vae, fast=fast, history_device="cpu", prefetch=prefetch, **kwargs), clip, fork_at=0
+        )
+        assert torch.equal(offloaded, plain)
+        assert kinds[-1] == {HostCache}  # every cache (every tile's) is in host memory between chunks
+
+
+def test_host_offload_lists(vae):
+    sv = StreamingVAE(vae, history_device="cpu")
+    tensors = [torch.randn(2, 3), None, "Rep", torch.randn(4).to(torch.bfloat16)]
+    host = sv._offload.to_host(tensors)
+    assert isinstance(host, HostCache) and host[1] is None and host[2] == "Rep"
+    assert host[0] is not tensors[0] and torch.equal(host[0], tensors[0]) and host[3].dtype == torch.bfloat16
+    assert sv._offload.to_host(host) is host  # already there
+    back = sv._offload.to_device(host, torch.device("cpu"))
+    assert isinstance(back, ArrivingCache) and torch.equal(back[3], tensors[3]) and back[0] is not host[0]
+    plain = [torch.ones(1)]
+    assert sv._offload.to_device(plain, torch.device("cpu")) is plain  # not offloaded: left as it is
+    channels_last = torch.randn(1, 4, 2, 3, 5).contiguous(memory_format=torch.channels_last_3d)
+    assert sv._offload.to_host([channels_last])[0].stride() == channels_last.stride()
+    with pytest.raises(ValueError, match="history_device"):
+        StreamingVAE(vae, history_device="cuda")
+
+
+@pytest.fixture(scope="module")
+def offload_pipe(tiny_models):
+    return load_pipeline(tiny_models, device="cpu", dtype="fp32")
+
+
+@pytest.mark.parametrize("mode", ["histories", "state", "all"])
+def test_pipeline_offload_is_bit_identical(offload_pipe, mode):
+    clip = make_clip(25)
+    offload_pipe.offload = "none"
+    reference = offload_pipe.upscale(clip, scale=2)
+    weights = [t.clone() for t in offload_pipe._dit_tensors()]
+    offload_pipe.offload = mode
+    try:
+        session = offload_pipe.new_session(2)
+        out = torch.cat([offload_pipe.push(session, clip[:13]), offload_pipe.push(session, clip[13:])])
+        out = torch.cat([out, offload_pipe.close(session)])
+        assert torch.equal(out, reference)
+        history = session.scene.vae_history
+        assert isinstance(history.encoder_cache, HostCache) and isinstance(history.decoder_cache, HostCache)
+        kv_host = isinstance(session.scene.kv_cache.keys, HostCache)
+        assert kv_host == (mode != "histories")
+        assert (offload_pipe._dit_host is not None) == (mode == "all")
+    finally:
+        offload_pipe.offload = "none"
+    assert offload_pipe._dit_host is None
+    assert all(torch.equal(a, b) for a, b in zip(offload_pipe._dit_tensors(), weights, strict=True))
+    with pytest.raises(ValueError, match="offload"):
+        offload_pipe.offload = "everything"
+
+
+def test_low_vram_loader_option(tiny_models):
+    pipe = load_pipeline(tiny_models, device="cpu", dtype="fp32", low_vram=True)
+    assert pipe.offload == "all" and pipe.vae.history_device == "cpu" and not pipe.vae.prefetch
+    assert load_pipeline(tiny_models, device="cpu", dtype="fp32", offload="histories").offload == "histories"
