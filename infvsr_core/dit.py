@@ -216,8 +216,8 @@ def compile_available() -> bool:
     return True
 
 
-class SelfAttention(nn.Module):
-    """Self-attention over [previous chunk, current chunk] keys/values with 3D RoPE on q and k."""
+class _Projections(nn.Module):
+    """Wan's attention parameters: q, k, v, o projections and RMS norms of q and k over the full width."""
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -225,6 +225,10 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+
+
+class SelfAttention(_Projections):
+    """Self-attention over [previous chunk, current chunk] keys/values with 3D RoPE on q and k."""
 
     def forward(
         self,
@@ -245,15 +249,8 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2)), k, v
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Attention from the video tokens to the embedded visual prompt (no RoPE, no cache)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str, ops: _Ops = EAGER_OPS) -> torch.Tensor:
         heads = (self.num_heads, -1)
