@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from . import audio as audio_io
 from . import comfy
 from ._core import VideoWriter
+from .common import FILE_FORMAT_TOOLTIP
 from .paths import next_output_path
 
 log = logging.getLogger("infvsr")
@@ -45,6 +46,17 @@ FORMATS: dict[str, OutputFormat] = {
     "ffv1-mkv": OutputFormat("ffv1", "mkv", "video/x-matroska"),
     "png-sequence": OutputFormat("png", "", "image/png"),
 }
+
+
+def output_inputs() -> dict[str, tuple]:
+    """The file widgets every writing node shares: prefix, format and quality."""
+    return {
+        "filename_prefix": ("STRING", {"default": "InfVSR/upscaled",
+                                       "tooltip": "Relative to ComfyUI's output folder; '..' is refused."}),
+        "format": (list(FORMATS), {"default": "h264-mp4", "tooltip": FILE_FORMAT_TOOLTIP}),
+        "crf": ("INT", {"default": 18, "min": 0, "max": 51,
+                        "tooltip": "h264/h265 quality (lower is better); other formats ignore it."}),
+    }
 
 PREVIEW_MAX_WIDTH = 640
 

@@ -12,7 +12,6 @@ from . import comfy
 from ._core import InfVSRPipeline, VideoReader, scene_stream_class
 from .audio import SOURCE_KEY
 from .common import (
-    FILE_FORMAT_TOOLTIP,
     check_guidance,
     check_images,
     check_model,
@@ -21,7 +20,7 @@ from .common import (
     resolve_source,
     validate_video_name,
 )
-from .sink import FORMATS, VideoSink
+from .sink import FORMATS, VideoSink, output_inputs
 from .streams import EVENT, REGISTRY, StreamHandle
 from .types import CACHE_TYPE, GUIDANCE_TYPE, MODEL_TYPE, STREAM_TYPE, DAPEGuidance, InfVSRModel, StreamCache
 
@@ -208,11 +207,7 @@ class InfVSRUpscaleVideoFile:
                 "model": (MODEL_TYPE,),
                 "video": (input_videos(), {"video_upload": True, "tooltip": "A video in ComfyUI's input folder."}),
                 "scale": SCALE,
-                "format": (list(FORMATS), {"default": "h264-mp4", "tooltip": FILE_FORMAT_TOOLTIP}),
-                "crf": ("INT", {"default": 18, "min": 0, "max": 51,
-                                "tooltip": "h264/h265 quality (lower is better); other formats ignore it."}),
-                "filename_prefix": ("STRING", {"default": "InfVSR/upscaled",
-                                               "tooltip": "Relative to ComfyUI's output folder."}),
+                **output_inputs(),
                 "read_frames": ("INT", {"default": 12, "min": 1, "max": 4096,
                                         "tooltip": "Frames decoded at a time; upscaled frames are written as each "
                                         "InfVSR chunk finishes, so memory holds one read plus one chunk."}),

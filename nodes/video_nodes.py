@@ -9,8 +9,8 @@ import torch
 
 from . import comfy
 from ._core import VideoReader
-from .common import FILE_FORMAT_TOOLTIP, check_images, input_videos, resolve_source, validate_video_name
-from .sink import FORMATS, VideoSink
+from .common import check_images, input_videos, resolve_source, validate_video_name
+from .sink import VideoSink, output_inputs
 from .streams import (
     MARKER_KEY,
     REGISTRY,
@@ -183,11 +183,7 @@ class InfVSRVideoCombine:
             "required": {
                 "images": ("IMAGE",),
                 "fps": ("FLOAT", {"default": 24.0, "min": 0.01, "max": 1000.0, "step": 0.001}),
-                "filename_prefix": ("STRING", {"default": "InfVSR/upscaled",
-                                               "tooltip": "Relative to ComfyUI's output folder; '..' is refused."}),
-                "format": (list(FORMATS), {"default": "h264-mp4", "tooltip": FILE_FORMAT_TOOLTIP}),
-                "crf": ("INT", {"default": 18, "min": 0, "max": 51,
-                                "tooltip": "h264/h265 quality (lower is better); other formats ignore it."}),
+                **output_inputs(),
             },
             "optional": {
                 "audio": ("AUDIO", {"tooltip": "Muxed in; audio from the InfVSR loaders is copied, not re-encoded. "
