@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"folder with InfVSR.ckpt, Wan2.1_VAE.pth, ram_swin_large_14m.pth, DAPE.pth "
         f"(default: $INFVSR_MODELS, else models/infvsr of the ComfyUI tree this is installed in, "
-        f"else ~/.cache/infvsr; now: {default_models_dir()})",
+        f"else ./models/infvsr, else ~/.cache/infvsr; now: {default_models_dir()})",
     )
     up.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4, as trained)")
     up.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
