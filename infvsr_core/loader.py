@@ -63,12 +63,13 @@ WEIGHT_FILES: dict[str, WeightFile] = {
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
 
 
-def default_models_dir() -> Path:
-    """`$INFVSR_MODELS`, else ComfyUI's `models/infvsr` when run inside a ComfyUI tree, else `~/.cache/infvsr`."""
+def default_models_dir(package_file: str | os.PathLike | None = None) -> Path:
+    """`$INFVSR_MODELS`, else ComfyUI's `models/infvsr` when installed in a ComfyUI tree (found from
+    `package_file`, this module by default), else `./models/infvsr` if it exists, else `~/.cache/infvsr`."""
     env = os.environ.get("INFVSR_MODELS")
     if env:
         return Path(env).expanduser()
-    here = Path(__file__).resolve()
+    here = Path(package_file or __file__).resolve()
     for parent in here.parents:
         if parent.name == "custom_nodes":
             return parent.parent / "models" / "infvsr"

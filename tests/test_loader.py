@@ -1,6 +1,7 @@
 """Loading the four files: formats, dtypes, and every error a user can hit."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,14 @@ def test_wrong_file_in_the_dit_slot(models):
 def test_default_models_dir_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("INFVSR_MODELS", str(tmp_path))
     assert default_models_dir() == tmp_path
+
+
+def test_default_models_dir_inside_comfyui_then_cwd_then_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("INFVSR_MODELS", raising=False)
+    inside = tmp_path / "ComfyUI" / "custom_nodes" / "ComfyUI-InfVSR" / "infvsr_core" / "loader.py"
+    assert default_models_dir(inside) == tmp_path / "ComfyUI" / "models" / "infvsr"
+    outside = tmp_path / "src" / "infvsr_core" / "loader.py"
+    monkeypatch.chdir(tmp_path)
+    assert default_models_dir(outside) == Path.home() / ".cache" / "infvsr"
+    (tmp_path / "models" / "infvsr").mkdir(parents=True)
+    assert default_models_dir(outside) == tmp_path / "models" / "infvsr"
