@@ -149,3 +149,25 @@ def test_variable_frame_rate_timing_is_kept(tiny_models, tmp_path):
     assert len(times) == 12
     assert times[1] - times[0] == pytest.approx(3 / 24, abs=2e-3)
     assert times[2] - times[1] == pytest.approx(1 / 24, abs=2e-3)
+
+
+def test_disk_full_leaves_nothing_under_the_final_name(small_clip, tiny_models, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from infvsr_core.video_io import VideoWriter
+
+    real_write, calls = VideoWriter.write, []
+
+    def write(self, frames, timestamps=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, frames, timestamps)
+
+    monkeypatch.setattr(VideoWriter, "write", write)
+    out = tmp_path / "full.mp4"
+    args = ["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models), "--scale", "2", "--quiet"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert list(tmp_path.iterdir()) == []  # no final file, no temp file
