@@ -37,3 +37,10 @@ def make_clip(frames: int, height: int = 12, width: int = 20, seed: int = 0) -> 
     channels = [torch.sin((x + 0.7 * t) / 3), torch.cos((y - 0.5 * t) / 4), torch.sin((x + y + t) / 5)]
     base = torch.stack([c.expand(shape) for c in channels], -1)
     return ((base + 1) / 2 * 0.8 + 0.2 * torch.rand(frames, height, width, 3, generator=g)).clamp(0, 1)
+
+
+def smooth_vae_clip(frames: int, seed: int) -> torch.Tensor:
+    """VAE input (1, 3, T, 32, 48) in [-1, 1]: random 8x12 frames upsampled, so it has VAE-like content."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, frames, 8, 12, generator=gen) * 2 - 1
+    return torch.nn.functional.interpolate(low, size=(frames, 32, 48), mode="trilinear")

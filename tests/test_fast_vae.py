@@ -12,6 +12,8 @@ from infvsr_core.fast_vae import fast_decoder, fast_encoder, prepare_channels_la
 from infvsr_core.kernels.norm_silu import rms_norm_rows, rms_norm_rows_reference
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict
 
+from .conftest import smooth_vae_clip
+
 # Same ops in float32; only the conv algorithm (padding folded into conv3d,
 # channels-last) and the norm's op order differ: last-bit differences.
 TOL = 2e-5
@@ -28,9 +30,7 @@ def vae():
 
 @pytest.fixture(scope="module")
 def clip() -> torch.Tensor:
-    gen = torch.Generator().manual_seed(5)
-    low = torch.rand(1, 3, 13, 8, 12, generator=gen) * 2 - 1
-    return torch.nn.functional.interpolate(low, size=(13, 32, 48), mode="trilinear")
+    return smooth_vae_clip(13, seed=5)
 
 
 @pytest.mark.parametrize("pad_rgb", [False, True])

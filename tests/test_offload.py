@@ -20,7 +20,7 @@ from infvsr_core.vae import (
     random_vae_state_dict,
 )
 
-from .conftest import make_clip
+from .conftest import make_clip, smooth_vae_clip
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,7 @@ def vae():
 
 @pytest.fixture(scope="module")
 def clip() -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1)
-    low = torch.rand(1, 3, 21, 8, 12, generator=gen) * 2 - 1
-    return torch.nn.functional.interpolate(low, size=(21, 32, 48), mode="trilinear")
+    return smooth_vae_clip(21, seed=1)
 
 
 def _stream(sv: StreamingVAE, clip: torch.Tensor, fork_at: int | None = None):
