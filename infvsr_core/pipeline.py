@@ -238,9 +238,12 @@ class InfVSRPipeline:
     def _join(self, session: InfVSRSession, outputs: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(outputs) if outputs else self.empty_output(session)
 
-    def empty_output(self, session: InfVSRSession) -> torch.Tensor:
-        """A (0, H*scale, W*scale, 3) batch: what a call that completed no chunk returns."""
-        height, width = session.input_size or (0, 0)
+    def empty_output(self, session: InfVSRSession, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """A (0, H*scale, W*scale, 3) batch: what a call that completed no chunk returns.
+
+        `size` (height, width) stands in for the stream's size before any frame reached the session.
+        """
+        height, width = session.input_size or size or (0, 0)
         return torch.empty((0, height * session.scale, width * session.scale, 3), device=self.output_device)
 
     def _check_session(self, session: InfVSRSession) -> None:

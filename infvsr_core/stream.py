@@ -124,6 +124,4 @@ class SceneStream:
         outputs = [o for o in outputs if o.shape[0]]
         if outputs:
             return torch.cat(outputs)
-        height, width = self._size or (0, 0)
-        scale = self.session.scale
-        return torch.empty((0, height * scale, width * scale, 3), device=self.pipeline.output_device)
+        return self.pipeline.empty_output(self.session, self._size)

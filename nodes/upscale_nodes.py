@@ -60,8 +60,7 @@ def advance(
     cache.chunks += 1
     if outputs:
         return torch.cat(outputs)
-    height, width = session.input_size or (int(frames.shape[1]), int(frames.shape[2]))
-    return torch.empty((0, height * session.scale, width * session.scale, 3), device=pipe.output_device)
+    return pipe.empty_output(session, (int(frames.shape[1]), int(frames.shape[2])))
 
 
 def _compatible(cache: StreamCache, model: InfVSRModel, guidance: DAPEGuidance, scale: int) -> None:
