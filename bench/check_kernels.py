@@ -44,6 +44,42 @@ def main() -> None:
             t_new = timed(lambda: rms_norm_rows(rows, gamma, c**0.5, silu=True))  # noqa: B023
             print(f"norm+silu C={c} rows={pixels} {dtype}: max err {err:.2e}, ref {t_ref:.3f} / fused {t_new:.3f} ms")
     print("triton broken:", _TRITON_BROKEN)
+    conv_rates()
+
+
+def conv_rates() -> None:
+    """The VAE's largest convolutions at 720p: frames per call, and the upsampler as 4 sub-pixel phases."""
+    torch.backends.cudnn.benchmark = True
+    cl3, cl2 = torch.channels_last_3d, torch.channels_last
+    for c, h, w in ((96, 720, 1280), (192, 360, 640)):
+        weight = torch.randn(c, c, 3, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl3)
+        for out_frames in (1, 2, 4, 12):
+            x = torch.randn(1, c, out_frames + 2, h, w, device="cuda", dtype=torch.bfloat16).contiguous(
+                memory_format=cl3
+            )
+            ms = timed(lambda: torch.nn.functional.conv3d(x, weight, None, 1, (0, 1, 1)))  # noqa: B023
+            tflops = 2 * 27 * c * c * h * w * out_frames / ms / 1e9
+            print(
+                f"conv3d {c}ch {h}x{w}, {out_frames} out frames: {ms:.2f} ms, {tflops:.0f} TFLOP/s, "
+                f"{ms / out_frames:.3f} ms/frame"
+            )
+    # Upsampler: nearest 2x then 3x3 conv (192 -> 96 at 720x1280, 4 frames) vs the same as 4 phases of 2x2.
+    x = torch.randn(4, 192, 360, 640, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl2)
+    w3 = torch.randn(96, 192, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl2)
+
+    def nearest_conv():
+        up = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(4, 360, 2, 640, 2, 192).reshape(4, 720, 1280, 192)
+        return torch.nn.functional.conv2d(up.permute(0, 3, 1, 2), w3, None, padding=1)
+
+    w4 = torch.randn(4 * 96, 192, 2, 2, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl2)
+
+    def phases():
+        return torch.nn.functional.conv2d(x, w4, None, padding=1)
+
+    print(
+        f"upsample 192->96 4x720x1280: nearest+3x3 {timed(nearest_conv):.2f} ms, "
+        f"4-phase 2x2 conv (one call, 384 out ch) {timed(phases):.2f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Where one steady chunk's GPU time and memory go, stage by stage (encode, DiT, decode).
+
+    python bench/profile_chunk.py --size 720p [--offload none] [--top 25]
+
+Builds the full-size pipeline from random weights in the published formats
+(as bench_pipeline.py), streams two chunks to warm up (torch.compile, cuDNN's
+algorithm search), then runs the third chunk's stages one at a time, each
+under its own profiler, and prints per stage: the GPU time by kernel class
+(convolution, GEMM, attention, Triton, copy, other elementwise) with the top
+kernels, and the memory allocated at the stage's start and its peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_pipeline import SIZES, random_pipeline, synthetic_clip  # noqa: E402
+
+from infvsr_core.schedule import TIMESTEP, finish_frames, one_step_restore, prepare_chunk  # noqa: E402
+
+CLASSES = [
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn.*(mha|attn)", re.I)),
+    ("conv", re.compile(r"conv|implicit|sm90_xmma_fprop|xmma_fprop|fprop|cudnn", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|cublas", re.I)),
+    ("triton", re.compile(r"^triton|_rms_|_bias_", re.I)),
+    ("copy", re.compile(r"copy|cat|Memcpy|Memset|fill", re.I)),
+]
+
+
+def kernel_class(name: str) -> str:
+    for label, pattern in CLASSES:
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+def gib(n: int) -> float:
+    return n / 2**30
+
+
+def profiled(label: str, top: int, fn):
+    """Run fn() under the profiler; print its kernels by class and the stage's memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start_alloc = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        entry = kernels[event.name]
+        entry[0] += event.device_time_total / 1000
+        entry[1] += 1
+    by_class: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in kernels.items():
+        by_class[kernel_class(name)] += ms
+    total = sum(by_class.values())
+    print(f"\n== {label}: GPU {total:.1f} ms; memory at start {gib(start_alloc):.2f} GiB, peak {gib(peak):.2f} GiB")
+    print("   " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])))
+    for name, (ms, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"   {ms:8.2f} ms {count:5d}x  [{kernel_class(name)}] {name[:150]}")
+    return result
+
+
+@torch.inference_mode()
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="720p", choices=sorted(SIZES))
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--offload", default="none")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    pipe = random_pipeline(device, torch.bfloat16)
+    pipe.offload = args.offload
+    height, width = SIZES[args.size]
+    clip = synthetic_clip(9 + 12 * 2, height, width, device)
+    history, cache, position = pipe.vae.new_history(), None, 0
+    prompt = pipe.extract_prompt(clip[0])
+    timestep = torch.full((1,), TIMESTEP, device=device)
+    start = 0
+    for index, size in enumerate((9, 12, 12)):
+        last = index == 2
+        video, true_size = prepare_chunk(
+            clip[start : start + size], args.scale, index == 0, device=device, dtype=pipe.dtype
+        )
+        start += size
+
+        def encode(video=video):
+            return pipe.vae.encode_chunk(video, history)
+
+        latents = profiled("encode", args.top, encode) if last else encode()
+        del video
+        cache = pipe._kv_to(cache, device)
+        pipe.vae.prefetch_decoder(history)
+
+        def dit(latents=latents, cache=cache, position=position):
+            return pipe._run_dit(latents, prompt, timestep, position, cache)
+
+        if last:
+            prediction, cache = profiled("dit", args.top, dit)
+        else:
+            prediction, cache = dit()
+        position += latents.shape[2]
+        restored = one_step_restore(latents, prediction)
+        del prediction, latents
+
+        def decode(restored=restored, true_size=true_size):
+            return finish_frames(pipe.vae.decode_chunk(restored, history), true_size)
+
+        out = profiled("decode", args.top, decode) if last else decode()
+        del out, restored
+    print(
+        f"\nstate: VAE history {gib(history.nbytes()):.2f} GiB, KV cache "
+        f"{gib(sum(t.numel() * t.element_size() for t in cache.keys + cache.values)):.2f} GiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
