@@ -164,7 +164,9 @@ def _stage(
 def _padded(conv: nn.Conv3d, in_channels: int | None, out_channels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """conv's weight and bias with zero input/output channels appended (cached on the module)."""
     w = conv.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.device, in_channels, out_channels)
+    # Inference tensors (weights loaded under torch.inference_mode, as in ComfyUI) have no version counter.
+    version = None if w.is_inference() else w._version
+    key = (w.data_ptr(), version, w.dtype, w.device, in_channels, out_channels)
     cached = getattr(conv, "_infvsr_padded", None)
     if cached is None or cached[0] != key:
         o, i = w.shape[:2]
