@@ -15,9 +15,10 @@ import torch
 
 from .dit import CausalWanDiT, KVCache
 from .guidance import VisualGuidance
+from .offload import ArrivingCache, HostCache, HostOffload
 from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
 from .session import InfVSRSession, SceneState
-from .vae import ArrivingCache, HostCache, HostOffload, StreamingVAE
+from .vae import StreamingVAE
 
 Offload = Literal["none", "histories", "state", "all"]
 OFFLOAD_MODES: tuple[str, ...] = ("none", "histories", "state", "all")

@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from infvsr_core.loader import load_pipeline
-from infvsr_core.vae import (
-    TINY_VAE_BASE_DIM,
-    ArrivingCache,
-    HostCache,
-    StreamingVAE,
-    build_vae,
-    random_vae_state_dict,
-)
+from infvsr_core.offload import ArrivingCache, HostCache
+from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict
 
 from .conftest import make_clip, smooth_vae_clip
 
