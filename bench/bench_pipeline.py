@@ -153,7 +153,6 @@ def stage_times(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> dict[st
         latents = pipe.vae.encode_chunk(video, history)
         mark()
         timestep = torch.full((1,), TIMESTEP, device=pipe.device)
-        cache = pipe._kv_to(cache, pipe.device)
         pipe.vae.prefetch_decoder(history)
         prediction, cache = pipe._run_dit(latents, prompt, timestep, position, cache)  # with the offload moves
         position += latents.shape[2]

@@ -104,7 +104,6 @@ def main() -> int:
 
         latents = profiled("encode", args.top, encode) if last else encode()
         del video
-        cache = pipe._kv_to(cache, device)
         pipe.vae.prefetch_decoder(history)
 
         def dit(latents=latents, cache=cache, position=position):

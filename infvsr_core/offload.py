@@ -10,6 +10,8 @@ On the CPU the same code runs synchronously and gives the same values.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -97,56 +99,168 @@ class HostOffload:
             self._streams[key] = torch.cuda.Stream(device)
         return self._streams[key]
 
+    def download(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy of one tensor, its copy queued behind the work already queued that produces it.
+
+        The device tensor may be dropped right away: its block is not reused before the copy is done.
+        """
+        side = self._side(tensor.device, "down")
+        if side is None:
+            return tensor.clone()
+        side.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(side):
+            host = torch.empty_like(tensor, device="cpu", pin_memory=self.pin_memory)
+            host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(side)
+        return host
+
+    def host_list(self, items: list, device: torch.device) -> HostCache:
+        """Items already downloaded from `device` (by `download`) as a HostCache, ready when they all are."""
+        out = HostCache(items)
+        side = self._side(device, "down")
+        if side is not None:
+            out.ready = torch.cuda.Event()
+            out.ready.record(side)
+        return out
+
+    def upload(
+        self, tensor: torch.Tensor, device: torch.device, after: Any = None
+    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A device copy of a host tensor and the event that marks its arrival (None: already there).
+
+        `after` is an event the copy must wait for (the download that filled the host tensor).
+        """
+        side = self._side(device, "up")
+        if side is None:
+            return tensor.clone(), None
+        main = torch.cuda.current_stream(device)
+        # Device blocks are allocated on the current stream: the copy must not
+        # start before the work already queued there (which may still use them).
+        side.wait_stream(main)
+        if after is not None:
+            side.wait_event(after)
+        with torch.cuda.stream(main):
+            dev = torch.empty_like(tensor, device=device)
+        with torch.cuda.stream(side):
+            dev.copy_(tensor, non_blocking=True)
+            dev.record_stream(side)  # not reused before the copy is done, even if dropped unread
+            event = torch.cuda.Event()
+            event.record(side)
+        return dev, event
+
     def to_host(self, cache: list) -> list:
         """The list with its device tensors replaced by host copies (a HostCache); the device copies are dropped."""
         if isinstance(cache, HostCache):
             return cache
         items = cache.settle() if isinstance(cache, ArrivingCache) else list(cache)
         tensors = [t for t in items if isinstance(t, torch.Tensor)]
-        out = HostCache(items)
         if not tensors:
-            return out
-        device = tensors[0].device
-        side = self._side(device, "down")
-        if side is None:
-            out[:] = [t.clone() if isinstance(t, torch.Tensor) else t for t in items]
-            return out
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for i, t in enumerate(items):
-                if isinstance(t, torch.Tensor):
-                    host = torch.empty_like(t, device="cpu", pin_memory=self.pin_memory)
-                    host.copy_(t, non_blocking=True)
-                    t.record_stream(side)  # the device block is not reused before the copy is done
-                    out[i] = host
-            out.ready = torch.cuda.Event()
-            out.ready.record(side)
-        return out
+            return HostCache(items)
+        moved = [self.download(t) if isinstance(t, torch.Tensor) else t for t in items]
+        return self.host_list(moved, tensors[0].device)
 
     def to_device(self, cache: list, device: torch.device) -> list:
         """A HostCache brought back to `device` (an ArrivingCache); any other list is returned as it is."""
         if not isinstance(cache, HostCache):
             return cache
-        side = self._side(device, "up")
-        if side is None:
-            return ArrivingCache([t.clone() if isinstance(t, torch.Tensor) else t for t in cache])
-        main = torch.cuda.current_stream(device)
-        # Device blocks are allocated on the current stream: the copies must not
-        # start before the work already queued there (which may still use them).
-        side.wait_stream(main)
-        if cache.ready is not None:
-            side.wait_event(cache.ready)
         items, events = list(cache), {}
-        with torch.cuda.stream(side):
-            for i, t in enumerate(cache):
-                if isinstance(t, torch.Tensor):
-                    with torch.cuda.stream(main):
-                        dev = torch.empty_like(t, device=device)
-                    dev.copy_(t, non_blocking=True)
-                    dev.record_stream(side)  # not reused before the copy is done, even if dropped unread
-                    events[i] = torch.cuda.Event()
-                    events[i].record(side)
-                    items[i] = dev
+        for i, t in enumerate(cache):
+            if isinstance(t, torch.Tensor):
+                items[i], event = self.upload(t, device, cache.ready)
+                if event is not None:
+                    events[i] = event
         return ArrivingCache(items, events, device)
 
 
+class WindowedUpload:
+    """A HostCache read on the device a few entries at a time (a KV cache streamed layer by layer).
+
+    Reading entry i queues the uploads of entries i .. i + `ahead` (those not
+    queued yet) and makes the current stream wait for entry i's; `cache[i] =
+    None` drops the device copy. So the device holds about `ahead` + 1 entries,
+    not the whole list, and each upload overlaps the work on the entry before.
+    The host list is never changed.
+    """
+
+    def __init__(self, host: HostCache, offload: HostOffload, device: torch.device, ahead: int = 1) -> None:
+        self.host = host
+        self.offload = offload
+        self.device = device
+        self.ahead = ahead
+        self._items: dict[int, torch.Tensor | None] = {}
+        self._events: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def _start(self, index: int) -> None:
+        if index < len(self.host) and index not in self._items:
+            self._items[index], event = self.offload.upload(self.host[index], self.device, self.host.ready)
+            if event is not None:
+                self._events[index] = event
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        for ahead in range(index, index + self.ahead + 1):
+            self._start(ahead)
+        event = self._events.pop(index, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        value = self._items[index]
+        if value is None:
+            raise IndexError(f"entry {index} was already dropped")
+        return value
+
+    def __setitem__(self, index: int, value: None) -> None:
+        if value is not None:
+            raise TypeError("a WindowedUpload is read-only; only `cache[i] = None` (drop) is allowed")
+        self._events.pop(index, None)  # record_stream keeps the block until its copy is done
+        self._items[index] = None
+
+
+class ModuleOffload:
+    """A module's parameters and buffers kept in host memory, on the device only while it runs.
+
+    The module's own tensors are re-pointed (`tensor.data`), so references to
+    the module stay valid; `on_device` brings the weights in for a call and
+    leaves the host copy in place, so nothing is copied back.
+    """
+
+    def __init__(self, module: torch.nn.Module, offload: HostOffload) -> None:
+        self.module = module
+        self.offload = offload
+        self.host: HostCache | None = None
+
+    @property
+    def offloaded(self) -> bool:
+        return self.host is not None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.module.parameters(), *self.module.buffers()]
+
+    def _assign(self, values: list) -> None:
+        # settle(): iterating an ArrivingCache would not wait for its uploads, indexing does.
+        values = values.settle() if isinstance(values, ArrivingCache) else values
+        for tensor, value in zip(self.tensors(), values, strict=True):
+            tensor.data = value
+
+    def to_host(self) -> None:
+        if self.host is None:
+            self.host = self.offload.to_host([t.data for t in self.tensors()])
+            self._assign(self.host)
+
+    def to_device(self, device: torch.device) -> None:
+        if self.host is not None:
+            self._assign(self.offload.to_device(self.host, device))
+            self.host = None
+
+    @contextmanager
+    def on_device(self, device: torch.device) -> Iterator[None]:
+        """The weights on `device` for the duration (a no-op when they live there)."""
+        if self.host is None:
+            yield
+            return
+        self._assign(self.offload.to_device(self.host, device))
+        try:
+            yield
+        finally:
+            self._assign(self.host)

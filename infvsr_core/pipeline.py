@@ -15,7 +15,7 @@ import torch
 
 from .dit import CausalWanDiT, KVCache
 from .guidance import VisualGuidance
-from .offload import ArrivingCache, HostCache, HostOffload
+from .offload import HostCache, HostOffload, ModuleOffload, WindowedUpload
 from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
 from .session import InfVSRSession, SceneState
 from .vae import StreamingVAE
@@ -60,7 +60,8 @@ class InfVSRPipeline:
         self.output_device = torch.device(output_device)
         self.model_id = model_id or uuid.uuid4().hex
         self._host = HostOffload()
-        self._dit_host: HostCache | None = None  # the DiT's weights while they are off the device
+        self._dit_weights = ModuleOffload(self.dit, self._host)
+        self._guidance_weights = ModuleOffload(self.guidance, self._host)
         self._offload = "none"
         # None: as the VAE was built (its history_device), nothing else offloaded.
         self.offload = offload or ("none" if vae.history_device is None else "histories")
@@ -76,47 +77,56 @@ class InfVSRPipeline:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
         self.vae.history_device = None if mode == "none" else "cpu"
         self.vae.prefetch = mode != "all"
-        if mode == "all" and self._dit_host is None:
-            self._dit_host = self._host.to_host([t.data for t in self._dit_tensors()])
-            self._dit_weights(self._dit_host)
-        elif mode != "all" and self._dit_host is not None:
-            self._dit_weights(self._host.to_device(self._dit_host, self.device))
-            self._dit_host = None
+        for weights, offloaded in ((self._dit_weights, ("all",)), (self._guidance_weights, ("state", "all"))):
+            if mode in offloaded:
+                weights.to_host()
+            else:
+                weights.to_device(self.device)
         self._offload = mode
 
-    def _dit_tensors(self) -> list[torch.Tensor]:
-        return [*self.dit.parameters(), *self.dit.buffers()]
-
-    def _dit_weights(self, values: list) -> None:
-        # settle(): iterating an ArrivingCache would not wait for its uploads, indexing does.
-        values = values.settle() if isinstance(values, ArrivingCache) else values
-        for tensor, value in zip(self._dit_tensors(), values, strict=True):
-            tensor.data = value
-
     def _run_dit(self, latents, prompt, timestep, time_offset: int, kv_cache: KVCache | None):
-        if self._dit_host is not None:
-            self._dit_weights(self._host.to_device(self._dit_host, self.device))
-        try:
-            prediction, cache = self.dit(latents, prompt, timestep, time_offset=time_offset, kv_cache=kv_cache)
-        finally:
-            if self._dit_host is not None:
-                self._dit_weights(self._dit_host)
-        if self.offload in ("state", "all"):
-            cache = self._kv_to(cache, None)
+        """One DiT step; the old cache is released layer by layer as the new one is built.
+
+        With the KV cache offloaded ("state", "all"), it streams through the DiT:
+        each layer's old keys/values are uploaded one layer ahead and its new
+        ones downloaded as soon as they exist, so the device never holds more
+        than a few layers of either cache (the whole cache is 18 GiB at 4K).
+        """
+        streamed = self.offload in ("state", "all")
+        if kv_cache is not None and isinstance(kv_cache.keys, HostCache):
+            if not streamed:  # offloading was switched off since: bring it back whole
+                kv_cache = self._kv_to(kv_cache, self.device)
+            else:
+                kv_cache = KVCache(
+                    keys=WindowedUpload(kv_cache.keys, self._host, self.device),
+                    values=WindowedUpload(kv_cache.values, self._host, self.device),
+                    latent_frames=kv_cache.latent_frames,
+                )
+        with self._dit_weights.on_device(self.device):
+            prediction, cache = self.dit(
+                latents,
+                prompt,
+                timestep,
+                time_offset=time_offset,
+                kv_cache=kv_cache,
+                release_cache=True,
+                keep=self._host.download if streamed else None,
+            )
+        if streamed:
+            cache = KVCache(
+                keys=self._host.host_list(cache.keys, self.device),
+                values=self._host.host_list(cache.values, self.device),
+                latent_frames=cache.latent_frames,
+            )
         return prediction, cache
 
-    def _kv_to(self, cache: KVCache | None, device: torch.device | None) -> KVCache | None:
-        """The KV cache in host memory (device None) or on `device` (no-op for a cache already there)."""
-        if cache is None:
-            return None
-        if device is None:
-            move = self._host.to_host
-        else:
-
-            def move(tensors):
-                return self._host.to_device(tensors, device)
-
-        return KVCache(keys=move(cache.keys), values=move(cache.values), latent_frames=cache.latent_frames)
+    def _kv_to(self, cache: KVCache, device: torch.device) -> KVCache:
+        """The KV cache on `device` (no-op for lists already there)."""
+        return KVCache(
+            keys=self._host.to_device(cache.keys, device),
+            values=self._host.to_device(cache.values, device),
+            latent_frames=cache.latent_frames,
+        )
 
     # -- visual guidance -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -129,7 +139,8 @@ class InfVSRPipeline:
         if reference.ndim != 3 or reference.shape[-1] != 3:
             raise ValueError(f"expected a reference frame of shape (H, W, 3), got {tuple(reference.shape)}")
         image = reference.to(self.device, torch.float32).permute(2, 0, 1).unsqueeze(0)
-        return self.guidance(image)
+        with self._guidance_weights.on_device(self.device):
+            return self.guidance(image)
 
     # -- sessions -------------------------------------------------------------------------------
     def new_session(self, scale: int = 4, prompt: torch.Tensor | None = None) -> InfVSRSession:
@@ -203,8 +214,16 @@ class InfVSRPipeline:
         session.pending = rest if rest.shape[0] else None
         return self._upscale_chunk(session, chunk)
 
-    @torch.inference_mode()
     def _upscale_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._run_chunk(session, frames)
+        except BaseException as e:
+            # The caches were being replaced entry by entry: they now mix two chunks.
+            session.interrupted = f"{type(e).__name__}: {e}".strip().rstrip(":")
+            raise
+
+    @torch.inference_mode()
+    def _run_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
         first = session.scene is None
         if first:
@@ -216,16 +235,14 @@ class InfVSRPipeline:
             session.prompt = self.extract_prompt(frames[0])
             session.reference_index = session.frames_out
         video, true_size = prepare_chunk(frames, session.scale, first, device=self.device, dtype=self.dtype)
-        if self.offload != "all":  # the KV cache's upload overlaps the encoder
-            scene.kv_cache = self._kv_to(scene.kv_cache, self.device)
         latents = self.vae.encode_chunk(video, scene.vae_history)
         del video
-        scene.kv_cache = self._kv_to(scene.kv_cache, self.device)
         self.vae.prefetch_decoder(scene.vae_history)  # overlaps the DiT (when offloading histories)
         timestep = torch.full((latents.shape[0],), TIMESTEP, device=self.device, dtype=torch.float32)
-        prediction, scene.kv_cache = self._run_dit(
-            latents, session.prompt, timestep, scene.latent_frames, scene.kv_cache
-        )
+        # The DiT consumes the old cache layer by layer: from here the scene holds the new one or nothing.
+        kv_cache, scene.kv_cache = scene.kv_cache, None
+        prediction, scene.kv_cache = self._run_dit(latents, session.prompt, timestep, scene.latent_frames, kv_cache)
+        del kv_cache
         scene.latent_frames += latents.shape[2]
         restored = one_step_restore(latents, prediction)
         del prediction, latents
@@ -254,6 +271,11 @@ class InfVSRPipeline:
             raise ValueError("this session (cache) was created by a different InfVSR model; start a new session")
         if session.closed:
             raise ValueError("this session is closed (its stream has ended); start a new session")
+        if session.interrupted:
+            raise ValueError(
+                f"this session stopped in the middle of a chunk ({session.interrupted}), so its caches are "
+                "incomplete; start a new session (from the first frame of the scene to get the same output)"
+            )
 
     def _check_prompt(self, prompt: torch.Tensor) -> torch.Tensor:
         expected = self.dit.config.text_dim

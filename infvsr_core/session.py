@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .dit import KVCache
+from .offload import copy_cache
 from .schedule import chunk_length
 from .vae import VAEHistory
 
@@ -56,6 +57,8 @@ class InfVSRSession:
     frames_out: int = 0
     scenes: int = 0
     closed: bool = False
+    interrupted: str | None = None
+    """Why a chunk stopped half-way (its caches are then incomplete and the session unusable), else None."""
     stats: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -74,10 +77,14 @@ class InfVSRSession:
 
     def fork(self) -> InfVSRSession:
         """An independent copy of the stream state (for callers that must not see a session change,
-        e.g. ComfyUI's cached node outputs). Tensors are shared: the pipeline never writes into them."""
+        e.g. ComfyUI's cached node outputs). Tensors are shared: the pipeline never writes into them,
+        it only replaces or drops list entries, so the lists themselves are copied."""
         scene = None
         if self.scene is not None:
-            scene = replace(self.scene, vae_history=self.scene.vae_history.fork())
+            kv = self.scene.kv_cache
+            if kv is not None:
+                kv = replace(kv, keys=copy_cache(kv.keys), values=copy_cache(kv.values))
+            scene = replace(self.scene, vae_history=self.scene.vae_history.fork(), kv_cache=kv)
         return replace(self, scene=scene, stats=dict(self.stats))
 
     def state_bytes(self) -> int:

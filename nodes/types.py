@@ -52,9 +52,12 @@ class InfVSRModel:
         return self.pipeline.model_id
 
     def modules(self) -> list[torch.nn.Module]:
-        """The networks this handle moves; with the core's own offload "all" the DiT is the core's to move."""
-        dit = [] if getattr(self.pipeline, "offload", "none") == "all" else [self.pipeline.dit]
-        return [*dit, self.pipeline.vae.vae, self.pipeline.guidance]
+        """The networks this handle moves; those the core's own offload keeps in host memory are the core's to move
+        (the DiT with "all", the visual guidance with "state" and "all")."""
+        mode = getattr(self.pipeline, "offload", "none")
+        dit = [] if mode == "all" else [self.pipeline.dit]
+        guidance = [] if mode in ("state", "all") else [self.pipeline.guidance]
+        return [*dit, self.pipeline.vae.vae, *guidance]
 
     def weight_bytes(self) -> int:
         return sum(_module_bytes(m) for m in self.modules())

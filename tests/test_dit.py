@@ -248,3 +248,29 @@ def test_random_state_dict_format() -> None:
     other = random_dit_state_dict(TINY, seed=8)
     assert not torch.equal(sd["blocks.0.self_attn.q.weight"], other["blocks.0.self_attn.q.weight"])
     assert 0.9 < sd["blocks.0.self_attn.norm_q.weight"].float().mean() < 1.1
+
+
+def test_released_cache_is_dropped_layer_by_layer(tiny_model: CausalWanDiT) -> None:
+    """release_cache: same outputs, and layer i's old entries are gone before layer i+1's new ones exist."""
+    latents, context, t = inputs(frames=6)
+    with torch.no_grad():
+        _, cache = tiny_model(latents[:, :, :3], context, t)
+        expected, expected_cache = tiny_model(latents[:, :, 3:], context, t, time_offset=3, kv_cache=cache)
+        handed = KVCache(keys=list(cache.keys), values=list(cache.values), latent_frames=cache.latent_frames)
+        seen = []
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            seen.append([k is None for k in handed.keys])
+            return tensor.clone()
+
+        out, new_cache = tiny_model(
+            latents[:, :, 3:], context, t, time_offset=3, kv_cache=handed, release_cache=True, keep=keep
+        )
+    assert torch.equal(out, expected)
+    for got, want in zip(new_cache.keys + new_cache.values, expected_cache.keys + expected_cache.values, strict=True):
+        assert torch.equal(got, want)
+    assert all(k is None for k in handed.keys + handed.values)
+    layers = TINY.num_layers
+    # keep() runs for each layer's key then value: by then exactly the layers up to it were dropped.
+    assert seen == [[j <= i for j in range(layers)] for i in range(layers) for _ in (0, 1)]
+    assert all(k is not None for k in cache.keys)  # the caller's own lists were not touched

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from infvsr_core.loader import load_pipeline
-from infvsr_core.offload import ArrivingCache, HostCache
+from infvsr_core.offload import ArrivingCache, HostCache, HostOffload, WindowedUpload
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict
 
 from .conftest import make_clip, smooth_vae_clip
@@ -90,7 +90,7 @@ def test_pipeline_offload_is_bit_identical(offload_pipe, mode):
     clip = make_clip(25)
     offload_pipe.offload = "none"
     reference = offload_pipe.upscale(clip, scale=2)
-    weights = [t.clone() for t in offload_pipe._dit_tensors()]
+    weights = [t.clone() for t in offload_pipe._dit_weights.tensors() + offload_pipe._guidance_weights.tensors()]
     offload_pipe.offload = mode
     try:
         session = offload_pipe.new_session(2)
@@ -101,11 +101,13 @@ def test_pipeline_offload_is_bit_identical(offload_pipe, mode):
         assert isinstance(history.encoder_cache, HostCache) and isinstance(history.decoder_cache, HostCache)
         kv_host = isinstance(session.scene.kv_cache.keys, HostCache)
         assert kv_host == (mode != "histories")
-        assert (offload_pipe._dit_host is not None) == (mode == "all")
+        assert offload_pipe._dit_weights.offloaded == (mode == "all")
+        assert offload_pipe._guidance_weights.offloaded == (mode in ("state", "all"))
     finally:
         offload_pipe.offload = "none"
-    assert offload_pipe._dit_host is None
-    assert all(torch.equal(a, b) for a, b in zip(offload_pipe._dit_tensors(), weights, strict=True))
+    assert not offload_pipe._dit_weights.offloaded and not offload_pipe._guidance_weights.offloaded
+    restored = offload_pipe._dit_weights.tensors() + offload_pipe._guidance_weights.tensors()
+    assert all(torch.equal(a, b) for a, b in zip(restored, weights, strict=True))
     with pytest.raises(ValueError, match="offload"):
         offload_pipe.offload = "everything"
 
@@ -114,3 +116,31 @@ def test_low_vram_loader_option(tiny_models):
     pipe = load_pipeline(tiny_models, device="cpu", dtype="fp32", low_vram=True)
     assert pipe.offload == "all" and pipe.vae.history_device == "cpu" and not pipe.vae.prefetch
     assert load_pipeline(tiny_models, device="cpu", dtype="fp32", offload="histories").offload == "histories"
+
+
+def test_windowed_upload_reads_a_host_list_entry_by_entry():
+    offload = HostOffload()
+    layers = [torch.randn(3, 4) for _ in range(4)]
+    host = offload.to_host(layers)
+    window = WindowedUpload(host, offload, torch.device("cpu"), ahead=1)
+    assert len(window) == 4
+    first = window[0]
+    assert torch.equal(first, layers[0]) and first is not host[0]
+    assert set(window._items) == {0, 1}  # entry 1 is queued one ahead, 2 and 3 not yet
+    window[0] = None
+    with pytest.raises(IndexError, match="dropped"):
+        window[0]
+    with pytest.raises(TypeError, match="read-only"):
+        window[1] = layers[1]
+    assert all(torch.equal(window[i], layers[i]) for i in (1, 2, 3))
+    assert all(torch.equal(h, t) for h, t in zip(host, layers, strict=True))  # the host list is unchanged
+
+
+def test_download_and_host_list():
+    offload = HostOffload()
+    tensors = [torch.randn(5), torch.randn(2, 2)]
+    host = offload.host_list([offload.download(t) for t in tensors], torch.device("cpu"))
+    assert isinstance(host, HostCache) and host.ready is None
+    assert all(h is not t and torch.equal(h, t) for h, t in zip(host, tensors, strict=True))
+    back, event = offload.upload(host[0], torch.device("cpu"))
+    assert event is None and torch.equal(back, tensors[0]) and back is not host[0]

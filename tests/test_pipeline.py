@@ -163,3 +163,25 @@ def test_fork_gives_an_independent_stream(tiny_pipeline, clip, one_shot):
     assert not session.closed and session.pending_frames == 6 and session.frames_out == 9
     tail = torch.cat([tiny_pipeline.push(session, clip[15:]), tiny_pipeline.close(session)])
     assert torch.equal(torch.cat([head, tail]), one_shot)
+
+
+def test_a_chunk_stopped_half_way_leaves_a_session_that_refuses_to_continue(tiny_pipeline, clip, one_shot, monkeypatch):
+    """An interrupt inside a chunk (after the DiT consumed the old cache) must not give silently wrong frames."""
+    session = tiny_pipeline.new_session()
+    head = tiny_pipeline.push(session, clip[:9])
+    saved = session.fork()
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tiny_pipeline.vae, "decode_chunk", stop)
+        with pytest.raises(KeyboardInterrupt):
+            tiny_pipeline.push(session, clip[9:21])
+    assert session.interrupted == "KeyboardInterrupt"
+    for call in (lambda: tiny_pipeline.push(session, clip[21:25]), lambda: tiny_pipeline.close(session)):
+        with pytest.raises(ValueError, match="stopped in the middle of a chunk .*KeyboardInterrupt.* new session"):
+            call()
+    # A fork taken before the interrupted chunk goes on as if nothing happened.
+    tail = torch.cat([tiny_pipeline.push(saved, clip[9:]), tiny_pipeline.close(saved)])
+    assert torch.equal(torch.cat([head, tail]), one_shot)
