@@ -139,11 +139,14 @@ def stage_times(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> dict[st
     prompt = pipe.extract_prompt(clip[0])
     start = 0
     for index, size in enumerate((9, 12)):
-        marks = []
+        marks, peaks = [], []
 
         def mark():
             sync(pipe.device)
             marks.append(time.perf_counter())  # noqa: B023
+            if pipe.device.type == "cuda":
+                peaks.append(torch.cuda.max_memory_allocated() / 2**30)  # noqa: B023
+                torch.cuda.reset_peak_memory_stats()
 
         mark()
         video, true_size = prepare_chunk(
@@ -164,6 +167,7 @@ def stage_times(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> dict[st
         start += size
         names = ("prepare", "encode", "dit", "decode", "finish")
         events = {n: marks[i + 1] - marks[i] for i, n in enumerate(names)}
+        events.update({f"{n}_peak_gib": peaks[i + 1] for i, n in enumerate(names) if peaks})
     return events
 
 
@@ -246,6 +250,9 @@ def main() -> int:
     )
     parser.add_argument("--plain", action="store_true", help="the plain path (diffusers VAE modules, eager DiT ops)")
     parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile one steady chunk of (top kernels)")
+    parser.add_argument(
+        "--full-res-frames", type=int, help="frames per piece of the VAE's full-resolution stages (fast_vae)"
+    )
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
     args = parser.parse_args()
     global PROGRESS
@@ -253,6 +260,10 @@ def main() -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(args.dtype, device)
+    if args.full_res_frames:
+        import infvsr_core.fast_vae as fast_vae
+
+        fast_vae.FULL_RES_FRAMES = args.full_res_frames
     if args.memory_gib and device.type == "cuda":
         args.memory_fraction = args.memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory
     if args.memory_fraction and device.type == "cuda":
@@ -303,7 +314,8 @@ def main() -> int:
             "first_chunk_s": round(times[0], 3),
             "peak_alloc_gib": round(peak_alloc, 2),
             "peak_reserved_gib": round(peak_res, 2),
-            "stage_ms": {k: round(v * 1000, 1) for k, v in stages.items()},
+            "stage_ms": {k: round(v * 1000, 1) for k, v in stages.items() if not k.endswith("_gib")},
+            "stage_peak_gib": {k[:-9]: round(v, 2) for k, v in stages.items() if k.endswith("_peak_gib")},
             "tiled": pipe.vae.wants_tiling(-(-height * args.scale // 16) * 16, -(-width * args.scale // 16) * 16),
             "peak_after_chunk_gib": [round(p, 2) for p in peaks],
             "offload": mode,
