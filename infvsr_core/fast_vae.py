@@ -10,8 +10,16 @@ cuDNN's slower layout for these shapes. This forward
 - writes norm + SiLU (one fused kernel) straight into a buffer that already
   holds the 2 cached frames in front, and lets conv3d do the spatial zero
   padding itself (no cat, no F.pad of the activation),
-- runs the upsampler's nearest 2x + conv2d and the downsampler's conv2d per
-  frame in channels_last without the float32 round trip.
+- runs the downsampler's conv2d per frame in channels_last without the
+  float32 round trip, and the upsampler's nearest 2x + 3x3 conv2d as one 2x2
+  conv at low resolution (sub-pixel form: no 4x-sized upsampled copy, and a
+  quarter of the multiply-adds),
+- computes the mid block's single-head attention (head dim = channels) as two
+  matmuls and a float32 softmax over blocks of queries: SDPA has no fast kernel
+  for that head dim and falls back to a slow one,
+- runs the full-resolution stages (the encoder's first level, the decoder's
+  last block and head) on a few frames at a time, which bounds peak memory
+  (their activations are the largest) without changing the result.
 
 The `feat_cache` lists have exactly diffusers' meaning and order (one entry
 per causal conv, "Rep" for a temporal upsampler's first call, the same
@@ -44,6 +52,12 @@ PADDED_RGB = 8
 PAD_OFF_CUDA = False  # tests set this to exercise the padded convs on the CPU
 # Let cuDNN time its algorithms once per shape (streamed chunks repeat a few shapes).
 CUDNN_BENCHMARK = True
+# Most bytes one block of the mid attention's scores may take, counted as float32: 1080p latents have
+# 32,400 tokens per frame, whose full score matrix would be 4 GB; queries go in blocks that fit this.
+ATTENTION_SCORE_BYTES = 256 * 2**20
+# Frames per piece of the full-resolution stages: their causal caches carry the history
+# between pieces exactly, so smaller pieces only lower the peak memory.
+FULL_RES_FRAMES = 2
 
 
 def supports_fast_forward(vae: AutoencoderKLWan) -> bool:
@@ -214,14 +228,64 @@ def _resblock(block: WanResidualBlock, x: torch.Tensor, cursor: _Cursor) -> torc
     return _add_bias(y, bias, h)
 
 
+def _attention_blocks(frames: int, tokens: int) -> tuple[int, int]:
+    """(frames, query rows) per attention block, so that its float32 scores fit ATTENTION_SCORE_BYTES.
+
+    Whole frames are grouped while one frame's scores fit; otherwise one frame's
+    queries are split (so every block's slice of the output stays contiguous).
+    """
+    per_frame = 4 * tokens * tokens
+    if per_frame <= ATTENTION_SCORE_BYTES:
+        return max(1, min(frames, ATTENTION_SCORE_BYTES // per_frame)), tokens
+    return 1, max(1, ATTENTION_SCORE_BYTES // (4 * tokens))
+
+
+def _scores(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * queries @ keys as float32 (float32 accumulation, no rounding to the inputs' half dtype)."""
+    empty = torch.empty((*queries.shape[:2], keys.shape[-1]), dtype=torch.float32, device=queries.device)
+    if queries.dtype == torch.float32:
+        return torch.baddbmm(empty, queries, keys, beta=0.0, alpha=scale)
+    if queries.is_cuda and not _NO_OUT_DTYPE:
+        try:
+            return torch.baddbmm(empty, queries, keys, beta=0.0, alpha=scale, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without half -> float32 GEMMs
+            _NO_OUT_DTYPE.append(True)
+    return torch.baddbmm(empty, queries.float(), keys.float(), beta=0.0, alpha=scale)
+
+
+_NO_OUT_DTYPE: list[bool] = []
+
+
 def _attention(block: WanAttentionBlock, x: torch.Tensor) -> torch.Tensor:
-    """The mid block's single-head attention over each frame's pixels, in token layout (no NCHW copies)."""
+    """The mid block's single-head attention over each frame's pixels, in token layout (no NCHW copies).
+
+    Explicit matmuls instead of SDPA, whose only kernel for a head dim of 384
+    is slow. The scores stay float32 as in SDPA's kernels (bf16 scores would
+    round logits of ~50 by ~0.1, i.e. move attention weights by ~10 %): the
+    GEMM writes its float32 accumulators with the 1/sqrt(C) scale applied
+    (`out_dtype`, on CUDA), the softmax runs on them, and the probabilities go
+    to v's dtype for the second GEMM; queries in blocks bound the scores' memory.
+    """
     b, c, t, h, w = x.shape
-    tokens = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+    n, hw = b * t, h * w
+    tokens = x.permute(0, 2, 3, 4, 1).reshape(n, hw, c)
     normed = rms_norm_rows(tokens.reshape(-1, c), block.norm.gamma, block.norm.scale, block.norm.bias, silu=False)
-    qkv = F.linear(normed.view(b * t, h * w, c), block.to_qkv.weight.reshape(3 * c, c), block.to_qkv.bias)
-    q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)
-    out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+    qkv = F.linear(normed.view(n, hw, c), block.to_qkv.weight.reshape(3 * c, c), block.to_qkv.bias)
+    del normed
+    q, k, v = qkv.chunk(3, dim=-1)
+    keys = k.transpose(1, 2)
+    scale = c**-0.5  # SDPA's default
+    out = torch.empty((n, hw, c), dtype=v.dtype, device=v.device)
+    frames, rows = _attention_blocks(n, hw)
+    for f in range(0, n, frames):
+        for r in range(0, hw, rows):
+            queries = q[f : f + frames, r : r + rows]
+            scores = _scores(queries, keys[f : f + frames], scale)
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
+            del scores
+            torch.matmul(probs, v[f : f + frames], out=out[f : f + frames, r : r + rows])
+            del probs
+    del qkv, q, k, v, keys
     out = F.linear(out, block.proj.weight.reshape(c, c), block.proj.bias)
     out = out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
     return out.add_(x)
@@ -262,6 +326,66 @@ def _downsample(layer: WanResample, x: torch.Tensor, cursor: _Cursor) -> torch.T
     return x
 
 
+# Nearest 2x then a 3x3 tap per axis, seen from the low-res input: output phase p (pixel 2i + p) reads
+# low-res offsets (-1, 0) for p = 0 and (0, +1) for p = 1, each with these sums of the 3 taps.
+_PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def _is_subpixel(conv: nn.Module) -> bool:
+    """Whether conv is the plain 3x3, padding-1 conv2d that the sub-pixel form reproduces."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def _subpixel_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The 3x3 kernel as four 2x2 low-res kernels, phase (a, b) in output channels group 2a + b (cached on conv).
+
+    Taps are summed in float32, then cast once to the weight's dtype.
+    """
+    w = conv.weight
+    # Inference tensors (weights loaded under torch.inference_mode, as in ComfyUI) have no version counter.
+    version = None if w.is_inference() else w._version
+    key = (w.data_ptr(), version, w.dtype, w.device)
+    cached = getattr(conv, "_infvsr_subpixel", None)
+    if cached is None or cached[0] != key:
+        taps = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=w.device)  # (phase, low-res tap, 3x3 tap)
+        combined = torch.einsum("aur,bvs,oirs->aboiuv", taps, taps, w.detach().float())
+        combined = combined.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(w.dtype)
+        cached = (key, combined.contiguous(memory_format=CL2))
+        conv._infvsr_subpixel = cached
+    return cached[1]
+
+
+def _subpixel_conv(conv: nn.Conv2d, frames: torch.Tensor) -> torch.Tensor:
+    """conv(nearest-exact 2x of frames) for (N, C, H, W) channels-last frames, computed at low resolution.
+
+    One 2x2 conv (padding 1) gives each phase's (H+1)x(W+1) map; phase (a, b)
+    at (i + a, j + b) is output pixel (2i + a, 2j + b). The interleave and the
+    bias add are one strided write per phase into the channels-last output.
+    """
+    n, _, h, w = frames.shape
+    cout = conv.out_channels
+    y = F.conv2d(frames, _subpixel_weight(conv), None, padding=1).permute(0, 2, 3, 1)  # (N, H+1, W+1, 4*Cout)
+    out = torch.empty((n, cout, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=CL2)
+    phases = out.permute(0, 2, 3, 1).view(n, h, 2, w, 2, cout)
+    for a in (0, 1):
+        for b in (0, 1):
+            group = 2 * a + b
+            src = y[:, a : a + h, b : b + w, group * cout : (group + 1) * cout]
+            if conv.bias is None:
+                phases[:, :, a, :, b].copy_(src)
+            else:
+                torch.add(src, conv.bias, out=phases[:, :, a, :, b])
+    return out
+
+
 def _upsample(layer: WanResample, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
     """(upsample3d: causal time conv doubling the frames, then) nearest-exact 2x and conv2d per frame."""
     if layer.mode == "upsample3d":
@@ -274,11 +398,15 @@ def _upsample(layer: WanResample, x: torch.Tensor, cursor: _Cursor) -> torch.Ten
             y = y.permute(0, 2, 3, 4, 1).view(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
             x = y.permute(0, 4, 1, 2, 3)
     b, c, t, h, w = x.shape
+    conv = layer.resample[1]
+    if _is_subpixel(conv):
+        frames = _per_frame(x)
+        del x
+        return _from_frames(_subpixel_conv(conv, frames), b, t)
     # nearest-exact at exactly 2x maps output pixel i to input pixel i // 2: a repeat, value-exact.
     nhwc = _per_frame(x).permute(0, 2, 3, 1)
     up = nhwc[:, :, None, :, None, :].expand(b * t, h, 2, w, 2, c).reshape(b * t, 2 * h, 2 * w, c)
     del nhwc, x
-    conv = layer.resample[1]
     y = _add_bias(F.conv2d(up.permute(0, 3, 1, 2), conv.weight, None, padding=conv.padding), conv.bias)
     del up
     return _from_frames(y, b, t)
@@ -346,21 +474,77 @@ def fast_decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.T
         return _decoder(vae, x, cache)
 
 
-def _encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tensor:
-    encoder = vae.encoder
-    cursor = _Cursor(cache)
-    x = _rgb_in(encoder.conv_in, x, cursor)
-    for layer in encoder.down_blocks:
+def _in_pieces(x: torch.Tensor, cursor: _Cursor, run) -> torch.Tensor:
+    """run(x) on pieces of at most FULL_RES_FRAMES frames, concatenated in time (channels_last_3d).
+
+    Every piece walks the same cache entries (the cursor goes back for each):
+    a piece's causal convs read the history the previous piece stored, so the
+    result and the final cache equal one call on all frames. `run` must keep
+    the frame count (no temporal resampling inside).
+    """
+    t = x.shape[2]
+    step = max(1, FULL_RES_FRAMES)
+    if t <= step:
+        return run(x)
+    start = cursor.index
+    out = None
+    for i in range(0, t, step):
+        cursor.index = start
+        y = run(x[:, :, i : i + step])
+        if out is None:
+            out = torch.empty((*y.shape[:2], t, *y.shape[3:]), dtype=y.dtype, device=y.device, memory_format=CL3)
+        out[:, :, i : i + step].copy_(y)
+        del y
+    return out
+
+
+def _full_res_layers(layers: list[nn.Module]) -> int:
+    """How many leading encoder down_blocks may run in pieces: up to and including the first downsample2d.
+
+    Those act per frame apart from their causal convs' caches. A downsample3d
+    ends the split part before it: its cache and stride-2 time conv depend on
+    how the frames are grouped into calls.
+    """
+    for i, layer in enumerate(layers):
+        if isinstance(layer, WanResample):
+            return i + 1 if layer.mode == "downsample2d" else i
+    return len(layers)
+
+
+def _down_layers(layers: list[nn.Module], x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
+    for layer in layers:
         if isinstance(layer, WanResidualBlock):
             x = _resblock(layer, x, cursor)
         elif isinstance(layer, WanResample):
             x = _downsample(layer, x, cursor)
-        elif isinstance(layer, WanAttentionBlock):
+        elif isinstance(layer, WanAttentionBlock):  # per frame (over its pixels), not over time
             x = _attention(layer, x)
         else:
             raise TypeError(f"unsupported encoder layer {type(layer).__name__}")
+    return x
+
+
+def _encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tensor:
+    encoder = vae.encoder
+    cursor = _Cursor(cache)
+    layers = list(encoder.down_blocks)
+    split = _full_res_layers(layers)
+
+    def full_res(piece: torch.Tensor) -> torch.Tensor:
+        return _down_layers(layers[:split], _rgb_in(encoder.conv_in, piece, cursor), cursor)
+
+    x = _in_pieces(x, cursor, full_res)
+    x = _down_layers(layers[split:], x, cursor)
     x = _mid(encoder.mid_block, x, cursor)
     return _causal(encoder.conv_out, x, cursor, encoder.norm_out)
+
+
+def _up_block(block: nn.Module, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
+    for resnet in block.resnets:
+        x = _resblock(resnet, x, cursor)
+    if block.upsamplers is not None:
+        x = _upsample(block.upsamplers[0], x, cursor)
+    return x
 
 
 def _decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tensor:
@@ -368,9 +552,12 @@ def _decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tenso
     cursor = _Cursor(cache)
     x = _causal(decoder.conv_in, _to_cl3(x), cursor, None)
     x = _mid(decoder.mid_block, x, cursor)
-    for block in decoder.up_blocks:
-        for resnet in block.resnets:
-            x = _resblock(resnet, x, cursor)
-        if block.upsamplers is not None:
-            x = _upsample(block.upsamplers[0], x, cursor)
-    return _rgb_out(decoder.conv_out, x, cursor, decoder.norm_out)
+    *body, last = decoder.up_blocks
+    for block in body:
+        x = _up_block(block, x, cursor)
+
+    def tail(piece: torch.Tensor) -> torch.Tensor:
+        return _rgb_out(decoder.conv_out, _up_block(last, piece, cursor), cursor, decoder.norm_out)
+
+    # The last block (no upsampler) and the head run at full resolution: in pieces.
+    return _in_pieces(x, cursor, tail) if last.upsamplers is None else tail(x)

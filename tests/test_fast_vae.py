@@ -6,8 +6,10 @@ import copy
 
 import pytest
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResample
 
 import infvsr_core.fast_vae as fast_vae_module
+from infvsr_core.fast_vae import _Cursor as Cursor
 from infvsr_core.fast_vae import fast_decoder, fast_encoder, prepare_channels_last
 from infvsr_core.kernels.norm_silu import rms_norm_rows, rms_norm_rows_reference
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict
@@ -94,3 +96,149 @@ def test_norm_rows_fallback_matches_reference(silu):
     assert got is out and torch.allclose(got, ref, atol=1e-6, rtol=1e-6)
     manual = torch.nn.functional.normalize(rows, dim=-1) * 24**0.5 * gamma.flatten()
     assert torch.allclose(ref, torch.nn.functional.silu(manual) if silu else manual, atol=1e-6)
+
+
+def _randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (diffusers zero-initializes some, which would hide errors), fan-in scaled.
+
+    Gradients off: the fast forward is inference-only (its out= writes refuse autograd), as the VAE's are.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5 + (1.0 if p.ndim > 1 and fan_in == 1 else 0.0))
+    return module.requires_grad_(False)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (4, 6), (1, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_subpixel_upsampler_matches_nearest_then_conv(size, bias):
+    """The 2x2 low-res form of nearest-exact 2x + 3x3 conv (float32), including odd sizes and the borders."""
+    gen = torch.Generator().manual_seed(sum(size) + bias)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1, bias=bias).requires_grad_(False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        if bias:
+            conv.bias.copy_(torch.randn(5, generator=gen))
+    x = torch.randn(3, 6, *size, generator=gen).contiguous(memory_format=torch.channels_last)
+    up = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+    ref = torch.nn.functional.conv2d(up, conv.weight, conv.bias, padding=1)
+    out = fast_vae_module._subpixel_conv(conv, x)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert max_err(out, ref) < 1e-5
+
+
+def test_subpixel_upsampler_bfloat16():
+    """In bfloat16 the summed taps round once more than the reference's: agreement to bfloat16 precision."""
+    gen = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(8, 4, 3, padding=1).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        conv.bias.copy_(torch.randn(4, generator=gen))
+    x = torch.randn(2, 8, 5, 7, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    up = torch.nn.functional.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact")
+    ref = torch.nn.functional.conv2d(up, conv.weight.float(), conv.bias.float(), padding=1)
+    out = fast_vae_module._subpixel_conv(conv, x)
+    assert out.dtype == torch.bfloat16 and max_err(out.float(), ref) < 2e-2
+
+
+@pytest.mark.parametrize("mode", ["upsample2d", "upsample3d"])
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_upsample_layer_matches_diffusers(mode, kernel):
+    """_upsample against WanResample.forward, through the sub-pixel path (3x3) and the fallback (other convs)."""
+    layer = WanResample(6, mode=mode)
+    if kernel != 3:
+        layer.resample[1] = torch.nn.Conv2d(6, 3, kernel, padding=kernel // 2)
+    _randomized(layer, seed=kernel)
+    assert fast_vae_module._is_subpixel(layer.resample[1]) == (kernel == 3)
+    gen = torch.Generator().manual_seed(2)
+    plain_cache, fast_cache = [None], [None]
+    for frames in (1, 2, 1):
+        x = torch.randn(1, 6, frames, 5, 7, generator=gen)
+        ref = layer(x, feat_cache=plain_cache, feat_idx=[0])
+        out = fast_vae_module._upsample(layer, x.contiguous(memory_format=torch.channels_last_3d), Cursor(fast_cache))
+        assert out.shape == ref.shape and max_err(out, ref) < TOL
+        assert type(fast_cache[0]) is type(plain_cache[0])
+
+
+def test_blocked_attention_matches_one_block_and_diffusers(monkeypatch):
+    """Query blocks (within a frame, and groups of frames) give the one-block result and diffusers' block's."""
+    channels, frames, tokens = 16, 3, 5 * 7
+    block = _randomized(WanAttentionBlock(channels), seed=4)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, channels, frames, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        ref = block(x)
+        assert fast_vae_module._attention_blocks(frames, tokens) == (frames, tokens)
+        whole = fast_vae_module._attention(block, x.clone())
+        assert max_err(whole, ref) < TOL
+        for budget in (4 * tokens * 8, 4 * tokens * tokens * 2):
+            monkeypatch.setattr(fast_vae_module, "ATTENTION_SCORE_BYTES", budget)
+            n_frames, rows = fast_vae_module._attention_blocks(frames, tokens)
+            assert n_frames < frames or rows < tokens  # more than one block
+            blocked = fast_vae_module._attention(block, x.clone())
+            assert max_err(blocked, whole) < 1e-6 and max_err(blocked, ref) < TOL
+
+
+@pytest.mark.parametrize(("pieces", "pad_rgb"), [(1, False), (2, True)])
+def test_full_res_pieces_equal_one_call(vae, clip, pieces, pad_rgb, monkeypatch):
+    """Encoder and decoder with the full-resolution stages in pieces of 1 or 2 frames vs unsplit: outputs and caches.
+
+    Call sizes include a first call of 3 frames (no history yet) and odd piece counts.
+    """
+    monkeypatch.setattr(fast_vae_module, "PAD_OFF_CUDA", pad_rgb)
+    fast_vae = copy.deepcopy(vae)
+    prepare_channels_last(fast_vae)
+    history = StreamingVAE(vae).new_history()
+    seen: list[int] = []
+    rgb_in, rgb_out = fast_vae_module._rgb_in, fast_vae_module._rgb_out
+
+    def spy_in(conv, x, cursor):
+        seen.append(x.shape[2])
+        return rgb_in(conv, x, cursor)
+
+    def spy_out(conv, x, cursor, norm):
+        seen.append(x.shape[2])
+        return rgb_out(conv, x, cursor, norm)
+
+    monkeypatch.setattr(fast_vae_module, "_rgb_in", spy_in)
+    monkeypatch.setattr(fast_vae_module, "_rgb_out", spy_out)
+
+    def run(frames: int) -> tuple[list[torch.Tensor], list, list]:
+        monkeypatch.setattr(fast_vae_module, "FULL_RES_FRAMES", frames)
+        enc_cache, dec_cache = [None] * len(history.encoder_cache), [None] * len(history.decoder_cache)
+        outs = [fast_encoder(fast_vae, clip[:, :, a:b], enc_cache) for a, b in ((0, 3), (3, 8), (8, 13))]
+        z = fast_vae.post_quant_conv(fast_vae.quant_conv(torch.cat(outs, 2))[:, :16])
+        outs += [fast_decoder(fast_vae, z[:, :, a:b], dec_cache) for a, b in ((0, 1), (1, 2), (2, z.shape[2]))]
+        return outs, enc_cache, dec_cache
+
+    whole = run(1000)
+    assert max(seen) > pieces
+    seen.clear()
+    split = run(pieces)
+    assert max(seen) == pieces
+    for a, b in zip(split[0], whole[0], strict=True):
+        assert a.shape == b.shape and max_err(a, b) < TOL
+    for cache_a, cache_b in zip(split[1:], whole[1:], strict=True):
+        for a, b in zip(cache_a, cache_b, strict=True):
+            assert type(a) is type(b)
+            if isinstance(b, torch.Tensor):
+                assert a.shape == b.shape and max_err(a, b) < TOL
+            else:
+                assert a == b
+
+
+def test_attention_scores_are_float32_products():
+    """Half-precision q, k: the scores are the float32 products (never rounded to bf16 before the softmax)."""
+    from infvsr_core.fast_vae import _scores
+
+    gen = torch.Generator().manual_seed(0)
+    q = (8 * torch.randn(3, 7, 16, generator=gen)).to(torch.bfloat16)
+    k = (8 * torch.randn(3, 16, 5, generator=gen)).to(torch.bfloat16)
+    got = _scores(q, k, 0.25)
+    want = 0.25 * (q.double() @ k.double())
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
+    rounded = want.to(torch.bfloat16).double()
+    assert (rounded - want).abs().max() > 1e-4 * want.abs().max()  # bf16 scores would be visibly off
