@@ -12,8 +12,8 @@ cuDNN's slower layout for these shapes. This forward
   padding itself (no cat, no F.pad of the activation),
 - runs the downsampler's conv2d per frame in channels_last without the
   float32 round trip, and the upsampler's nearest 2x + 3x3 conv2d as one 2x2
-  conv at low resolution (sub-pixel form: no 4x-sized upsampled copy, and a
-  quarter of the multiply-adds),
+  conv at low resolution (sub-pixel form: no 4x-sized upsampled copy, and
+  4/9 of the multiply-adds),
 - computes the mid block's single-head attention (head dim = channels) as two
   matmuls and a float32 softmax over blocks of queries: SDPA has no fast kernel
   for that head dim and falls back to a slow one,
