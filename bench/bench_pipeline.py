@@ -156,7 +156,7 @@ def stage_times(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> dict[st
         latents = pipe.vae.encode_chunk(video, history)
         mark()
         timestep = torch.full((1,), TIMESTEP, device=pipe.device)
-        pipe.vae.prefetch_decoder(history)
+        pipe._prefetch_decoder(history)
         prediction, cache = pipe._run_dit(latents, prompt, timestep, position, cache)  # with the offload moves
         position += latents.shape[2]
         mark()
@@ -251,7 +251,7 @@ def main() -> int:
     parser.add_argument("--plain", action="store_true", help="the plain path (diffusers VAE modules, eager DiT ops)")
     parser.add_argument("--profile", nargs="*", default=[], help="sizes to profile one steady chunk of (top kernels)")
     parser.add_argument(
-        "--full-res-frames", type=int, help="frames per piece of the VAE's full-resolution stages (fast_vae)"
+        "--full-res-frames", type=int, help="frames per piece of the VAE's full-res stages (0: whole calls)"
     )
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
     args = parser.parse_args()
@@ -260,10 +260,6 @@ def main() -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(args.dtype, device)
-    if args.full_res_frames:
-        import infvsr_core.fast_vae as fast_vae
-
-        fast_vae.FULL_RES_FRAMES = args.full_res_frames
     if args.memory_gib and device.type == "cuda":
         args.memory_fraction = args.memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory
     if args.memory_fraction and device.type == "cuda":
@@ -285,6 +281,8 @@ def main() -> int:
         pipe.vae.fast = False
 
     pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
+    if args.full_res_frames is not None:
+        pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)
     parity_frames = min(frames_total, 33)
     rows, kept = [], {}

@@ -104,7 +104,7 @@ def main() -> int:
 
         latents = profiled("encode", args.top, encode) if last else encode()
         del video
-        pipe.vae.prefetch_decoder(history)
+        pipe._prefetch_decoder(history)
 
         def dit(latents=latents, cache=cache, position=position):
             return pipe._run_dit(latents, prompt, timestep, position, cache)

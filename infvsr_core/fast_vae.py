@@ -55,8 +55,8 @@ CUDNN_BENCHMARK = True
 # Most bytes one block of the mid attention's scores may take, counted as float32: 1080p latents have
 # 32,400 tokens per frame, whose full score matrix would be 4 GB; queries go in blocks that fit this.
 ATTENTION_SCORE_BYTES = 256 * 2**20
-# Frames per piece of the full-resolution stages: their causal caches carry the history
-# between pieces exactly, so smaller pieces only lower the peak memory.
+# Frames per piece of the full-resolution stages when splitting (StreamingVAE.piece_frames): their causal
+# caches carry the history between pieces exactly, so smaller pieces only lower the peak memory.
 FULL_RES_FRAMES = 2
 
 
@@ -462,20 +462,27 @@ def _rgb_out(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor, norm: WanR
     return _add_bias(_conv(conv, buf, weight), bias)[:, :out]
 
 
-def fast_encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tensor:
-    """Same as `vae.encoder(x, feat_cache=cache, feat_idx=[0])`; output channels_last_3d."""
+def fast_encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None = None) -> torch.Tensor:
+    """Same as `vae.encoder(x, feat_cache=cache, feat_idx=[0])`; output channels_last_3d.
+
+    `piece_frames`: run the full-resolution stage that many frames at a time
+    (lower peak memory, a little slower); None runs every stage on all frames.
+    """
     with _CudnnBenchmark():
-        return _encoder(vae, x, cache)
+        return _encoder(vae, x, cache, piece_frames)
 
 
-def fast_decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tensor:
-    """Same as `vae.decoder(x, feat_cache=cache, feat_idx=[0])` for Wan2.1; output channels_last_3d."""
+def fast_decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None = None) -> torch.Tensor:
+    """Same as `vae.decoder(x, feat_cache=cache, feat_idx=[0])` for Wan2.1; output channels_last_3d.
+
+    `piece_frames` as for `fast_encoder`.
+    """
     with _CudnnBenchmark():
-        return _decoder(vae, x, cache)
+        return _decoder(vae, x, cache, piece_frames)
 
 
-def _in_pieces(x: torch.Tensor, cursor: _Cursor, run) -> torch.Tensor:
-    """run(x) on pieces of at most FULL_RES_FRAMES frames, concatenated in time (channels_last_3d).
+def _in_pieces(x: torch.Tensor, cursor: _Cursor, run, step: int | None) -> torch.Tensor:
+    """run(x) on pieces of at most `step` frames (None: all at once), concatenated in time (channels_last_3d).
 
     Every piece walks the same cache entries (the cursor goes back for each):
     a piece's causal convs read the history the previous piece stored, so the
@@ -483,9 +490,9 @@ def _in_pieces(x: torch.Tensor, cursor: _Cursor, run) -> torch.Tensor:
     the frame count (no temporal resampling inside).
     """
     t = x.shape[2]
-    step = max(1, FULL_RES_FRAMES)
-    if t <= step:
+    if step is None or t <= step:
         return run(x)
+    step = max(1, step)
     start = cursor.index
     out = None
     for i in range(0, t, step):
@@ -524,7 +531,7 @@ def _down_layers(layers: list[nn.Module], x: torch.Tensor, cursor: _Cursor) -> t
     return x
 
 
-def _encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tensor:
+def _encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None) -> torch.Tensor:
     encoder = vae.encoder
     cursor = _Cursor(cache)
     layers = list(encoder.down_blocks)
@@ -533,7 +540,7 @@ def _encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tenso
     def full_res(piece: torch.Tensor) -> torch.Tensor:
         return _down_layers(layers[:split], _rgb_in(encoder.conv_in, piece, cursor), cursor)
 
-    x = _in_pieces(x, cursor, full_res)
+    x = _in_pieces(x, cursor, full_res, piece_frames)
     x = _down_layers(layers[split:], x, cursor)
     x = _mid(encoder.mid_block, x, cursor)
     return _causal(encoder.conv_out, x, cursor, encoder.norm_out)
@@ -547,7 +554,7 @@ def _up_block(block: nn.Module, x: torch.Tensor, cursor: _Cursor) -> torch.Tenso
     return x
 
 
-def _decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tensor:
+def _decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None) -> torch.Tensor:
     decoder = vae.decoder
     cursor = _Cursor(cache)
     x = _causal(decoder.conv_in, _to_cl3(x), cursor, None)
@@ -560,4 +567,4 @@ def _decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list) -> torch.Tenso
         return _rgb_out(decoder.conv_out, _up_block(last, piece, cursor), cursor, decoder.norm_out)
 
     # The last block (no upsampler) and the head run at full resolution: in pieces.
-    return _in_pieces(x, cursor, tail) if last.upsamplers is None else tail(x)
+    return _in_pieces(x, cursor, tail, piece_frames) if last.upsamplers is None else tail(x)

@@ -32,12 +32,17 @@ class InfVSRPipeline:
     bit the same):
 
     - "none": everything stays on the device (fastest, most memory);
-    - "histories": the VAE's causal histories (the largest state: ~6.7 GiB at
+    - "histories": the VAE's causal histories (the largest state: ~6.5 GiB at
       720p), the encoder's while the DiT and decoder run and vice versa, and
       per tile when tiled; the decoder's upload overlaps the DiT;
-    - "state": also the DiT's rolling KV cache (2 GiB at 720p) outside the DiT;
+    - "state": also the DiT's rolling KV cache (1.9 GiB at 720p, 17 GiB at 4K),
+      streamed through the DiT a layer at a time, and the visual guidance's
+      weights outside prompt extraction;
     - "all" (low-VRAM): also the DiT's weights outside the DiT, and no
       prefetching ahead, so only the running stage's state is on the device.
+
+    With histories offloaded, the VAE's full-resolution stages also run a few
+    frames at a time (`StreamingVAE.piece_frames`), for a lower peak.
     """
 
     def __init__(
@@ -83,6 +88,16 @@ class InfVSRPipeline:
             else:
                 weights.to_device(self.device)
         self._offload = mode
+
+    def _prefetch_decoder(self, history) -> None:
+        """Start the decoder history's upload under the DiT, where nothing else needs the copy engine.
+
+        Not with the KV cache streamed ("state", "all"): its per-layer uploads would
+        queue behind the history's gigabytes and stall every layer. The history then
+        comes in at decode time, entry by entry as the decoder reaches them.
+        """
+        if self.offload == "histories":
+            self.vae.prefetch_decoder(history)
 
     def _run_dit(self, latents, prompt, timestep, time_offset: int, kv_cache: KVCache | None):
         """One DiT step; the old cache is released layer by layer as the new one is built.
@@ -237,7 +252,7 @@ class InfVSRPipeline:
         video, true_size = prepare_chunk(frames, session.scale, first, device=self.device, dtype=self.dtype)
         latents = self.vae.encode_chunk(video, scene.vae_history)
         del video
-        self.vae.prefetch_decoder(scene.vae_history)  # overlaps the DiT (when offloading histories)
+        self._prefetch_decoder(scene.vae_history)
         timestep = torch.full((latents.shape[0],), TIMESTEP, device=self.device, dtype=torch.float32)
         # The DiT consumes the old cache layer by layer: from here the scene holds the new one or nothing.
         kv_cache, scene.kv_cache = scene.kv_cache, None

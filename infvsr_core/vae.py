@@ -22,7 +22,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-from .fast_vae import fast_decoder, fast_encoder, prepare_channels_last, supports_fast_forward
+from .fast_vae import FULL_RES_FRAMES, fast_decoder, fast_encoder, prepare_channels_last, supports_fast_forward
 from .offload import HostOffload, copy_cache
 from .weights import WeightFileError, check_state_dict, require
 
@@ -366,6 +366,11 @@ class StreamingVAE:
     the DiT) starts the decoder's upload early, and the next tile's history is
     uploaded while the current tile runs when `prefetch` is True. The values
     are bit for bit those of the resident path.
+
+    `piece_frames` (fast forward only): the full-resolution stages run that
+    many frames at a time, which lowers the peak by ~0.8 GiB at 720p for a few
+    percent of speed; "auto" does so when offloading (the memory-saving modes)
+    and runs whole calls otherwise; None never splits.
     """
 
     def __init__(
@@ -380,6 +385,7 @@ class StreamingVAE:
         fast: bool | None = None,
         history_device: Literal["cpu"] | None = None,
         prefetch: bool = True,
+        piece_frames: int | None | Literal["auto"] = "auto",
     ) -> None:
         if history_device not in (None, "cpu"):
             raise ValueError(f"history_device must be None (the VAE's device) or 'cpu', got {history_device!r}")
@@ -398,6 +404,7 @@ class StreamingVAE:
         self.fast = fast
         self.history_device = history_device
         self.prefetch = prefetch
+        self.piece_frames = piece_frames
         self._offload = HostOffload()
         self.z_dim = int(vae.config.z_dim)
         self._encoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
@@ -451,6 +458,11 @@ class StreamingVAE:
         if wanted:
             prepare_channels_last(self.vae)
         return wanted
+
+    def _pieces(self) -> int | None:
+        if self.piece_frames == "auto":
+            return FULL_RES_FRAMES if self.history_device is not None else None
+        return self.piece_frames
 
     def _with_cache(self, owner: Any, attr: str, run: Any) -> torch.Tensor:
         """run(cache) with `owner.attr`'s cache on the VAE's device; back to host memory after, if offloading."""
@@ -514,7 +526,7 @@ class StreamingVAE:
         start = 1 if first else 0
         pieces += [frames[:, :, i : i + TEMPORAL_FACTOR] for i in range(start, frames.shape[2], TEMPORAL_FACTOR)]
         if self._use_fast(frames.device):
-            feats = [fast_encoder(self.vae, piece, cache) for piece in pieces]
+            feats = [fast_encoder(self.vae, piece, cache, self._pieces()) for piece in pieces]
         else:
             feats = [self.vae.encoder(piece, feat_cache=cache, feat_idx=[0]) for piece in pieces]
         mean = self.vae.quant_conv(torch.cat(feats, dim=2))[:, : self.z_dim]
@@ -550,7 +562,7 @@ class StreamingVAE:
         x = self.vae.post_quant_conv(latents / inv_std + offset)
         if self._use_fast(x.device):
             # Wan2.1's decoder ignores first_chunk (it only matters for Wan2.2's residual up blocks).
-            frames = [fast_decoder(self.vae, x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
+            frames = [fast_decoder(self.vae, x[:, :, i : i + 1], cache, self._pieces()) for i in range(x.shape[2])]
         else:
             frames = [
                 self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)

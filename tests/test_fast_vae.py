@@ -205,15 +205,15 @@ def test_full_res_pieces_equal_one_call(vae, clip, pieces, pad_rgb, monkeypatch)
     monkeypatch.setattr(fast_vae_module, "_rgb_in", spy_in)
     monkeypatch.setattr(fast_vae_module, "_rgb_out", spy_out)
 
-    def run(frames: int) -> tuple[list[torch.Tensor], list, list]:
-        monkeypatch.setattr(fast_vae_module, "FULL_RES_FRAMES", frames)
+    def run(frames: int | None) -> tuple[list[torch.Tensor], list, list]:
         enc_cache, dec_cache = [None] * len(history.encoder_cache), [None] * len(history.decoder_cache)
-        outs = [fast_encoder(fast_vae, clip[:, :, a:b], enc_cache) for a, b in ((0, 3), (3, 8), (8, 13))]
+        outs = [fast_encoder(fast_vae, clip[:, :, a:b], enc_cache, frames) for a, b in ((0, 3), (3, 8), (8, 13))]
         z = fast_vae.post_quant_conv(fast_vae.quant_conv(torch.cat(outs, 2))[:, :16])
-        outs += [fast_decoder(fast_vae, z[:, :, a:b], dec_cache) for a, b in ((0, 1), (1, 2), (2, z.shape[2]))]
+        spans = ((0, 1), (1, 2), (2, z.shape[2]))
+        outs += [fast_decoder(fast_vae, z[:, :, a:b], dec_cache, frames) for a, b in spans]
         return outs, enc_cache, dec_cache
 
-    whole = run(1000)
+    whole = run(None)
     assert max(seen) > pieces
     seen.clear()
     split = run(pieces)

@@ -144,3 +144,13 @@ def test_download_and_host_list():
     assert all(h is not t and torch.equal(h, t) for h, t in zip(host, tensors, strict=True))
     back, event = offload.upload(host[0], torch.device("cpu"))
     assert event is None and torch.equal(back, tensors[0]) and back is not host[0]
+
+
+def test_full_resolution_pieces_follow_the_offload(vae):
+    """'auto': whole calls when the histories stay resident (speed), pieces when offloading (memory)."""
+    from infvsr_core.fast_vae import FULL_RES_FRAMES
+
+    assert StreamingVAE(vae)._pieces() is None
+    assert StreamingVAE(vae, history_device="cpu")._pieces() == FULL_RES_FRAMES
+    assert StreamingVAE(vae, history_device="cpu", piece_frames=None)._pieces() is None
+    assert StreamingVAE(vae, piece_frames=1)._pieces() == 1
