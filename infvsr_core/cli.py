@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4, as trained)")
     up.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
     up.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    up.add_argument(
+        "--offload",
+        choices=("none", "histories", "state", "all"),
+        default="none",
+        help="keep stream state in host memory between uses, same output, less GPU memory (H100, 720p: none "
+        "15 GiB 21.9 fps; state 9.4 GiB 16.7 fps; all 6.7 GiB 14.9 fps; 1080p: histories 19.5 GiB)",
+    )
     up.add_argument("--codec", choices=CODECS, default="auto", help="default: png for a folder output, else h264")
     up.add_argument("--crf", type=int, help="quality for h264/h265 (lower is better; default 18 / 20)")
     up.add_argument("--pix-fmt", help="override the pixel format (e.g. yuv444p for h264)")
@@ -102,7 +109,7 @@ def upscale_command(args: argparse.Namespace) -> int:
         # Check the output before loading several GB of weights.
         if args.output.exists() and not args.overwrite:
             raise ValueError(f"output {args.output} already exists (use --overwrite to replace it)")
-        pipe = load_pipeline(args.models, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline(args.models, device=args.device, dtype=args.dtype, offload=args.offload)
         stream = SceneStream(
             pipe, scale=args.scale, detect_scenes=not args.no_scene_detect, threshold=args.scene_threshold
         )

@@ -66,7 +66,8 @@ def _state_offload_input() -> dict[str, Any]:
     return {"state_offload": (list(_STATE_OFFLOAD_MODES), {
         "default": "none",
         "tooltip": "Keep stream state in host memory between uses (same results, less VRAM): histories = VAE "
-        "histories, state = also the KV cache, all = also the DiT weights (low VRAM)."})}
+        "histories, state = also the KV cache and the guidance weights, all = also the DiT weights (low VRAM). "
+        "H100, 720p: none 15 GiB / 21.9 fps, state 9.4 GiB / 16.7 fps, all 6.7 GiB / 14.9 fps."})}
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

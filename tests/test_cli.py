@@ -58,6 +58,17 @@ def test_upscale_end_to_end_with_audio(small_clip, tiny_models, tmp_path, capsys
     assert not [p for p in tmp_path.iterdir() if p.name != "up.mp4"]  # no temp file left behind
 
 
+def test_offload_gives_the_same_file(small_clip, tiny_models, tmp_path):
+    """--offload keeps state in host memory (on the CPU: other tensors); the written frames are identical."""
+    outs = []
+    for mode in ("none", "state"):
+        out = tmp_path / f"{mode}.mkv"
+        args = ["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models), "--scale", "2"]
+        assert cli.main([*args, "--offload", mode, "--codec", "ffv1", "--quiet", "--no-audio"]) == 0
+        outs.append(read(out)[0])
+    assert len(outs[0]) == 24 and all((a == b).all() for a, b in zip(*outs, strict=True))
+
+
 def test_png_folder_output_with_start_and_frames(small_clip, tiny_models, tmp_path):
     out = tmp_path / "frames"
     args = ["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models), "--scale", "2"]
@@ -123,6 +134,7 @@ def test_help_documents_every_flag(capsys):
         "--start",
         "--frames",
         "--overwrite",
+        "--offload",
     ):
         assert flag in text
 
