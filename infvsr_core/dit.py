@@ -117,6 +117,10 @@ class KVCache:
     values: Sequence[torch.Tensor]
     latent_frames: int
 
+    def map(self, move: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]) -> KVCache:
+        """The same cache with `move` applied to its key list and its value list (e.g. to host memory)."""
+        return KVCache(keys=move(self.keys), values=move(self.values), latent_frames=self.latent_frames)
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Wan's sinusoid: [cos, sin] of t * 10000^(-k/(dim/2)), computed in float64 on the CPU, returned in dtype."""

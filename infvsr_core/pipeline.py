@@ -109,14 +109,10 @@ class InfVSRPipeline:
         """
         streamed = self.offload in ("state", "all")
         if kv_cache is not None and isinstance(kv_cache.keys, HostCache):
-            if not streamed:  # offloading was switched off since: bring it back whole
-                kv_cache = self._kv_to(kv_cache, self.device)
-            else:
-                kv_cache = KVCache(
-                    keys=WindowedUpload(kv_cache.keys, self._host, self.device),
-                    values=WindowedUpload(kv_cache.values, self._host, self.device),
-                    latent_frames=kv_cache.latent_frames,
-                )
+            if streamed:
+                kv_cache = kv_cache.map(lambda layers: WindowedUpload(layers, self._host, self.device))
+            else:  # offloading was switched off since: bring it back whole
+                kv_cache = kv_cache.map(lambda layers: self._host.to_device(layers, self.device))
         with self._dit_weights.on_device(self.device):
             prediction, cache = self.dit(
                 latents,
@@ -128,20 +124,8 @@ class InfVSRPipeline:
                 keep=self._host.download if streamed else None,
             )
         if streamed:
-            cache = KVCache(
-                keys=self._host.host_list(cache.keys, self.device),
-                values=self._host.host_list(cache.values, self.device),
-                latent_frames=cache.latent_frames,
-            )
+            cache = cache.map(lambda layers: self._host.host_list(layers, self.device))
         return prediction, cache
-
-    def _kv_to(self, cache: KVCache, device: torch.device) -> KVCache:
-        """The KV cache on `device` (no-op for lists already there)."""
-        return KVCache(
-            keys=self._host.to_device(cache.keys, device),
-            values=self._host.to_device(cache.values, device),
-            latent_frames=cache.latent_frames,
-        )
 
     # -- visual guidance -------------------------------------------------------------------------
     @torch.inference_mode()

@@ -83,7 +83,7 @@ class InfVSRSession:
         if self.scene is not None:
             kv = self.scene.kv_cache
             if kv is not None:
-                kv = replace(kv, keys=copy_cache(kv.keys), values=copy_cache(kv.values))
+                kv = kv.map(copy_cache)
             scene = replace(self.scene, vae_history=self.scene.vae_history.fork(), kv_cache=kv)
         return replace(self, scene=scene, stats=dict(self.stats))
 
