@@ -175,22 +175,32 @@ def _stage(
     return full
 
 
+def _derived(conv: nn.Module, name: str, build, *args):
+    """build(conv.weight, *args), cached on the module as `name` until the weight is replaced or changed.
+
+    Inference tensors (weights loaded under torch.inference_mode, as in ComfyUI) have no version counter.
+    """
+    w = conv.weight
+    key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device, *args)
+    cached = getattr(conv, name, None)
+    if cached is None or cached[0] != key:
+        cached = (key, build(w, *args))
+        setattr(conv, name, cached)
+    return cached[1]
+
+
 def _padded(conv: nn.Conv3d, in_channels: int | None, out_channels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """conv's weight and bias with zero input/output channels appended (cached on the module)."""
-    w = conv.weight
-    # Inference tensors (weights loaded under torch.inference_mode, as in ComfyUI) have no version counter.
-    version = None if w.is_inference() else w._version
-    key = (w.data_ptr(), version, w.dtype, w.device, in_channels, out_channels)
-    cached = getattr(conv, "_infvsr_padded", None)
-    if cached is None or cached[0] != key:
+
+    def build(w: torch.Tensor, in_channels: int | None, out_channels: int | None):
         o, i = w.shape[:2]
         padded = w.new_zeros((out_channels or o, in_channels or i, *w.shape[2:]))
         padded[:o, :i] = w
         bias = w.new_zeros(out_channels or o)
         bias[:o] = conv.bias
-        cached = (key, padded.contiguous(memory_format=CL3), bias)
-        conv._infvsr_padded = cached
-    return cached[1], cached[2]
+        return padded.contiguous(memory_format=CL3), bias
+
+    return _derived(conv, "_infvsr_padded", build, in_channels, out_channels)
 
 
 def _conv(conv: WanCausalConv3d, buf: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -349,18 +359,14 @@ def _subpixel_weight(conv: nn.Conv2d) -> torch.Tensor:
 
     Taps are summed in float32, then cast once to the weight's dtype.
     """
-    w = conv.weight
-    # Inference tensors (weights loaded under torch.inference_mode, as in ComfyUI) have no version counter.
-    version = None if w.is_inference() else w._version
-    key = (w.data_ptr(), version, w.dtype, w.device)
-    cached = getattr(conv, "_infvsr_subpixel", None)
-    if cached is None or cached[0] != key:
+
+    def build(w: torch.Tensor) -> torch.Tensor:
         taps = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=w.device)  # (phase, low-res tap, 3x3 tap)
         combined = torch.einsum("aur,bvs,oirs->aboiuv", taps, taps, w.detach().float())
         combined = combined.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(w.dtype)
-        cached = (key, combined.contiguous(memory_format=CL2))
-        conv._infvsr_subpixel = cached
-    return cached[1]
+        return combined.contiguous(memory_format=CL2)
+
+    return _derived(conv, "_infvsr_subpixel", build)
 
 
 def _subpixel_conv(conv: nn.Conv2d, frames: torch.Tensor) -> torch.Tensor:
