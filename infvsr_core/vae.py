@@ -514,10 +514,7 @@ class StreamingVAE:
         device, dtype = self._params()
         frames = frames.to(device=device, dtype=dtype)
         first = not history.encoded_first
-        if history.tiles is None:
-            out = self._with_cache(history, "encoder_cache", lambda cache: self._encode(frames, cache, first))
-        else:
-            out = self._blend(frames, history, "encoder_cache", lambda x, cache: self._encode(x, cache, first), True)
+        out = self._run(frames, history, "encoder_cache", lambda x, cache: self._encode(x, cache, first), True)
         history.encoded_first = True
         return out
 
@@ -550,10 +547,7 @@ class StreamingVAE:
         device, dtype = self._params()
         latents = latents.to(device=device, dtype=dtype)
         first = not history.decoded_first
-        if history.tiles is None:
-            out = self._with_cache(history, "decoder_cache", lambda cache: self._decode(latents, cache, first))
-        else:
-            out = self._blend(latents, history, "decoder_cache", lambda z, cache: self._decode(z, cache, first), False)
+        out = self._run(latents, history, "decoder_cache", lambda z, cache: self._decode(z, cache, first), False)
         history.decoded_first = True
         return out.clamp_(-1.0, 1.0)
 
@@ -571,6 +565,12 @@ class StreamingVAE:
         return torch.cat(frames, dim=2)
 
     # ----------------------------------------------------------------- tiling
+
+    def _run(self, value: torch.Tensor, history: VAEHistory, attr: str, run: Any, pixels_in: bool) -> torch.Tensor:
+        """run(value, cache) with the history's `attr` cache, or per tile (blended) when the scene is tiled."""
+        if history.tiles is None:
+            return self._with_cache(history, attr, lambda cache: run(value, cache))
+        return self._blend(value, history, attr, run, pixels_in)
 
     def _blend(self, value: torch.Tensor, history: VAEHistory, attr: str, run: Any, pixels_in: bool) -> torch.Tensor:
         """Run `run(tile_input, tile_cache)` per tile (its `attr` cache) and blend the outputs (float32 sums)."""
