@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from infvsr_core import fast_vae  # noqa: E402
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
@@ -103,10 +104,12 @@ def run_stream(
     peaks: list[float] | None = None,
     keep: bool = True,
     keep_device: torch.device | None = None,
+    hosts: list[float] | None = None,
 ) -> tuple[torch.Tensor | None, list[float]]:
     """Push the clip chunk by chunk through one session; per-chunk wall times (synchronized).
 
-    `peaks` (when given) receives the peak allocated GiB after each chunk; with `keep` False the
+    `peaks` (when given) receives the peak allocated GiB after each chunk, `hosts` the host memory
+    of the offloaded state plus the pinned blocks kept for reuse (GiB); with `keep` False the
     outputs are dropped as they come (long memory-flatness runs).
     """
     session = pipe.new_session(scale)
@@ -116,6 +119,8 @@ def run_stream(
         sync(pipe.device)
         t0 = time.perf_counter()
         out = pipe.push(session, clip[start : start + size])
+        if hosts is not None:
+            hosts.append(sum(pipe.host_memory()) / 2**30)
         if start + size >= clip.shape[0]:
             out = torch.cat([out, pipe.close(session)])
         sync(pipe.device)
@@ -254,6 +259,7 @@ def main() -> int:
         "--full-res-frames", type=int, help="frames per piece of the VAE's full-res stages (0: whole calls)"
     )
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
+    parser.add_argument("--no-column-pairs", action="store_true", help="96-channel VAE convs as plain convs")
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
     args = parser.parse_args()
     global PROGRESS
@@ -282,6 +288,8 @@ def main() -> int:
         pipe.vae.fast = False
 
     pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
+    if args.no_column_pairs:
+        fast_vae.COLUMN_PAIR_CHANNELS = frozenset()
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)
@@ -295,6 +303,7 @@ def main() -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         peaks: list[float] = []
+        hosts: list[float] = []
         keep_device = torch.device("cpu") if args.outputs_on_cpu else None
         if args.warmup:
             # Compile, cuDNN's search and the pinned host blocks of an offload mode (allocated
@@ -302,7 +311,7 @@ def main() -> int:
             run_stream(pipe, clip[: 9 + 12 * 3], args.scale, keep=False)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-        stream_out, times = run_stream(pipe, clip, args.scale, peaks, keep_device=keep_device)
+        stream_out, times = run_stream(pipe, clip, args.scale, peaks, keep_device=keep_device, hosts=hosts)
         peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         peak_res = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
         steady = frames_total - 9
@@ -323,6 +332,7 @@ def main() -> int:
             "stage_peak_gib": {k[:-9]: round(v, 2) for k, v in stages.items() if k.endswith("_peak_gib")},
             "tiled": pipe.vae.wants_tiling(-(-height * args.scale // 16) * 16, -(-width * args.scale // 16) * 16),
             "peak_after_chunk_gib": [round(p, 2) for p in peaks],
+            "host_state_gib": round(max(hosts, default=0.0), 2),
             "offload": mode,
         }
         if size in args.profile and device.type == "cuda":

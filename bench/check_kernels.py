@@ -45,6 +45,7 @@ def main() -> None:
             print(f"norm+silu C={c} rows={pixels} {dtype}: max err {err:.2e}, ref {t_ref:.3f} / fused {t_new:.3f} ms")
     print("triton broken:", _TRITON_BROKEN)
     conv_rates()
+    paired_conv_rates()
 
 
 def conv_rates() -> None:
@@ -80,6 +81,49 @@ def conv_rates() -> None:
         f"upsample 192->96 4x720x1280: nearest+3x3 {timed(nearest_conv):.2f} ms, "
         f"4-phase 2x2 conv (one call, 384 out ch) {timed(phases):.2f} ms"
     )
+
+
+def paired_conv_rates() -> None:
+    """96-channel 3x3x3 conv at 720p: plain vs 2 (or 4) output pixels per position as 2x (4x) the channels.
+
+    Rates count the useful multiply-adds only (the paired kernels carry zero taps).
+    """
+    import torch.nn.functional as F
+
+    torch.backends.cudnn.benchmark = True
+    cl3 = torch.channels_last_3d
+    c, t, h, w = 96, 4, 720, 1280
+    x = torch.randn(1, c, t + 2, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl3)
+    w3 = torch.randn(c, c, 3, 3, 3, device="cuda", dtype=torch.bfloat16) / (27 * c) ** 0.5
+    useful = 2 * 27 * c * c * h * w * t
+
+    def pair(kernel, shift_axis: int, groups: int) -> torch.Tensor:
+        out = torch.zeros(groups * c, c, *kernel, device="cuda", dtype=torch.bfloat16)
+        for g in range(groups):
+            index = [slice(None)] * 5
+            index[0] = slice(g * c, (g + 1) * c)
+            index[shift_axis] = slice(g, g + 3)
+            out[tuple(index)] = w3
+        return out.contiguous(memory_format=cl3)
+
+    variants = {
+        "plain 96 out": (w3.contiguous(memory_format=cl3), 1, (0, 1, 1)),
+        "column pairs 192 out, k(3,3,4) s(1,1,2)": (pair((3, 3, 4), 4, 2), (1, 1, 2), (0, 1, 1)),
+        "row pairs 192 out, k(3,4,3) s(1,2,1)": (pair((3, 4, 3), 3, 2), (1, 2, 1), (0, 1, 1)),
+        "frame pairs 192 out, k(4,3,3) s(2,1,1)": (pair((4, 3, 3), 2, 2), (2, 1, 1), (0, 1, 1)),
+    }
+    ref = F.conv3d(x.float(), w3.float(), None, 1, (0, 1, 1))
+    for name, (weight, stride, padding) in variants.items():
+        ms = timed(lambda: F.conv3d(x, weight, None, stride, padding))  # noqa: B023
+        y = F.conv3d(x, weight, None, stride, padding)
+        if name.startswith("column"):
+            y = torch.stack([y[:, :c], y[:, c:]], dim=-1).flatten(-2)
+        elif name.startswith("row"):
+            y = torch.stack([y[:, :c], y[:, c:]], dim=-2).flatten(-3, -2)
+        elif name.startswith("frame"):
+            y = torch.stack([y[:, :c], y[:, c:]], dim=3).flatten(2, 3)
+        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+        print(f"conv 96ch {t}x{h}x{w} {name}: {ms:.2f} ms, {useful / ms / 1e9:.0f} useful TFLOP/s, rel err {err:.1e}")
 
 
 if __name__ == "__main__":

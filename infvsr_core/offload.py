@@ -10,6 +10,9 @@ On the CPU the same code runs synchronously and gives the same values.
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -75,21 +78,130 @@ def copy_cache(cache: list) -> list:
     return list(cache)
 
 
+class PinnedPool:
+    """Exact-size page-locked host tensors, whose blocks are reused once the tensors handed out are dropped.
+
+    Why not `pin_memory=True`: PyTorch's pinned allocator rounds every block up
+    to a power of two and keeps it cached, so the ~80 GiB of 4K tile histories
+    took a 125 GiB host out of memory. Here a block is a plain host tensor
+    registered with CUDA (cudaHostRegister) at its exact size; when the tensor
+    handed out is garbage, its block goes back to a free list for the next
+    request of the same size (the same cache entries come back every chunk), so
+    the pool holds the live state plus about one tile's worth.
+
+    Releases arrive from finalizers (at any point, even inside `empty_like`), so
+    they are queued and only applied by the pool's own calls. A reused block may
+    still be read by a copy queued before its tensor was dropped: the caller
+    orders its new copy after those (`empty_like` says when a block is reused).
+    """
+
+    def __init__(self, pin: bool = True) -> None:
+        self.pin = pin
+        self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self._released: deque[torch.Tensor] = deque()
+        self._free_bytes = 0
+        self._used_bytes = 0
+        self._pin_failed = False
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of blocks held by live tensors."""
+        self._drain()
+        return self._used_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of released blocks kept for reuse."""
+        self._drain()
+        return self._free_bytes
+
+    def _register(self, block: torch.Tensor) -> None:
+        if not self.pin or self._pin_failed or not torch.cuda.is_available():
+            return
+        error = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0)
+        if int(error) != 0:
+            self._pin_failed = True
+            warnings.warn(
+                f"could not page-lock {block.numel() / 2**30:.2f} GiB of host memory ({error}); state offload "
+                "continues in pageable memory, with slower, synchronous copies",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _unregister(block: torch.Tensor) -> None:
+        if block.is_pinned():
+            torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
+
+    def _release(self, block: torch.Tensor) -> None:
+        self._released.append(block)  # deque.append is atomic: safe from a finalizer
+
+    def _drain(self) -> None:
+        while self._released:
+            block = self._released.popleft()
+            self._used_bytes -= block.numel()
+            self._free_bytes += block.numel()
+            self._free[block.numel()].append(block)
+
+    def empty_like(self, tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """An uninitialized host tensor with `tensor`'s shape, dtype and strides, and whether its block is reused."""
+        self._drain()
+        nbytes = tensor.numel() * tensor.element_size()
+        free = self._free.get(nbytes)
+        reused = bool(free)
+        if free:
+            block = free.pop()
+            self._free_bytes -= nbytes
+        else:
+            block = torch.empty(nbytes, dtype=torch.uint8)
+            self._register(block)
+        self._used_bytes += nbytes
+        # empty_like's strides (channels-last stays channels-last), computed without allocating.
+        strides = torch.empty_like(tensor, device="meta").stride()
+        out = block.view(tensor.dtype).as_strided(tensor.shape, strides)
+        weakref.finalize(out, self._release, block)
+        return out, reused
+
+    def trim(self) -> int:
+        """Unlock and drop every free block; returns the bytes dropped. No copy may still use them."""
+        dropped = self.free_bytes
+        for blocks in self._free.values():
+            for block in blocks:
+                self._unregister(block)
+        self._free.clear()
+        self._free_bytes = 0
+        return dropped
+
+
 class HostOffload:
     """Moves lists of tensors (VAE feat_cache lists, KV caches, weights) between a device and host memory.
 
-    On CUDA the host copies are pinned and every copy runs asynchronously on a
-    side stream (one for each direction, so uploads and downloads overlap each
-    other and the compute); the current stream waits per tensor, and only
-    where it reads it. On the CPU the "host copy" is simply another tensor: the
-    same code path, synchronous, bit for bit the same values. Host copies are
-    fresh tensors every time (never written in place), so forked histories that
-    share them stay independent.
+    On CUDA the host copies are page-locked (`PinnedPool`: exact sizes, blocks
+    reused chunk after chunk) and every copy runs asynchronously on a side
+    stream (one for each direction, so uploads and downloads overlap each other
+    and the compute); the current stream waits per tensor, and only where it
+    reads it. On the CPU the "host copy" is simply another tensor: the same code
+    path, synchronous, bit for bit the same values. Host tensors are never
+    written while anyone holds them (a block is reused only after its tensor
+    was dropped), so forked histories that share them stay independent.
     """
 
+    # Free pinned blocks kept beyond the bytes in use before the pool is trimmed (a scene cut or the
+    # end of a stream drops the state; the next chunk's sizes would find nothing to reuse anyway).
+    FREE_SLACK_BYTES = 1 << 30
+
     def __init__(self, pin_memory: bool = True) -> None:
-        self.pin_memory = pin_memory
+        self.pool = PinnedPool(pin=pin_memory)
         self._streams: dict[tuple[torch.device, str], Any] = {}
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether new host blocks are page-locked (pageable ones make every copy synchronous)."""
+        return self.pool.pin
+
+    @pin_memory.setter
+    def pin_memory(self, pin: bool) -> None:
+        self.pool.pin = pin
 
     def _side(self, device: torch.device, direction: str):
         if device.type != "cuda":
@@ -105,14 +217,25 @@ class HostOffload:
         The device tensor may be dropped right away: its block is not reused before the copy is done.
         """
         side = self._side(tensor.device, "down")
+        host, reused = self.pool.empty_like(tensor)
         if side is None:
-            return tensor.clone()
-        side.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(side):
-            host = torch.empty_like(tensor, device="cpu", pin_memory=self.pin_memory)
-            host.copy_(tensor, non_blocking=True)
-            tensor.record_stream(side)
+            host.copy_(tensor)
+        else:
+            side.wait_stream(torch.cuda.current_stream(tensor.device))
+            if reused:  # uploads queued before the block was released may still read it
+                side.wait_stream(self._side(tensor.device, "up"))
+            with torch.cuda.stream(side):
+                host.copy_(tensor, non_blocking=True)
+                tensor.record_stream(side)
+        if self.pool.free_bytes > self.pool.used_bytes + self.FREE_SLACK_BYTES:
+            self.trim()
         return host
+
+    def trim(self) -> int:
+        """Give the free pinned blocks back to the system, after the copies that may use them; bytes freed."""
+        for stream in self._streams.values():
+            stream.synchronize()
+        return self.pool.trim()
 
     def host_list(self, items: list, device: torch.device) -> HostCache:
         """Items already downloaded from `device` (by `download`) as a HostCache, ready when they all are."""

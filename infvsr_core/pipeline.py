@@ -186,7 +186,18 @@ class InfVSRPipeline:
         self._check_session(session)
         outputs = self._flush(session)
         session.closed = True
-        return self._join(session, outputs)
+        result = self._join(session, outputs)
+        self.trim_host_memory()
+        return result
+
+    def trim_host_memory(self) -> int:
+        """Give back the page-locked host blocks no state holds any more (after a stream ends); bytes freed."""
+        return self._host.trim() + self.vae.trim_host_memory()
+
+    def host_memory(self) -> tuple[int, int]:
+        """(bytes of host state held now, bytes of page-locked blocks kept for reuse)."""
+        pools = (self._host.pool, self.vae._offload.pool)
+        return sum(pool.used_bytes for pool in pools), sum(pool.free_bytes for pool in pools)
 
     def refresh_prompt(self, session: InfVSRSession, frame: torch.Tensor, index: int | None = None) -> None:
         """Take a new reference frame without resetting caches (SPEC section 3's refresh rule)."""

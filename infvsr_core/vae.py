@@ -489,6 +489,10 @@ class StreamingVAE:
         elif history.tiles:
             self._prefetch(next(iter(history.tiles.values())), "decoder_cache")
 
+    def trim_host_memory(self) -> int:
+        """Free the offload's unused page-locked host blocks (see `HostOffload.trim`); bytes freed."""
+        return self._offload.trim()
+
     def _stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self._mean.to(device=device, dtype=dtype), self._inv_std.to(device=device, dtype=dtype)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from infvsr_core.loader import load_pipeline
-from infvsr_core.offload import ArrivingCache, HostCache, HostOffload, WindowedUpload
+from infvsr_core.offload import ArrivingCache, HostCache, HostOffload, PinnedPool, WindowedUpload
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict
 
 from .conftest import make_clip, smooth_vae_clip
@@ -103,8 +103,13 @@ def test_pipeline_offload_is_bit_identical(offload_pipe, mode):
         assert kv_host == (mode != "histories")
         assert offload_pipe._dit_weights.offloaded == (mode == "all")
         assert offload_pipe._guidance_weights.offloaded == (mode in ("state", "all"))
+        held, _ = offload_pipe.host_memory()
+        assert held >= history.nbytes()  # the closed session still holds its last state
     finally:
         offload_pipe.offload = "none"
+    del session, history
+    offload_pipe.trim_host_memory()
+    assert offload_pipe.host_memory() == (0, 0)  # nothing held, nothing kept pinned
     assert not offload_pipe._dit_weights.offloaded and not offload_pipe._guidance_weights.offloaded
     restored = offload_pipe._dit_weights.tensors() + offload_pipe._guidance_weights.tensors()
     assert all(torch.equal(a, b) for a, b in zip(restored, weights, strict=True))
@@ -154,3 +159,41 @@ def test_full_resolution_pieces_follow_the_offload(vae):
     assert StreamingVAE(vae, history_device="cpu")._pieces() == FULL_RES_FRAMES
     assert StreamingVAE(vae, history_device="cpu", piece_frames=None)._pieces() is None
     assert StreamingVAE(vae, piece_frames=1)._pieces() == 1
+
+
+def test_pinned_pool_hands_out_exact_tensors_and_reuses_released_blocks():
+    pool = PinnedPool(pin=False)
+    like = torch.randn(1, 6, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    first, reused = pool.empty_like(like)
+    assert not reused and first.shape == like.shape and first.dtype == like.dtype
+    assert first.stride() == like.stride()  # channels-last stays channels-last: a straight copy
+    first.copy_(like)
+    second, reused = pool.empty_like(like)
+    assert not reused and second.data_ptr() != first.data_ptr()  # a live tensor's block is never handed out
+    assert pool.used_bytes == 2 * like.numel() * 4 and pool.free_bytes == 0
+    address = first.data_ptr()
+    assert torch.equal(first, like)
+    del first
+    other, reused = pool.empty_like(torch.zeros(7, dtype=torch.float16))  # another size: a new block
+    assert not reused and pool.free_bytes == like.numel() * 4
+    third, reused = pool.empty_like(like)
+    assert reused and third.data_ptr() == address and pool.free_bytes == 0
+    del second, third, other
+    assert pool.trim() == 2 * like.numel() * 4 + 14
+    assert pool.free_bytes == 0 and pool.used_bytes == 0
+    again, reused = pool.empty_like(like)
+    assert not reused
+
+
+def test_host_offload_keeps_reusing_the_same_blocks_chunk_after_chunk():
+    """A history replaced every chunk: the pool settles at the live state plus one released set."""
+    offload = HostOffload()
+    history = offload.to_host([torch.randn(2, 3), torch.randn(4)])
+    for step in range(5):
+        values = [t + step for t in offload.to_device(history, torch.device("cpu")).settle()]
+        history = offload.to_host(values)
+        assert all(torch.equal(h, v) for h, v in zip(history, values, strict=True))
+    assert offload.pool.used_bytes == (6 + 4) * 4 and offload.pool.free_bytes <= (6 + 4) * 4
+    del history, values
+    assert offload.trim() == (6 + 4) * 4 * 2
+    assert offload.pool.free_bytes == 0 and offload.pool.used_bytes == 0
