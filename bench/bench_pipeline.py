@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infvsr_core import fast_vae  # noqa: E402
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
@@ -120,7 +119,7 @@ def run_stream(
         t0 = time.perf_counter()
         out = pipe.push(session, clip[start : start + size])
         if hosts is not None:
-            hosts.append(sum(pipe.host_memory()) / 2**30)
+            hosts.append(sum(pipe.host_memory()) / 2**30)  # held + kept for reuse
         if start + size >= clip.shape[0]:
             out = torch.cat([out, pipe.close(session)])
         sync(pipe.device)
@@ -259,7 +258,7 @@ def main() -> int:
         "--full-res-frames", type=int, help="frames per piece of the VAE's full-res stages (0: whole calls)"
     )
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
-    parser.add_argument("--no-column-pairs", action="store_true", help="96-channel VAE convs as plain convs")
+    parser.add_argument("--torch-pinned", action="store_true", help="PyTorch's pinned allocator, not the pool")
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
     args = parser.parse_args()
     global PROGRESS
@@ -288,8 +287,7 @@ def main() -> int:
         pipe.vae.fast = False
 
     pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
-    if args.no_column_pairs:
-        fast_vae.COLUMN_PAIR_CHANNELS = frozenset()
+    pipe._host.pooled = pipe.vae._offload.pooled = not args.torch_pinned
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)
@@ -332,7 +330,7 @@ def main() -> int:
             "stage_peak_gib": {k[:-9]: round(v, 2) for k, v in stages.items() if k.endswith("_peak_gib")},
             "tiled": pipe.vae.wants_tiling(-(-height * args.scale // 16) * 16, -(-width * args.scale // 16) * 16),
             "peak_after_chunk_gib": [round(p, 2) for p in peaks],
-            "host_state_gib": round(max(hosts, default=0.0), 2),
+            "host_gib": round(max(hosts, default=0.0), 2),
             "offload": mode,
         }
         if size in args.profile and device.type == "cuda":

@@ -58,8 +58,6 @@ ATTENTION_SCORE_BYTES = 256 * 2**20
 # Frames per piece of the full-resolution stages when splitting (StreamingVAE.piece_frames): their causal
 # caches carry the history between pieces exactly, so smaller pieces only lower the peak memory.
 FULL_RES_FRAMES = 2
-# Output channel counts whose 3x3x3 convs run as column pairs (`_conv`): cuDNN's tiles fit 96 outputs badly.
-COLUMN_PAIR_CHANNELS: frozenset[int] = frozenset({96})
 
 
 def supports_fast_forward(vae: AutoencoderKLWan) -> bool:
@@ -205,59 +203,13 @@ def _padded(conv: nn.Conv3d, in_channels: int | None, out_channels: int | None) 
     return _derived(conv, "_infvsr_padded", build, in_channels, out_channels)
 
 
-def _column_pair_weight(conv: nn.Conv3d) -> torch.Tensor:
-    """The 3x3x3 kernel as one (3, 3, 4) kernel with 2x the outputs: columns 2j and 2j + 1 (cached on conv).
-
-    Output channel group p (p = 0, 1) holds the kernel shifted by p columns, a zero column on the other side.
-    """
-
-    def build(w: torch.Tensor) -> torch.Tensor:
-        o = w.shape[0]
-        pair = w.new_zeros((2 * o, *w.shape[1:4], 4))
-        pair[:o, ..., :3] = w
-        pair[o:, ..., 1:] = w
-        return pair.contiguous(memory_format=CL3)
-
-    return _derived(conv, "_infvsr_column_pair", build)
-
-
-def _pairs_columns(conv: WanCausalConv3d, buf: torch.Tensor) -> bool:
-    return (
-        conv.out_channels in COLUMN_PAIR_CHANNELS
-        and conv.kernel_size == (3, 3, 3)
-        and conv.stride == (1, 1, 1)
-        and conv._padding[:4] == (1, 1, 1, 1)
-        and buf.shape[-1] % 2 == 0
-    )
-
-
 def _conv(conv: WanCausalConv3d, buf: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The causal conv on a staged buffer, without its bias (the caller adds it, fused with other work).
 
     Time is already padded in the buffer; the spatial zero padding is conv3d's own.
-    For COLUMN_PAIR_CHANNELS outputs, two adjacent output columns come out of one
-    stride-2 conv with twice the output channels (`_column_pair_weight`): cuDNN's
-    tiles of 64/128 output channels leave a quarter of the tensor cores idle at 96
-    outputs, and at 192 they are full; the products are the same, only the order
-    of the float32 sums differs. In channels-last memory the (W/2, 2, C) result
-    already is the (W, C) frame: a view, no copy.
     """
     pad_w, _, pad_h = conv._padding[:3]
-    if weight is not None or not _pairs_columns(conv, buf):
-        return F.conv3d(buf, conv.weight if weight is None else weight, None, conv.stride, (0, pad_h, pad_w))
-    return _columns_from_pairs(F.conv3d(buf, _column_pair_weight(conv), None, (1, 1, 2), (0, 1, 1)))
-
-
-def _columns_from_pairs(y: torch.Tensor) -> torch.Tensor:
-    """(B, 2C, T, H, W/2) with channel group p = column parity -> (B, C, T, H, W), channels-last.
-
-    A view when `y` is channels-last (its memory is already the (W, C) frame), else one copy.
-    """
-    b, c2, t, h, half = y.shape
-    c = c2 // 2
-    if y.is_contiguous(memory_format=CL3):
-        return y.as_strided((b, c, t, h, 2 * half), (t * h * half * c2, 1, h * half * c2, half * c2, c))
-    return _to_cl3(y.view(b, 2, c, t, h, half).permute(0, 2, 3, 4, 5, 1).reshape(b, c, t, h, 2 * half))
+    return F.conv3d(buf, conv.weight if weight is None else weight, None, conv.stride, (0, pad_h, pad_w))
 
 
 def _causal(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor, norm: WanRMS_norm | None) -> torch.Tensor:

@@ -192,6 +192,7 @@ class HostOffload:
 
     def __init__(self, pin_memory: bool = True) -> None:
         self.pool = PinnedPool(pin=pin_memory)
+        self.pooled = True  # False: PyTorch's pinned allocator instead (power-of-two blocks; for comparisons)
         self._streams: dict[tuple[torch.device, str], Any] = {}
 
     @property
@@ -217,7 +218,10 @@ class HostOffload:
         The device tensor may be dropped right away: its block is not reused before the copy is done.
         """
         side = self._side(tensor.device, "down")
-        host, reused = self.pool.empty_like(tensor)
+        if self.pooled:
+            host, reused = self.pool.empty_like(tensor)
+        else:
+            host, reused = torch.empty_like(tensor, device="cpu", pin_memory=side is not None and self.pin_memory), False
         if side is None:
             host.copy_(tensor)
         else:
@@ -302,14 +306,21 @@ class WindowedUpload:
     queued yet) and makes the current stream wait for entry i's; `cache[i] =
     None` drops the device copy. So the device holds about `ahead` + 1 entries,
     not the whole list, and each upload overlaps the work on the entry before.
-    The host list is never changed.
+
+    With `consume`, each host entry is dropped from the list once its upload is
+    queued (the list is being replaced, as a KV cache is by the DiT step), so its
+    pinned block can take a new entry right away: at 4K that keeps one 18 GiB
+    KV cache in host memory instead of two. Otherwise the host list is never changed.
     """
 
-    def __init__(self, host: HostCache, offload: HostOffload, device: torch.device, ahead: int = 1) -> None:
+    def __init__(
+        self, host: HostCache, offload: HostOffload, device: torch.device, ahead: int = 1, consume: bool = False
+    ) -> None:
         self.host = host
         self.offload = offload
         self.device = device
         self.ahead = ahead
+        self.consume = consume
         self._items: dict[int, torch.Tensor | None] = {}
         self._events: dict[int, Any] = {}
 
@@ -321,6 +332,8 @@ class WindowedUpload:
             self._items[index], event = self.offload.upload(self.host[index], self.device, self.host.ready)
             if event is not None:
                 self._events[index] = event
+            if self.consume:
+                self.host[index] = None
 
     def __getitem__(self, index: int) -> torch.Tensor:
         for ahead in range(index, index + self.ahead + 1):

@@ -110,7 +110,8 @@ class InfVSRPipeline:
         streamed = self.offload in ("state", "all")
         if kv_cache is not None and isinstance(kv_cache.keys, HostCache):
             if streamed:
-                kv_cache = kv_cache.map(lambda layers: WindowedUpload(layers, self._host, self.device))
+                # The old cache is consumed: each layer's host block is free for a new layer once queued.
+                kv_cache = kv_cache.map(lambda layers: WindowedUpload(layers, self._host, self.device, consume=True))
             else:  # offloading was switched off since: bring it back whole
                 kv_cache = kv_cache.map(lambda layers: self._host.to_device(layers, self.device))
         with self._dit_weights.on_device(self.device):

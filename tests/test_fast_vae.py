@@ -35,16 +35,13 @@ def clip() -> torch.Tensor:
     return smooth_vae_clip(13, seed=5)
 
 
-@pytest.mark.parametrize(("pad_rgb", "pairs"), [(False, False), (True, False), (False, True)])
-def test_encoder_and_decoder_match_diffusers_call_by_call(vae, clip, pad_rgb, pairs, monkeypatch):
+@pytest.mark.parametrize("pad_rgb", [False, True])
+def test_encoder_and_decoder_match_diffusers_call_by_call(vae, clip, pad_rgb, monkeypatch):
     """Frame groups 1, 4, 4, 4 (encoder) and single latent frames (decoder): outputs and every cache entry.
 
-    With `pad_rgb` the RGB-in and RGB-out convs run with zero-padded channels, as they do on CUDA;
-    with `pairs` every 3x3x3 conv runs as column pairs (on CUDA only the 96-channel ones do).
+    With `pad_rgb` the RGB-in and RGB-out convs run with zero-padded channels, as they do on CUDA.
     """
     monkeypatch.setattr(fast_vae_module, "PAD_OFF_CUDA", pad_rgb)
-    widths = {m.out_channels for m in vae.modules() if isinstance(m, torch.nn.Conv3d)}
-    monkeypatch.setattr(fast_vae_module, "COLUMN_PAIR_CHANNELS", frozenset(widths if pairs else ()))
     fast_vae = copy.deepcopy(vae)
     prepare_channels_last(fast_vae)
     n_enc = len(StreamingVAE(vae).new_history().encoder_cache)
@@ -245,38 +242,3 @@ def test_attention_scores_are_float32_products():
     assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
     rounded = want.to(torch.bfloat16).double()
     assert (rounded - want).abs().max() > 1e-4 * want.abs().max()  # bf16 scores would be visibly off
-
-
-@pytest.mark.parametrize("width", [8, 10, 7])
-def test_column_pair_conv_matches_the_plain_conv(width, monkeypatch):
-    """Two output columns per stride-2 conv (2x the output channels) against conv3d itself, in float64.
-
-    Odd widths fall back to the plain conv.
-    """
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    gen = torch.Generator().manual_seed(width)
-    conv = WanCausalConv3d(6, 5, 3, padding=1).double().requires_grad_(False)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
-    buf = torch.randn(2, 6, 5, 6, width, generator=gen, dtype=torch.float64)
-    monkeypatch.setattr(fast_vae_module, "COLUMN_PAIR_CHANNELS", frozenset())
-    plain = fast_vae_module._conv(conv, buf.contiguous(memory_format=torch.channels_last_3d))
-    ref = torch.nn.functional.conv3d(buf, conv.weight, None, 1, (0, 1, 1))
-    assert torch.allclose(plain, ref, rtol=1e-12, atol=1e-12)
-    monkeypatch.setattr(fast_vae_module, "COLUMN_PAIR_CHANNELS", frozenset({5}))
-    assert fast_vae_module._pairs_columns(conv, buf) == (width % 2 == 0)
-    for layout in (torch.channels_last_3d, torch.contiguous_format):
-        out = fast_vae_module._conv(conv, buf.contiguous(memory_format=layout))
-        assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
-        assert out.is_contiguous(memory_format=torch.channels_last_3d) or width % 2
-
-
-def test_columns_from_pairs_is_a_view_of_channels_last_pairs():
-    y = torch.randn(2, 6, 3, 4, 5)
-    ref = torch.stack([y[:, :3], y[:, 3:]], dim=-1).flatten(-2)  # column 2j + p = group p, column j
-    for layout in (torch.channels_last_3d, torch.contiguous_format):
-        pairs = y.contiguous(memory_format=layout)
-        out = fast_vae_module._columns_from_pairs(pairs)
-        assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last_3d)
-        assert (out.data_ptr() == pairs.data_ptr()) == (layout == torch.channels_last_3d)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from infvsr_core.loader import load_pipeline
-from infvsr_core.offload import ArrivingCache, HostCache, HostOffload, PinnedPool, WindowedUpload
+from infvsr_core.offload import ArrivingCache, HostCache, HostOffload, PinnedPool, WindowedUpload, copy_cache
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict
 
 from .conftest import make_clip, smooth_vae_clip
@@ -139,6 +139,22 @@ def test_windowed_upload_reads_a_host_list_entry_by_entry():
         window[1] = layers[1]
     assert all(torch.equal(window[i], layers[i]) for i in (1, 2, 3))
     assert all(torch.equal(h, t) for h, t in zip(host, layers, strict=True))  # the host list is unchanged
+
+
+def test_consuming_windowed_upload_frees_each_host_entry_once_queued():
+    """A KV cache being replaced: each layer's pinned block is free for a new layer as soon as it is uploaded."""
+    offload = HostOffload()
+    layers = [torch.randn(3, 4) for _ in range(4)]
+    host = offload.to_host(layers)
+    forked = copy_cache(host)  # a forked session's list keeps its own references
+    window = WindowedUpload(host, offload, torch.device("cpu"), ahead=1, consume=True)
+    assert torch.equal(window[0], layers[0])
+    assert host[0] is None and host[1] is None and host[2] is not None  # entry 1 was queued one ahead
+    assert offload.pool.free_bytes == 0  # the fork still holds both blocks
+    del forked
+    assert offload.pool.free_bytes == 2 * 12 * 4
+    assert all(torch.equal(window[i], layers[i]) for i in (1, 2, 3)) and all(h is None for h in host)
+    assert offload.pool.used_bytes == 0
 
 
 def test_download_and_host_list():
