@@ -221,7 +221,8 @@ class HostOffload:
         if self.pooled:
             host, reused = self.pool.empty_like(tensor)
         else:
-            host, reused = torch.empty_like(tensor, device="cpu", pin_memory=side is not None and self.pin_memory), False
+            pin = side is not None and self.pin_memory
+            host, reused = torch.empty_like(tensor, device="cpu", pin_memory=pin), False
         if side is None:
             host.copy_(tensor)
         else:
