@@ -132,6 +132,7 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     output_device: str | torch.device = "cpu",
     vae_tiling: str = "auto",
+    vae_seams: str = "release",
     offload: str | None = None,
     low_vram: bool = False,
 ) -> InfVSRPipeline:
@@ -140,7 +141,8 @@ def load_pipeline(
     Each file is checked (keys and shapes against the architecture inferred from
     it) before anything is built, and every error names the file. `offload`
     ("none", "histories", "state", "all"; see `InfVSRPipeline`) keeps state in
-    host memory between uses; `low_vram=True` is `offload="all"`.
+    host memory between uses; `low_vram=True` is `offload="all"`. `vae_seams`
+    ("release" or "smooth", see `vae.SEAMS`) sets how tiled frames are blended.
     """
     device = torch.device(device) if device is not None else _autodetect_device()
     dtype = parse_dtype(dtype, device)
@@ -171,9 +173,11 @@ def load_pipeline(
     ).to(device)
     del states
 
+    streaming_vae = StreamingVAE(vae_model, tiling=vae_tiling)
+    streaming_vae.set_seams(vae_seams)
     return InfVSRPipeline(
         dit_model,
-        StreamingVAE(vae_model, tiling=vae_tiling),
+        streaming_vae,
         guidance,
         device=device,
         dtype=dtype,

@@ -224,6 +224,12 @@ def random_vae_state_dict(base_dim: int = 96, seed: int = 0) -> dict[str, torch.
 
 # --------------------------------------------------------------------------- streaming
 
+# Tile (stride, margin) in latent pixels at the tile size 128, by name. "release" is the authors' tiling
+# (SPEC section 5). "smooth" is wider overlaps whose outer 16 latent pixels get no weight: tiled vs untiled
+# at 1080p its error on the overlaps equals the error inside the tiles (1.04x, release 1.84x; largest
+# difference 4 vs 13 8-bit levels) for ~1.5x the VAE work and histories (bench/RESULTS.md, round 4).
+SEAMS: dict[str, tuple[int, int]] = {"release": (110, 0), "smooth": (80, 16)}
+
 TileRegion = tuple[int, int, int, int]
 """(top, bottom, left, right) of a tile, in latent pixels."""
 
@@ -247,32 +253,40 @@ def tile_regions(latent_height: int, latent_width: int, size: int, stride: int) 
     ]
 
 
-def _ramp(length: int, border: int, ramp_start: bool, ramp_end: bool, device: torch.device) -> torch.Tensor:
+def _ramp(
+    length: int, border: int, ramp_start: bool, ramp_end: bool, device: torch.device, margin: int = 0
+) -> torch.Tensor:
+    """1D blend weights: on each inner edge, `margin` zeros, then a linear ramp over the rest of the overlap."""
     weights = torch.ones(length, device=device)
     border = min(border, length)
-    if border <= 0:
+    ramp = border - 2 * margin
+    if border <= 0 or ramp <= 0:
         return weights
-    up = torch.arange(1, border + 1, device=device, dtype=torch.float32) / border
+    up = torch.arange(1, ramp + 1, device=device, dtype=torch.float32) / ramp
     if ramp_start:
-        weights[:border] = up
+        weights[:margin] = 0
+        weights[margin : margin + ramp] = up
     if ramp_end:
-        weights[length - border :] = up.flip(0)
+        weights[length - margin :] = 0
+        weights[length - margin - ramp : length - margin] = up.flip(0)
     return weights
 
 
 def _tile_weights(
-    region: TileRegion, frame: tuple[int, int], border: int, factor: int, device: torch.device
+    region: TileRegion, frame: tuple[int, int], border: int, factor: int, device: torch.device, margin: int = 0
 ) -> torch.Tensor:
     """Blending weights of one tile, (1, 1, 1, h, w), float32.
 
     Linear ramps (1/border ... 1) over the overlap on every side that is not a
     frame edge, the minimum of the row and column ramps at the corners; the
     blended value is the weight-normalized sum of the tiles (the release's
-    scheme).
+    scheme). With a `margin` (latent pixels), the outermost pixels of each
+    inner edge get weight 0 and the ramp spans the rest of the overlap: those
+    pixels lacked the context beyond the tile, so only their neighbour's count.
     """
     top, bottom, left, right = region
-    rows = _ramp((bottom - top) * factor, border * factor, top > 0, bottom < frame[0], device)
-    cols = _ramp((right - left) * factor, border * factor, left > 0, right < frame[1], device)
+    rows = _ramp((bottom - top) * factor, border * factor, top > 0, bottom < frame[0], device, margin * factor)
+    cols = _ramp((right - left) * factor, border * factor, left > 0, right < frame[1], device, margin * factor)
     return torch.minimum(rows[:, None], cols[None, :])[None, None, None]
 
 
@@ -355,7 +369,9 @@ class StreamingVAE:
     tiles of `tile_size` with `tile_stride` (defaults 128 / 110, i.e. 1024 /
     880 pixels); each tile keeps its own encoder and decoder history, and
     overlaps are blended linearly (weights ramping over the overlap,
-    normalized by their sum). `tiling="always"` tiles any frame (a frame that
+    normalized by their sum). `tile_margin` > 0 (not the release's) gives each
+    tile's outermost latent pixels on inner edges zero weight, for smoother
+    seams; `SEAMS` names the settings measured in bench/RESULTS.md. `tiling="always"` tiles any frame (a frame that
     fits one tile then gives the untiled result); `"never"` never tiles.
 
     Host offload: with `history_device="cpu"` the causal histories live in
@@ -381,6 +397,7 @@ class StreamingVAE:
         tile_threshold: int = 1024,
         tile_size: int = 128,
         tile_stride: int = 110,
+        tile_margin: int = 0,
         threshold_axes: Literal["height", "either"] = "height",
         fast: bool | None = None,
         history_device: Literal["cpu"] | None = None,
@@ -395,11 +412,17 @@ class StreamingVAE:
             raise ValueError(f"threshold_axes must be 'height' or 'either', got {threshold_axes!r}")
         if not 0 < tile_stride <= tile_size:
             raise ValueError(f"tile stride must be in (0, tile size]; got size {tile_size}, stride {tile_stride}")
+        if tile_margin < 0 or (tile_margin and 2 * tile_margin >= tile_size - tile_stride):
+            raise ValueError(
+                f"tile margin must be >= 0 and leave a ramp inside the overlap (2 x margin < size - stride = "
+                f"{tile_size - tile_stride}); got {tile_margin}"
+            )
         self.vae = vae
         self.tiling = tiling
         self.tile_threshold = tile_threshold
         self.tile_size = tile_size
         self.tile_stride = tile_stride
+        self.tile_margin = tile_margin
         self.threshold_axes = threshold_axes
         self.fast = fast
         self.history_device = history_device
@@ -415,6 +438,14 @@ class StreamingVAE:
         self._inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
 
     # ----------------------------------------------------------------- state
+
+    def set_seams(self, name: str) -> None:
+        """Tile stride and margin from `SEAMS` by name; takes effect for scenes started after."""
+        if name not in SEAMS:
+            raise ValueError(f"seams must be one of {', '.join(SEAMS)}, got {name!r}")
+        if self.tile_size != 128:
+            raise ValueError(f"the seam settings are for 128-pixel latent tiles, not {self.tile_size}")
+        self.tile_stride, self.tile_margin = SEAMS[name]
 
     def new_history(self) -> VAEHistory:
         """Empty causal state for a new scene."""
@@ -599,7 +630,7 @@ class StreamingVAE:
                 total = out.new_zeros(
                     (*out.shape[:3], latent_frame[0] * out_factor, latent_frame[1] * out_factor), dtype=torch.float32
                 )
-            weights = _tile_weights(region, latent_frame, border, out_factor, value.device)
+            weights = _tile_weights(region, latent_frame, border, out_factor, value.device, self.tile_margin)
             rows = slice(top * out_factor, bottom * out_factor)
             cols = slice(left * out_factor, right * out_factor)
             total[..., rows, cols] += out.float() * weights

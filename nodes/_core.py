@@ -29,6 +29,7 @@ session = core_module("session")
 video_io = core_module("video_io")
 attention = core_module("attention")
 weights = core_module("weights")
+vae = core_module("vae")
 
 InfVSRPipeline = pipeline.InfVSRPipeline
 InfVSRSession = session.InfVSRSession
@@ -36,6 +37,7 @@ SceneState = session.SceneState
 WeightFileError = weights.WeightFileError
 WEIGHT_FILES = loader.WEIGHT_FILES
 WEIGHT_SUFFIXES = loader.WEIGHT_SUFFIXES
+SEAMS = vae.SEAMS
 VideoReader = video_io.VideoReader
 VideoWriter = video_io.VideoWriter
 VideoError = video_io.VideoError

@@ -69,6 +69,20 @@ def test_offload_gives_the_same_file(small_clip, tiny_models, tmp_path):
     assert len(outs[0]) == 24 and all((a == b).all() for a, b in zip(*outs, strict=True))
 
 
+def test_seams_option_reaches_the_loader(tiny_models):
+    from infvsr_core.loader import load_pipeline
+
+    args = cli.build_parser().parse_args(["upscale", "in.mp4", "-o", "out.mp4", "--seams", "smooth"])
+    assert args.seams == "smooth"
+    assert cli.build_parser().parse_args(["upscale", "in.mp4", "-o", "out.mp4"]).seams == "release"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["upscale", "in.mp4", "-o", "out.mp4", "--seams", "none"])
+    pipe = load_pipeline(tiny_models, device="cpu", dtype="fp32", vae_seams=args.seams)
+    assert (pipe.vae.tile_stride, pipe.vae.tile_margin) == (80, 16)
+    with pytest.raises(ValueError, match="seams"):
+        load_pipeline(tiny_models, device="cpu", dtype="fp32", vae_seams="none")
+
+
 def test_png_folder_output_with_start_and_frames(small_clip, tiny_models, tmp_path):
     out = tmp_path / "frames"
     args = ["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models), "--scale", "2"]

@@ -223,6 +223,17 @@ def test_model_node_loads_the_four_files(model, tiny_pipeline):
     assert math_model.pipeline.dit.attention_backend == "math"
 
 
+def test_model_node_seams_choice_sets_the_tiling(model):
+    optional = nodes.LoadInfVSRModel.INPUT_TYPES()["optional"]
+    assert optional["vae_seams"][0] == ["release", "smooth"] and optional["vae_seams"][1]["default"] == "release"
+    assert list(optional)[-1] == "vae_seams"  # last: saved workflows' widget values keep their positions
+    (smooth,) = nodes.LoadInfVSRModel().load(*FILES, dtype="fp32", vae_seams="smooth")
+    vae = smooth.pipeline.vae
+    assert (vae.tile_size, vae.tile_stride, vae.tile_margin) == (128, 80, 16)
+    (release,) = nodes.LoadInfVSRModel().load(*FILES, dtype="fp32")
+    assert (release.pipeline.vae.tile_stride, release.pipeline.vae.tile_margin) == (110, 0)
+
+
 def test_core_state_offload_gives_the_same_frames(model, guidance):
     """The loader exposes the core's host offload of the stream state (when the core has it): same output."""
     optional = nodes.LoadInfVSRModel.INPUT_TYPES()["optional"]

@@ -227,18 +227,20 @@ def test_tiling_decision(vae):
         StreamingVAE(vae, tiling="sometimes")
 
 
-def _reference_weights(region, frame, border, factor):
-    """Blend weights written out by loops: ramps 1/border..1 on inner edges, min at corners."""
+def _reference_weights(region, frame, border, factor, margin=0):
+    """Blend weights written out by loops: on inner edges `margin` zeros, then a ramp 1/n..1, min at corners."""
     top, bottom, left, right = region
-    h, w, b = (bottom - top) * factor, (right - left) * factor, border * factor
+    h, w, b, m = (bottom - top) * factor, (right - left) * factor, border * factor, margin * factor
+    n = b - 2 * m  # ramp length
 
-    def ramp(n, inner_start, inner_end):
-        v = [1.0] * n
+    def ramp(length, inner_start, inner_end):
+        v = [1.0] * length
         for i in range(b):
+            value = 0.0 if i < m else min(1.0, (i - m + 1) / n)
             if inner_start:
-                v[i] = (i + 1) / b
+                v[i] = value
             if inner_end:
-                v[n - 1 - i] = (i + 1) / b
+                v[length - 1 - i] = value
         return v
 
     r = ramp(h, top > 0, bottom < frame[0])
@@ -246,22 +248,26 @@ def _reference_weights(region, frame, border, factor):
     return torch.tensor([[min(a, bb) for bb in c] for a in r])
 
 
-def test_tiled_streaming_matches_per_tile_reference(vae):
-    """48x64 frame = 6x8 latent; tiles of 4 with stride 3 give 2 rows x 3 columns, edge tiles clipped."""
+@pytest.mark.parametrize(("size", "stride", "margin", "count"), [(4, 3, 0, 6), (5, 2, 1, 6)])
+def test_tiled_streaming_matches_per_tile_reference(vae, size, stride, margin, count):
+    """48x64 frame = 6x8 latent; tiles of 4 with stride 3 give 2 rows x 3 columns, edge tiles clipped.
+
+    With a margin (smoother seams, not the release's), the blend ignores each tile's outermost pixels.
+    """
     gen = torch.Generator().manual_seed(2)
     low = torch.rand(1, 3, 5, 12, 16, generator=gen) * 2 - 1
     video = torch.nn.functional.interpolate(low, size=(5, 48, 64), mode="trilinear")
-    size, stride, frame = 4, 3, (6, 8)
-    sv = StreamingVAE(vae, tiling="always", tile_size=size, tile_stride=stride)
+    frame = (6, 8)
+    sv = StreamingVAE(vae, tiling="always", tile_size=size, tile_stride=stride, tile_margin=margin)
     history = sv.new_history()
     latents = torch.cat([sv.encode_chunk(video[:, :, :1], history), sv.encode_chunk(video[:, :, 1:], history)], 2)
     regions = tile_regions(*frame, size, stride)
-    assert history.tiled and list(history.tiles) == regions and len(regions) == 6
+    assert history.tiled and list(history.tiles) == regions and len(regions) == count
 
     acc, wsum = torch.zeros(1, 16, 2, *frame), torch.zeros(frame)
     for top, bottom, left, right in regions:
         tile = video[..., top * 8 : bottom * 8, left * 8 : right * 8]
-        wt = _reference_weights((top, bottom, left, right), frame, size - stride, 1)
+        wt = _reference_weights((top, bottom, left, right), frame, size - stride, 1, margin)
         acc[..., top:bottom, left:right] += _normalize(vae.encode(tile).latent_dist.mean) * wt
         wsum[top:bottom, left:right] += wt
     ref_latents = acc / wsum
@@ -273,11 +279,36 @@ def test_tiled_streaming_matches_per_tile_reference(vae):
         decoded = vae.decode(ref_latents[..., top:bottom, left:right] * STD + MEAN).sample
         # diffusers clamps each tile; the release clamps after blending: equal while tiles stay inside [-1, 1].
         assert decoded.abs().max() < 1.0
-        wt = _reference_weights((top, bottom, left, right), frame, size - stride, 8)
+        wt = _reference_weights((top, bottom, left, right), frame, size - stride, 8, margin)
         acc[..., top * 8 : bottom * 8, left * 8 : right * 8] += decoded * wt
         wsum[top * 8 : bottom * 8, left * 8 : right * 8] += wt
     assert (frames - (acc / wsum).clamp(-1, 1)).abs().max().item() < F32_TOL
     assert history.nbytes() == sum(t.nbytes() for t in history.tiles.values()) > 0
+
+
+@pytest.mark.parametrize(("size", "stride", "margin"), [(128, 110, 0), (128, 96, 8), (128, 80, 16), (9, 4, 2)])
+def test_blend_weights_cover_every_pixel(size, stride, margin):
+    """Weights sum above zero everywhere (1080p, 4K and odd tiny frames); the margin's pixels weigh 0."""
+    from infvsr_core.vae import _tile_weights
+
+    for frame in ((135, 240), (270, 480), (17, 23)):
+        total = torch.zeros(frame)
+        for region in tile_regions(*frame, size, stride):
+            top, bottom, left, right = region
+            weights = _tile_weights(region, frame, size - stride, 1, torch.device("cpu"), margin)[0, 0, 0]
+            assert torch.equal(weights, _reference_weights(region, frame, size - stride, 1, margin))
+            if margin and left > 0:
+                assert not weights[:, :margin].any()
+            total[top:bottom, left:right] += weights
+        assert total.min() > 0
+
+
+def test_tile_margin_must_leave_a_ramp(vae):
+    with pytest.raises(ValueError, match="margin"):
+        StreamingVAE(vae, tile_size=128, tile_stride=110, tile_margin=9)
+    with pytest.raises(ValueError, match="margin"):
+        StreamingVAE(vae, tile_margin=-1)
+    assert StreamingVAE(vae, tile_size=128, tile_stride=110, tile_margin=8).tile_margin == 8
 
 
 def test_single_tile_equals_untiled(vae, clip):
