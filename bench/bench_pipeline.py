@@ -368,13 +368,16 @@ def main() -> int:
             long_clip = long_clip[: args.flat_frames]
             torch.cuda.reset_peak_memory_stats()
             flat_peaks: list[float] = []
-            _, flat_times = run_stream(pipe, long_clip, args.scale, flat_peaks, keep=False)
+            flat_hosts: list[float] = []
+            _, flat_times = run_stream(pipe, long_clip, args.scale, flat_peaks, keep=False, hosts=flat_hosts)
             at_60 = flat_peaks[min(len(flat_peaks), 6) - 1]
             row["flat"] = {
                 "frames": args.flat_frames,
                 "peak_after_60_gib": round(at_60, 3),
                 "peak_final_gib": round(flat_peaks[-1], 3),
                 "growth_pct": round(100 * (flat_peaks[-1] / at_60 - 1), 3),
+                "host_after_60_gib": round(flat_hosts[min(len(flat_hosts), 6) - 1], 3),
+                "host_max_gib": round(max(flat_hosts), 3),
                 "fps_steady": round((args.flat_frames - 9) / sum(flat_times[1:]), 2),
             }
             del long_clip
