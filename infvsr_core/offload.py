@@ -119,7 +119,11 @@ class PinnedPool:
         if not self.pin or self._pin_failed or not torch.cuda.is_available():
             return
         error = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0)
-        if int(error) != 0:
+        if int(error) == 0:
+            # Unlocked when the block is garbage (weakref callbacks run before its memory is freed), so
+            # freed memory is never left registered (a later copy from it would fail).
+            weakref.finalize(block, PinnedPool._unregister_address, block.data_ptr())
+        else:
             self._pin_failed = True
             warnings.warn(
                 f"could not page-lock {block.numel() / 2**30:.2f} GiB of host memory ({error}); state offload "
@@ -129,9 +133,11 @@ class PinnedPool:
             )
 
     @staticmethod
-    def _unregister(block: torch.Tensor) -> None:
-        if block.is_pinned():
-            torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
+    def _unregister_address(address: int) -> None:
+        try:
+            torch.cuda.cudart().cudaHostUnregister(address)
+        except Exception:  # noqa: BLE001 - at interpreter exit CUDA may already be gone
+            pass
 
     def _release(self, block: torch.Tensor) -> None:
         self._released.append(block)  # deque.append is atomic: safe from a finalizer
@@ -163,11 +169,8 @@ class PinnedPool:
         return out, reused
 
     def trim(self) -> int:
-        """Unlock and drop every free block; returns the bytes dropped. No copy may still use them."""
+        """Drop every free block (unlocked as it goes); returns the bytes dropped. No copy may still use them."""
         dropped = self.free_bytes
-        for blocks in self._free.values():
-            for block in blocks:
-                self._unregister(block)
         self._free.clear()
         self._free_bytes = 0
         return dropped
@@ -185,10 +188,6 @@ class HostOffload:
     written while anyone holds them (a block is reused only after its tensor
     was dropped), so forked histories that share them stay independent.
     """
-
-    # Free pinned blocks kept beyond the bytes in use before the pool is trimmed (a scene cut or the
-    # end of a stream drops the state; the next chunk's sizes would find nothing to reuse anyway).
-    FREE_SLACK_BYTES = 1 << 30
 
     def __init__(self, pin_memory: bool = True) -> None:
         self.pool = PinnedPool(pin=pin_memory)
@@ -232,12 +231,15 @@ class HostOffload:
             with torch.cuda.stream(side):
                 host.copy_(tensor, non_blocking=True)
                 tensor.record_stream(side)
-        if self.pool.free_bytes > self.pool.used_bytes + self.FREE_SLACK_BYTES:
-            self.trim()
         return host
 
     def trim(self) -> int:
-        """Give the free pinned blocks back to the system, after the copies that may use them; bytes freed."""
+        """Give the free pinned blocks back to the system, after the copies that may use them; bytes freed.
+
+        Not automatic: a stage's history is often released before its successor is downloaded into the
+        same blocks (a decoder history of 4 GiB at 720p), and re-locking them every chunk costs ~1 s.
+        The pipeline trims when a stream ends.
+        """
         for stream in self._streams.values():
             stream.synchronize()
         return self.pool.trim()
