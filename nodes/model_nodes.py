@@ -67,7 +67,8 @@ def _state_offload_input() -> dict[str, Any]:
         "default": "none",
         "tooltip": "Keep stream state in host memory between uses (same results, less VRAM): histories = VAE "
         "histories, state = also the KV cache and the guidance weights, all = also the DiT weights (low VRAM). "
-        "H100, 720p: none 15 GiB / 21.9 fps, state 9.4 GiB / 16.7 fps, all 6.7 GiB / 14.9 fps."})}
+        "H100, 720p: none 15 GiB / 21.9 fps, state 9.4 GiB / 16.6 fps, all 6.7 GiB / 14.2 fps; 4K: state "
+        "16.3 GiB / ~1 fps with ~93 GiB of system RAM."})}
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
