@@ -159,7 +159,15 @@ class PinnedPool:
             block = free.pop()
             self._free_bytes -= nbytes
         else:
-            block = torch.empty(nbytes, dtype=torch.uint8)
+            try:
+                block = torch.empty(nbytes, dtype=torch.uint8)
+            except RuntimeError as e:  # the host allocator's "can't allocate memory"
+                raise MemoryError(
+                    f"out of host memory for the offloaded stream state: {nbytes / 2**30:.2f} GiB more were "
+                    f"needed on top of {self._used_bytes / 2**30:.1f} GiB held (tiled outputs keep every tile's "
+                    "VAE history in host memory, as the release does: ~93 GiB at 4K); use a smaller output, "
+                    "or offload='none'/'histories' where the GPU has room"
+                ) from e
             self._register(block)
         self._used_bytes += nbytes
         # empty_like's strides (channels-last stays channels-last), computed without allocating.

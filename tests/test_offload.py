@@ -213,3 +213,12 @@ def test_host_offload_keeps_reusing_the_same_blocks_chunk_after_chunk():
     del history, values
     assert offload.trim() == (6 + 4) * 4 * 2
     assert offload.pool.free_bytes == 0 and offload.pool.used_bytes == 0
+
+
+def test_pinned_pool_out_of_host_memory_is_a_clear_error():
+    pool = PinnedPool(pin=False)
+    held, _ = pool.empty_like(torch.zeros(1024))
+    huge = torch.empty(2**50, dtype=torch.uint8, device="meta")  # more than any address space
+    with pytest.raises(MemoryError, match=r"out of host memory .* on top of 0\.0 GiB held .*4K"):
+        pool.empty_like(huge)
+    assert pool.used_bytes == 4096 and held.numel() == 1024  # the pool is unchanged

@@ -185,3 +185,24 @@ def test_a_chunk_stopped_half_way_leaves_a_session_that_refuses_to_continue(tiny
     # A fork taken before the interrupted chunk goes on as if nothing happened.
     tail = torch.cat([tiny_pipeline.push(saved, clip[9:]), tiny_pipeline.close(saved)])
     assert torch.equal(torch.cat([head, tail]), one_shot)
+
+
+@pytest.mark.parametrize(("mode", "advice"), [("none", "offload='histories'"), ("all", "lowest-memory mode")])
+def test_running_out_of_device_memory_says_which_offload_to_try(tiny_pipeline, clip, monkeypatch, mode, advice):
+    """The same exception type (ComfyUI handles OutOfMemoryError itself), with what to change appended."""
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    session = tiny_pipeline.new_session()
+    try:
+        tiny_pipeline.offload = mode
+        with monkeypatch.context() as m:
+            m.setattr(tiny_pipeline.vae, "decode_chunk", out_of_memory)
+            with pytest.raises(torch.OutOfMemoryError) as info:
+                tiny_pipeline.push(session, clip[:9])
+    finally:
+        tiny_pipeline.offload = "none"
+    message = str(info.value)
+    assert message.startswith("CUDA out of memory") and advice in message and "12x20 input frames" in message
+    assert session.interrupted == "out of device memory"
