@@ -95,6 +95,8 @@ class PinnedPool:
     orders its new copy after those (`empty_like` says when a block is reused).
     """
 
+    SMALL_BLOCK = 1 << 20
+
     def __init__(self, pin: bool = True) -> None:
         self.pin = pin
         self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
@@ -115,22 +117,33 @@ class PinnedPool:
         self._drain()
         return self._free_bytes
 
-    def _register(self, block: torch.Tensor) -> None:
-        if not self.pin or self._pin_failed or not torch.cuda.is_available():
-            return
-        error = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0)
+    def _new_block(self, nbytes: int) -> torch.Tensor:
+        """A host block of exactly `nbytes`, page-locked when pinning (small ones by PyTorch's allocator).
+
+        Blocks under SMALL_BLOCK may share a memory page with other allocations, which
+        cudaHostRegister cannot lock twice: those come from PyTorch's pinned allocator, whose
+        power-of-two rounding costs little at that size. Large blocks are page-aligned
+        (the C allocator maps them), registered, and unlocked when garbage (weakref
+        callbacks run before the memory is freed, so freed memory is never left registered).
+        """
+        pin = self.pin and torch.cuda.is_available()
+        if pin and nbytes < self.SMALL_BLOCK:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        block = torch.empty(nbytes, dtype=torch.uint8)
+        if not pin or self._pin_failed:
+            return block
+        error = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), nbytes, 0)
         if int(error) == 0:
-            # Unlocked when the block is garbage (weakref callbacks run before its memory is freed), so
-            # freed memory is never left registered (a later copy from it would fail).
             weakref.finalize(block, PinnedPool._unregister_address, block.data_ptr())
-        else:
-            self._pin_failed = True
-            warnings.warn(
-                f"could not page-lock {block.numel() / 2**30:.2f} GiB of host memory ({error}); state offload "
-                "continues in pageable memory, with slower, synchronous copies",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            return block
+        self._pin_failed = True
+        warnings.warn(
+            f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory ({error}); large offloaded state "
+            "continues in pageable memory, with slower, synchronous copies",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return block
 
     @staticmethod
     def _unregister_address(address: int) -> None:
@@ -160,7 +173,7 @@ class PinnedPool:
             self._free_bytes -= nbytes
         else:
             try:
-                block = torch.empty(nbytes, dtype=torch.uint8)
+                block = self._new_block(nbytes)
             except RuntimeError as e:  # the host allocator's "can't allocate memory"
                 raise MemoryError(
                     f"out of host memory for the offloaded stream state: {nbytes / 2**30:.2f} GiB more were "
@@ -168,7 +181,6 @@ class PinnedPool:
                     "VAE history in host memory, as the release does: ~93 GiB at 4K); use a smaller output, "
                     "or offload='none'/'histories' where the GPU has room"
                 ) from e
-            self._register(block)
         self._used_bytes += nbytes
         # empty_like's strides (channels-last stays channels-last), computed without allocating.
         strides = torch.empty_like(tensor, device="meta").stride()
