@@ -83,8 +83,9 @@ class PinnedPool:
 
     Why not `pin_memory=True`: PyTorch's pinned allocator rounds every block up
     to a power of two and keeps it cached, so the ~80 GiB of 4K tile histories
-    took a 125 GiB host out of memory. Here a block is a plain host tensor
-    registered with CUDA (cudaHostRegister) at its exact size; when the tensor
+    took a 125 GiB host out of memory. Here a large block is a plain host tensor
+    registered with CUDA (cudaHostRegister) at its exact size (`_new_block`; only
+    for copies of CUDA tensors, and small blocks come from PyTorch); when the tensor
     handed out is garbage, its block goes back to a free list for the next
     request of the same size (the same cache entries come back every chunk), so
     the pool holds the live state plus about one tile's worth.
@@ -117,7 +118,7 @@ class PinnedPool:
         self._drain()
         return self._free_bytes
 
-    def _new_block(self, nbytes: int) -> torch.Tensor:
+    def _new_block(self, nbytes: int, pin: bool) -> torch.Tensor:
         """A host block of exactly `nbytes`, page-locked when pinning (small ones by PyTorch's allocator).
 
         Blocks under SMALL_BLOCK may share a memory page with other allocations, which
@@ -126,7 +127,7 @@ class PinnedPool:
         (the C allocator maps them), registered, and unlocked when garbage (weakref
         callbacks run before the memory is freed, so freed memory is never left registered).
         """
-        pin = self.pin and torch.cuda.is_available()
+        pin = pin and self.pin
         if pin and nbytes < self.SMALL_BLOCK:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         block = torch.empty(nbytes, dtype=torch.uint8)
@@ -173,7 +174,7 @@ class PinnedPool:
             self._free_bytes -= nbytes
         else:
             try:
-                block = self._new_block(nbytes)
+                block = self._new_block(nbytes, pin=tensor.is_cuda)  # host copies of CPU tensors: no CUDA
             except RuntimeError as e:  # the host allocator's "can't allocate memory"
                 raise MemoryError(
                     f"out of host memory for the offloaded stream state: {nbytes / 2**30:.2f} GiB more were "
