@@ -281,7 +281,6 @@ def main() -> int:
         "--seam-settings", nargs="+", default=["110:0"], help="tile stride:margin settings for --seams (latent px)"
     )
     parser.add_argument("--vae-seams", choices=["release", "smooth"], default="release", help="tile blend setting")
-    parser.add_argument("--torch-pinned", action="store_true", help="PyTorch's pinned allocator, not the pool")
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
     args = parser.parse_args()
     global PROGRESS
@@ -310,7 +309,6 @@ def main() -> int:
         pipe.vae.fast = False
 
     pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
-    pipe._host.pooled = pipe.vae._offload.pooled = not args.torch_pinned
     pipe.vae.set_seams(args.vae_seams)
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls

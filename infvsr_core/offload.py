@@ -212,7 +212,6 @@ class HostOffload:
 
     def __init__(self, pin_memory: bool = True) -> None:
         self.pool = PinnedPool(pin=pin_memory)
-        self.pooled = True  # False: PyTorch's pinned allocator instead (power-of-two blocks; for comparisons)
         self._streams: dict[tuple[torch.device, str], Any] = {}
 
     @property
@@ -238,11 +237,7 @@ class HostOffload:
         The device tensor may be dropped right away: its block is not reused before the copy is done.
         """
         side = self._side(tensor.device, "down")
-        if self.pooled:
-            host, reused = self.pool.empty_like(tensor)
-        else:
-            pin = side is not None and self.pin_memory
-            host, reused = torch.empty_like(tensor, device="cpu", pin_memory=pin), False
+        host, reused = self.pool.empty_like(tensor)
         if side is None:
             host.copy_(tensor)
         else:
@@ -253,6 +248,10 @@ class HostOffload:
                 host.copy_(tensor, non_blocking=True)
                 tensor.record_stream(side)
         return host
+
+    def host_memory(self) -> tuple[int, int]:
+        """(bytes of host copies held now, bytes of blocks kept for reuse)."""
+        return self.pool.used_bytes, self.pool.free_bytes
 
     def trim(self) -> int:
         """Give the free pinned blocks back to the system, after the copies that may use them; bytes freed.

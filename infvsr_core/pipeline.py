@@ -197,8 +197,8 @@ class InfVSRPipeline:
 
     def host_memory(self) -> tuple[int, int]:
         """(bytes of host state held now, bytes of page-locked blocks kept for reuse)."""
-        pools = (self._host.pool, self.vae._offload.pool)
-        return sum(pool.used_bytes for pool in pools), sum(pool.free_bytes for pool in pools)
+        (held, kept), (vae_held, vae_kept) = self._host.host_memory(), self.vae.host_memory()
+        return held + vae_held, kept + vae_kept
 
     def refresh_prompt(self, session: InfVSRSession, frame: torch.Tensor, index: int | None = None) -> None:
         """Take a new reference frame without resetting caches (SPEC section 3's refresh rule)."""

@@ -520,6 +520,10 @@ class StreamingVAE:
         elif history.tiles:
             self._prefetch(next(iter(history.tiles.values())), "decoder_cache")
 
+    def host_memory(self) -> tuple[int, int]:
+        """(bytes of offloaded history in host memory, bytes of page-locked blocks kept for reuse)."""
+        return self._offload.host_memory()
+
     def trim_host_memory(self) -> int:
         """Free the offload's unused page-locked host blocks (see `HostOffload.trim`); bytes freed."""
         return self._offload.trim()
