@@ -238,7 +238,7 @@ class InfVSRPipeline:
 
     def _memory_advice(self, frames: torch.Tensor) -> str:
         """What to change after running out of device memory (the same type is re-raised, for ComfyUI)."""
-        height, width = (int(frames.shape[1]), int(frames.shape[2])) if frames.ndim == 4 else (0, 0)
+        height, width = int(frames.shape[1]), int(frames.shape[2])  # a chunk: (T, H, W, 3), checked on entry
         lighter = OFFLOAD_MODES[OFFLOAD_MODES.index(self.offload) + 1 :]
         hint = (
             f"try offload={lighter[0]!r} (same output; measured on an H100: 720p needs ~15 GiB with 'none', "
