@@ -4,10 +4,12 @@
 
 Builds the full-size pipeline from random weights in the published formats
 (as bench_pipeline.py), streams two chunks to warm up (torch.compile, cuDNN's
-algorithm search), then runs the third chunk's stages one at a time, each
-under its own profiler, and prints per stage: the GPU time by kernel class
-(convolution, GEMM, attention, Triton, copy, other elementwise) with the top
-kernels, and the memory allocated at the stage's start and its peak.
+algorithm search), times each stage of chunks 3-4 (synchronized wall time: the
+GPU's time plus whatever the host adds, launch overhead included), then runs
+the fifth chunk's stages one at a time, each under its own profiler, and
+prints per stage: the GPU time by kernel class (convolution, GEMM, attention,
+Triton, copy, other elementwise) with the top kernels, and the memory
+allocated at the stage's start and its peak.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -87,13 +90,23 @@ def main() -> int:
     pipe = random_pipeline(device, torch.bfloat16)
     pipe.offload = args.offload
     height, width = SIZES[args.size]
-    clip = synthetic_clip(9 + 12 * 2, height, width, device)
+    clip = synthetic_clip(9 + 12 * 4, height, width, device)
     history, cache, position = pipe.vae.new_history(), None, 0
     prompt = pipe.extract_prompt(clip[0])
     timestep = torch.full((1,), TIMESTEP, device=device)
     start = 0
-    for index, size in enumerate((9, 12, 12)):
-        last = index == 2
+    walls: dict[str, list[float]] = defaultdict(list)
+
+    def timed(label: str, fn):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize()
+        walls[label].append(1000 * (time.perf_counter() - begin))
+        return result
+
+    for index, size in enumerate((9, 12, 12, 12, 12)):
+        last = index == 4
         video, true_size = prepare_chunk(
             clip[start : start + size], args.scale, index == 0, device=device, dtype=pipe.dtype
         )
@@ -102,7 +115,7 @@ def main() -> int:
         def encode(video=video):
             return pipe.vae.encode_chunk(video, history)
 
-        latents = profiled("encode", args.top, encode) if last else encode()
+        latents = profiled("encode", args.top, encode) if last else timed("encode", encode)
         del video
         pipe._prefetch_decoder(history)
 
@@ -112,7 +125,7 @@ def main() -> int:
         if last:
             prediction, cache = profiled("dit", args.top, dit)
         else:
-            prediction, cache = dit()
+            prediction, cache = timed("dit", dit)
         position += latents.shape[2]
         restored = one_step_restore(latents, prediction)
         del prediction, latents
@@ -120,8 +133,11 @@ def main() -> int:
         def decode(restored=restored, true_size=true_size):
             return finish_frames(pipe.vae.decode_chunk(restored, history), true_size)
 
-        out = profiled("decode", args.top, decode) if last else decode()
+        out = profiled("decode", args.top, decode) if last else timed("decode", decode)
         del out, restored
+    print("\nwall time per stage, synchronized, chunks 3-4 (unprofiled):")
+    for label, values in walls.items():
+        print(f"   {label}: " + " / ".join(f"{v:.1f}" for v in values[2:]) + " ms")
     print(
         f"\nstate: VAE history {gib(history.nbytes()):.2f} GiB, KV cache "
         f"{gib(sum(t.numel() * t.element_size() for t in cache.keys + cache.values)):.2f} GiB"
