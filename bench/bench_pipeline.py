@@ -64,6 +64,7 @@ def random_pipeline(
     ram = random_ram_state_dict(swin, seed=seed + 2)
     guidance = build_guidance(ram, random_dape_state_dict(swin, seed=seed + 3), dtype=dtype)
     dit.fuse_elementwise = fast
+    dit.cuda_graphs = fast is not False
     return InfVSRPipeline(
         dit.to(device=device, dtype=dtype),
         StreamingVAE(vae.to(device), fast=fast, **vae_kwargs),
@@ -276,6 +277,13 @@ def main() -> int:
     parser.add_argument(
         "--full-res-frames", type=int, help="frames per piece of the VAE's full-res stages (0: whole calls)"
     )
+    parser.add_argument("--no-graphs", action="store_true", help="run the DiT's blocks eagerly (no CUDA graphs)")
+    parser.add_argument(
+        "--vae-calls",
+        choices=["auto", "whole", "split"],
+        default="auto",
+        help="VAE calls per chunk: whole chunks, or diffusers' 4 frames / 1 latent frame (StreamingVAE.whole_chunks)",
+    )
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
     parser.add_argument(
         "--seam-settings", nargs="+", default=["110:0"], help="tile stride:margin settings for --seams (latent px)"
@@ -306,7 +314,11 @@ def main() -> int:
         pipe = random_pipeline(device, dtype, tiny=args.tiny, fast=False if args.plain else None, tiling=args.tiling)
     if args.plain:
         pipe.dit.fuse_elementwise = False
+        pipe.dit.cuda_graphs = False
         pipe.vae.fast = False
+    if args.no_graphs:
+        pipe.dit.cuda_graphs = False
+    pipe.vae.whole_chunks = {"auto": "auto", "whole": True, "split": False}[args.vae_calls]
 
     pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
     pipe.vae.set_seams(args.vae_seams)

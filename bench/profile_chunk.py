@@ -3,13 +3,14 @@
     python bench/profile_chunk.py --size 720p [--offload none] [--top 25]
 
 Builds the full-size pipeline from random weights in the published formats
-(as bench_pipeline.py), streams two chunks to warm up (torch.compile, cuDNN's
-algorithm search), times each stage of chunks 3-4 (synchronized wall time: the
-GPU's time plus whatever the host adds, launch overhead included), then runs
-the fifth chunk's stages one at a time, each under its own profiler, and
-prints per stage: the GPU time by kernel class (convolution, GEMM, attention,
-Triton, copy, other elementwise) with the top kernels, and the memory
-allocated at the stage's start and its peak.
+(as bench_pipeline.py), streams three chunks to warm up (torch.compile,
+cuDNN's algorithm search, the DiT's CUDA graph capture), times each stage of
+chunks 4-5 (synchronized wall time: the GPU's time plus whatever the host
+adds, launch overhead included), then runs the sixth chunk's stages one at a
+time, each under its own profiler, and prints per stage: the GPU time by
+kernel class (convolution, GEMM, attention, Triton, copy, other elementwise)
+with the top kernels, and the memory allocated at the stage's start and its
+peak.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> int:
     pipe = random_pipeline(device, torch.bfloat16)
     pipe.offload = args.offload
     height, width = SIZES[args.size]
-    clip = synthetic_clip(9 + 12 * 4, height, width, device)
+    clip = synthetic_clip(9 + 12 * 5, height, width, device)
     history, cache, position = pipe.vae.new_history(), None, 0
     prompt = pipe.extract_prompt(clip[0])
     timestep = torch.full((1,), TIMESTEP, device=device)
@@ -105,8 +106,8 @@ def main() -> int:
         walls[label].append(1000 * (time.perf_counter() - begin))
         return result
 
-    for index, size in enumerate((9, 12, 12, 12, 12)):
-        last = index == 4
+    for index, size in enumerate((9, 12, 12, 12, 12, 12)):
+        last = index == 5
         video, true_size = prepare_chunk(
             clip[start : start + size], args.scale, index == 0, device=device, dtype=pipe.dtype
         )
@@ -135,9 +136,9 @@ def main() -> int:
 
         out = profiled("decode", args.top, decode) if last else timed("decode", decode)
         del out, restored
-    print("\nwall time per stage, synchronized, chunks 3-4 (unprofiled):")
+    print("\nwall time per stage, synchronized, chunks 4-5 (unprofiled):")
     for label, values in walls.items():
-        print(f"   {label}: " + " / ".join(f"{v:.1f}" for v in values[2:]) + " ms")
+        print(f"   {label}: " + " / ".join(f"{v:.1f}" for v in values[3:]) + " ms")
     print(
         f"\nstate: VAE history {gib(history.nbytes()):.2f} GiB, KV cache "
         f"{gib(sum(t.numel() * t.element_size() for t in cache.keys + cache.values)):.2f} GiB"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .graphs import BlockGraphs
 from .rope import apply_rope, rope_cos_sin
 from .weights import WeightFileError, require
 
@@ -122,12 +123,15 @@ class KVCache:
         return KVCache(keys=move(self.keys), values=move(self.values), latent_frames=self.latent_frames)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Wan's sinusoid: [cos, sin] of t * 10000^(-k/(dim/2)), computed in float64 on the CPU, returned in dtype."""
+def timestep_embedding(
+    t: torch.Tensor, dim: int, dtype: torch.dtype = torch.float64, device: torch.device | None = None
+) -> torch.Tensor:
+    """Wan's sinusoid: [cos, sin] of t * 10000^(-k/(dim/2)), computed in float64 on the CPU, returned in dtype
+    on `device` (default t's). A CPU `t` avoids waiting for the GPU to read it."""
     half = dim // 2
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / half)
     args = t.detach().to("cpu", torch.float64)[:, None] * freqs[None, :]
-    return torch.cat([args.cos(), args.sin()], dim=1).to(t.device, dtype)
+    return torch.cat([args.cos(), args.sin()], dim=1).to(t.device if device is None else device, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -326,6 +330,9 @@ class CausalWanDiT(nn.Module):
         self.attention_backend: str = "sdpa"
         # Fused elementwise ops (torch.compile): None = on CUDA when Triton is there.
         self.fuse_elementwise: bool | None = None
+        # Steady chunks' blocks as CUDA graphs (graphs.py), for calls that ask (`graph`) without `keep`.
+        self.cuda_graphs: bool = True
+        self.graphs = BlockGraphs()
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(
@@ -352,6 +359,7 @@ class CausalWanDiT(nn.Module):
         kv_cache: KVCache | None = None,
         release_cache: bool = False,
         keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        graph: bool = True,
     ) -> tuple[torch.Tensor, KVCache]:
         """latents (B, C, F, H, W), context (B, L, text_dim), timestep (B,) -> (prediction, this chunk's cache).
 
@@ -365,6 +373,9 @@ class CausalWanDiT(nn.Module):
         saves a whole cache of memory (2 GiB at 720p, 18 GiB at 4K). `keep` is
         applied to each new key/value tensor as its layer finishes (e.g. a
         download to host memory); the returned cache holds what it returns.
+        `graph`: a steady chunk may run its blocks as a CUDA graph (when
+        `cuda_graphs` is on and no `keep` is given; graphs.py), which holds
+        static buffers of a whole cache for later chunks of that shape.
         """
         cfg = self.config
         b, _, frames, height, width = latents.shape
@@ -380,11 +391,18 @@ class CausalWanDiT(nn.Module):
         cos, sin = rope_cos_sin(f, h, w, cfg.head_dim, time_offset, device=x.device)
 
         time_dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(timestep_embedding(timestep.to(x.device), cfg.freq_dim, dtype=time_dtype))
+        e = self.time_embedding(timestep_embedding(timestep, cfg.freq_dim, dtype=time_dtype, device=x.device))
         t_mod = self.time_projection(e).unflatten(1, (6, cfg.dim))
         ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
 
         ops = self._ops(x.device)
+        graphed = None
+        if graph and keep is None:
+            graphed = self._graphed(x, t_mod, ctx, cos, sin, kv_cache, release_cache, ops)
+        if graphed is not None:
+            x, keys, values = graphed
+            out = self.head(x, e)
+            return self._unpatchify(out, b, f, h, w), KVCache(keys=keys, values=values, latent_frames=f)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             past = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None else None
@@ -396,10 +414,58 @@ class CausalWanDiT(nn.Module):
             values.append(v if keep is None else keep(v))
             del k, v
 
-        out = self.head(x, e)  # (B, f*h*w, pt*ph*pw*out_dim), channel last within a patch
+        out = self.head(x, e)
+        return self._unpatchify(out, b, f, h, w), KVCache(keys=keys, values=values, latent_frames=f)
+
+    def _unpatchify(self, out: torch.Tensor, b: int, f: int, h: int, w: int) -> torch.Tensor:
+        """(B, f*h*w, pt*ph*pw*out_dim), channel last within a patch -> (B, out_dim, F, H, W)."""
+        cfg = self.config
+        pt, ph, pw = cfg.patch_size
         out = out.reshape(b, f, h, w, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        out = out.reshape(b, cfg.out_dim, f * pt, h * ph, w * pw)
-        return out, KVCache(keys=keys, values=values, latent_frames=f)
+        return out.reshape(b, cfg.out_dim, f * pt, h * ph, w * pw)
+
+    def _graphed(self, x, t_mod, ctx, cos, sin, kv_cache, release, ops):
+        """(x, keys, values) from the blocks through a CUDA graph (graphs.py) for a steady chunk, else None.
+
+        Steady: a previous chunk's cache of this chunk's length, on the
+        device, and no autograd. The key holds every weight's address, so a
+        graph never reads weights that moved (it is recaptured instead).
+        """
+        if not (self.cuda_graphs and kv_cache is not None) or torch.is_grad_enabled():
+            return None
+        if not self.graphs.serves(x.device):
+            return None
+        past_k, past_v = kv_cache.keys, kv_cache.values
+        if not isinstance(past_k, list) or not isinstance(past_v, list):
+            return None
+        want = (x.shape[0], x.shape[1], self.config.num_heads, self.config.head_dim)
+        if any(t is None or tuple(t.shape) != want or t.device != x.device for t in (*past_k, *past_v)):
+            return None
+        dtype = past_k[0].dtype
+        if any(t.dtype != dtype for t in (*past_k, *past_v)):
+            return None
+        inputs = (x, t_mod, ctx, cos, sin)
+        key = (
+            tuple((tuple(t.shape), t.dtype) for t in inputs),
+            dtype,
+            x.device,
+            self.attention_backend,
+            id(ops),
+            tuple(p.data_ptr() for p in self.blocks.parameters()),
+        )
+        return self.graphs.run(key, self._run_blocks(ops), inputs, past_k, past_v, release)
+
+    def _run_blocks(self, ops: _Ops):
+        backend = self.attention_backend
+
+        def run(x, t_mod, ctx, cos, sin, past):
+            for i, block in enumerate(self.blocks):
+                x, k, v = block(x, t_mod, ctx, cos, sin, (past[0, i], past[1, i]), backend, ops)
+                past[0, i].copy_(k)
+                past[1, i].copy_(v)
+            return x
+
+        return run
 
 
 def random_dit_state_dict(

@@ -87,6 +87,7 @@ class InfVSRPipeline:
                 weights.to_host()
             else:
                 weights.to_device(self.device)
+        self.dit.graphs.clear()
         self._offload = mode
 
     def _prefetch_decoder(self, history) -> None:
@@ -123,6 +124,9 @@ class InfVSRPipeline:
                 kv_cache=kv_cache,
                 release_cache=True,
                 keep=self._host.download if streamed else None,
+                # CUDA graphs keep a KV cache's worth of static buffers: for the fast mode only (at 1080p,
+                # "histories" would pass 24 GiB), where the DiT's launches are what the GPU waits on (480p).
+                graph=self.offload == "none",
             )
         if streamed:
             cache = cache.map(lambda layers: self._host.host_list(layers, self.device))
@@ -188,6 +192,7 @@ class InfVSRPipeline:
         outputs = self._flush(session)
         session.closed = True
         result = self._join(session, outputs)
+        self.dit.graphs.clear()  # their static buffers hold a KV cache's worth of GPU memory
         self.trim_host_memory()
         return result
 
@@ -230,6 +235,7 @@ class InfVSRPipeline:
             return self._run_chunk(session, frames)
         except torch.OutOfMemoryError as e:
             session.interrupted = "out of device memory"
+            self.dit.graphs.clear()
             raise torch.OutOfMemoryError(f"{e}\n{self._memory_advice(frames)}") from e
         except BaseException as e:
             # The caches were being replaced entry by entry: they now mix two chunks.
@@ -264,7 +270,8 @@ class InfVSRPipeline:
         latents = self.vae.encode_chunk(video, scene.vae_history)
         del video
         self._prefetch_decoder(scene.vae_history)
-        timestep = torch.full((latents.shape[0],), TIMESTEP, device=self.device, dtype=torch.float32)
+        # On the CPU: the DiT embeds it there (float64), and reading a GPU tensor would wait for the encoder.
+        timestep = torch.full((latents.shape[0],), TIMESTEP, dtype=torch.float32)
         # The DiT consumes the old cache layer by layer: from here the scene holds the new one or nothing.
         kv_cache, scene.kv_cache = scene.kv_cache, None
         prediction, scene.kv_cache = self._run_dit(latents, session.prompt, timestep, scene.latent_frames, kv_cache)

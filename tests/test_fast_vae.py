@@ -242,3 +242,57 @@ def test_attention_scores_are_float32_products():
     assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
     rounded = want.to(torch.bfloat16).double()
     assert (rounded - want).abs().max() > 1e-4 * want.abs().max()  # bf16 scores would be visibly off
+
+
+def test_whole_chunk_calls_equal_diffusers_grouping(vae, monkeypatch):
+    """whole_chunks: one encoder and one decoder call per chunk (a scene's first frame alone) vs 4 frames /
+    1 latent frame per call: the same latents, frames and histories, over a first and two later chunks."""
+    import infvsr_core.vae as vae_module
+
+    clip = smooth_vae_clip(33, seed=7)
+    calls: list[tuple[str, int]] = []
+    enc, dec = vae_module.fast_encoder, vae_module.fast_decoder
+
+    def spy_enc(v, x, cache, pieces=None):
+        calls.append(("enc", x.shape[2]))
+        return enc(v, x, cache, pieces)
+
+    def spy_dec(v, x, cache, pieces=None):
+        calls.append(("dec", x.shape[2]))
+        return dec(v, x, cache, pieces)
+
+    monkeypatch.setattr(vae_module, "fast_encoder", spy_enc)
+    monkeypatch.setattr(vae_module, "fast_decoder", spy_dec)
+    runs = {}
+    for whole in (False, True):
+        calls.clear()
+        sv = StreamingVAE(copy.deepcopy(vae), fast=True, whole_chunks=whole)
+        history = sv.new_history()
+        outs = []
+        for a, b in ((0, 9), (9, 21), (21, 33)):
+            z = sv.encode_chunk(clip[:, :, a:b], history)
+            outs += [z, sv.decode_chunk(z, history)]
+        runs[whole] = (outs, history, list(calls))
+    assert (
+        runs[False][2]
+        == [("enc", 1), ("enc", 4), ("enc", 4), ("dec", 1), ("dec", 1), ("dec", 1)]
+        + [
+            ("enc", 4),
+            ("enc", 4),
+            ("enc", 4),
+            ("dec", 1),
+            ("dec", 1),
+            ("dec", 1),
+        ]
+        * 2
+    )
+    assert runs[True][2] == [("enc", 1), ("enc", 8), ("dec", 1), ("dec", 2)] + [("enc", 12), ("dec", 3)] * 2
+    for a, b in zip(runs[True][0], runs[False][0], strict=True):
+        assert a.shape == b.shape and max_err(a, b) < TOL
+    for attr in ("encoder_cache", "decoder_cache"):
+        for a, b in zip(getattr(runs[True][1], attr), getattr(runs[False][1], attr), strict=True):
+            assert type(a) is type(b)
+            if isinstance(b, torch.Tensor):
+                assert a.shape == b.shape and max_err(a, b) < TOL
+            else:
+                assert a == b

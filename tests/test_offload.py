@@ -50,10 +50,11 @@ def _stream(sv: StreamingVAE, clip: torch.Tensor, fork_at: int | None = None):
     return torch.cat(outs, dim=2), kinds
 
 
-@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize(("fast", "whole"), [(False, "auto"), (True, False), (True, True)])
 @pytest.mark.parametrize("tiled", [False, True])
-def test_histories_in_host_memory_are_bit_identical(vae, clip, fast, tiled):
-    kwargs = dict(tiling="always", tile_size=3, tile_stride=2) if tiled else {}
+def test_histories_in_host_memory_are_bit_identical(vae, clip, fast, whole, tiled):
+    """Same VAE calls (`whole_chunks` fixed: "auto" would group them differently when offloading)."""
+    kwargs = dict(tiling="always", tile_size=3, tile_stride=2, whole_chunks=whole) if tiled else {"whole_chunks": whole}
     plain, _ = _stream(StreamingVAE(vae, fast=fast, **kwargs), clip)
     for prefetch in (True, False):
         offloaded, kinds = _stream(
