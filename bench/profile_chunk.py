@@ -79,6 +79,51 @@ def profiled(label: str, top: int, fn):
     return result
 
 
+def whole_push(pipe, height: int, width: int, args) -> int:
+    """One steady chunk through `pipeline.push` (after 5 warm chunks), under the profiler with CPU activity:
+    wall time, GPU busy time (union of kernel intervals) and where the GPU waited (largest idle gaps, with
+    the innermost CPU op running when each began)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clip = synthetic_clip(9 + 12 * 5, height, width, torch.device("cpu"))
+    session, start = pipe.new_session(args.scale), 0
+    for size in (9, 12, 12, 12, 12):
+        pipe.push(session, clip[start : start + size])
+        start += size
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        begin = time.perf_counter()
+        pipe.push(session, clip[start : start + 12])
+        torch.cuda.synchronize()
+        wall = 1000 * (time.perf_counter() - begin)
+    events = prof.events()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    cpu_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    busy, gaps, cursor = 0.0, [], None
+    for a, b in kernels:
+        if cursor is None or a > cursor:
+            if cursor is not None:
+                gaps.append((a - cursor, cursor))
+            busy += b - a
+            cursor = b
+        elif b > cursor:
+            busy += b - cursor
+            cursor = b
+    idle = sum(g for g, _ in gaps)
+    print(
+        f"\n== whole push, {args.size}: wall {wall:.1f} ms, GPU busy {busy / 1000:.1f} ms, idle between kernels "
+        f"{idle / 1000:.1f} ms ({len(gaps)} gaps); before the first kernel / after the last: see wall - span"
+    )
+    print(f"   kernel span {(kernels[-1][1] - kernels[0][0]) / 1000:.1f} ms")
+    for gap, at in sorted(gaps, reverse=True)[: args.top]:
+        around = [e for e in cpu_ops if e.time_range.start <= at <= e.time_range.end]
+        inner = min(around, key=lambda e: e.time_range.end - e.time_range.start).name if around else "?"
+        print(f"   {gap / 1000:7.2f} ms idle at +{(at - kernels[0][0]) / 1000:7.1f} ms  (CPU in {inner})")
+    return 0
+
+
 @torch.inference_mode()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,15 +131,18 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--offload", default="none")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--whole", action="store_true", help="profile one whole steady push() and its GPU idle gaps")
     args = parser.parse_args()
     device = torch.device("cuda")
     pipe = random_pipeline(device, torch.bfloat16)
     pipe.offload = args.offload
     height, width = SIZES[args.size]
+    if args.whole:
+        return whole_push(pipe, height, width, args)
     clip = synthetic_clip(9 + 12 * 5, height, width, device)
     history, cache, position = pipe.vae.new_history(), None, 0
     prompt = pipe.extract_prompt(clip[0])
-    timestep = torch.full((1,), TIMESTEP, device=device)
+    timestep = torch.full((1,), TIMESTEP)
     start = 0
     walls: dict[str, list[float]] = defaultdict(list)
 

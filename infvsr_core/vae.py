@@ -385,7 +385,8 @@ class StreamingVAE:
 
     `piece_frames` (fast forward only): the full-resolution stages run that
     many frames at a time, which lowers the peak by ~0.8 GiB at 720p for a few
-    percent of speed; "auto" does so when offloading (the memory-saving modes)
+    percent of speed; "auto" does so when offloading (the memory-saving modes),
+    in pieces of 4 frames with `whole_chunks` (the peak of diffusers' calls),
     and runs whole calls otherwise; None never splits.
 
     `whole_chunks` (fast forward only): the encoder and decoder take a chunk's
@@ -393,7 +394,7 @@ class StreamingVAE:
     than diffusers' 4 frames / 1 latent frame per call. The result is the same
     (the causal caches carry the same frames across calls; each downsampler
     sees an even frame count), with a third of the launches and of the
-    cache copies, but ~3x the activation memory below full resolution;
+    cache copies below full resolution, for ~3x their activation memory;
     "auto" does so when not offloading.
     """
 
@@ -502,13 +503,18 @@ class StreamingVAE:
 
     def _pieces(self) -> int | None:
         if self.piece_frames == "auto":
-            return FULL_RES_FRAMES if self.history_device is not None else None
+            if self.history_device is not None:
+                return FULL_RES_FRAMES
+            # Whole-chunk calls: the full-resolution stages keep diffusers' 4 frames per call, and its peak.
+            return TEMPORAL_FACTOR if self._whole() else None
         return self.piece_frames
+
+    def _whole(self) -> bool:
+        return self.history_device is None if self.whole_chunks == "auto" else bool(self.whole_chunks)
 
     def _call_frames(self, frames: int) -> int:
         """Frames (of the input to encode or decode) per fast-forward call; `frames` = all of the chunk's."""
-        whole = self.history_device is None if self.whole_chunks == "auto" else self.whole_chunks
-        return max(frames, 1) if whole else 1
+        return max(frames, 1) if self._whole() else 1
 
     def _with_cache(self, owner: Any, attr: str, run: Any) -> torch.Tensor:
         """run(cache) with `owner.attr`'s cache on the VAE's device; back to host memory after, if offloading."""

@@ -169,10 +169,12 @@ def test_download_and_host_list():
 
 
 def test_full_resolution_pieces_follow_the_offload(vae):
-    """'auto': whole calls when the histories stay resident (speed), pieces when offloading (memory)."""
+    """'auto': 4-frame pieces (diffusers' call size) under whole-chunk calls when the histories stay resident,
+    whole calls without them, 2-frame pieces when offloading (memory)."""
     from infvsr_core.fast_vae import FULL_RES_FRAMES
 
-    assert StreamingVAE(vae)._pieces() is None
+    assert StreamingVAE(vae)._pieces() == 4
+    assert StreamingVAE(vae, whole_chunks=False)._pieces() is None
     assert StreamingVAE(vae, history_device="cpu")._pieces() == FULL_RES_FRAMES
     assert StreamingVAE(vae, history_device="cpu", piece_frames=None)._pieces() is None
     assert StreamingVAE(vae, piece_frames=1)._pieces() == 1
