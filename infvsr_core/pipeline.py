@@ -192,9 +192,13 @@ class InfVSRPipeline:
         outputs = self._flush(session)
         session.closed = True
         result = self._join(session, outputs)
-        self.dit.graphs.clear()  # their static buffers hold a KV cache's worth of GPU memory
         self.trim_host_memory()
         return result
+
+    def release_graphs(self) -> None:
+        """Drop the DiT's CUDA graphs (offload "none"): their static buffers hold a KV cache's worth of GPU
+        memory. Kept across sessions otherwise, so that the next stream of the same size replays at once."""
+        self.dit.graphs.clear()
 
     def trim_host_memory(self) -> int:
         """Give back the page-locked host blocks no state holds any more (after a stream ends); bytes freed."""

@@ -79,6 +79,8 @@ class InfVSRModel:
             finally:
                 self._depth -= 1
                 if self.offload and self._depth == 0 and self.device.type != "cpu":
+                    # The DiT's CUDA graphs read the weights where they were: their buffers go with them.
+                    self.pipeline.release_graphs()
                     self._move(torch.device("cpu"))
                     comfy.empty_cache()
 

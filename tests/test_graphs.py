@@ -174,3 +174,34 @@ def test_default_recorder_serves_cuda_only() -> None:
     graphs = BlockGraphs()
     assert not graphs.serves(torch.device("cpu"))
     assert graphs.device_types == ("cuda",)
+
+
+def test_pipeline_graphs_in_fast_mode_only(tiny_models) -> None:
+    """Through the pipeline: offload "none" replays graphs (same frames as the loop), a memory-saving mode
+    never does and drops them, and release_graphs frees them."""
+    from infvsr_core.loader import load_pipeline
+
+    from .conftest import make_clip
+
+    clip = make_clip(9 + 12 * 4, 16, 24, seed=3)
+    outs = {}
+    for name in ("loop", "graphs", "histories"):
+        pipe = load_pipeline(tiny_models, device="cpu", dtype="fp32")
+        recorder = Recorder()
+        pipe.dit.graphs = BlockGraphs(recorder, device_types=("cpu",))
+        pipe.dit.cuda_graphs = name != "loop"
+        if name == "histories":
+            pipe.offload = "histories"
+        session = pipe.new_session(4)
+        outs[name] = torch.cat([pipe.push(session, clip), pipe.close(session)])
+        kept = len(pipe.dit.graphs)
+        assert (recorder.records, kept) == ((1, 1) if name == "graphs" else (0, 0))
+        if name == "graphs":
+            assert recorder.replays == 2  # chunks 4 and 5 (2 is eager, 3 captured)
+            pipe.release_graphs()
+            assert len(pipe.dit.graphs) == 0
+            pipe.dit.graphs._graphs["stale"] = None
+            pipe.offload = "state"
+            assert len(pipe.dit.graphs) == 0
+    assert torch.equal(outs["graphs"], outs["loop"])
+    assert torch.allclose(outs["histories"], outs["loop"], atol=1e-6)
