@@ -64,7 +64,7 @@ def random_pipeline(
     ram = random_ram_state_dict(swin, seed=seed + 2)
     guidance = build_guidance(ram, random_dape_state_dict(swin, seed=seed + 3), dtype=dtype)
     dit.fuse_elementwise = fast
-    dit.cuda_graphs = fast is not False
+    dit.cuda_graphs = False if fast is False else None
     return InfVSRPipeline(
         dit.to(device=device, dtype=dtype),
         StreamingVAE(vae.to(device), fast=fast, **vae_kwargs),
@@ -277,7 +277,9 @@ def main() -> int:
     parser.add_argument(
         "--full-res-frames", type=int, help="frames per piece of the VAE's full-res stages (0: whole calls)"
     )
-    parser.add_argument("--no-graphs", action="store_true", help="run the DiT's blocks eagerly (no CUDA graphs)")
+    parser.add_argument(
+        "--graphs", choices=["auto", "on", "off"], default="auto", help="the DiT's CUDA graphs (dit.cuda_graphs)"
+    )
     parser.add_argument(
         "--vae-calls",
         choices=["auto", "whole", "split"],
@@ -316,8 +318,8 @@ def main() -> int:
         pipe.dit.fuse_elementwise = False
         pipe.dit.cuda_graphs = False
         pipe.vae.fast = False
-    if args.no_graphs:
-        pipe.dit.cuda_graphs = False
+    if not args.plain:
+        pipe.dit.cuda_graphs = {"auto": None, "on": True, "off": False}[args.graphs]
     pipe.vae.whole_chunks = {"auto": "auto", "whole": True, "split": False}[args.vae_calls]
 
     pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable

@@ -29,6 +29,10 @@ from .rope import apply_rope, rope_cos_sin
 from .weights import WeightFileError, require
 
 HEAD_DIM = 128
+# Largest chunk (tokens) whose blocks `cuda_graphs=None` replays as a CUDA graph. On an H100 a 480p chunk
+# (4,680 tokens) is 8.5 % faster end to end for +0.8 GiB; at 720p (10,800) the GPU, not the launches, sets
+# the pace: +0.3 % for +1.9 GiB (bench/RESULTS.md round 5).
+GRAPH_MAX_TOKENS = 8192
 _WHAT = "the InfVSR DiT checkpoint (InfVSR.ckpt)"
 
 
@@ -330,8 +334,9 @@ class CausalWanDiT(nn.Module):
         self.attention_backend: str = "sdpa"
         # Fused elementwise ops (torch.compile): None = on CUDA when Triton is there.
         self.fuse_elementwise: bool | None = None
-        # Steady chunks' blocks as CUDA graphs (graphs.py), for calls that ask (`graph`) without `keep`.
-        self.cuda_graphs: bool = True
+        # Steady chunks' blocks as CUDA graphs (graphs.py), for calls that ask (`graph`) without `keep`:
+        # None = for chunks of at most GRAPH_MAX_TOKENS tokens, True = any size, False = never.
+        self.cuda_graphs: bool | None = None
         self.graphs = BlockGraphs()
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
@@ -431,7 +436,9 @@ class CausalWanDiT(nn.Module):
         device, and no autograd. The key holds every weight's address, so a
         graph never reads weights that moved (it is recaptured instead).
         """
-        if not (self.cuda_graphs and kv_cache is not None) or torch.is_grad_enabled():
+        if self.cuda_graphs is False or kv_cache is None or torch.is_grad_enabled():
+            return None
+        if self.cuda_graphs is None and x.shape[1] > GRAPH_MAX_TOKENS:
             return None
         if not self.graphs.serves(x.device):
             return None

@@ -59,6 +59,9 @@ TINY_VAE_BASE_DIM = 8
 
 SPATIAL_FACTOR = 8  # pixels per latent, each axis
 TEMPORAL_FACTOR = 4  # frames per latent frame (after the scene's first frame)
+# Largest frame (output pixels, per tile when tiled) for which whole_chunks="auto" groups a chunk's VAE calls: on
+# an H100, 480p (0.4 MP) gains 3 % for +1.1 GiB, 720p (0.9 MP) 1.3 % for +2.5 GiB (bench/RESULTS.md round 5).
+WHOLE_CHUNK_PIXELS = 600_000
 
 
 # --------------------------------------------------------------------------- weights
@@ -395,7 +398,8 @@ class StreamingVAE:
     (the causal caches carry the same frames across calls; each downsampler
     sees an even frame count), with a third of the launches and of the
     cache copies below full resolution, for ~3x their activation memory;
-    "auto" does so when not offloading.
+    "auto" does so when not offloading and frames are small (`WHOLE_CHUNK_PIXELS`:
+    where the host's launches, not the GPU, set the pace).
     """
 
     def __init__(
@@ -501,20 +505,23 @@ class StreamingVAE:
             prepare_channels_last(self.vae)
         return wanted
 
-    def _pieces(self) -> int | None:
+    def _pieces(self, pixels: int = 0) -> int | None:
+        """Frames per piece of the full-resolution stages for frames of `pixels` output pixels (None: whole)."""
         if self.piece_frames == "auto":
             if self.history_device is not None:
                 return FULL_RES_FRAMES
             # Whole-chunk calls: the full-resolution stages keep diffusers' 4 frames per call, and its peak.
-            return TEMPORAL_FACTOR if self._whole() else None
+            return TEMPORAL_FACTOR if self._whole(pixels) else None
         return self.piece_frames
 
-    def _whole(self) -> bool:
-        return self.history_device is None if self.whole_chunks == "auto" else bool(self.whole_chunks)
+    def _whole(self, pixels: int) -> bool:
+        if self.whole_chunks == "auto":
+            return self.history_device is None and pixels <= WHOLE_CHUNK_PIXELS
+        return bool(self.whole_chunks)
 
-    def _call_frames(self, frames: int) -> int:
-        """Frames (of the input to encode or decode) per fast-forward call; `frames` = all of the chunk's."""
-        return max(frames, 1) if self._whole() else 1
+    def _call_frames(self, frames: int, pixels: int) -> int:
+        """Input frames per fast-forward call: `frames` (all the chunk's) or 1 (diffusers' grouping)."""
+        return max(frames, 1) if self._whole(pixels) else 1
 
     def _with_cache(self, owner: Any, attr: str, run: Any) -> torch.Tensor:
         """run(cache) with `owner.attr`'s cache on the VAE's device; back to host memory after, if offloading."""
@@ -581,11 +588,14 @@ class StreamingVAE:
     def _encode(self, frames: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
         fast = self._use_fast(frames.device)
         start = 1 if first else 0
-        step = TEMPORAL_FACTOR * (self._call_frames((frames.shape[2] - start) // TEMPORAL_FACTOR) if fast else 1)
+        pixels = frames.shape[-2] * frames.shape[-1]
+        step = TEMPORAL_FACTOR * (
+            self._call_frames((frames.shape[2] - start) // TEMPORAL_FACTOR, pixels) if fast else 1
+        )
         pieces = [frames[:, :, :1]] if first else []
         pieces += [frames[:, :, i : i + step] for i in range(start, frames.shape[2], step)]
         if fast:
-            feats = [fast_encoder(self.vae, piece, cache, self._pieces()) for piece in pieces]
+            feats = [fast_encoder(self.vae, piece, cache, self._pieces(pixels)) for piece in pieces]
         else:
             feats = [self.vae.encoder(piece, feat_cache=cache, feat_idx=[0]) for piece in pieces]
         mean = self.vae.quant_conv(torch.cat(feats, dim=2))[:, : self.z_dim]
@@ -620,9 +630,10 @@ class StreamingVAE:
             # Wan2.1's decoder ignores first_chunk (it only matters for Wan2.2's residual up blocks). A scene's
             # first latent frame goes alone: its temporal upsamplers mark their caches "Rep" and do not upsample.
             start = 1 if first else 0
-            step = self._call_frames(x.shape[2] - start)
+            pixels = x.shape[-2] * x.shape[-1] * SPATIAL_FACTOR**2
+            step = self._call_frames(x.shape[2] - start, pixels)
             bounds = ([(0, 1)] if first else []) + [(i, i + step) for i in range(start, x.shape[2], step)]
-            frames = [fast_decoder(self.vae, x[:, :, a:b], cache, self._pieces()) for a, b in bounds]
+            frames = [fast_decoder(self.vae, x[:, :, a:b], cache, self._pieces(pixels)) for a, b in bounds]
         else:
             frames = [
                 self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)

@@ -158,6 +158,19 @@ def test_failed_capture_falls_back_to_the_loop() -> None:
     assert recorder.records == 1 and len(graphed.graphs) == 0
 
 
+def test_auto_graphs_only_for_small_chunks(monkeypatch) -> None:
+    """cuda_graphs=None: chunks above GRAPH_MAX_TOKENS run the loop; True graphs them anyway."""
+    import infvsr_core.dit as dit_module
+
+    monkeypatch.setattr(dit_module, "GRAPH_MAX_TOKENS", 3 * 3 * 4 - 1)  # one token fewer than a chunk has
+    for setting, records in ((None, 0), (True, 1)):
+        recorder = Recorder()
+        graphed = _model(recorder)
+        graphed.cuda_graphs = setting
+        _stream(graphed, [1, 2, 3, 4])
+        assert recorder.records == records
+
+
 @pytest.mark.parametrize("grad", [True, False])
 def test_graphs_only_without_autograd_and_when_enabled(grad) -> None:
     recorder = Recorder()

@@ -172,8 +172,11 @@ def test_full_resolution_pieces_follow_the_offload(vae):
     """'auto': 4-frame pieces (diffusers' call size) under whole-chunk calls when the histories stay resident,
     whole calls without them, 2-frame pieces when offloading (memory)."""
     from infvsr_core.fast_vae import FULL_RES_FRAMES
+    from infvsr_core.vae import WHOLE_CHUNK_PIXELS
 
     assert StreamingVAE(vae)._pieces() == 4
+    assert StreamingVAE(vae)._pieces(WHOLE_CHUNK_PIXELS + 1) is None  # large frames: diffusers' calls, unsplit
+    assert StreamingVAE(vae, whole_chunks=True)._pieces(WHOLE_CHUNK_PIXELS + 1) == 4
     assert StreamingVAE(vae, whole_chunks=False)._pieces() is None
     assert StreamingVAE(vae, history_device="cpu")._pieces() == FULL_RES_FRAMES
     assert StreamingVAE(vae, history_device="cpu", piece_frames=None)._pieces() is None
