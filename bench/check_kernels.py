@@ -26,6 +26,22 @@ def timed(fn, reps: int = 10) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sections", nargs="+", default=["norm", "conv", "paired", "rgb"])
+    sections = parser.parse_args().sections
+    if "norm" in sections:
+        norm_check()
+    if "conv" in sections:
+        conv_rates()
+    if "paired" in sections:
+        paired_conv_rates()
+    if "rgb" in sections:
+        rgb_conv_rates()
+
+
+def norm_check() -> None:
     try:
         import triton
 
@@ -44,8 +60,28 @@ def main() -> None:
             t_new = timed(lambda: rms_norm_rows(rows, gamma, c**0.5, silu=True))  # noqa: B023
             print(f"norm+silu C={c} rows={pixels} {dtype}: max err {err:.2e}, ref {t_ref:.3f} / fused {t_new:.3f} ms")
     print("triton broken:", _TRITON_BROKEN)
-    conv_rates()
-    paired_conv_rates()
+
+
+def rgb_conv_rates() -> None:
+    """The VAE's RGB-in (3 -> 96) and RGB-out (96 -> 3) causal convs, their few channels zero-padded to P:
+    cuDNN's kernel choice (and speed) depends on P; these convs move a lot of memory for little arithmetic."""
+    torch.backends.cudnn.benchmark = True
+    cl3 = torch.channels_last_3d
+    bf = torch.bfloat16
+    for h, w in ((480, 832), (720, 1280)):
+        for frames in (4, 12):
+            big = torch.randn(1, 96, frames + 2, h, w, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+            for p in (8, 16, 32, 64):
+                weight = torch.randn(p, 96, 3, 3, 3, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+                ms = timed(lambda: torch.nn.functional.conv3d(big, weight, None, 1, (0, 1, 1)))  # noqa: B023
+                gbps = big.numel() * 2 / ms / 1e6
+                print(f"rgb out 96->{p:2d} {h}x{w} x{frames}: {ms:.3f} ms ({gbps:.0f} GB/s of input read)")
+            for p in (8, 16, 32):
+                small = torch.randn(1, p, frames + 2, h, w, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+                weight = torch.randn(96, p, 3, 3, 3, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+                ms = timed(lambda: torch.nn.functional.conv3d(small, weight, None, 1, (0, 1, 1)))  # noqa: B023
+                gbps = 96 * frames * h * w * 2 / ms / 1e6
+                print(f"rgb in {p:2d}->96 {h}x{w} x{frames}: {ms:.3f} ms ({gbps:.0f} GB/s of output written)")
 
 
 def conv_rates() -> None:
