@@ -443,7 +443,8 @@ class CausalWanDiT(nn.Module):
         if not self.graphs.serves(x.device):
             return None
         past_k, past_v = kv_cache.keys, kv_cache.values
-        if not isinstance(past_k, list) or not isinstance(past_v, list):
+        # Plain lists only: an ArrivingCache's entries may still be in flight (its iteration does not wait).
+        if type(past_k) is not list or type(past_v) is not list:
             return None
         want = (x.shape[0], x.shape[1], self.config.num_heads, self.config.head_dim)
         if any(t is None or tuple(t.shape) != want or t.device != x.device for t in (*past_k, *past_v)):

@@ -158,6 +158,23 @@ def test_failed_capture_falls_back_to_the_loop() -> None:
     assert recorder.records == 1 and len(graphed.graphs) == 0
 
 
+def test_cache_still_arriving_runs_the_loop() -> None:
+    """A cache being uploaded (ArrivingCache: offloading just switched off) is not copied into a graph unwaited."""
+    from infvsr_core.offload import ArrivingCache
+
+    recorder = Recorder()
+    graphed, plain = _model(recorder), _model(None)
+    with torch.no_grad():
+        cache = ref = None
+        for seed in (1, 2, 3):
+            _, cache = graphed(_latents(seed), CONTEXT, T, kv_cache=cache)
+            _, ref = plain(_latents(seed), CONTEXT, T, kv_cache=ref)
+        arriving = cache.map(ArrivingCache)
+        pred, _ = graphed(_latents(4), CONTEXT, T, kv_cache=arriving)
+        pred_ref, _ = plain(_latents(4), CONTEXT, T, kv_cache=ref)
+    assert recorder.replays == 0 and torch.equal(pred, pred_ref)
+
+
 def test_auto_graphs_only_for_small_chunks(monkeypatch) -> None:
     """cuda_graphs=None: chunks above GRAPH_MAX_TOKENS run the loop; True graphs them anyway."""
     import infvsr_core.dit as dit_module
