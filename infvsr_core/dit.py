@@ -25,6 +25,7 @@ from torch import nn
 
 from .attention import attention
 from .graphs import BlockGraphs
+from .offload import to_device_async
 from .rope import apply_rope, rope_cos_sin
 from .weights import WeightFileError, require
 
@@ -135,7 +136,7 @@ def timestep_embedding(
     half = dim // 2
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / half)
     args = t.detach().to("cpu", torch.float64)[:, None] * freqs[None, :]
-    return torch.cat([args.cos(), args.sin()], dim=1).to(t.device if device is None else device, dtype)
+    return to_device_async(torch.cat([args.cos(), args.sin()], dim=1), t.device if device is None else device).to(dtype)
 
 
 class RMSNorm(nn.Module):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .offload import to_device_async
+
 THETA = 10000.0
 
 
@@ -50,7 +52,7 @@ def rope_cos_sin(
     ]
     out = []
     for i in range(2):  # 0: cos, 1: sin
-        t, h, w = (a[i].to(device) for a in axes)
+        t, h, w = (a[i] if device is None else to_device_async(a[i], device) for a in axes)
         grid = torch.cat(
             [
                 t[:, None, None, :].expand(frames, height, width, -1),

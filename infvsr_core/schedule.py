@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .offload import to_device_async
+
 FIRST_CHUNK_FRAMES = 9
 """Low-resolution frames in a scene's first chunk (1 + 4 + 4 -> 3 latent frames)."""
 CHUNK_FRAMES = 12
@@ -73,7 +75,7 @@ def prepare_chunk(
     """
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames of shape (T, H, W, 3), got {tuple(frames.shape)}")
-    video = frames.to(device=device, dtype=torch.float32).permute(0, 3, 1, 2) * 2 - 1
+    video = to_device_async(frames, device).float().permute(0, 3, 1, 2) * 2 - 1
     if scale != 1:
         video = F.interpolate(video, scale_factor=scale, mode="bicubic", align_corners=False, antialias=True)
     length, height, width = video.shape[0], video.shape[-2], video.shape[-1]

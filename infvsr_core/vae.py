@@ -451,6 +451,7 @@ class StreamingVAE:
         # The release multiplies by 1/std (computed in float32, then cast), which
         # rounds differently from dividing by std in bf16.
         self._inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._stats_on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- state
 
@@ -557,7 +558,14 @@ class StreamingVAE:
         return self._offload.trim()
 
     def _stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._mean.to(device=device, dtype=dtype), self._inv_std.to(device=device, dtype=dtype)
+        """The latent mean and 1/std on `device` in `dtype` (uploaded once: an upload would wait for the GPU)."""
+        key = (device, dtype)
+        if key not in self._stats_on:
+            self._stats_on[key] = (
+                self._mean.to(device=device, dtype=dtype),
+                self._inv_std.to(device=device, dtype=dtype),
+            )
+        return self._stats_on[key]
 
     # ----------------------------------------------------------------- encode
 

@@ -228,3 +228,11 @@ def test_pinned_pool_out_of_host_memory_is_a_clear_error():
     with pytest.raises(MemoryError, match=r"out of host memory .* on top of 0\.0 GiB held .*4K"):
         pool.empty_like(huge)
     assert pool.used_bytes == 4096 and held.numel() == 1024  # the pool is unchanged
+
+
+def test_to_device_async_keeps_values_and_cpu_tensors():
+    from infvsr_core.offload import to_device_async
+
+    t = torch.randn(3, 4, dtype=torch.float64)
+    assert to_device_async(t, "cpu") is t
+    assert torch.equal(to_device_async(t, torch.device("cpu")), t)
