@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         "4K: state 16.3 GiB + ~93 GiB host)",
     )
     up.add_argument(
+        "--spill-dir",
+        type=Path,
+        help="with --offload histories/state/all: folder for the VAE histories that do not fit --host-memory "
+        "(4K tiles need ~93 GiB of host memory otherwise; same output, slower by the disk's time)",
+    )
+    up.add_argument(
+        "--host-memory", type=float, metavar="GIB", help="host memory for offloaded VAE histories (with --spill-dir)"
+    )
+    up.add_argument(
         "--seams",
         choices=("release", "smooth"),
         default="release",
@@ -117,8 +126,18 @@ def upscale_command(args: argparse.Namespace) -> int:
         # Check the output before loading several GB of weights.
         if args.output.exists() and not args.overwrite:
             raise ValueError(f"output {args.output} already exists (use --overwrite to replace it)")
+        if (args.spill_dir is None) != (args.host_memory is None):
+            raise ValueError("--spill-dir and --host-memory go together")
+        if args.spill_dir is not None and args.offload == "none":
+            raise ValueError("--spill-dir needs --offload histories, state or all (with 'none' nothing is offloaded)")
         pipe = load_pipeline(
-            args.models, device=args.device, dtype=args.dtype, offload=args.offload, vae_seams=args.seams
+            args.models,
+            device=args.device,
+            dtype=args.dtype,
+            offload=args.offload,
+            vae_seams=args.seams,
+            spill_dir=args.spill_dir,
+            host_memory_gib=args.host_memory,
         )
         stream = SceneStream(
             pipe, scale=args.scale, detect_scenes=not args.no_scene_detect, threshold=args.scene_threshold

@@ -135,6 +135,8 @@ def load_pipeline(
     vae_seams: str = "release",
     offload: str | None = None,
     low_vram: bool = False,
+    spill_dir: str | os.PathLike | None = None,
+    host_memory_gib: float | None = None,
 ) -> InfVSRPipeline:
     """Load the four published files (explicit paths win over `models_dir` look-up).
 
@@ -143,6 +145,8 @@ def load_pipeline(
     ("none", "histories", "state", "all"; see `InfVSRPipeline`) keeps state in
     host memory between uses; `low_vram=True` is `offload="all"`. `vae_seams`
     ("release" or "smooth", see `vae.SEAMS`) sets how tiled frames are blended.
+    `spill_dir` with `host_memory_gib`: offloaded VAE histories past that much
+    host memory go to files there (spill.py; 4K tiles need ~93 GiB otherwise).
     """
     device = torch.device(device) if device is not None else _autodetect_device()
     dtype = parse_dtype(dtype, device)
@@ -175,6 +179,8 @@ def load_pipeline(
 
     streaming_vae = StreamingVAE(vae_model, tiling=vae_tiling)
     streaming_vae.set_seams(vae_seams)
+    if spill_dir is not None:
+        streaming_vae.set_spill(spill_dir, host_memory_gib)
     return InfVSRPipeline(
         dit_model,
         streaming_vae,

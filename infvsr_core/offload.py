@@ -30,6 +30,20 @@ class HostCache(list):
     ready: torch.cuda.Event | None = None
 
 
+class SpilledCache(list):
+    """A HostCache written to a file by `spill.DiskSpill`: the entries are the non-tensor ones (None, "Rep") and,
+    for tensors, their index in the file. Immutable once written, so forked histories may share it; the file
+    goes when the last holder drops it. Read it back with the DiskSpill that wrote it (`spill`)."""
+
+    def __init__(self, items: list, spill: Any, path: Any, nbytes: int, written: Any) -> None:
+        super().__init__(items)
+        self.spill = spill
+        self.path = path
+        self.nbytes = nbytes
+        self.written = written
+        self.reading: Any = None
+
+
 class ArrivingCache(list):
     """A list of device tensors whose host-to-device copies may still be running on a side stream.
 
@@ -89,6 +103,8 @@ def copy_cache(cache: list) -> list:
         return copied
     if isinstance(cache, ArrivingCache):
         return cache.settle()
+    if isinstance(cache, SpilledCache):
+        return cache
     return list(cache)
 
 
@@ -193,8 +209,9 @@ class PinnedPool:
                 raise MemoryError(
                     f"out of host memory for the offloaded stream state: {nbytes / 2**30:.2f} GiB more were "
                     f"needed on top of {self._used_bytes / 2**30:.1f} GiB held (tiled outputs keep every tile's "
-                    "VAE history in host memory, as the release does: ~93 GiB at 4K); use a smaller output, "
-                    "or offload='none'/'histories' where the GPU has room"
+                    "VAE history in host memory, as the release does: ~93 GiB at 4K); cap it and spill the rest "
+                    "to disk (--spill-dir/--host-memory, load_pipeline(spill_dir=..., host_memory_gib=...)), "
+                    "use a smaller output, or offload='none'/'histories' where the GPU has room"
                 ) from e
         self._used_bytes += nbytes
         # empty_like's strides (channels-last stays channels-last), computed without allocating.
@@ -325,6 +342,8 @@ class HostOffload:
 
     def to_device(self, cache: list, device: torch.device) -> list:
         """A HostCache brought back to `device` (an ArrivingCache); any other list is returned as it is."""
+        if isinstance(cache, SpilledCache):
+            raise TypeError("a spilled cache must be read back (DiskSpill.read) before it goes to the device")
         if not isinstance(cache, HostCache):
             return cache
         items, events = list(cache), {}

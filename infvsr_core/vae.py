@@ -23,7 +23,8 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from .fast_vae import FULL_RES_FRAMES, fast_decoder, fast_encoder, prepare_channels_last, supports_fast_forward
-from .offload import HostOffload, copy_cache
+from .offload import HostOffload, SpilledCache, copy_cache
+from .spill import DiskSpill
 from .weights import WeightFileError, check_state_dict, require
 
 __all__ = [
@@ -443,6 +444,7 @@ class StreamingVAE:
         self.prefetch = prefetch
         self.piece_frames = piece_frames
         self.whole_chunks = whole_chunks
+        self.spill: DiskSpill | None = None
         self._offload = HostOffload()
         self.z_dim = int(vae.config.z_dim)
         self._encoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
@@ -525,17 +527,39 @@ class StreamingVAE:
         return max(frames, 1) if self._whole(pixels) else 1
 
     def _with_cache(self, owner: Any, attr: str, run: Any) -> torch.Tensor:
-        """run(cache) with `owner.attr`'s cache on the VAE's device; back to host memory after, if offloading."""
+        """run(cache) with `owner.attr`'s cache on the VAE's device; back to host memory after, if offloading
+        (or to the spill folder, when the offloaded state is past the host memory budget)."""
+        cache = getattr(owner, attr)
+        if isinstance(cache, SpilledCache):
+            cache = cache.spill.read(cache)
         # A cache left in host memory is brought back even if offloading was switched off since.
-        cache = self._offload.to_device(getattr(owner, attr), self._params()[0])
+        cache = self._offload.to_device(cache, self._params()[0])
         setattr(owner, attr, cache)
         out = run(cache)
         if self.history_device is not None:
-            setattr(owner, attr, self._offload.to_host(cache))
+            host = self._offload.to_host(cache)
+            del cache
+            if self.spill is not None and self._offload.host_memory()[0] > self.spill.budget:
+                host = self.spill.write(host)
+            setattr(owner, attr, host)
         return out
 
     def _prefetch(self, owner: Any, attr: str) -> None:
-        setattr(owner, attr, self._offload.to_device(getattr(owner, attr), self._params()[0]))
+        cache = getattr(owner, attr)
+        if isinstance(cache, SpilledCache):
+            cache.spill.read_ahead(cache)  # the disk is the slow part: the upload waits for its turn
+        else:
+            setattr(owner, attr, self._offload.to_device(cache, self._params()[0]))
+
+    def set_spill(self, folder: str | os.PathLike | None, host_budget_gib: float | None = None) -> None:
+        """Cap the host memory of offloaded histories at `host_budget_gib`, spilling the rest to files in `folder`
+        (spill.py); None turns it off for what is offloaded next. Needs `history_device="cpu"` to matter."""
+        if folder is None:
+            self.spill = None
+            return
+        if host_budget_gib is None or host_budget_gib < 0:
+            raise ValueError(f"a host memory budget (GiB, >= 0) is needed with a spill folder, got {host_budget_gib}")
+        self.spill = DiskSpill(folder, int(host_budget_gib * 2**30))
 
     def prefetch_decoder(self, history: VAEHistory) -> None:
         """Start uploading the decoder history (the first tile's when tiled) for the next decode_chunk.

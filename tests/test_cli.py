@@ -69,6 +69,23 @@ def test_offload_gives_the_same_file(small_clip, tiny_models, tmp_path):
     assert len(outs[0]) == 24 and all((a == b).all() for a, b in zip(*outs, strict=True))
 
 
+def test_spill_dir_gives_the_same_file(small_clip, tiny_models, tmp_path, capsys):
+    """--spill-dir with --host-memory 0: every offloaded history goes through files, the frames are identical."""
+    outs = []
+    base = ["upscale", str(small_clip), "--models", str(tiny_models), "--scale", "2", "--codec", "ffv1"]
+    for name, extra in (("none", []), ("spill", ["--offload", "state", "--spill-dir", str(tmp_path / "s")])):
+        out = tmp_path / f"{name}.mkv"
+        extra = [*extra, "--host-memory", "0"] if name == "spill" else extra
+        assert cli.main([*base, "-o", str(out), *extra, "--quiet", "--no-audio"]) == 0
+        outs.append(read(out)[0])
+    assert all((a == b).all() for a, b in zip(*outs, strict=True))
+    out = str(tmp_path / "x.mkv")
+    assert cli.main([*base, "-o", out, "--spill-dir", str(tmp_path)]) == 1
+    assert "--spill-dir and --host-memory go together" in capsys.readouterr().err
+    assert cli.main([*base, "-o", out, "--spill-dir", str(tmp_path), "--host-memory", "1"]) == 1
+    assert "needs --offload" in capsys.readouterr().err
+
+
 def test_seams_option_reaches_the_loader(tiny_models):
     from infvsr_core.loader import load_pipeline
 
@@ -149,6 +166,8 @@ def test_help_documents_every_flag(capsys):
         "--frames",
         "--overwrite",
         "--offload",
+        "--spill-dir",
+        "--host-memory",
     ):
         assert flag in text
 
