@@ -115,6 +115,11 @@ class LoadInfVSRModel:
                     "tooltip": "How tiles are blended. release: the authors' tiling (their exact output). smooth: "
                     "wider overlaps that hide the seams (on a 1080p test, the tile edges differ from an untiled "
                     "run no more than the tile centres do) for ~1.5x the VAE time and memory."}),
+                "host_memory_gib": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 4096.0, "step": 1.0,
+                    "tooltip": "With state_offload: system RAM for the offloaded VAE histories (0 = no cap). Past "
+                    "it they go to files in ComfyUI's temp folder, deleted as they are read back: same output, "
+                    "slower by the disk's time. Tiled 4K needs ~93 GiB otherwise."}),
             },
         }
 
@@ -130,6 +135,7 @@ class LoadInfVSRModel:
         vae_tiling: str = "auto",
         state_offload: str = "none",
         vae_seams: str = "release",
+        host_memory_gib: float = 0.0,
     ) -> tuple[InfVSRModel]:
         if weights not in WEIGHTS_LOCATIONS:
             raise ValueError(f"weights must be one of {WEIGHTS_LOCATIONS}, got {weights!r}")
@@ -145,6 +151,11 @@ class LoadInfVSRModel:
         if not offload:
             comfy.free_device_memory(sum(p.stat().st_size for p in paths.values()) * 2, device)
         extra = {"offload": state_offload} if _STATE_OFFLOAD_MODES and state_offload != "none" else {}
+        if host_memory_gib > 0:
+            if not extra:
+                raise ValueError("host_memory_gib caps the offloaded state: set state_offload (histories, state or "
+                                 "all) too, or leave it at 0")
+            extra.update(spill_dir=comfy.temp_directory() / "infvsr-spill", host_memory_gib=host_memory_gib)
         pipe = loader.load_pipeline(
             dit=paths["dit"], vae=paths["vae"], ram=paths["ram"], dape=paths["dape"],
             device="cpu" if offload else device, dtype=torch_dtype, vae_tiling=vae_tiling, vae_seams=vae_seams,

@@ -226,7 +226,8 @@ def test_model_node_loads_the_four_files(model, tiny_pipeline):
 def test_model_node_seams_choice_sets_the_tiling(model):
     optional = nodes.LoadInfVSRModel.INPUT_TYPES()["optional"]
     assert optional["vae_seams"][0] == ["release", "smooth"] and optional["vae_seams"][1]["default"] == "release"
-    assert list(optional)[-1] == "vae_seams"  # last: saved workflows' widget values keep their positions
+    # appended last: saved workflows' widget values keep their positions
+    assert list(optional)[-2:] == ["vae_seams", "host_memory_gib"]
     (smooth,) = nodes.LoadInfVSRModel().load(*FILES, dtype="fp32", vae_seams="smooth")
     vae = smooth.pipeline.vae
     assert (vae.tile_size, vae.tile_stride, vae.tile_margin) == (128, 80, 16)
@@ -248,6 +249,19 @@ def test_core_state_offload_gives_the_same_frames(model, guidance):
     second = node.upscale(offloaded, guidance, clip[10:], 4, cache=first["result"][1])
     expected = node.upscale(model, guidance, clip, 4)["result"][0]
     assert torch.equal(torch.cat([first["result"][0], second["result"][0]]), expected)
+
+
+def test_host_memory_cap_spills_to_the_temp_folder(model, guidance, dirs):
+    """host_memory_gib with a state offload: histories past the cap go to files under ComfyUI's temp folder."""
+    with pytest.raises(ValueError, match="set state_offload"):
+        nodes.LoadInfVSRModel().load(*FILES, dtype="fp32", host_memory_gib=1.0)
+    (capped,) = nodes.LoadInfVSRModel().load(*FILES, dtype="fp32", state_offload="state", host_memory_gib=1e-6)
+    spill = capped.pipeline.vae.spill
+    assert spill is not None and spill.folder.parent == dirs["temp"] / "infvsr-spill"
+    clip = make_clip(21, H, W, seed=8)
+    out = nodes.InfVSRChunkUpscale().upscale(capped, guidance, clip, 4)["result"][0]
+    assert spill.spilled_bytes > 0
+    assert torch.equal(out, nodes.InfVSRChunkUpscale().upscale(model, guidance, clip, 4)["result"][0])
 
 
 def test_missing_weight_file_names_file_folders_and_source(dirs, tiny_models, tmp_path):
