@@ -29,7 +29,7 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sections", nargs="+", default=["norm", "conv", "paired", "rgb"])
+    parser.add_argument("--sections", nargs="+", default=["norm", "conv", "paired", "rgb", "split"])
     sections = parser.parse_args().sections
     if "norm" in sections:
         norm_check()
@@ -39,6 +39,29 @@ def main() -> None:
         paired_conv_rates()
     if "rgb" in sections:
         rgb_conv_rates()
+    if "split" in sections:
+        split_conv_rates()
+
+
+def split_conv_rates() -> None:
+    """96 output channels fill a quarter of cuDNN's tiles with nothing: is 96 -> 64 plus 96 -> 32 faster?"""
+    torch.backends.cudnn.benchmark = True
+    cl3 = torch.channels_last_3d
+    bf = torch.bfloat16
+    for h, w in ((480, 832), (720, 1280)):
+        x = torch.randn(1, 96, 6, h, w, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+        flops = 2 * 4 * h * w * 96 * 27 * 96
+        weights = {
+            n: torch.randn(n, 96, 3, 3, 3, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+            for n in (96, 64, 32, 128)
+        }
+        ms = {n: timed(lambda: torch.nn.functional.conv3d(x, weights[n], None, 1, (0, 1, 1))) for n in weights}  # noqa: B023
+        split = ms[64] + ms[32]
+        print(
+            f"{h}x{w} x4, 96 in: 96 out {ms[96]:.3f} ms ({flops / ms[96] / 1e9:.0f} TFLOP/s); "
+            f"64 out {ms[64]:.3f} + 32 out {ms[32]:.3f} = {split:.3f} ms ({flops / split / 1e9:.0f} useful); "
+            f"128 out {ms[128]:.3f} ms ({flops / ms[128] / 1e9:.0f} useful)"
+        )
 
 
 def norm_check() -> None:
