@@ -82,6 +82,27 @@ def norm_check() -> None:
             t_ref = timed(lambda: rms_norm_rows_reference(rows, gamma, c**0.5, 0.0, True))  # noqa: B023
             t_new = timed(lambda: rms_norm_rows(rows, gamma, c**0.5, silu=True))  # noqa: B023
             print(f"norm+silu C={c} rows={pixels} {dtype}: max err {err:.2e}, ref {t_ref:.3f} / fused {t_new:.3f} ms")
+    # Channel slices of wider rows (a conv computed with padded outputs), against compact copies.
+    from infvsr_core.kernels.norm_silu import bias_add_rows_
+
+    wide = torch.randn(4 * 720 * 1280, 128, device="cuda", dtype=torch.bfloat16)
+    rows, gamma = wide[:, :96], 1 + 0.1 * torch.randn(96, device="cuda")
+    pre, bias = torch.randn(96, device="cuda"), torch.randn(96, device="cuda")
+    same = torch.equal(
+        rms_norm_rows(rows, gamma, 96**0.5, silu=True, pre_bias=pre),
+        rms_norm_rows(rows.contiguous(), gamma, 96**0.5, silu=True, pre_bias=pre),
+    )
+    res = torch.randn(rows.shape, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(res)
+    bias_add_rows_(rows, bias, res, out=out)
+    compact = rows.contiguous()
+    bias_add_rows_(compact, bias, res)
+    t_slice = timed(lambda: rms_norm_rows(rows, gamma, 96**0.5, silu=True, pre_bias=pre))
+    t_compact = timed(lambda: rms_norm_rows(compact, gamma, 96**0.5, silu=True, pre_bias=pre))
+    print(
+        f"channel slice (96 of 128): norm equal {same}, bias+residual equal {torch.equal(out, compact)}; "
+        f"norm {t_slice:.3f} ms vs compact {t_compact:.3f} ms"
+    )
     print("triton broken:", _TRITON_BROKEN)
 
 

@@ -52,6 +52,10 @@ CL2 = torch.channels_last
 # at 480p; bench/check_kernels.py --sections rgb); out: 8, 16 and 32 are alike.
 PADDED_RGB = 8
 PADDED_RGB_IN = 16
+# Output channels a causal conv computes with zero kernels appended: cuDNN runs a 96 -> 96 3x3x3 conv at ~365
+# TFLOP/s on an H100, 96 -> 128 at 493-538 useful (5.08 vs 3.72 ms, 4 frames at 720p; check_kernels --sections
+# split): its tiles are 64 or 128 outputs wide. The result is read as a channel slice (no copy).
+PADDED_OUT = {96: 128}
 PAD_OFF_CUDA = False  # tests set this to exercise the padded convs on the CPU
 # Let cuDNN time its algorithms once per shape (streamed chunks repeat a few shapes).
 CUDNN_BENCHMARK = True
@@ -73,18 +77,26 @@ def _to_cl3(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) channels_last_3d -> (B*T*H*W, C) view (copies only if the layout is not channels-last)."""
-    return x.permute(0, 2, 3, 4, 1).reshape(-1, x.shape[1])
+    """(B, C, T, H, W) channels_last_3d -> (B*T*H*W, C) view (copies only if the layout is not channels-last;
+    a channel slice of wider channels-last rows stays a view)."""
+    rows = _channel_rows(x)
+    return rows if rows is not None else x.permute(0, 2, 3, 4, 1).reshape(-1, x.shape[1])
 
 
 def _channel_rows(x: torch.Tensor) -> torch.Tensor | None:
-    """(B, C, ...) channels-last -> a (N, C) view, or None if its memory is not channels-last."""
+    """(B, C, ...) channels-last -> a (N, C) view (rows may be wider: a channel slice), or None if it has none."""
     moved = x.movedim(1, -1)
-    return moved.view(-1, x.shape[1]) if moved.is_contiguous() else None
+    if moved.stride(-1) != 1:
+        return None
+    try:
+        return moved.view(-1, x.shape[1])
+    except RuntimeError:  # pixels not evenly spaced in memory
+        return None
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """y += bias [+ residual] in place, one fused pass when both are channels-last."""
+    """y + bias [+ residual], one fused pass when both are channels-last: in place, or into a new compact tensor
+    when y is a channel slice of a conv computed with padded outputs (`_padded_out`)."""
     if bias is None and residual is None:
         return y
     rows = _channel_rows(y)
@@ -94,8 +106,12 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
         return y.add_(residual) if residual is not None else y
     if bias is None:
         bias = torch.zeros(y.shape[1], device=y.device)
-    bias_add_rows_(rows, bias, res_rows)
-    return y
+    if rows.stride(0) == y.shape[1]:
+        bias_add_rows_(rows, bias, res_rows)
+        return y
+    out = torch.empty_like(y, memory_format=CL3 if y.ndim == 5 else CL2)
+    bias_add_rows_(rows, bias, res_rows, out=_channel_rows(out))
+    return out
 
 
 def _norm(
@@ -221,6 +237,15 @@ def _causal(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor, norm: WanRM
     return _add_bias(_conv(conv, buf), conv.bias)
 
 
+def _padded_out_conv(conv: WanCausalConv3d, buf: torch.Tensor) -> torch.Tensor:
+    """The causal conv without its bias, computed with PADDED_OUT outputs when that is faster; its real channels
+    (a slice of the padded ones: the caller's next pass reads them in place)."""
+    wide = PADDED_OUT.get(conv.out_channels) if buf.is_cuda or PAD_OFF_CUDA else None
+    if wide is None:
+        return _conv(conv, buf)
+    return _conv(conv, buf, _padded(conv, None, wide)[0])[:, : conv.out_channels]
+
+
 def _resblock(block: WanResidualBlock, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
     """x + h in one pass at the end: conv2's bias, the shortcut's bias and the residual add share it."""
     shortcut = block.conv_shortcut
@@ -232,11 +257,11 @@ def _resblock(block: WanResidualBlock, x: torch.Tensor, cursor: _Cursor) -> torc
         bias = bias.float() + shortcut.bias.float()
     buf = _stage(block.conv1, x, cursor, block.norm1)
     del x
-    y = _conv(block.conv1, buf)
+    y = _padded_out_conv(block.conv1, buf)
     del buf
     buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias)
     del y
-    y = _conv(block.conv2, buf)
+    y = _padded_out_conv(block.conv2, buf)
     del buf
     return _add_bias(y, bias, h)
 

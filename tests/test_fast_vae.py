@@ -39,9 +39,12 @@ def clip() -> torch.Tensor:
 def test_encoder_and_decoder_match_diffusers_call_by_call(vae, clip, pad_rgb, monkeypatch):
     """Frame groups 1, 4, 4, 4 (encoder) and single latent frames (decoder): outputs and every cache entry.
 
-    With `pad_rgb` the RGB-in and RGB-out convs run with zero-padded channels, as they do on CUDA.
+    With `pad_rgb` the padded convs run as they do on CUDA: RGB in and out with zero-padded channels, and the
+    full-resolution resblocks' convs with padded outputs (the tiny VAE's 8 as 16, as 96 is computed as 128),
+    read back as channel slices by the norm and the bias + residual pass.
     """
     monkeypatch.setattr(fast_vae_module, "PAD_OFF_CUDA", pad_rgb)
+    monkeypatch.setattr(fast_vae_module, "PADDED_OUT", {TINY_VAE_BASE_DIM: 2 * TINY_VAE_BASE_DIM})
     fast_vae = copy.deepcopy(vae)
     prepare_channels_last(fast_vae)
     n_enc = len(StreamingVAE(vae).new_history().encoder_cache)
@@ -227,6 +230,30 @@ def test_full_res_pieces_equal_one_call(vae, clip, pieces, pad_rgb, monkeypatch)
                 assert a.shape == b.shape and max_err(a, b) < TOL
             else:
                 assert a == b
+
+
+def test_norm_and_bias_passes_read_channel_slices():
+    """Rows that are a channel slice of wider rows (a conv with padded outputs): same as on compact copies."""
+    from infvsr_core.kernels.norm_silu import bias_add_rows_
+
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(50, 16, generator=g)
+    rows = wide[:, :12]
+    assert rows.stride() == (16, 1)
+    gamma, pre = 1 + 0.1 * torch.randn(12, generator=g), torch.randn(12, generator=g)
+    got = rms_norm_rows(rows, gamma, 12**0.5, 0.5, silu=True, pre_bias=pre)
+    assert torch.equal(got, rms_norm_rows(rows.contiguous(), gamma, 12**0.5, 0.5, silu=True, pre_bias=pre))
+    bias, res = torch.randn(12, generator=g), torch.randn(50, 12, generator=g)
+    out = torch.empty(50, 12)
+    assert bias_add_rows_(rows, bias, res, out=out) is out
+    assert torch.equal(out, rows + bias + res)
+    assert torch.equal(wide[:, :12], rows)  # the input is left as it was
+
+    y = torch.randn(1, 16, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)[:, :12]
+    h = torch.randn(1, 12, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    x = fast_vae_module._add_bias(y, bias, h)
+    assert x.is_contiguous(memory_format=torch.channels_last_3d) and x.shape == y.shape
+    assert torch.allclose(x, y + bias.view(1, -1, 1, 1, 1) + h, atol=1e-6)
 
 
 def test_attention_scores_are_float32_products():

@@ -34,6 +34,8 @@ if triton is not None:
         bias_ptr,
         out_ptr,
         rows,
+        x_stride,
+        out_stride,
         C: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -46,8 +48,7 @@ if triton is not None:
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         mask = (r < rows)[:, None] & cmask[None, :]
-        offs = r[:, None] * C + c[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r[:, None] * x_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_PRE:  # the producing conv's bias, added here instead of in a pass of its own
             x += tl.load(pre_ptr + c, mask=cmask, other=0.0)[None, :]
         norm = tl.sqrt(tl.sum(x * x, axis=1))
@@ -58,14 +59,18 @@ if triton is not None:
             y += tl.load(bias_ptr + c, mask=cmask, other=0.0)[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + r[:, None] * out_stride + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _bias_add_kernel(
         y_ptr,
         bias_ptr,
         res_ptr,
+        out_ptr,
         rows,
+        y_stride,
+        res_stride,
+        out_stride,
         C: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -76,12 +81,11 @@ if triton is not None:
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         mask = (r < rows)[:, None] & cmask[None, :]
-        offs = r[:, None] * C + c[None, :]
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + r[:, None] * y_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
         y += tl.load(bias_ptr + c, mask=cmask, other=0.0)[None, :]
         if HAS_RES:
-            y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            y += tl.load(res_ptr + r[:, None] * res_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r[:, None] * out_stride + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def triton_usable(x: torch.Tensor) -> bool:
@@ -94,32 +98,48 @@ def _blocks(c: int) -> tuple[int, int]:
     return block_c, max(1, 4096 // block_c)
 
 
+def _row_major(rows: torch.Tensor) -> bool:
+    """(N, C) rows the kernels can read: channels adjacent, any distance between rows (a channel slice too)."""
+    return rows.ndim == 2 and (rows.stride(1) == 1 or rows.shape[1] == 1)
+
+
 def bias_add_rows_(
-    rows: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, *, use_triton: bool | None = None
+    rows: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    use_triton: bool | None = None,
 ) -> torch.Tensor:
-    """rows += bias (per channel) [+ residual], in place, in one pass; rows (N, C) with contiguous rows.
+    """rows + bias (per channel) [+ residual] in one pass, into `out` (default: rows itself); all (N, C) rows.
 
     PyTorch adds a conv's bias as a separate broadcast pass; here it shares
-    one pass with the residual add (rounded once instead of twice).
+    one pass with the residual add (rounded once instead of twice). Rows may be
+    a channel slice of wider rows (a conv computed with padded outputs).
     """
+    target = rows if out is None else out
     if use_triton is None:
         use_triton = triton_usable(rows)
-    ok = rows.is_contiguous() and (residual is None or residual.is_contiguous())
+    ok = _row_major(rows) and _row_major(target) and (residual is None or _row_major(residual))
     if use_triton and ok and rows.numel():
         n, c = rows.shape
         block_c, block_r = _blocks(c)
+        res = rows if residual is None else residual
         try:
             _bias_add_kernel[(triton.cdiv(n, block_r),)](
-                rows, bias.float().contiguous(), rows if residual is None else residual, n,
+                rows, bias.float().contiguous(), res, target, n, rows.stride(0), res.stride(0), target.stride(0),
                 C=c, BLOCK_C=block_c, BLOCK_R=block_r, HAS_RES=residual is not None, num_warps=4,
             )  # fmt: skip
-            return rows
+            return target
         except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
             _TRITON_BROKEN.append(repr(error))
-    rows.add_(bias.to(rows.dtype))
+    if out is not None:
+        torch.add(rows, bias.to(rows.dtype), out=target)
+    else:
+        target.add_(bias.to(rows.dtype))
     if residual is not None:
-        rows.add_(residual)
-    return rows
+        target.add_(residual)
+    return target
 
 
 def rms_norm_rows_reference(
@@ -157,9 +177,9 @@ def rms_norm_rows(
     use_triton: bool | None = None,
     pre_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """normalize(rows + pre_bias) * scale * gamma + bias, then SiLU if asked; rows (N, C), contiguous rows.
+    """normalize(rows + pre_bias) * scale * gamma + bias, then SiLU if asked; rows (N, C), channels adjacent.
 
-    `out` (N, C), row-contiguous, receives the result when given. The Triton
+    `out` (N, C), channels adjacent, receives the result when given. The Triton
     kernel computes in float32 and rounds once (the reference rounds after
     each op: the two differ at the last bit of the output dtype).
     """
@@ -169,8 +189,7 @@ def rms_norm_rows(
         out = torch.empty_like(rows, memory_format=torch.contiguous_format)
     if use_triton is None:
         use_triton = triton_usable(rows)
-    contiguous = rows.is_contiguous() and out.is_contiguous()
-    if use_triton and contiguous and rows.numel():
+    if use_triton and _row_major(rows) and _row_major(out) and rows.numel():
         n, c = rows.shape
         block_c, block_r = _blocks(c)
         gamma_scaled = (gamma.reshape(-1).float() * scale).contiguous()
@@ -181,7 +200,8 @@ def rms_norm_rows(
         try:
             pre = gamma_scaled if pre_bias is None else pre_bias.float().contiguous()
             _rms_norm_silu_kernel[(triton.cdiv(n, block_r),)](
-                rows, pre, gamma_scaled, bias_t, out, n, C=c, BLOCK_C=block_c, BLOCK_R=block_r,
+                rows, pre, gamma_scaled, bias_t, out, n, rows.stride(0), out.stride(0), C=c, BLOCK_C=block_c,
+                BLOCK_R=block_r,
                 HAS_PRE=pre_bias is not None, HAS_BIAS=has_bias, SILU=silu, num_warps=4,
             )  # fmt: skip
             return out
