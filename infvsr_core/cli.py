@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "histories", "state", "all"),
         default="none",
         help="keep stream state in host memory between uses, same output, less GPU memory (H100, 720p: none "
-        "15 GiB 21.9 fps; state 9.4 GiB 16.6 fps; all 6.7 GiB 14.2 fps; 1080p: histories 19.5 GiB; "
+        "15.4 GiB 24.6 fps; state 9.6 GiB 19.0 fps; all 6.9 GiB 15.3 fps; 1080p: state 15.1 GiB; "
         "4K: state 16.3 GiB + ~93 GiB host)",
     )
     up.add_argument(

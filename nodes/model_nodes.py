@@ -67,7 +67,7 @@ def _state_offload_input() -> dict[str, Any]:
         "default": "none",
         "tooltip": "Keep stream state in host memory between uses (same results, less VRAM): histories = VAE "
         "histories, state = also the KV cache and the guidance weights, all = also the DiT weights (low VRAM). "
-        "H100, 720p: none 15 GiB / 21.9 fps, state 9.4 GiB / 16.6 fps, all 6.7 GiB / 14.2 fps; 4K: state "
+        "H100, 720p: none 15.4 GiB / 24.6 fps, state 9.6 GiB / 19.0 fps, all 6.9 GiB / 15.3 fps; 4K: state "
         "16.3 GiB / ~1 fps with ~93 GiB of system RAM."})}
 
 
