@@ -40,9 +40,10 @@ MAX_GRAPHS = 2  # shapes kept captured at once: each holds its static buffers an
 class _Captured:
     """One captured shape: static inputs, the graph, its output, and which returned cache `past` still equals."""
 
-    def __init__(self, inputs: Sequence[torch.Tensor], past: torch.Tensor) -> None:
+    def __init__(self, inputs: Sequence[torch.Tensor], layer: torch.Tensor, layers: int) -> None:
         self.inputs = [torch.empty_like(t) for t in inputs]
-        self.past = torch.empty_like(past)
+        # (keys/values, layer, *one layer's shape): one tensor, so that the copy handed out is one clone.
+        self.past = layer.new_empty((2, layers, *layer.shape))
         self.replay: Callable[[], torch.Tensor] | None = None
         self.lent: list[weakref.ref] = []
 
@@ -148,9 +149,7 @@ class BlockGraphs:
         return captured.replay(), *captured.lend()
 
     def _capture(self, key, runner, inputs, past_k, past_v, release):
-        stacked = torch.stack([torch.stack(past_k), torch.stack(past_v)])
-        captured = _Captured(inputs, stacked)
-        del stacked
+        captured = _Captured(inputs, past_k[0], len(past_k))
         captured.load(inputs, past_k, past_v)
         _release(past_k, past_v, release)
         outputs: list[torch.Tensor] = []
