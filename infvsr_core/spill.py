@@ -99,7 +99,7 @@ class DiskSpill:
     def _wait(self, future: Future):
         try:
             return future.result()
-        except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # torch.load reports a damaged file so
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # torch.load: a damaged file
             raise SpillError(
                 f"VAE history spill to '{self.folder}' failed: {e}. Free disk space there (it holds the histories "
                 f"that do not fit the host memory budget of {self.budget / 2**30:.1f} GiB), choose another folder, "
