@@ -35,12 +35,10 @@ class SpilledCache(list):
     for tensors, their index in the file. Immutable once written, so forked histories may share it; the file
     goes when the last holder drops it. Read it back with the DiskSpill that wrote it (`spill`)."""
 
-    def __init__(self, items: list, spill: Any, path: Any, nbytes: int, written: Any) -> None:
+    def __init__(self, items: list, spill: Any, path: Any) -> None:
         super().__init__(items)
         self.spill = spill
         self.path = path
-        self.nbytes = nbytes
-        self.written = written
         self.reading: Any = None
 
 

@@ -76,7 +76,7 @@ class DiskSpill:
         del tensors
         self._pending.append(written)
         self.spilled_bytes += nbytes
-        spilled = SpilledCache(items, self, path, nbytes, written)
+        spilled = SpilledCache(items, self, path)
         weakref.finalize(spilled, _unlink_later, written, path)
         return spilled
 
