@@ -208,16 +208,14 @@ def _derived(conv: nn.Module, name: str, build, *args):
     return cached[1]
 
 
-def _padded(conv: nn.Conv3d, in_channels: int | None, out_channels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """conv's weight and bias with zero input/output channels appended (cached on the module)."""
+def _padded(conv: nn.Conv3d, in_channels: int | None, out_channels: int | None) -> torch.Tensor:
+    """conv's weight with zero input/output channels appended (cached on the module)."""
 
     def build(w: torch.Tensor, in_channels: int | None, out_channels: int | None):
         o, i = w.shape[:2]
         padded = w.new_zeros((out_channels or o, in_channels or i, *w.shape[2:]))
         padded[:o, :i] = w
-        bias = w.new_zeros(out_channels or o)
-        bias[:o] = conv.bias
-        return padded.contiguous(memory_format=CL3), bias
+        return padded.contiguous(memory_format=CL3)
 
     return _derived(conv, "_infvsr_padded", build, in_channels, out_channels)
 
@@ -234,16 +232,19 @@ def _conv(conv: WanCausalConv3d, buf: torch.Tensor, weight: torch.Tensor | None 
 def _causal(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor, norm: WanRMS_norm | None) -> torch.Tensor:
     buf = _stage(conv, x, cursor, norm)
     del x
-    return _add_bias(_conv(conv, buf), conv.bias)
+    return _add_bias(_padded_out_conv(conv, buf), conv.bias)
 
 
 def _padded_out_conv(conv: WanCausalConv3d, buf: torch.Tensor) -> torch.Tensor:
-    """The causal conv without its bias, computed with PADDED_OUT outputs when that is faster; its real channels
-    (a slice of the padded ones: the caller's next pass reads them in place)."""
-    wide = PADDED_OUT.get(conv.out_channels) if buf.is_cuda or PAD_OFF_CUDA else None
+    """The causal conv without its bias, computed with PADDED_OUT outputs when that is faster (PADDED_RGB when it
+    has fewer: the RGB head); its real channels, a slice of the padded ones that the next pass reads in place."""
+    out = conv.out_channels
+    wide = None
+    if buf.is_cuda or PAD_OFF_CUDA:
+        wide = PADDED_OUT.get(out, PADDED_RGB if out < PADDED_RGB else None)
     if wide is None:
         return _conv(conv, buf)
-    return _conv(conv, buf, _padded(conv, None, wide)[0])[:, : conv.out_channels]
+    return _conv(conv, buf, _padded(conv, None, wide))[:, :out]
 
 
 def _resblock(block: WanResidualBlock, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
@@ -481,19 +482,8 @@ def _rgb_in(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor) -> torch.Te
     """The first conv (RGB or latent input) with its input channels zero-padded when there are too few."""
     pad = PADDED_RGB_IN if (x.is_cuda or PAD_OFF_CUDA) and x.shape[1] < PADDED_RGB_IN else None
     buf = _stage(conv, x, cursor, None, channels=pad)
-    weight = None if pad is None else _padded(conv, pad, None)[0]
+    weight = None if pad is None else _padded(conv, pad, None)
     return _add_bias(_conv(conv, buf, weight), conv.bias)
-
-
-def _rgb_out(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor, norm: WanRMS_norm) -> torch.Tensor:
-    """The last conv (few output channels) computed with zero output channels appended, then sliced."""
-    out = conv.out_channels
-    if not (x.is_cuda or PAD_OFF_CUDA) or out >= PADDED_RGB:
-        return _causal(conv, x, cursor, norm)
-    weight, bias = _padded(conv, None, PADDED_RGB)
-    buf = _stage(conv, x, cursor, norm)
-    del x
-    return _add_bias(_conv(conv, buf, weight), bias)[:, :out]
 
 
 def fast_encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None = None) -> torch.Tensor:
@@ -598,7 +588,7 @@ def _decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: 
         x = _up_block(block, x, cursor)
 
     def tail(piece: torch.Tensor) -> torch.Tensor:
-        return _rgb_out(decoder.conv_out, _up_block(last, piece, cursor), cursor, decoder.norm_out)
+        return _causal(decoder.conv_out, _up_block(last, piece, cursor), cursor, decoder.norm_out)
 
     # The last block (no upsampler) and the head run at full resolution: in pieces.
     return _in_pieces(x, cursor, tail, piece_frames) if last.upsamplers is None else tail(x)
