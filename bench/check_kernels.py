@@ -29,7 +29,7 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sections", nargs="+", default=["norm", "conv", "paired", "rgb", "split"])
+    parser.add_argument("--sections", nargs="+", default=["norm", "conv", "paired", "rgb", "split", "pad"])
     sections = parser.parse_args().sections
     if "norm" in sections:
         norm_check()
@@ -41,6 +41,47 @@ def main() -> None:
         rgb_conv_rates()
     if "split" in sections:
         split_conv_rates()
+    if "pad" in sections:
+        padded_output_rates()
+
+
+def padded_output_rates() -> None:
+    """The VAE's other convs with output counts that fill cuDNN's tiles badly: computed with more outputs?"""
+    torch.backends.cudnn.benchmark = True
+    cl3, cl2 = torch.channels_last_3d, torch.channels_last
+    bf = torch.bfloat16
+    # (label, input channels, outputs, padded outputs, frame, kernel): 3D convs see 4 frames + 2 cached.
+    cases = [
+        ("rgb in", 16, 96, 128, (720, 1280), 3),
+        ("res 96 (1080p tile)", 96, 96, 128, (512, 512), 3),
+        ("res 192", 192, 192, 256, (360, 640), 3),
+        ("res 96->192", 96, 192, 256, (360, 640), 3),
+        ("res 384", 384, 384, 512, (180, 320), 3),
+        ("res 384 (latent)", 384, 384, 512, (90, 160), 3),
+        ("down 96 (stride 2)", 96, 96, 128, (720, 1280), 2),
+        ("down 192 (stride 2)", 192, 192, 256, (360, 640), 2),
+    ]
+    for label, cin, cout, padded, (h, w), kind in cases:
+        if kind == 3:
+            x = torch.randn(1, cin, 6, h, w, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+            flops = 2 * 4 * h * w * cin * 27 * cout
+            conv = lambda weight: torch.nn.functional.conv3d(x, weight, None, 1, (0, 1, 1))  # noqa: B023, E731
+            shape = (3, 3, 3)
+            layout = cl3
+        else:
+            x = torch.randn(4, cin, h + 1, w + 1, device="cuda", dtype=bf).contiguous(memory_format=cl2)
+            flops = 2 * 4 * (h // 2) * (w // 2) * cin * 9 * cout
+            conv = lambda weight: torch.nn.functional.conv2d(x, weight, None, 2)  # noqa: B023, E731
+            shape = (3, 3)
+            layout = cl2
+        ms = {}
+        for n in (cout, padded):
+            weight = torch.randn(n, cin, *shape, device="cuda", dtype=bf).contiguous(memory_format=layout)
+            ms[n] = timed(lambda: conv(weight))  # noqa: B023
+        print(
+            f"{label} {cin}->{cout} {h}x{w} x4: {ms[cout]:.3f} ms ({flops / ms[cout] / 1e9:.0f} TFLOP/s); "
+            f"as {padded}: {ms[padded]:.3f} ms ({flops / ms[padded] / 1e9:.0f} useful)"
+        )
 
 
 def split_conv_rates() -> None:

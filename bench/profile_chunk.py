@@ -132,6 +132,7 @@ def main() -> int:
     parser.add_argument("--offload", default="none")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--whole", action="store_true", help="profile one whole steady push() and its GPU idle gaps")
+    parser.add_argument("--tiles", action="store_true", help="also time each VAE call (each tile of a tiled frame)")
     args = parser.parse_args()
     device = torch.device("cuda")
     pipe = random_pipeline(device, torch.bfloat16)
@@ -146,6 +147,23 @@ def main() -> int:
     start = 0
     walls: dict[str, list[float]] = defaultdict(list)
 
+    calls: dict[tuple[str, tuple[int, ...]], list[float]] = defaultdict(list)
+    recording = [False]
+    if args.tiles:
+        with_cache = pipe.vae._with_cache
+
+        def timed_call(owner, attr, run):
+            if not recording[0]:
+                return with_cache(owner, attr, run)
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            out = with_cache(owner, attr, run)
+            torch.cuda.synchronize()
+            calls[attr, tuple(out.shape[-2:])].append(1000 * (time.perf_counter() - begin))
+            return out
+
+        pipe.vae._with_cache = timed_call
+
     def timed(label: str, fn):
         torch.cuda.synchronize()
         begin = time.perf_counter()
@@ -156,6 +174,7 @@ def main() -> int:
 
     for index, size in enumerate((9, 12, 12, 12, 12, 12)):
         last = index == 5
+        recording[0] = index in (3, 4)
         video, true_size = prepare_chunk(
             clip[start : start + size], args.scale, index == 0, device=device, dtype=pipe.dtype
         )
@@ -187,6 +206,10 @@ def main() -> int:
     print("\nwall time per stage, synchronized, chunks 4-5 (unprofiled):")
     for label, values in walls.items():
         print(f"   {label}: " + " / ".join(f"{v:.1f}" for v in values[3:]) + " ms")
+    if calls:
+        print("\nVAE calls (the cache's history, output height x width), synchronized, chunks 4-5, ms per call:")
+        for (attr, shape), values in sorted(calls.items()):
+            print(f"   {attr} {shape[0]}x{shape[1]}: {len(values)} calls, mean {sum(values) / len(values):.1f}")
     print(
         f"\nstate: VAE history {gib(history.nbytes()):.2f} GiB, KV cache "
         f"{gib(sum(t.numel() * t.element_size() for t in cache.keys + cache.values)):.2f} GiB"
