@@ -41,7 +41,9 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
-from .kernels.norm_silu import bias_add_rows_, rms_norm_rows
+from .kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
+from .kernels.rgb_conv import few_in_conv, few_in_fits, few_out_conv, few_out_fits, pack_few_in, pack_few_out
+from .kernels.subpixel import interleave
 
 CACHE_T = 2  # frames of history each causal 3x3x3 (or 3x1x1) conv keeps
 CL3 = torch.channels_last_3d
@@ -232,6 +234,8 @@ def _conv(conv: WanCausalConv3d, buf: torch.Tensor, weight: torch.Tensor | None 
 def _causal(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor, norm: WanRMS_norm | None) -> torch.Tensor:
     buf = _stage(conv, x, cursor, norm)
     del x
+    if few_out_fits(conv.weight) and triton_usable(buf):  # the RGB head: a Triton kernel, bias included
+        return few_out_conv(buf, conv.weight, _derived(conv, "_infvsr_few_out", pack_few_out), conv.bias)
     return _add_bias(_padded_out_conv(conv, buf), conv.bias)
 
 
@@ -403,22 +407,10 @@ def _subpixel_conv(conv: nn.Conv2d, frames: torch.Tensor) -> torch.Tensor:
 
     One 2x2 conv (padding 1) gives each phase's (H+1)x(W+1) map; phase (a, b)
     at (i + a, j + b) is output pixel (2i + a, 2j + b). The interleave and the
-    bias add are one strided write per phase into the channels-last output.
+    bias add are one pass into the channels-last output (kernels/subpixel.py).
     """
-    n, _, h, w = frames.shape
-    cout = conv.out_channels
     y = F.conv2d(frames, _subpixel_weight(conv), None, padding=1).permute(0, 2, 3, 1)  # (N, H+1, W+1, 4*Cout)
-    out = torch.empty((n, cout, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=CL2)
-    phases = out.permute(0, 2, 3, 1).view(n, h, 2, w, 2, cout)
-    for a in (0, 1):
-        for b in (0, 1):
-            group = 2 * a + b
-            src = y[:, a : a + h, b : b + w, group * cout : (group + 1) * cout]
-            if conv.bias is None:
-                phases[:, :, a, :, b].copy_(src)
-            else:
-                torch.add(src, conv.bias, out=phases[:, :, a, :, b])
-    return out
+    return interleave(y, conv.bias, conv.out_channels)
 
 
 def _upsample(layer: WanResample, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
@@ -480,6 +472,9 @@ class _CudnnBenchmark:
 
 def _rgb_in(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
     """The first conv (RGB or latent input) with its input channels zero-padded when there are too few."""
+    if few_in_fits(conv.weight) and triton_usable(x):  # a Triton kernel, bias included
+        buf = _stage(conv, x, cursor, None)
+        return few_in_conv(buf, conv.weight, _derived(conv, "_infvsr_few_in", pack_few_in), conv.bias)
     pad = PADDED_RGB_IN if (x.is_cuda or PAD_OFF_CUDA) and x.shape[1] < PADDED_RGB_IN else None
     buf = _stage(conv, x, cursor, None, channels=pad)
     weight = None if pad is None else _padded(conv, pad, None)

@@ -10,6 +10,16 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
 
 
+@pytest.fixture(autouse=True)
+def _triton_never_fell_back():
+    """A Triton kernel that fails falls back to PyTorch for good, silently: under the interpreter
+    (test_triton_interpreted.py) that would leave the kernels unchecked, so it fails the test instead."""
+    yield
+    from infvsr_core.kernels import norm_silu
+
+    assert not norm_silu._TRITON_BROKEN, norm_silu._TRITON_BROKEN
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """The four files in the published formats, tiny configuration, fixed seed."""

@@ -11,6 +11,8 @@ same result comes from the diffusers-order PyTorch ops.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,9 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
 
 _TRITON_BROKEN: list[str] = []  # filled with the reason if a launch ever failed: then stay on the fallback
+# Triton's interpreter (TRITON_INTERPRET=1, set before this import) runs the kernels on CPU tensors through
+# NumPy: the tests use it to check every kernel and the fast VAE through them without a GPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
@@ -90,7 +95,7 @@ if triton is not None:
 
 def triton_usable(x: torch.Tensor) -> bool:
     """Whether the Triton kernel can run on this tensor's device."""
-    return triton is not None and x.is_cuda and not _TRITON_BROKEN
+    return triton is not None and (x.is_cuda or INTERPRETED) and not _TRITON_BROKEN
 
 
 def _blocks(c: int) -> tuple[int, int]:

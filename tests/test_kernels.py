@@ -1,0 +1,154 @@
+"""The hand-written kernels (kernels/) against independent references.
+
+In a plain run these check the PyTorch fallbacks the kernels stand in for. The
+same tests run again in a subprocess under Triton's interpreter
+(test_triton_interpreted.py: TRITON_INTERPRET=1), where every kernel runs on CPU
+tensors: then they check the Triton code itself. bfloat16 products are left to
+the GPU check (bench/check_kernels.py): the interpreter has no bfloat16 matmul.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infvsr_core.kernels import norm_silu
+from infvsr_core.kernels.norm_silu import bias_add_rows_, rms_norm_rows, rms_norm_rows_reference
+from infvsr_core.kernels.rgb_conv import few_in_conv, few_in_fits, few_out_conv, few_out_fits, pack_few_in, pack_few_out
+from infvsr_core.kernels.subpixel import interleave, interleave_reference
+
+CL3 = torch.channels_last_3d
+# Relative to the output's largest magnitude: float32 sums in another order; float16 rounds inputs and output.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+def staged(b: int, c: int, frames: int, h: int, w: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(b, c, frames, h, w, generator=gen).to(dtype).contiguous(memory_format=CL3)
+
+
+def conv_reference(buf: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The causal conv on a staged buffer in float64: time already padded, spatial zero padding 1."""
+    return F.conv3d(buf.double(), weight.double(), None if bias is None else bias.double(), 1, (0, 1, 1))
+
+
+def test_kernels_run_through_triton_when_interpreted():
+    """Under TRITON_INTERPRET=1 the kernels must take CPU tensors (else the interpreted run checks nothing)."""
+    if norm_silu.INTERPRETED:
+        assert norm_silu.triton_usable(torch.zeros(1))
+    else:
+        assert not norm_silu.triton_usable(torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7, 37), (2, 3, 3, 33, 4)])
+def test_few_in_conv_matches_conv3d(dtype, shape):
+    """RGB in (3 -> 24 here; 96 in the full model): every border pixel, several frames and batch entries."""
+    buf = staged(*shape, dtype, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(24, 3, 3, 3, 3, generator=gen).to(dtype)
+    bias = torch.randn(24, generator=gen).to(dtype)
+    assert few_in_fits(weight)
+    out = few_in_conv(buf, weight, pack_few_in(weight), bias)
+    want = conv_reference(buf, weight, bias)
+    assert out.shape == want.shape and out.dtype == dtype and out.is_contiguous(memory_format=CL3)
+    assert rel_err(out, want) < REL_TOL[dtype]
+    assert not norm_silu._TRITON_BROKEN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("channels", [8, 40])
+def test_few_out_conv_matches_conv3d(dtype, channels):
+    """The RGB head (C -> 3): channels fewer than a power of two are masked, borders zero-padded."""
+    buf = staged(1, channels, 4, 9, 21, dtype, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(3, channels, 3, 3, 3, generator=gen).to(dtype)
+    bias = torch.randn(3, generator=gen).to(dtype)
+    assert few_out_fits(weight)
+    out = few_out_conv(buf, weight, pack_few_out(weight), bias)
+    want = conv_reference(buf, weight, bias)
+    assert out.shape == want.shape and out.dtype == dtype and out.is_contiguous(memory_format=CL3)
+    assert rel_err(out, want) < REL_TOL[dtype]
+    # No bias: the same products.
+    assert (
+        rel_err(few_out_conv(buf, weight, pack_few_out(weight), None), conv_reference(buf, weight, None))
+        < (REL_TOL[dtype])
+    )
+    assert not norm_silu._TRITON_BROKEN
+
+
+def test_few_channel_kernels_refuse_other_shapes():
+    assert not few_in_fits(torch.zeros(96, 16, 3, 3, 3))  # 27 x 16 gathered inputs: too many for one row
+    assert not few_out_fits(torch.zeros(32, 96, 3, 3, 3))
+    assert not few_out_fits(torch.zeros(3, 96, 3, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_interleave_matches_a_plain_loop(dtype, with_bias):
+    """Phase (a, b) of low-res pixel (i + a, j + b) is output pixel (2i + a, 2j + b), bias added once."""
+    gen = torch.Generator().manual_seed(5)
+    n, h, w, c = 2, 3, 5, 24
+    y = torch.randn(n, h + 1, w + 1, 4 * c, generator=gen).to(dtype)
+    bias = torch.randn(c, generator=gen).to(dtype) if with_bias else None
+    out = interleave(y, bias, c)
+    want = torch.empty(n, c, 2 * h, 2 * w, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            for a in (0, 1):
+                for b in (0, 1):
+                    group = 2 * a + b
+                    value = y[:, i + a, j + b, group * c : (group + 1) * c].double()
+                    want[:, :, 2 * i + a, 2 * j + b] = value + (bias.double() if with_bias else 0)
+    assert out.shape == want.shape and out.is_contiguous(memory_format=torch.channels_last)
+    # One rounding of an exact sum: within an ulp of the output dtype, element by element.
+    ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((out.double() - want).abs() <= ulp).all()
+    if not (norm_silu.INTERPRETED and dtype == torch.bfloat16):  # the interpreter's bfloat16 rounding of ties
+        assert torch.equal(out, interleave_reference(y, bias, c))  # bit for bit the PyTorch ops' result
+    assert not norm_silu._TRITON_BROKEN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("silu", [True, False])
+def test_norm_rows_on_channel_slices(dtype, silu):
+    """The norm reads a channel slice of wider rows (a conv computed with padded outputs) and writes into
+    a slice of a wider buffer: equal to the reference on compact copies, to the output dtype's rounding."""
+    gen = torch.Generator().manual_seed(6)
+    wide = torch.randn(70, 32, generator=gen).to(dtype)
+    rows = wide[:, :24]
+    gamma, pre = 1 + 0.1 * torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    bias = torch.randn(24, generator=gen)
+    target = torch.zeros(70, 40, dtype=dtype)
+    got = rms_norm_rows(rows, gamma, 24**0.5, bias, silu=silu, out=target[:, 8:32])
+    want = rms_norm_rows_reference(rows.double(), gamma.double(), 24**0.5, bias.double(), silu)
+    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2**-7)
+    assert torch.equal(target[:, :8], torch.zeros(70, 8, dtype=dtype))  # untouched around the slice
+    assert torch.equal(target[:, 32:], torch.zeros(70, 8, dtype=dtype))
+    # pre_bias (the producing conv's bias) is added before the norm.
+    got = rms_norm_rows(rows, gamma, 24**0.5, silu=silu, pre_bias=pre)
+    want = rms_norm_rows_reference(rows.double(), gamma.double(), 24**0.5, 0.0, silu, pre_bias=pre.double())
+    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2**-7)
+    assert not norm_silu._TRITON_BROKEN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_add_rows(dtype):
+    """In place, and from a channel slice into compact rows, with and without the residual."""
+    gen = torch.Generator().manual_seed(7)
+    wide = torch.randn(50, 32, generator=gen).to(dtype)
+    bias, residual = torch.randn(24, generator=gen), torch.randn(50, 24, generator=gen).to(dtype)
+    want = wide[:, :24].double() + bias.double() + residual.double()
+    out = torch.empty(50, 24, dtype=dtype)
+    bias_add_rows_(wide[:, :24], bias, residual, out=out)
+    tol = 0 if dtype == torch.float32 else 2**-7
+    assert rel_err(out, want) <= max(tol, 1e-7)
+    rows = wide[:, :24].contiguous()
+    bias_add_rows_(rows, bias)
+    assert rel_err(rows, wide[:, :24].double() + bias.double()) <= max(tol, 1e-7)
+    assert not norm_silu._TRITON_BROKEN
