@@ -29,7 +29,7 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sections", nargs="+", default=["norm", "conv", "paired", "rgb", "split", "pad"])
+    parser.add_argument("--sections", nargs="+", default=["norm", "conv", "paired", "rgb", "split", "pad", "few"])
     sections = parser.parse_args().sections
     if "norm" in sections:
         norm_check()
@@ -43,6 +43,69 @@ def main() -> None:
         split_conv_rates()
     if "pad" in sections:
         padded_output_rates()
+    if "few" in sections:
+        few_channel_kernels()
+
+
+def few_channel_kernels() -> None:
+    """The Triton RGB-in / RGB-out convs and the sub-pixel interleave (kernels/) against float64 references and the
+    cuDNN / PyTorch paths they replace (RGB in with 16 padded inputs, RGB out with 8 padded outputs): error, time."""
+    import torch.nn.functional as F
+
+    from infvsr_core.kernels.rgb_conv import few_in_conv, few_out_conv, pack_few_in, pack_few_out
+    from infvsr_core.kernels.subpixel import interleave, interleave_reference
+
+    torch.backends.cudnn.benchmark = True
+    cl3, bf = torch.channels_last_3d, torch.bfloat16
+    for h, w in ((720, 1280), (1024, 1024)):
+        frames = 12
+        rgb = torch.randn(1, 3, frames + 2, h, w, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+        w_in = (0.1 * torch.randn(96, 3, 3, 3, 3, device="cuda")).to(bf)
+        b_in = torch.randn(96, device="cuda").to(bf)
+        ref = F.conv3d(rgb.double(), w_in.double(), b_in.double(), 1, (0, 1, 1))
+        got = few_in_conv(rgb, w_in, pack_few_in(w_in), b_in, use_triton=True)
+        rgb16 = torch.zeros(1, 16, frames + 2, h, w, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+        rgb16[:, :3] = rgb
+        w16 = torch.zeros(96, 16, 3, 3, 3, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+        w16[:, :3] = w_in
+        old = F.conv3d(rgb16, w16, b_in, 1, (0, 1, 1))
+        err_new = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        err_old = ((old.double() - ref).abs().max() / ref.abs().max()).item()
+        packed = pack_few_in(w_in)
+        t_new = timed(lambda: few_in_conv(rgb, w_in, packed, b_in, use_triton=True))  # noqa: B023
+        t_old = timed(lambda: F.conv3d(rgb16, w16, b_in, 1, (0, 1, 1)))  # noqa: B023
+        print(
+            f"rgb in {h}x{w} x{frames}: triton {t_new:.3f} ms (err {err_new:.1e}) vs cuDNN 16-padded "
+            f"{t_old:.3f} ms (err {err_old:.1e})"
+        )
+        big = torch.randn(1, 96, frames + 2, h, w, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+        w_out = (0.05 * torch.randn(3, 96, 3, 3, 3, device="cuda")).to(bf)
+        b_out = torch.randn(3, device="cuda").to(bf)
+        ref = F.conv3d(big.double(), w_out.double(), b_out.double(), 1, (0, 1, 1))
+        got = few_out_conv(big, w_out, pack_few_out(w_out), b_out, use_triton=True)
+        w8 = torch.zeros(8, 96, 3, 3, 3, device="cuda", dtype=bf).contiguous(memory_format=cl3)
+        w8[:3] = w_out
+        old = F.conv3d(big, w8, None, 1, (0, 1, 1))[:, :3] + b_out.view(1, 3, 1, 1, 1)
+        err_new = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        err_old = ((old.double() - ref).abs().max() / ref.abs().max()).item()
+        packed = pack_few_out(w_out)
+        t_new = timed(lambda: few_out_conv(big, w_out, packed, b_out, use_triton=True))  # noqa: B023
+        t_old = timed(lambda: F.conv3d(big, w8, None, 1, (0, 1, 1)))  # noqa: B023
+        print(
+            f"rgb out {h}x{w} x{frames}: triton {t_new:.3f} ms (err {err_new:.1e}) vs cuDNN 8-padded "
+            f"{t_old:.3f} ms + bias (err {err_old:.1e})"
+        )
+        for c, lh, lw in ((96, h // 2, w // 2), (192, h // 4, w // 4)):
+            y = torch.randn(frames, lh + 1, lw + 1, 4 * c, device="cuda", dtype=bf)
+            bias = torch.randn(c, device="cuda", dtype=bf)
+            same = torch.equal(interleave(y, bias, c, use_triton=True), interleave_reference(y, bias, c))
+            t_new = timed(lambda: interleave(y, bias, c, use_triton=True))  # noqa: B023
+            t_old = timed(lambda: interleave_reference(y, bias, c))  # noqa: B023
+            gbps = 2 * y.numel() * 2 / t_new / 1e6
+            print(
+                f"interleave {c}ch -> {2 * lh}x{2 * lw} x{frames}: triton {t_new:.3f} ms ({gbps:.0f} GB/s), "
+                f"4 strided adds {t_old:.3f} ms, bit-equal {same}"
+            )
 
 
 def padded_output_rates() -> None:
