@@ -48,11 +48,11 @@ def main() -> None:
 
 
 def few_channel_kernels() -> None:
-    """The Triton RGB-in / RGB-out convs and the sub-pixel interleave (kernels/) against float64 references and the
-    cuDNN / PyTorch paths they replace (RGB in with 16 padded inputs, RGB out with 8 padded outputs): error, time."""
+    """The Triton RGB-in conv and the sub-pixel interleave (kernels/) against float64 references and the cuDNN /
+    PyTorch paths they replace (RGB in with 16 padded inputs; 4 strided adds): error, time."""
     import torch.nn.functional as F
 
-    from infvsr_core.kernels.rgb_conv import few_in_conv, few_out_conv, pack_few_in, pack_few_out
+    from infvsr_core.kernels.rgb_in import few_in_conv, pack_few_in
     from infvsr_core.kernels.subpixel import interleave, interleave_reference
 
     torch.backends.cudnn.benchmark = True
@@ -77,23 +77,6 @@ def few_channel_kernels() -> None:
         print(
             f"rgb in {h}x{w} x{frames}: triton {t_new:.3f} ms (err {err_new:.1e}) vs cuDNN 16-padded "
             f"{t_old:.3f} ms (err {err_old:.1e})"
-        )
-        big = torch.randn(1, 96, frames + 2, h, w, device="cuda", dtype=bf).contiguous(memory_format=cl3)
-        w_out = (0.05 * torch.randn(3, 96, 3, 3, 3, device="cuda")).to(bf)
-        b_out = torch.randn(3, device="cuda").to(bf)
-        ref = F.conv3d(big.double(), w_out.double(), b_out.double(), 1, (0, 1, 1))
-        got = few_out_conv(big, w_out, pack_few_out(w_out), b_out, use_triton=True)
-        w8 = torch.zeros(8, 96, 3, 3, 3, device="cuda", dtype=bf).contiguous(memory_format=cl3)
-        w8[:3] = w_out
-        old = F.conv3d(big, w8, None, 1, (0, 1, 1))[:, :3] + b_out.view(1, 3, 1, 1, 1)
-        err_new = ((got.double() - ref).abs().max() / ref.abs().max()).item()
-        err_old = ((old.double() - ref).abs().max() / ref.abs().max()).item()
-        packed = pack_few_out(w_out)
-        t_new = timed(lambda: few_out_conv(big, w_out, packed, b_out, use_triton=True))  # noqa: B023
-        t_old = timed(lambda: F.conv3d(big, w8, None, 1, (0, 1, 1)))  # noqa: B023
-        print(
-            f"rgb out {h}x{w} x{frames}: triton {t_new:.3f} ms (err {err_new:.1e}) vs cuDNN 8-padded "
-            f"{t_old:.3f} ms + bias (err {err_old:.1e})"
         )
         for c, lh, lw in ((96, h // 2, w // 2), (192, h // 4, w // 4)):
             y = torch.randn(frames, lh + 1, lw + 1, 4 * c, device="cuda", dtype=bf)

@@ -42,7 +42,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 from torch import nn
 
 from .kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
-from .kernels.rgb_conv import few_in_conv, few_in_fits, few_out_conv, few_out_fits, pack_few_in, pack_few_out
+from .kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
 from .kernels.subpixel import interleave
 
 CACHE_T = 2  # frames of history each causal 3x3x3 (or 3x1x1) conv keeps
@@ -50,8 +50,8 @@ CL3 = torch.channels_last_3d
 CL2 = torch.channels_last
 # cuDNN has no fast channels-last kernel for 3 channels (RGB in, RGB out): the
 # first and last convs get zero channels up to this many (exact: zeros add nothing).
-# In: 16 input channels run 1.7x faster than 8 on an H100 (2.1 vs 3.5 ms for 12 frames
-# at 480p; bench/check_kernels.py --sections rgb); out: 8, 16 and 32 are alike.
+# In (where Triton is missing; kernels/rgb_in.py otherwise): 16 input channels run 1.7x faster than 8 on an
+# H100 (2.1 vs 3.5 ms for 12 frames at 480p; bench/check_kernels.py --sections rgb); out: 8, 16 and 32 are alike.
 PADDED_RGB = 8
 PADDED_RGB_IN = 16
 # Output channels a causal conv computes with zero kernels appended: cuDNN runs a 96 -> 96 3x3x3 conv at ~365
@@ -234,8 +234,6 @@ def _conv(conv: WanCausalConv3d, buf: torch.Tensor, weight: torch.Tensor | None 
 def _causal(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor, norm: WanRMS_norm | None) -> torch.Tensor:
     buf = _stage(conv, x, cursor, norm)
     del x
-    if few_out_fits(conv.weight) and triton_usable(buf):  # the RGB head: a Triton kernel, bias included
-        return few_out_conv(buf, conv.weight, _derived(conv, "_infvsr_few_out", pack_few_out), conv.bias)
     return _add_bias(_padded_out_conv(conv, buf), conv.bias)
 
 
@@ -471,8 +469,9 @@ class _CudnnBenchmark:
 
 
 def _rgb_in(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
-    """The first conv (RGB or latent input) with its input channels zero-padded when there are too few."""
-    if few_in_fits(conv.weight) and triton_usable(x):  # a Triton kernel, bias included
+    """The encoder's first conv (RGB input): the Triton kernel for few inputs (5x faster than cuDNN at 720p), else
+    cuDNN with the input channels zero-padded."""
+    if few_in_fits(conv.weight) and triton_usable(x):
         buf = _stage(conv, x, cursor, None)
         return few_in_conv(buf, conv.weight, _derived(conv, "_infvsr_few_in", pack_few_in), conv.bias)
     pad = PADDED_RGB_IN if (x.is_cuda or PAD_OFF_CUDA) and x.shape[1] < PADDED_RGB_IN else None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from infvsr_core.kernels import norm_silu
 from infvsr_core.kernels.norm_silu import bias_add_rows_, rms_norm_rows, rms_norm_rows_reference
-from infvsr_core.kernels.rgb_conv import few_in_conv, few_in_fits, few_out_conv, few_out_fits, pack_few_in, pack_few_out
+from infvsr_core.kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
 from infvsr_core.kernels.subpixel import interleave, interleave_reference
 
 CL3 = torch.channels_last_3d
@@ -61,31 +61,9 @@ def test_few_in_conv_matches_conv3d(dtype, shape):
     assert not norm_silu._TRITON_BROKEN
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("channels", [8, 40])
-def test_few_out_conv_matches_conv3d(dtype, channels):
-    """The RGB head (C -> 3): channels fewer than a power of two are masked, borders zero-padded."""
-    buf = staged(1, channels, 4, 9, 21, dtype, seed=3)
-    gen = torch.Generator().manual_seed(4)
-    weight = torch.randn(3, channels, 3, 3, 3, generator=gen).to(dtype)
-    bias = torch.randn(3, generator=gen).to(dtype)
-    assert few_out_fits(weight)
-    out = few_out_conv(buf, weight, pack_few_out(weight), bias)
-    want = conv_reference(buf, weight, bias)
-    assert out.shape == want.shape and out.dtype == dtype and out.is_contiguous(memory_format=CL3)
-    assert rel_err(out, want) < REL_TOL[dtype]
-    # No bias: the same products.
-    assert (
-        rel_err(few_out_conv(buf, weight, pack_few_out(weight), None), conv_reference(buf, weight, None))
-        < (REL_TOL[dtype])
-    )
-    assert not norm_silu._TRITON_BROKEN
-
-
-def test_few_channel_kernels_refuse_other_shapes():
+def test_few_in_conv_refuses_other_shapes():
     assert not few_in_fits(torch.zeros(96, 16, 3, 3, 3))  # 27 x 16 gathered inputs: too many for one row
-    assert not few_out_fits(torch.zeros(32, 96, 3, 3, 3))
-    assert not few_out_fits(torch.zeros(3, 96, 3, 1, 1))
+    assert not few_in_fits(torch.zeros(96, 3, 3, 1, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
