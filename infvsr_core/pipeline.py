@@ -82,6 +82,7 @@ class InfVSRPipeline:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
         self.vae.history_device = None if mode == "none" else "cpu"
         self.vae.prefetch = mode != "all"
+        self.vae.lean = mode == "all"
         for weights, offloaded in ((self._dit_weights, ("all",)), (self._guidance_weights, ("state", "all"))):
             if mode in offloaded:
                 weights.to_host()

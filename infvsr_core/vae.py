@@ -389,18 +389,24 @@ class StreamingVAE:
 
     `piece_frames` (fast forward only): the full-resolution stages run that
     many frames at a time, which lowers the peak by ~0.8 GiB at 720p for a few
-    percent of speed; "auto" does so when offloading (the memory-saving modes),
-    in pieces of 4 frames with `whole_chunks` (the peak of diffusers' calls),
-    and runs whole calls otherwise; None never splits.
+    percent of speed; None never splits. "auto": untiled frames run in pieces
+    of 2 when offloading (the memory-saving modes) and of 4 with
+    `whole_chunks` (the peak of diffusers' calls), whole otherwise; tiles run
+    in pieces of 4 when offloading, whole otherwise.
 
     `whole_chunks` (fast forward only): the encoder and decoder take a chunk's
     frames in one call (after a scene's first frame, which goes alone) rather
     than diffusers' 4 frames / 1 latent frame per call. The result is the same
     (the causal caches carry the same frames across calls; each downsampler
     sees an even frame count), with a third of the launches and of the
-    cache copies below full resolution, for ~3x their activation memory;
-    "auto" does so when not offloading and frames are small (`WHOLE_CHUNK_PIXELS`:
-    where the host's launches, not the GPU, set the pace).
+    cache copies below full resolution, for ~3x their activation memory.
+    "auto" does so for untiled frames when not offloading and small
+    (`WHOLE_CHUNK_PIXELS`: where the host's launches set the pace), and for
+    tiles (~1 MP at most, whatever the frame) unless `lean`: at 1080p on an
+    H100, 7.8 instead of 7.5 fps without offload, 7.45 instead of 6.6 with
+    "state" (19 instead of 15 GiB; bench/RESULTS.md round 6).
+
+    `lean` (the pipeline's low-VRAM offload "all"): the smallest calls everywhere.
     """
 
     def __init__(
@@ -416,6 +422,7 @@ class StreamingVAE:
         fast: bool | None = None,
         history_device: Literal["cpu"] | None = None,
         prefetch: bool = True,
+        lean: bool = False,
         piece_frames: int | None | Literal["auto"] = "auto",
         whole_chunks: bool | Literal["auto"] = "auto",
     ) -> None:
@@ -442,6 +449,7 @@ class StreamingVAE:
         self.fast = fast
         self.history_device = history_device
         self.prefetch = prefetch
+        self.lean = lean
         self.piece_frames = piece_frames
         self.whole_chunks = whole_chunks
         self.spill: DiskSpill | None = None
@@ -508,23 +516,27 @@ class StreamingVAE:
             prepare_channels_last(self.vae)
         return wanted
 
-    def _pieces(self, pixels: int = 0) -> int | None:
-        """Frames per piece of the full-resolution stages for frames of `pixels` output pixels (None: whole)."""
-        if self.piece_frames == "auto":
-            if self.history_device is not None:
-                return FULL_RES_FRAMES
-            # Whole-chunk calls: the full-resolution stages keep diffusers' 4 frames per call, and its peak.
-            return TEMPORAL_FACTOR if self._whole(pixels) else None
-        return self.piece_frames
+    def _pieces(self, pixels: int = 0, tiled: bool = False) -> int | None:
+        """Frames per piece of the full-resolution stages for frames (tiles) of `pixels` output pixels (None: whole)."""
+        if self.piece_frames != "auto":
+            return self.piece_frames
+        if self.history_device is not None:
+            return TEMPORAL_FACTOR if tiled and self._whole(pixels, tiled) else FULL_RES_FRAMES
+        if tiled:
+            return None
+        # Whole-chunk calls on untiled frames: the full-resolution stages keep diffusers' 4 frames per call (its peak).
+        return TEMPORAL_FACTOR if self._whole(pixels, tiled) else None
 
-    def _whole(self, pixels: int) -> bool:
-        if self.whole_chunks == "auto":
-            return self.history_device is None and pixels <= WHOLE_CHUNK_PIXELS
-        return bool(self.whole_chunks)
+    def _whole(self, pixels: int, tiled: bool = False) -> bool:
+        if self.whole_chunks != "auto":
+            return bool(self.whole_chunks)
+        if tiled:  # a tile's activations are bounded by the tile (~1 MP), whatever the frame size
+            return not self.lean
+        return self.history_device is None and pixels <= WHOLE_CHUNK_PIXELS
 
-    def _call_frames(self, frames: int, pixels: int) -> int:
+    def _call_frames(self, frames: int, pixels: int, tiled: bool) -> int:
         """Input frames per fast-forward call: `frames` (all the chunk's) or 1 (diffusers' grouping)."""
-        return max(frames, 1) if self._whole(pixels) else 1
+        return max(frames, 1) if self._whole(pixels, tiled) else 1
 
     def _with_cache(self, owner: Any, attr: str, run: Any) -> torch.Tensor:
         """run(cache) with `owner.attr`'s cache on the VAE's device; back to host memory after, if offloading
@@ -613,21 +625,22 @@ class StreamingVAE:
         device, dtype = self._params()
         frames = frames.to(device=device, dtype=dtype)
         first = not history.encoded_first
-        out = self._run(frames, history, "encoder_cache", lambda x, cache: self._encode(x, cache, first), True)
+        tiled = history.tiles is not None
+        out = self._run(frames, history, "encoder_cache", lambda x, c: self._encode(x, c, first, tiled), True)
         history.encoded_first = True
         return out
 
-    def _encode(self, frames: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
+    def _encode(self, frames: torch.Tensor, cache: list, first: bool, tiled: bool) -> torch.Tensor:
         fast = self._use_fast(frames.device)
         start = 1 if first else 0
         pixels = frames.shape[-2] * frames.shape[-1]
         step = TEMPORAL_FACTOR * (
-            self._call_frames((frames.shape[2] - start) // TEMPORAL_FACTOR, pixels) if fast else 1
+            self._call_frames((frames.shape[2] - start) // TEMPORAL_FACTOR, pixels, tiled) if fast else 1
         )
         pieces = [frames[:, :, :1]] if first else []
         pieces += [frames[:, :, i : i + step] for i in range(start, frames.shape[2], step)]
         if fast:
-            feats = [fast_encoder(self.vae, piece, cache, self._pieces(pixels)) for piece in pieces]
+            feats = [fast_encoder(self.vae, piece, cache, self._pieces(pixels, tiled)) for piece in pieces]
         else:
             feats = [self.vae.encoder(piece, feat_cache=cache, feat_idx=[0]) for piece in pieces]
         mean = self.vae.quant_conv(torch.cat(feats, dim=2))[:, : self.z_dim]
@@ -651,11 +664,12 @@ class StreamingVAE:
         device, dtype = self._params()
         latents = latents.to(device=device, dtype=dtype)
         first = not history.decoded_first
-        out = self._run(latents, history, "decoder_cache", lambda z, cache: self._decode(z, cache, first), False)
+        tiled = history.tiles is not None
+        out = self._run(latents, history, "decoder_cache", lambda z, c: self._decode(z, c, first, tiled), False)
         history.decoded_first = True
         return out.clamp_(-1.0, 1.0)
 
-    def _decode(self, latents: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor, cache: list, first: bool, tiled: bool) -> torch.Tensor:
         offset, inv_std = self._stats(latents.device, latents.dtype)
         x = self.vae.post_quant_conv(latents / inv_std + offset)
         if self._use_fast(x.device):
@@ -663,9 +677,9 @@ class StreamingVAE:
             # first latent frame goes alone: its temporal upsamplers mark their caches "Rep" and do not upsample.
             start = 1 if first else 0
             pixels = x.shape[-2] * x.shape[-1] * SPATIAL_FACTOR**2
-            step = self._call_frames(x.shape[2] - start, pixels)
+            step = self._call_frames(x.shape[2] - start, pixels, tiled)
             bounds = ([(0, 1)] if first else []) + [(i, i + step) for i in range(start, x.shape[2], step)]
-            frames = [fast_decoder(self.vae, x[:, :, a:b], cache, self._pieces(pixels)) for a, b in bounds]
+            frames = [fast_decoder(self.vae, x[:, :, a:b], cache, self._pieces(pixels, tiled)) for a, b in bounds]
         else:
             frames = [
                 self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)

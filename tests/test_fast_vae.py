@@ -272,12 +272,11 @@ def test_attention_scores_are_float32_products():
     assert (rounded - want).abs().max() > 1e-4 * want.abs().max()  # bf16 scores would be visibly off
 
 
-def test_whole_chunk_calls_equal_diffusers_grouping(vae, monkeypatch):
-    """whole_chunks: one encoder and one decoder call per chunk (a scene's first frame alone) vs 4 frames /
-    1 latent frame per call: the same latents, frames and histories, over a first and two later chunks."""
+@pytest.fixture
+def vae_calls(monkeypatch) -> list[tuple[str, int]]:
+    """(encoder or decoder, input frames) of every fast-forward call StreamingVAE makes, in order."""
     import infvsr_core.vae as vae_module
 
-    clip = smooth_vae_clip(33, seed=7)
     calls: list[tuple[str, int]] = []
     enc, dec = vae_module.fast_encoder, vae_module.fast_decoder
 
@@ -291,6 +290,14 @@ def test_whole_chunk_calls_equal_diffusers_grouping(vae, monkeypatch):
 
     monkeypatch.setattr(vae_module, "fast_encoder", spy_enc)
     monkeypatch.setattr(vae_module, "fast_decoder", spy_dec)
+    return calls
+
+
+def test_whole_chunk_calls_equal_diffusers_grouping(vae, vae_calls):
+    """whole_chunks: one encoder and one decoder call per chunk (a scene's first frame alone) vs 4 frames /
+    1 latent frame per call: the same latents, frames and histories, over a first and two later chunks."""
+    clip = smooth_vae_clip(33, seed=7)
+    calls = vae_calls
     runs = {}
     for whole in (False, True):
         calls.clear()
@@ -324,3 +331,29 @@ def test_whole_chunk_calls_equal_diffusers_grouping(vae, monkeypatch):
                 assert a.shape == b.shape and max_err(a, b) < TOL
             else:
                 assert a == b
+
+
+def test_tiles_take_whole_chunk_calls_when_offloading_unless_lean(vae, vae_calls):
+    """A tiled scene with its histories in host memory: 'auto' gives each tile one encoder and one decoder call
+    per chunk (diffusers' grouping when lean), with the same frames as forced diffusers' grouping."""
+    clip = smooth_vae_clip(21, seed=8)
+    tiling = {"tiling": "always", "tile_size": 3, "tile_stride": 2}
+    outs = {}
+    for label, kwargs in (("auto", {}), ("lean", {"lean": True}), ("split", {"whole_chunks": False})):
+        sv = StreamingVAE(copy.deepcopy(vae), fast=True, history_device="cpu", **tiling, **kwargs)
+        history = sv.new_history()
+        frames = []
+        for a, b in ((0, 9), (9, 21)):
+            vae_calls.clear()  # keep the later chunk's calls
+            frames.append(sv.decode_chunk(sv.encode_chunk(clip[:, :, a:b], history), history))
+        outs[label] = (frames, list(vae_calls), len(history.tiles))
+    assert outs["auto"][2] > 1
+    tiles = outs["auto"][2]
+    # The later chunk (12 frames, 3 latent frames): per tile one encoder call of 12 frames, one decoder call of 3.
+    assert sorted(set(outs["auto"][1])) == [("dec", 3), ("enc", 12)]
+    assert outs["auto"][1].count(("enc", 12)) == tiles and outs["auto"][1].count(("dec", 3)) == tiles
+    assert ("enc", 12) not in outs["lean"][1] and ("dec", 3) not in outs["lean"][1]
+    assert outs["lean"][1] == outs["split"][1]
+    for label in ("lean", "split"):
+        for a, b in zip(outs["auto"][0], outs[label][0], strict=True):
+            assert a.shape == b.shape and max_err(a, b) < TOL

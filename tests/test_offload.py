@@ -170,10 +170,12 @@ def test_download_and_host_list():
 
 def test_full_resolution_pieces_follow_the_offload(vae):
     """'auto': 4-frame pieces (diffusers' call size) under whole-chunk calls when the histories stay resident,
-    whole calls without them, 2-frame pieces when offloading (memory)."""
+    whole calls without them, 2-frame pieces when offloading (memory); tiles: whole-chunk calls unless lean, in
+    4-frame pieces when offloading, unsplit otherwise."""
     from infvsr_core.fast_vae import FULL_RES_FRAMES
     from infvsr_core.vae import WHOLE_CHUNK_PIXELS
 
+    tile = 1024 * 1024  # a release tile: larger than WHOLE_CHUNK_PIXELS
     assert StreamingVAE(vae)._pieces() == 4
     assert StreamingVAE(vae)._pieces(WHOLE_CHUNK_PIXELS + 1) is None  # large frames: diffusers' calls, unsplit
     assert StreamingVAE(vae, whole_chunks=True)._pieces(WHOLE_CHUNK_PIXELS + 1) == 4
@@ -181,6 +183,26 @@ def test_full_resolution_pieces_follow_the_offload(vae):
     assert StreamingVAE(vae, history_device="cpu")._pieces() == FULL_RES_FRAMES
     assert StreamingVAE(vae, history_device="cpu", piece_frames=None)._pieces() is None
     assert StreamingVAE(vae, piece_frames=1)._pieces() == 1
+    # Tiles.
+    assert StreamingVAE(vae)._whole(tile, tiled=True) and StreamingVAE(vae)._pieces(tile, tiled=True) is None
+    offloaded = StreamingVAE(vae, history_device="cpu")
+    assert offloaded._whole(tile, tiled=True) and offloaded._pieces(tile, tiled=True) == 4
+    assert not offloaded._whole(tile) and offloaded._pieces(tile) == FULL_RES_FRAMES  # untiled: as before
+    lean = StreamingVAE(vae, history_device="cpu", lean=True)
+    assert not lean._whole(tile, tiled=True) and lean._pieces(tile, tiled=True) == FULL_RES_FRAMES
+    assert not StreamingVAE(vae, whole_chunks=False)._whole(tile, tiled=True)
+
+
+def test_pipeline_offload_modes_set_the_vae_calls(tiny_pipeline):
+    """Only the low-VRAM mode makes the VAE lean (tiles then keep diffusers' calls and 2-frame pieces)."""
+    before = tiny_pipeline.offload
+    try:
+        for mode in ("none", "histories", "state", "all"):
+            tiny_pipeline.offload = mode
+            assert tiny_pipeline.vae.lean == (mode == "all")
+            assert tiny_pipeline.vae.prefetch == (mode != "all")
+    finally:
+        tiny_pipeline.offload = before
 
 
 def test_pinned_pool_hands_out_exact_tensors_and_reuses_released_blocks():
