@@ -78,6 +78,23 @@ def few_channel_kernels() -> None:
             f"rgb in {h}x{w} x{frames}: triton {t_new:.3f} ms (err {err_new:.1e}) vs cuDNN 16-padded "
             f"{t_old:.3f} ms (err {err_old:.1e})"
         )
+        # The norm's cache tail and the bias pass into a zero-bordered buffer: the same values as the plain writes.
+        from infvsr_core.kernels.norm_silu import bias_add_rows_, rms_norm_rows
+
+        x = torch.randn(frames * h * w, 128, device="cuda", dtype=bf)[:, :96]
+        gamma = 1 + 0.1 * torch.randn(96, device="cuda")
+        tail = torch.empty(2 * h * w, 96, device="cuda", dtype=bf)
+        normed = rms_norm_rows(x, gamma, 96**0.5, silu=True, tail=tail)
+        border = torch.zeros(frames, h + 1, w + 1, 96, device="cuda", dtype=bf)
+        bias = torch.randn(96, device="cuda")
+        bias_add_rows_(x, bias, normed, out=border[:, :h, :w])
+        plain = torch.empty(frames * h * w, 96, device="cuda", dtype=bf)
+        bias_add_rows_(x, bias, normed, out=plain)
+        print(
+            f"norm tail {h}x{w}: equal {torch.equal(tail, normed[-2 * h * w :])}; bias into bordered buffer: equal "
+            f"{torch.equal(border[:, :h, :w].reshape(-1, 96), plain)}, border zero "
+            f"{not border[:, h].any().item() and not border[:, :, w].any().item()}"
+        )
         for c, lh, lw in ((96, h // 2, w // 2), (192, h // 4, w // 4)):
             y = torch.randn(frames, lh + 1, lw + 1, 4 * c, device="cuda", dtype=bf)
             bias = torch.randn(c, device="cuda", dtype=bf)

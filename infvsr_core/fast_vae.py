@@ -96,14 +96,26 @@ def _channel_rows(x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+def _add_bias(
+    y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """y + bias [+ residual], one fused pass when both are channels-last: in place, or into a new compact tensor
-    when y is a channel slice of a conv computed with padded outputs (`_padded_out`)."""
-    if bias is None and residual is None:
-        return y
+    when y is a channel slice of a conv computed with padded outputs (`_padded_out`), or into `out` (a
+    channels-last view, e.g. the inside of a zero-bordered buffer: `_bordered`) when given."""
     rows = _channel_rows(y)
     res_rows = None if residual is None else _channel_rows(residual)
-    if rows is None or (residual is not None and res_rows is None):
+    fused = rows is not None and (residual is None or res_rows is not None)
+    if out is not None:
+        frames = out.permute(0, 2, 3, 4, 1)
+        if fused and out.shape[0] == 1 and frames.stride(-1) == 1:
+            bias = torch.zeros(y.shape[1], device=y.device) if bias is None else bias
+            bias_add_rows_(rows, bias, res_rows, out=frames[0])
+        else:
+            out.copy_(_add_bias(y, bias, residual))
+        return out
+    if bias is None and residual is None:
+        return y
+    if not fused:
         y.add_(bias.view(1, -1, *([1] * (y.ndim - 2))).to(y.dtype)) if bias is not None else None
         return y.add_(residual) if residual is not None else y
     if bias is None:
@@ -111,8 +123,18 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
     if rows.stride(0) == y.shape[1]:
         bias_add_rows_(rows, bias, res_rows)
         return y
-    out = torch.empty_like(y, memory_format=CL3 if y.ndim == 5 else CL2)
-    bias_add_rows_(rows, bias, res_rows, out=_channel_rows(out))
+    result = torch.empty_like(y, memory_format=CL3 if y.ndim == 5 else CL2)
+    bias_add_rows_(rows, bias, res_rows, out=_channel_rows(result))
+    return result
+
+
+def _bordered(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A (B, C, T, H+1, W+1) channels-last buffer whose last row and column are zero: a downsampler's
+    ZeroPad2d((0, 1, 0, 1)) input, which the previous layer writes inside (no padding copy)."""
+    b, c, t, h, w = shape
+    out = torch.empty((b, c, t, h + 1, w + 1), dtype=like.dtype, device=like.device, memory_format=CL3)
+    out[:, :, :, h].zero_()
+    out[:, :, :, :h, w].zero_()
     return out
 
 
@@ -122,14 +144,22 @@ def _norm(
     silu: bool,
     out: torch.Tensor | None = None,
     pre_bias: torch.Tensor | None = None,
+    tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """WanRMS_norm of (x + pre_bias) over channels (then SiLU), channels-last in and out; into `out` if given."""
+    """WanRMS_norm of (x + pre_bias) over channels (then SiLU), channels-last in and out; into `out` if given.
+
+    `tail` (B, C, k, H, W) channels-last: also receives the last k frames (one pass, when B is 1)."""
     target = torch.empty_like(x, memory_format=CL3) if out is None else out
     rows_out = target.permute(0, 2, 3, 4, 1)
     flat = rows_out.view(-1, x.shape[1]) if rows_out.is_contiguous() else None
-    result = rms_norm_rows(_rows(x), norm.gamma, norm.scale, norm.bias, silu=silu, out=flat, pre_bias=pre_bias)
+    tail_rows = tail.permute(0, 2, 3, 4, 1).view(-1, x.shape[1]) if tail is not None and flat is not None else None
+    result = rms_norm_rows(
+        _rows(x), norm.gamma, norm.scale, norm.bias, silu=silu, out=flat, pre_bias=pre_bias, tail=tail_rows
+    )
     if flat is None:
         rows_out.copy_(result.view(rows_out.shape))
+    if tail is not None and tail_rows is None:
+        tail.copy_(target[:, :, target.shape[2] - tail.shape[2] :])
     return target
 
 
@@ -182,16 +212,20 @@ def _stage(
     if kept:
         buf[:, :, CACHE_T - kept : CACHE_T].copy_(past[:, :, past.shape[2] - kept :])
     act = buf[:, :, CACHE_T:]
+    new = None
     if norm is None:
         act.copy_(x)
     else:
-        _norm(norm, x, silu=True, out=act, pre_bias=pre_bias)
-    if t >= CACHE_T:
-        new = buf[:, :, -CACHE_T:].clone()
-    elif past is not None or rep:
-        new = buf[:, :, CACHE_T - 1 :].clone()
-    else:
-        new = act.clone()
+        if t >= CACHE_T:  # the norm writes the cache's frames too, in the same pass
+            new = torch.empty((b, c, CACHE_T, h, w), dtype=x.dtype, device=x.device, memory_format=CL3)
+        _norm(norm, x, silu=True, out=act, pre_bias=pre_bias, tail=new)
+    if new is None:
+        if t >= CACHE_T:
+            new = buf[:, :, -CACHE_T:].clone()
+        elif past is not None or rep:
+            new = buf[:, :, CACHE_T - 1 :].clone()
+        else:
+            new = act.clone()
     cursor.put(new)
     return full
 
@@ -249,8 +283,11 @@ def _padded_out_conv(conv: WanCausalConv3d, buf: torch.Tensor) -> torch.Tensor:
     return _conv(conv, buf, _padded(conv, None, wide))[:, :out]
 
 
-def _resblock(block: WanResidualBlock, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
-    """x + h in one pass at the end: conv2's bias, the shortcut's bias and the residual add share it."""
+def _resblock(
+    block: WanResidualBlock, x: torch.Tensor, cursor: _Cursor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x + h in one pass at the end: conv2's bias, the shortcut's bias and the residual add share it (written into
+    `out` when given)."""
     shortcut = block.conv_shortcut
     bias = block.conv2.bias
     if isinstance(shortcut, nn.Identity):
@@ -266,7 +303,7 @@ def _resblock(block: WanResidualBlock, x: torch.Tensor, cursor: _Cursor) -> torc
     del y
     y = _padded_out_conv(block.conv2, buf)
     del buf
-    return _add_bias(y, bias, h)
+    return _add_bias(y, bias, h, out)
 
 
 def _attention_blocks(frames: int, tokens: int) -> tuple[int, int]:
@@ -342,15 +379,19 @@ def _from_frames(y: torch.Tensor, b: int, t: int) -> torch.Tensor:
     return _to_cl3(y.unflatten(0, (b, t)).permute(0, 2, 1, 3, 4))
 
 
-def _downsample(layer: WanResample, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
-    """ZeroPad2d((0, 1, 0, 1)) + stride-2 conv2d per frame; then, for downsample3d, the causal time conv."""
+def _downsample(
+    layer: WanResample, x: torch.Tensor, cursor: _Cursor, bordered: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ZeroPad2d((0, 1, 0, 1)) + stride-2 conv2d per frame; then, for downsample3d, the causal time conv.
+
+    `bordered`: a `_bordered` buffer already holding x inside (else x is copied into a new one)."""
     b, c, t, h, w = x.shape
-    frames = _per_frame(x)
-    padded = torch.empty((b * t, c, h + 1, w + 1), dtype=x.dtype, device=x.device, memory_format=CL2)
-    padded[:, :, h].zero_()
-    padded[:, :, :h, w].zero_()
-    padded[:, :, :h, :w].copy_(frames)
-    del frames
+    if bordered is None:
+        bordered = _bordered(x.shape, x)
+        bordered[:, :, :, :h, :w].copy_(x)
+    del x
+    padded = _per_frame(bordered)
+    del bordered
     conv = layer.resample[1]
     y = _add_bias(F.conv2d(padded, conv.weight, None, conv.stride), conv.bias)
     del padded
@@ -537,11 +578,19 @@ def _full_res_layers(layers: list[nn.Module]) -> int:
 
 
 def _down_layers(layers: list[nn.Module], x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
-    for layer in layers:
+    bordered = None
+    for i, layer in enumerate(layers):
         if isinstance(layer, WanResidualBlock):
-            x = _resblock(layer, x, cursor)
+            following = layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(following, WanResample) and following.mode.startswith("downsample"):
+                b, _, t, h, w = x.shape  # the downsampler's zero border: written around the block's output
+                bordered = _bordered((b, layer.conv2.out_channels, t, h, w), x)
+                x = _resblock(layer, x, cursor, out=bordered[:, :, :, :h, :w])
+            else:
+                x = _resblock(layer, x, cursor)
         elif isinstance(layer, WanResample):
-            x = _downsample(layer, x, cursor)
+            x = _downsample(layer, x, cursor, bordered)
+            bordered = None
         elif isinstance(layer, WanAttentionBlock):  # per frame (over its pixels), not over time
             x = _attention(layer, x)
         else:

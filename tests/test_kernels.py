@@ -130,3 +130,32 @@ def test_bias_add_rows(dtype):
     bias_add_rows_(rows, bias)
     assert rel_err(rows, wide[:, :24].double() + bias.double()) <= max(tol, 1e-7)
     assert not norm_silu._TRITON_BROKEN
+
+
+def test_norm_rows_tail_receives_the_last_rows():
+    """A causal conv's cache (its input's last frames) written by the norm in the same pass."""
+    gen = torch.Generator().manual_seed(8)
+    rows, gamma = torch.randn(60, 24, generator=gen), 1 + 0.1 * torch.randn(24, generator=gen)
+    tail = torch.full((20, 24), float("nan"))
+    out = rms_norm_rows(rows, gamma, 24**0.5, silu=True, tail=tail)
+    want = rms_norm_rows_reference(rows.double(), gamma.double(), 24**0.5, 0.0, True)
+    assert rel_err(out, want) < 1e-5
+    assert torch.equal(tail, out[40:])
+    assert not norm_silu._TRITON_BROKEN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_add_rows_into_a_bordered_buffer(dtype):
+    """Rows of 3 frames of 4x5 pixels written inside a buffer with a zero last row and column (a downsampler's
+    padding): the border stays zero, the inside holds rows + bias + residual in pixel order."""
+    gen = torch.Generator().manual_seed(9)
+    f, h, w, c = 3, 4, 5, 24
+    rows = torch.randn(f * h * w, 32, generator=gen).to(dtype)[:, :c]  # a channel slice, as after a padded conv
+    bias, residual = torch.randn(c, generator=gen), torch.randn(f * h * w, c, generator=gen).to(dtype)
+    buffer = torch.zeros(f, h + 1, w + 1, c, dtype=dtype)
+    bias_add_rows_(rows, bias, residual, out=buffer[:, :h, :w])
+    want = (rows.double() + bias.double() + residual.double()).view(f, h, w, c)
+    tol = 1e-7 if dtype == torch.float32 else 2**-7
+    assert rel_err(buffer[:, :h, :w], want) <= tol
+    assert not buffer[:, h].any() and not buffer[:, :, w].any()
+    assert not norm_silu._TRITON_BROKEN

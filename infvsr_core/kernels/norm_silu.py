@@ -38,15 +38,18 @@ if triton is not None:
         gamma_ptr,
         bias_ptr,
         out_ptr,
+        tail_ptr,
         rows,
         x_stride,
         out_stride,
+        tail_start,
         C: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_R: tl.constexpr,
         HAS_PRE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU: tl.constexpr,
+        HAS_TAIL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -65,6 +68,9 @@ if triton is not None:
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(out_ptr + r[:, None] * out_stride + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_TAIL:  # the last rows also go to a compact copy (a causal conv's cache: no second pass)
+            tail = (r >= tail_start)[:, None] & mask
+            tl.store(tail_ptr + (r - tail_start)[:, None] * C + c[None, :], y.to(tail_ptr.dtype.element_ty), mask=tail)
 
     @triton.jit
     def _bias_add_kernel(
@@ -76,10 +82,15 @@ if triton is not None:
         y_stride,
         res_stride,
         out_stride,
+        img_h,
+        img_w,
+        out_frame_stride,
+        out_row_stride,
         C: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_R: tl.constexpr,
         HAS_RES: tl.constexpr,
+        IMAGE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -90,7 +101,12 @@ if triton is not None:
         y += tl.load(bias_ptr + c, mask=cmask, other=0.0)[None, :]
         if HAS_RES:
             y += tl.load(res_ptr + r[:, None] * res_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + r[:, None] * out_stride + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        if IMAGE:  # row r is pixel (frame, i, j) of img_h x img_w frames, stored with gaps (e.g. a zero border)
+            frame, i, j = r // (img_h * img_w), (r // img_w) % img_h, r % img_w
+            at = frame * out_frame_stride + i * out_row_stride + j * out_stride
+        else:
+            at = r * out_stride
+        tl.store(out_ptr + at[:, None] + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def triton_usable(x: torch.Tensor) -> bool:
@@ -120,30 +136,37 @@ def bias_add_rows_(
 
     PyTorch adds a conv's bias as a separate broadcast pass; here it shares
     one pass with the residual add (rounded once instead of twice). Rows may be
-    a channel slice of wider rows (a conv computed with padded outputs).
+    a channel slice of wider rows (a conv computed with padded outputs). `out`
+    may also be (F, H, W, C) frames with any frame and row strides (the inside
+    of a zero-bordered buffer), holding the N = F*H*W rows in order.
     """
     target = rows if out is None else out
+    image = target.ndim == 4
     if use_triton is None:
         use_triton = triton_usable(rows)
-    ok = _row_major(rows) and _row_major(target) and (residual is None or _row_major(residual))
+    ok = _row_major(rows) and (residual is None or _row_major(residual))
+    ok = ok and (target.stride(-1) == 1 if image else _row_major(target))
     if use_triton and ok and rows.numel():
         n, c = rows.shape
         block_c, block_r = _blocks(c)
         res = rows if residual is None else residual
+        frame_stride, row_stride, pixel_stride = target.stride()[:3] if image else (0, 0, target.stride(0))
+        img_h, img_w = target.shape[1:3] if image else (1, 1)
         try:
             _bias_add_kernel[(triton.cdiv(n, block_r),)](
-                rows, bias.float().contiguous(), res, target, n, rows.stride(0), res.stride(0), target.stride(0),
-                C=c, BLOCK_C=block_c, BLOCK_R=block_r, HAS_RES=residual is not None, num_warps=4,
+                rows, bias.float().contiguous(), res, target, n, rows.stride(0), res.stride(0), pixel_stride,
+                img_h, img_w, frame_stride, row_stride,
+                C=c, BLOCK_C=block_c, BLOCK_R=block_r, HAS_RES=residual is not None, IMAGE=image, num_warps=4,
             )  # fmt: skip
             return target
         except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
             _TRITON_BROKEN.append(repr(error))
-    if out is not None:
-        torch.add(rows, bias.to(rows.dtype), out=target)
-    else:
-        target.add_(bias.to(rows.dtype))
+    result = torch.empty_like(rows, memory_format=torch.contiguous_format) if image else target
+    torch.add(rows, bias.to(rows.dtype), out=result)
     if residual is not None:
-        target.add_(residual)
+        result.add_(residual)
+    if image:
+        target.copy_(result.view(target.shape))
     return target
 
 
@@ -181,10 +204,12 @@ def rms_norm_rows(
     out: torch.Tensor | None = None,
     use_triton: bool | None = None,
     pre_bias: torch.Tensor | None = None,
+    tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """normalize(rows + pre_bias) * scale * gamma + bias, then SiLU if asked; rows (N, C), channels adjacent.
 
-    `out` (N, C), channels adjacent, receives the result when given. The Triton
+    `out` (N, C), channels adjacent, receives the result when given; `tail`
+    (M, C) contiguous, when given, also receives its last M rows. The Triton
     kernel computes in float32 and rounds once (the reference rounds after
     each op: the two differ at the last bit of the output dtype).
     """
@@ -204,13 +229,18 @@ def rms_norm_rows(
             bias_t, has_bias = torch.full_like(gamma_scaled, float(bias)), True
         try:
             pre = gamma_scaled if pre_bias is None else pre_bias.float().contiguous()
+            tail_ok = tail is not None and tail.is_contiguous() and tail.shape[1] == c and tail.shape[0] <= n
             _rms_norm_silu_kernel[(triton.cdiv(n, block_r),)](
-                rows, pre, gamma_scaled, bias_t, out, n, rows.stride(0), out.stride(0), C=c, BLOCK_C=block_c,
-                BLOCK_R=block_r,
-                HAS_PRE=pre_bias is not None, HAS_BIAS=has_bias, SILU=silu, num_warps=4,
+                rows, pre, gamma_scaled, bias_t, out, tail if tail_ok else out, n, rows.stride(0), out.stride(0),
+                n - tail.shape[0] if tail_ok else n, C=c, BLOCK_C=block_c, BLOCK_R=block_r,
+                HAS_PRE=pre_bias is not None, HAS_BIAS=has_bias, SILU=silu, HAS_TAIL=tail_ok, num_warps=4,
             )  # fmt: skip
+            if tail is not None and not tail_ok:
+                tail.copy_(out[n - tail.shape[0] :])
             return out
         except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
             _TRITON_BROKEN.append(repr(error))
     out.copy_(rms_norm_rows_reference(rows, gamma, scale, bias, silu, pre_bias))
+    if tail is not None:
+        tail.copy_(out[out.shape[0] - tail.shape[0] :])
     return out
