@@ -85,8 +85,13 @@ def main() -> int:
     for label, fn in (("encode", encode), ("decode", decode), ("dit", dit)):
         print(f"   {label}: " + " / ".join(f"{wall(fn):.1f}" for _ in range(args.reps)) + " ms")
     for label, (a, b) in (("encode + decode", (encode, decode)), ("dit + decode", (dit, decode))):
-        serial = [wall(lambda a=a, b=b: (a(), b())) for _ in range(args.reps)]
-        both = [wall(side_by_side(a, b)) for _ in range(args.reps)]
+        try:
+            serial = [wall(lambda a=a, b=b: (a(), b())) for _ in range(args.reps)]
+            both = [wall(side_by_side(a, b)) for _ in range(args.reps)]
+        except torch.OutOfMemoryError:  # two stages' activations at once, and each stream's cached blocks
+            print(f"   {label}: out of memory side by side")
+            torch.cuda.empty_cache()
+            continue
         s, p = min(serial), min(both)
         print(f"   {label}: in turn {s:.1f} ms, side by side {p:.1f} ms ({100 * (s - p) / s:+.1f} %)")
     print(f"   peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
