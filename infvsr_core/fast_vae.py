@@ -100,7 +100,7 @@ def _add_bias(
     y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y + bias [+ residual], one fused pass when both are channels-last: in place, or into a new compact tensor
-    when y is a channel slice of a conv computed with padded outputs (`_padded_out`), or into `out` (a
+    when y is a channel slice of a conv computed with padded outputs (`_padded_out_conv`), or into `out` (a
     channels-last view, e.g. the inside of a zero-bordered buffer: `_bordered`) when given."""
     rows = _channel_rows(y)
     res_rows = None if residual is None else _channel_rows(residual)
@@ -108,7 +108,6 @@ def _add_bias(
     if out is not None:
         frames = out.permute(0, 2, 3, 4, 1)
         if fused and out.shape[0] == 1 and frames.stride(-1) == 1:
-            bias = torch.zeros(y.shape[1], device=y.device) if bias is None else bias
             bias_add_rows_(rows, bias, res_rows, out=frames[0])
         else:
             out.copy_(_add_bias(y, bias, residual))
@@ -118,8 +117,6 @@ def _add_bias(
     if not fused:
         y.add_(bias.view(1, -1, *([1] * (y.ndim - 2))).to(y.dtype)) if bias is not None else None
         return y.add_(residual) if residual is not None else y
-    if bias is None:
-        bias = torch.zeros(y.shape[1], device=y.device)
     if rows.stride(0) == y.shape[1]:
         bias_add_rows_(rows, bias, res_rows)
         return y

@@ -126,13 +126,13 @@ def _row_major(rows: torch.Tensor) -> bool:
 
 def bias_add_rows_(
     rows: torch.Tensor,
-    bias: torch.Tensor,
+    bias: torch.Tensor | None,
     residual: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
-    """rows + bias (per channel) [+ residual] in one pass, into `out` (default: rows itself); all (N, C) rows.
+    """rows + bias (per channel; None: 0) [+ residual] in one pass, into `out` (default: rows itself); (N, C) rows.
 
     PyTorch adds a conv's bias as a separate broadcast pass; here it shares
     one pass with the residual add (rounded once instead of twice). Rows may be
@@ -142,6 +142,8 @@ def bias_add_rows_(
     """
     target = rows if out is None else out
     image = target.ndim == 4
+    if bias is None:
+        bias = torch.zeros(rows.shape[1], device=rows.device)
     if use_triton is None:
         use_triton = triton_usable(rows)
     ok = _row_major(rows) and (residual is None or _row_major(residual))
