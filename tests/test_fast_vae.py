@@ -357,3 +357,42 @@ def test_tiles_take_whole_chunk_calls_when_offloading_unless_lean(vae, vae_calls
     for label in ("lean", "split"):
         for a, b in zip(outs["auto"][0], outs[label][0], strict=True):
             assert a.shape == b.shape and max_err(a, b) < TOL
+
+
+def test_whole_chunk_call_out_of_memory_falls_back_to_smaller_calls(vae, monkeypatch, caplog):
+    """A whole-chunk decoder call that runs out of device memory (here: raised after it spoiled a cache entry,
+    as a real one leaves the caches half replaced) is run again with diffusers' calls on the restored cache; the
+    VAE keeps to those. Frames and histories equal a run that used them from the start."""
+    import infvsr_core.vae as vae_module
+
+    clip = smooth_vae_clip(21, seed=9)
+    real_decoder = vae_module.fast_decoder
+    failures = []
+
+    def decoder_short_of_memory(v, x, cache, pieces=None):
+        if x.shape[2] > 1:  # a whole chunk's latent frames at once
+            failures.append(x.shape[2])
+            cache[0] = torch.full_like(cache[0], float("nan"))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_decoder(v, x, cache, pieces)
+
+    runs = {}
+    for label in ("short", "split"):
+        monkeypatch.setattr(vae_module, "fast_decoder", decoder_short_of_memory if label == "short" else real_decoder)
+        sv = StreamingVAE(copy.deepcopy(vae), fast=True, whole_chunks="auto" if label == "short" else False)
+        history = sv.new_history()
+        frames = [sv.decode_chunk(sv.encode_chunk(clip[:, :, a:b], history), history) for a, b in ((0, 9), (9, 21))]
+        runs[label] = (frames, history, sv)
+    assert failures == [2]  # the first chunk's 2 later latent frames failed once; the rest went 1 by 1
+    assert runs["short"][2].split_after_oom and not runs["split"][2].split_after_oom
+    assert "ran out of GPU memory" in caplog.text
+    for a, b in zip(runs["short"][0], runs["split"][0], strict=True):
+        assert torch.isfinite(a).all() and max_err(a, b) < TOL
+    for a, b in zip(runs["short"][1].decoder_cache, runs["split"][1].decoder_cache, strict=True):
+        assert (a == b) if isinstance(b, str) else (a is None and b is None) or max_err(a, b) < TOL
+    # Forced whole-chunk calls are not second-guessed: the error reaches the caller.
+    monkeypatch.setattr(vae_module, "fast_decoder", decoder_short_of_memory)
+    forced = StreamingVAE(copy.deepcopy(vae), fast=True, whole_chunks=True)
+    history = forced.new_history()
+    with pytest.raises(torch.OutOfMemoryError):
+        forced.decode_chunk(forced.encode_chunk(clip[:, :, :9], history), history)
