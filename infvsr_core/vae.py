@@ -24,7 +24,7 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from .fast_vae import FULL_RES_FRAMES, fast_decoder, fast_encoder, prepare_channels_last, supports_fast_forward
-from .offload import HostCache, HostOffload, SpilledCache, copy_cache
+from .offload import HostOffload, SpilledCache, copy_cache
 from .spill import DiskSpill
 from .weights import WeightFileError, check_state_dict, require
 
@@ -409,7 +409,7 @@ class StreamingVAE:
     H100, 7.8 instead of 7.5 fps without offload, 7.45 instead of 6.6 with
     "state" (19 instead of 15 GiB; bench/RESULTS.md round 6). An "auto" whole-chunk
     call that runs out of device memory is run again in diffusers' calls, which
-    the VAE then keeps to (`split_after_oom`), when offloading.
+    the VAE then keeps to (`split_after_oom`).
 
     `lean` (the pipeline's low-VRAM offload "all"): the smallest calls everywhere.
     """
@@ -457,7 +457,7 @@ class StreamingVAE:
         self.lean = lean
         self.piece_frames = piece_frames
         self.whole_chunks = whole_chunks
-        self.split_after_oom = False  # set when an "auto" whole-chunk call ran out of memory (`_with_cache`)
+        self.split_after_oom = False  # set when an "auto" whole-chunk call ran out of memory (`_run_or_split`)
         self._whole_calls = False  # whether the running call grouped a chunk's frames (`_call_frames`)
         self.spill: DiskSpill | None = None
         self._offload = HostOffload()
@@ -551,41 +551,14 @@ class StreamingVAE:
 
     def _with_cache(self, owner: Any, attr: str, run: Any) -> torch.Tensor:
         """run(cache) with `owner.attr`'s cache on the VAE's device; back to host memory after, if offloading
-        (or to the spill folder, when the offloaded state is past the host memory budget).
-
-        An "auto" whole-chunk run that runs out of device memory is run again in
-        diffusers' smaller calls (the same result), which the VAE keeps to from
-        then on (`split_after_oom`), where the history it started from is still
-        whole: in host memory (offloading), or empty (a scene's first chunk).
-        """
-        stored = getattr(owner, attr)
-        if isinstance(stored, SpilledCache):
-            stored = stored.spill.read(stored)
-        # The run replaces the entries of the list it is given: a history can be had again from host memory, or,
-        # holding no tensors yet, from a copy of the list.
-        empty = not isinstance(stored, HostCache) and all(t is None or isinstance(t, str) for t in stored)
-        device = self._params()[0]
-
-        def start() -> list:
-            cache = list(stored) if empty else self._offload.to_device(stored, device)
-            setattr(owner, attr, cache)
-            return cache
-
-        self._whole_calls = False
-        cache = start()
-        failed = False
-        try:
-            out = run(cache)
-        except torch.OutOfMemoryError:
-            restorable = empty or isinstance(stored, HostCache)
-            if not (restorable and self.whole_chunks == "auto" and self._whole_calls):
-                raise
-            failed = self.split_after_oom = True
-        if failed:  # out of the except block: the failed run's tensors (held by its traceback) are freed now
-            log.warning("InfVSR: whole-chunk VAE calls ran out of GPU memory; using smaller calls from here on")
-            cache = start()
-            out = run(cache)
-        stored = None  # its pinned blocks may now take the new history (to_host below)
+        (or to the spill folder, when the offloaded state is past the host memory budget)."""
+        cache = getattr(owner, attr)
+        if isinstance(cache, SpilledCache):
+            cache = cache.spill.read(cache)
+        # A cache left in host memory is brought back even if offloading was switched off since.
+        cache = self._offload.to_device(cache, self._params()[0])
+        setattr(owner, attr, cache)
+        out = self._run_or_split(run, cache)
         if self.history_device is not None:
             host = self._offload.to_host(cache)
             del cache
@@ -593,6 +566,22 @@ class StreamingVAE:
                 host = self.spill.write(host)
             setattr(owner, attr, host)
         return out
+
+    def _run_or_split(self, run: Any, cache: list) -> torch.Tensor:
+        """run(cache); with "auto" whole-chunk calls, one that runs out of device memory is run again with
+        diffusers' smaller calls (the same result), and the VAE keeps to those from then on."""
+        saved = list(cache)  # run replaces entries as it goes; a failed run leaves them mixed
+        self._whole_calls = False
+        try:
+            return run(cache)
+        except torch.OutOfMemoryError:
+            if self.whole_chunks != "auto" or not self._whole_calls:
+                raise
+            self.split_after_oom = True
+        # Out of the except block: the failed run's tensors (held by its traceback) are freed by now.
+        cache[:] = saved
+        log.warning("InfVSR: whole-chunk VAE calls ran out of GPU memory; using smaller calls from here on")
+        return run(cache)
 
     def _prefetch(self, owner: Any, attr: str) -> None:
         cache = getattr(owner, attr)

@@ -360,14 +360,12 @@ def test_tiles_take_whole_chunk_calls_when_offloading_unless_lean(vae, vae_calls
 
 
 def test_whole_chunk_call_out_of_memory_falls_back_to_smaller_calls(vae, monkeypatch, caplog):
-    """With the histories offloaded, a whole-chunk decoder call that runs out of device memory (here: raised
-    after it spoiled a cache entry, as a real one leaves the caches half replaced) is run again with diffusers'
-    calls from the host copy; the VAE keeps to those. Frames and histories equal a run that used them from the
-    start. Where the only copy is the device's (no offload), the error reaches the caller."""
+    """A whole-chunk decoder call that runs out of device memory (here: raised after it spoiled a cache entry,
+    as a real one leaves the caches half replaced) is run again with diffusers' calls on the restored cache; the
+    VAE keeps to those. Frames and histories equal a run that used them from the start."""
     import infvsr_core.vae as vae_module
 
     clip = smooth_vae_clip(21, seed=9)
-    tiling = {"tiling": "always", "tile_size": 3, "tile_stride": 2}  # offloaded: whole-chunk calls for tiles
     real_decoder = vae_module.fast_decoder
     failures = []
 
@@ -381,8 +379,7 @@ def test_whole_chunk_call_out_of_memory_falls_back_to_smaller_calls(vae, monkeyp
     runs = {}
     for label in ("short", "split"):
         monkeypatch.setattr(vae_module, "fast_decoder", decoder_short_of_memory if label == "short" else real_decoder)
-        whole = "auto" if label == "short" else False
-        sv = StreamingVAE(copy.deepcopy(vae), fast=True, history_device="cpu", whole_chunks=whole, **tiling)
+        sv = StreamingVAE(copy.deepcopy(vae), fast=True, whole_chunks="auto" if label == "short" else False)
         history = sv.new_history()
         frames = [sv.decode_chunk(sv.encode_chunk(clip[:, :, a:b], history), history) for a, b in ((0, 9), (9, 21))]
         runs[label] = (frames, history, sv)
@@ -393,13 +390,9 @@ def test_whole_chunk_call_out_of_memory_falls_back_to_smaller_calls(vae, monkeyp
         assert torch.isfinite(a).all() and max_err(a, b) < TOL
     for a, b in zip(runs["short"][1].decoder_cache, runs["split"][1].decoder_cache, strict=True):
         assert (a == b) if isinstance(b, str) else (a is None and b is None) or max_err(a, b) < TOL
-    # Forced whole-chunk calls are not second-guessed, and a device-only history cannot be had again.
-    for kwargs in ({"history_device": "cpu", "whole_chunks": True, **tiling}, {"whole_chunks": "auto"}):
-        monkeypatch.setattr(vae_module, "fast_decoder", real_decoder)
-        sv = StreamingVAE(copy.deepcopy(vae), fast=True, **kwargs)
-        history = sv.new_history()
-        sv.decode_chunk(sv.encode_chunk(clip[:, :, :9], history), history)
-        monkeypatch.setattr(vae_module, "fast_decoder", decoder_short_of_memory)
-        with pytest.raises(torch.OutOfMemoryError):
-            sv.decode_chunk(sv.encode_chunk(clip[:, :, 9:21], history), history)
-        assert not sv.split_after_oom
+    # Forced whole-chunk calls are not second-guessed: the error reaches the caller.
+    monkeypatch.setattr(vae_module, "fast_decoder", decoder_short_of_memory)
+    forced = StreamingVAE(copy.deepcopy(vae), fast=True, whole_chunks=True)
+    history = forced.new_history()
+    with pytest.raises(torch.OutOfMemoryError):
+        forced.decode_chunk(forced.encode_chunk(clip[:, :, :9], history), history)
