@@ -11,7 +11,6 @@ memory stays constant.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Mapping
@@ -27,8 +26,6 @@ from .fast_vae import FULL_RES_FRAMES, fast_decoder, fast_encoder, prepare_chann
 from .offload import HostOffload, SpilledCache, copy_cache
 from .spill import DiskSpill
 from .weights import WeightFileError, check_state_dict, require
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "TINY_VAE_BASE_DIM",
@@ -407,9 +404,7 @@ class StreamingVAE:
     (`WHOLE_CHUNK_PIXELS`: where the host's launches set the pace), and for
     tiles (~1 MP at most, whatever the frame) unless `lean`: at 1080p on an
     H100, 7.8 instead of 7.5 fps without offload, 7.45 instead of 6.6 with
-    "state" (19 instead of 15 GiB; bench/RESULTS.md round 6). An "auto" whole-chunk
-    call that runs out of device memory is run again in diffusers' calls, which
-    the VAE then keeps to (`split_after_oom`).
+    "state" (19 instead of 15 GiB; bench/RESULTS.md round 6).
 
     `lean` (the pipeline's low-VRAM offload "all"): the smallest calls everywhere.
     """
@@ -457,8 +452,6 @@ class StreamingVAE:
         self.lean = lean
         self.piece_frames = piece_frames
         self.whole_chunks = whole_chunks
-        self.split_after_oom = False  # set when an "auto" whole-chunk call ran out of memory (`_run_or_split`)
-        self._whole_calls = False  # whether the running call grouped a chunk's frames (`_call_frames`)
         self.spill: DiskSpill | None = None
         self._offload = HostOffload()
         self.z_dim = int(vae.config.z_dim)
@@ -537,17 +530,13 @@ class StreamingVAE:
     def _whole(self, pixels: int, tiled: bool = False) -> bool:
         if self.whole_chunks != "auto":
             return bool(self.whole_chunks)
-        if self.split_after_oom:
-            return False
         if tiled:  # a tile's activations are bounded by the tile (~1 MP), whatever the frame size
             return not self.lean
         return self.history_device is None and pixels <= WHOLE_CHUNK_PIXELS
 
     def _call_frames(self, frames: int, pixels: int, tiled: bool) -> int:
         """Input frames per fast-forward call: `frames` (all the chunk's) or 1 (diffusers' grouping)."""
-        whole = self._whole(pixels, tiled)
-        self._whole_calls |= whole
-        return max(frames, 1) if whole else 1
+        return max(frames, 1) if self._whole(pixels, tiled) else 1
 
     def _with_cache(self, owner: Any, attr: str, run: Any) -> torch.Tensor:
         """run(cache) with `owner.attr`'s cache on the VAE's device; back to host memory after, if offloading
@@ -558,7 +547,7 @@ class StreamingVAE:
         # A cache left in host memory is brought back even if offloading was switched off since.
         cache = self._offload.to_device(cache, self._params()[0])
         setattr(owner, attr, cache)
-        out = self._run_or_split(run, cache)
+        out = run(cache)
         if self.history_device is not None:
             host = self._offload.to_host(cache)
             del cache
@@ -566,22 +555,6 @@ class StreamingVAE:
                 host = self.spill.write(host)
             setattr(owner, attr, host)
         return out
-
-    def _run_or_split(self, run: Any, cache: list) -> torch.Tensor:
-        """run(cache); with "auto" whole-chunk calls, one that runs out of device memory is run again with
-        diffusers' smaller calls (the same result), and the VAE keeps to those from then on."""
-        saved = list(cache)  # run replaces entries as it goes; a failed run leaves them mixed
-        self._whole_calls = False
-        try:
-            return run(cache)
-        except torch.OutOfMemoryError:
-            if self.whole_chunks != "auto" or not self._whole_calls:
-                raise
-            self.split_after_oom = True
-        # Out of the except block: the failed run's tensors (held by its traceback) are freed by now.
-        cache[:] = saved
-        log.warning("InfVSR: whole-chunk VAE calls ran out of GPU memory; using smaller calls from here on")
-        return run(cache)
 
     def _prefetch(self, owner: Any, attr: str) -> None:
         cache = getattr(owner, attr)
