@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "histories", "state", "all"),
         default="none",
         help="keep stream state in host memory between uses, same output, less GPU memory (H100, 720p: none "
-        "15.4 GiB 24.6 fps; state 9.6 GiB 19.0 fps; all 6.9 GiB 15.3 fps; 1080p: state 15.1 GiB; "
-        "4K: state 16.3 GiB + ~93 GiB host)",
+        "15.3 GiB 24.9 fps; state 9.5 GiB 19.1 fps; all 6.9 GiB 15.7 fps; 1080p: none 37.6 GiB 7.8 fps, state "
+        "19.0 GiB 7.6 fps; 4K: state 20.3 GiB + ~93 GiB host)",
     )
     up.add_argument(
         "--spill-dir",
