@@ -29,22 +29,18 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sections", nargs="+", default=["norm", "conv", "paired", "rgb", "split", "pad", "few"])
-    sections = parser.parse_args().sections
-    if "norm" in sections:
-        norm_check()
-    if "conv" in sections:
-        conv_rates()
-    if "paired" in sections:
-        paired_conv_rates()
-    if "rgb" in sections:
-        rgb_conv_rates()
-    if "split" in sections:
-        split_conv_rates()
-    if "pad" in sections:
-        padded_output_rates()
-    if "few" in sections:
-        few_channel_kernels()
+    sections = {
+        "norm": norm_check,
+        "conv": conv_rates,
+        "paired": paired_conv_rates,
+        "rgb": rgb_conv_rates,
+        "split": split_conv_rates,
+        "pad": padded_output_rates,
+        "few": few_channel_kernels,
+    }
+    parser.add_argument("--sections", nargs="+", default=list(sections), choices=list(sections))
+    for name in parser.parse_args().sections:
+        sections[name]()
 
 
 def few_channel_kernels() -> None:
