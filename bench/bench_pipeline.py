@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from infvsr_core.attention import ATTENTION_BACKENDS, flash3_installed  # noqa: E402
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
@@ -292,6 +293,9 @@ def main() -> int:
     )
     parser.add_argument("--vae-seams", choices=["release", "smooth"], default="release", help="tile blend setting")
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
+    parser.add_argument(
+        "--attention", default="auto", choices=sorted(ATTENTION_BACKENDS), help="the DiT's attention backend"
+    )
     args = parser.parse_args()
     global PROGRESS
     PROGRESS = args.progress
@@ -309,6 +313,7 @@ def main() -> int:
     )
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, dtype {dtype}, commit {commit or '?'}")
+    print(f"attention {args.attention} (FlashAttention-3 installed: {flash3_installed() or 'no'})")
 
     if args.models:
         pipe = load_pipeline(args.models, device=device, dtype=dtype, output_device=device)
@@ -321,6 +326,7 @@ def main() -> int:
     if not args.plain:
         pipe.dit.cuda_graphs = {"auto": None, "on": True, "off": False}[args.graphs]
     pipe.vae.whole_chunks = {"auto": "auto", "whole": True, "split": False}[args.vae_calls]
+    pipe.dit.attention_backend = args.attention
 
     pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
     pipe.vae.set_seams(args.vae_seams)

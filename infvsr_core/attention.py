@@ -1,14 +1,20 @@
 """The attention seam: every attention call of the DiT goes through `attention()`.
 
-Tensors are laid out (B, L, H, D) as the DiT produces them. Faster kernels
-(FlashAttention-3, SageAttention, ...) plug in with `register_attention_backend`
-without touching the model code.
+Tensors are laid out (B, L, H, D) as the DiT produces them. "auto" (the
+default) takes FlashAttention-3 where it is installed and can run (a Hopper
+GPU, bf16), else PyTorch's SDPA with cuDNN's kernel first. Other kernels
+(SageAttention, ...) plug in with `register_attention_backend` without
+touching the model code.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import sys
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +53,75 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.to(q.dtype)
 
 
-ATTENTION_BACKENDS: dict[str, AttentionFn] = {"sdpa": _sdpa, "math": _math}
+# FlashAttention-3's Python modules, first found wins: the official build (`flash_attn_3`, Hopper only) and the
+# forward-only wheel `fa3_fwd`. On the H100 it runs the DiT's attention faster than cuDNN's kernel
+# (bench/RESULTS.md, round 7). Neither is a dependency: "auto" uses one when it is installed.
+FLASH3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")
+# FA3's kernels exist for Hopper (compute capability 9.x); the forward-only wheel has no fp16 kernels.
+FLASH3_DTYPES = (torch.bfloat16,)
+FLASH3_MAX_HEAD_DIM = 256
+_flash3: list[ModuleType | None] = []
+
+
+def flash3_installed() -> str | None:
+    """The name of the importable FlashAttention-3 module, without importing it (None if there is none)."""
+    for name in FLASH3_MODULES:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except (ImportError, ValueError):
+            continue
+    return None
+
+
+def _flash3_module() -> ModuleType | None:
+    """FlashAttention-3's interface module, imported once (None if missing or if it fails to load)."""
+    if not _flash3:
+        name = flash3_installed()
+        module = None
+        if name == "fa3_fwd_interface" and "flash_attn_config" not in sys.modules:
+            try:  # the wheel's helpers import its build config under the upstream name
+                sys.modules["flash_attn_config"] = importlib.import_module("fa3_fwd_config")
+            except ImportError:
+                pass
+        if name is not None:
+            try:
+                module = importlib.import_module(name)
+            except Exception as error:  # noqa: BLE001 (a broken build: fall back to SDPA, and say why once)
+                print(f"[InfVSR] FlashAttention-3 ({name}) failed to load, using SDPA: {error}", file=sys.stderr)
+        _flash3.append(module)
+    return _flash3[0]
+
+
+def flash3_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether FlashAttention-3 is installed and has a kernel for these tensors on their device."""
+    if not (q.is_cuda and q.dtype in FLASH3_DTYPES and k.dtype == q.dtype and q.shape[-1] <= FLASH3_MAX_HEAD_DIM):
+        return False
+    if q.shape[-1] % 8 or k.shape[1] == 0 or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return _flash3_module() is not None
+
+
+def _flash3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FlashAttention-3 (its layout is ours: (B, L, H, D)); older builds also return the log-sum-exp."""
+    module = _flash3_module()
+    if module is None:
+        raise RuntimeError(
+            "the 'flash3' attention backend needs FlashAttention-3 (the 'flash_attn_3' or 'fa3_fwd' package) "
+            "on a Hopper GPU; use 'auto' or 'sdpa'"
+        )
+    out = module.flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FlashAttention-3 where it is installed and supports the call, else SDPA."""
+    return _flash3_attention(q, k, v) if flash3_supports(q, k) else _sdpa(q, k, v)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionFn] = {"auto": _auto, "sdpa": _sdpa, "math": _math}
+if flash3_installed():
+    ATTENTION_BACKENDS["flash3"] = _flash3_attention
 
 
 def register_attention_backend(name: str, fn: AttentionFn) -> None:
@@ -55,7 +129,7 @@ def register_attention_backend(name: str, fn: AttentionFn) -> None:
     ATTENTION_BACKENDS[name] = fn
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Unmasked multi-head attention: q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D)."""
     fn = ATTENTION_BACKENDS.get(backend)
     if fn is None:

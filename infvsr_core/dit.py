@@ -332,7 +332,7 @@ class CausalWanDiT(nn.Module):
         if config.dim % config.num_heads or (config.dim // config.num_heads) % 2:
             raise ValueError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
         self.config = config
-        self.attention_backend: str = "sdpa"
+        self.attention_backend: str = "auto"  # attention.py: FlashAttention-3 where installed, else SDPA
         # Fused elementwise ops (torch.compile): None = on CUDA when Triton is there.
         self.fuse_elementwise: bool | None = None
         # Steady chunks' blocks as CUDA graphs (graphs.py), for calls that ask (`graph`) without `keep`:

@@ -91,7 +91,7 @@ class LoadInfVSRModel:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        backends = ["auto", *sorted(attention_module.ATTENTION_BACKENDS)]
+        backends = ["auto", *sorted(set(attention_module.ATTENTION_BACKENDS) - {"auto"})]
         return {
             "required": {
                 "dit": (_choices("dit"), {"tooltip": "InfVSR.ckpt: the fine-tuned causal DiT (models/infvsr)."}),
@@ -100,7 +100,9 @@ class LoadInfVSRModel:
                 "dape": (_choices("dape"), {"tooltip": "DAPE.pth: the LoRA merged into RAM's attention."}),
                 "dtype": (["auto", "bf16", "fp16", "fp32"], {
                     "default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU."}),
-                "attention": (backends, {"default": "auto", "tooltip": "Attention kernel of the DiT (auto = sdpa)."}),
+                "attention": (backends, {
+                    "default": "auto", "tooltip": "Attention kernel of the DiT. auto: FlashAttention-3 where it is "
+                    "installed (flash_attn_3 or fa3_fwd; Hopper GPUs, bf16), else PyTorch's SDPA (cuDNN first)."}),
                 "weights": (list(WEIGHTS_LOCATIONS), {
                     "default": "gpu",
                     "tooltip": "Where the weights stay between runs: on the GPU (fastest), or on the CPU, "
@@ -144,7 +146,7 @@ class LoadInfVSRModel:
         device = comfy.compute_device()
         torch_dtype = resolve_dtype(dtype, device)
         offload = weights != "gpu" and device.type != "cpu"
-        backend = "sdpa" if attention == "auto" else attention
+        backend = attention
         if backend not in attention_module.ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; available: "
                              f"{', '.join(sorted(attention_module.ATTENTION_BACKENDS))}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 
+from infvsr_core import attention as attention_module
 from infvsr_core.attention import ATTENTION_BACKENDS, attention, register_attention_backend
 from infvsr_core.dit import CausalWanDiT, DiTConfig, KVCache, random_dit_state_dict, timestep_embedding
 from infvsr_core.rope import apply_rope, rope_axis_dims, rope_cos_sin
@@ -68,6 +70,46 @@ def test_attention_backends() -> None:
         assert torch.allclose(attention(q, k, v, "test_double"), 2 * out, atol=1e-5)
     finally:
         del ATTENTION_BACKENDS["test_double"]
+
+
+def _fake_flash3(tmp_path, monkeypatch, body: str, name: str = "fa3_fwd_interface") -> None:
+    """A stand-in FlashAttention-3 module on sys.path (the real one needs a Hopper GPU), loader state reset."""
+    (tmp_path / f"{name}.py").write_text(body)
+    (tmp_path / "fa3_fwd_config.py").write_text("CONFIG = {'build_flags': {}}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(attention_module, "_flash3", [])
+    for module in (name, "flash_attn_config", "fa3_fwd_config"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+FAKE_FA3 = """
+import torch, torch.nn.functional as F
+def flash_attn_func(q, k, v):
+    from flash_attn_config import CONFIG  # the wheel's helpers import its config under the upstream name
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])  # older builds also return the log-sum-exp
+"""
+
+
+def test_flash3_loader_and_adapter(tmp_path, monkeypatch) -> None:
+    _fake_flash3(tmp_path, monkeypatch, FAKE_FA3)
+    assert attention_module.flash3_installed() == "fa3_fwd_interface"
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, 2, 32, generator=g) for n in (6, 9, 9))
+    out = attention_module._flash3_attention(q, k, v)  # the tuple's output, the config alias in place
+    assert out.shape == q.shape and torch.allclose(out, attention(q, k, v, "math"), atol=1e-5)
+    # "auto" takes it only where it has kernels: a CUDA tensor in bf16 on a Hopper GPU; here SDPA.
+    assert not attention_module.flash3_supports(q.bfloat16(), k.bfloat16())
+    assert torch.equal(attention(q, k, v, "auto"), attention(q, k, v, "sdpa"))
+
+
+def test_flash3_broken_build_falls_back(tmp_path, monkeypatch, capsys) -> None:
+    _fake_flash3(tmp_path, monkeypatch, "raise OSError('undefined symbol: aoti_torch_x')\n", "flash_attn_interface")
+    assert attention_module._flash3_module() is None
+    assert "undefined symbol" in capsys.readouterr().err
+    q = torch.randn(1, 4, 2, 32)
+    with pytest.raises(RuntimeError, match="FlashAttention-3"):
+        attention_module._flash3_attention(q, q, q)
 
 
 # ---------------------------------------------------------------- 1. against diffusers
