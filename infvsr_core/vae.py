@@ -63,10 +63,6 @@ TEMPORAL_FACTOR = 4  # frames per latent frame (after the scene's first frame)
 # Largest frame (output pixels, per tile when tiled) for which whole_chunks="auto" groups a chunk's VAE calls: on
 # an H100, 480p (0.4 MP) gains 3 % for +1.1 GiB, 720p (0.9 MP) 1.3 % for +2.5 GiB (bench/RESULTS.md round 5).
 WHOLE_CHUNK_PIXELS = 600_000
-# Largest tiled frame (output pixels) whose tiles run unsplit when offloading: at 1080p (2.1 MP) "state" runs at 8.2
-# instead of 7.9 fps for +3.7 GiB (22.7 GiB; bench/RESULTS.md round 7); larger frames (4K) keep 4-frame pieces, within
-# 24 GiB.
-TILED_WHOLE_FRAME_PIXELS = 2_200_000
 
 
 # --------------------------------------------------------------------------- weights
@@ -396,8 +392,7 @@ class StreamingVAE:
     percent of speed; None never splits. "auto": untiled frames run in pieces
     of 2 when offloading (the memory-saving modes) and of 4 with
     `whole_chunks` (the peak of diffusers' calls), whole otherwise; tiles run
-    whole, but in pieces of 4 when offloading frames larger than 1080p
-    (`TILED_WHOLE_FRAME_PIXELS`: 4K then stays within 24 GiB).
+    in pieces of 4 when offloading, whole otherwise.
 
     `whole_chunks` (fast forward only): the encoder and decoder take a chunk's
     frames in one call (after a scene's first frame, which goes alone) rather
@@ -521,15 +516,12 @@ class StreamingVAE:
             prepare_channels_last(self.vae)
         return wanted
 
-    def _pieces(self, pixels: int = 0, tiled: bool = False, frame_pixels: int = 0) -> int | None:
-        """Frames per piece of the full-resolution stages for frames (tiles) of `pixels` output pixels (None: whole);
-        `frame_pixels`: the tiled frame's."""
+    def _pieces(self, pixels: int = 0, tiled: bool = False) -> int | None:
+        """Frames per piece of the full-resolution stages for frames (tiles) of `pixels` output pixels (None: whole)."""
         if self.piece_frames != "auto":
             return self.piece_frames
         if self.history_device is not None:
-            if not (tiled and self._whole(pixels, tiled)):
-                return FULL_RES_FRAMES
-            return None if frame_pixels <= TILED_WHOLE_FRAME_PIXELS else TEMPORAL_FACTOR
+            return TEMPORAL_FACTOR if tiled and self._whole(pixels, tiled) else FULL_RES_FRAMES
         if tiled:
             return None
         # Whole-chunk calls on untiled frames: the full-resolution stages keep diffusers' 4 frames per call (its peak).
@@ -633,15 +625,13 @@ class StreamingVAE:
         device, dtype = self._params()
         frames = frames.to(device=device, dtype=dtype)
         first = not history.encoded_first
-        tiled = h * w if history.tiles is not None else 0
+        tiled = history.tiles is not None
         out = self._run(frames, history, "encoder_cache", lambda x, c: self._encode(x, c, first, tiled), True)
         history.encoded_first = True
         return out
 
-    def _encode(self, frames: torch.Tensor, cache: list, first: bool, tiled_frame: int) -> torch.Tensor:
-        """`tiled_frame`: the whole frame's output pixels when `frames` is a tile of it, else 0."""
+    def _encode(self, frames: torch.Tensor, cache: list, first: bool, tiled: bool) -> torch.Tensor:
         fast = self._use_fast(frames.device)
-        tiled = tiled_frame > 0
         start = 1 if first else 0
         pixels = frames.shape[-2] * frames.shape[-1]
         step = TEMPORAL_FACTOR * (
@@ -650,8 +640,7 @@ class StreamingVAE:
         pieces = [frames[:, :, :1]] if first else []
         pieces += [frames[:, :, i : i + step] for i in range(start, frames.shape[2], step)]
         if fast:
-            split = self._pieces(pixels, tiled, tiled_frame)
-            feats = [fast_encoder(self.vae, piece, cache, split) for piece in pieces]
+            feats = [fast_encoder(self.vae, piece, cache, self._pieces(pixels, tiled)) for piece in pieces]
         else:
             feats = [self.vae.encoder(piece, feat_cache=cache, feat_idx=[0]) for piece in pieces]
         mean = self.vae.quant_conv(torch.cat(feats, dim=2))[:, : self.z_dim]
@@ -675,14 +664,12 @@ class StreamingVAE:
         device, dtype = self._params()
         latents = latents.to(device=device, dtype=dtype)
         first = not history.decoded_first
-        tiled = h * w * SPATIAL_FACTOR**2 if history.tiles is not None else 0
+        tiled = history.tiles is not None
         out = self._run(latents, history, "decoder_cache", lambda z, c: self._decode(z, c, first, tiled), False)
         history.decoded_first = True
         return out.clamp_(-1.0, 1.0)
 
-    def _decode(self, latents: torch.Tensor, cache: list, first: bool, tiled_frame: int) -> torch.Tensor:
-        """`tiled_frame` as for `_encode`."""
-        tiled = tiled_frame > 0
+    def _decode(self, latents: torch.Tensor, cache: list, first: bool, tiled: bool) -> torch.Tensor:
         offset, inv_std = self._stats(latents.device, latents.dtype)
         x = self.vae.post_quant_conv(latents / inv_std + offset)
         if self._use_fast(x.device):
@@ -692,8 +679,7 @@ class StreamingVAE:
             pixels = x.shape[-2] * x.shape[-1] * SPATIAL_FACTOR**2
             step = self._call_frames(x.shape[2] - start, pixels, tiled)
             bounds = ([(0, 1)] if first else []) + [(i, i + step) for i in range(start, x.shape[2], step)]
-            split = self._pieces(pixels, tiled, tiled_frame)
-            frames = [fast_decoder(self.vae, x[:, :, a:b], cache, split) for a, b in bounds]
+            frames = [fast_decoder(self.vae, x[:, :, a:b], cache, self._pieces(pixels, tiled)) for a, b in bounds]
         else:
             frames = [
                 self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)

@@ -272,34 +272,20 @@ def test_attention_scores_are_float32_products():
     assert (rounded - want).abs().max() > 1e-4 * want.abs().max()  # bf16 scores would be visibly off
 
 
-class _Calls(list):
-    """(encoder or decoder, input frames) per call; `pieces`: each call's full-resolution piece frames."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pieces: list[int | None] = []
-
-    def clear(self) -> None:
-        super().clear()
-        self.pieces.clear()
-
-
 @pytest.fixture
-def vae_calls(monkeypatch) -> _Calls:
+def vae_calls(monkeypatch) -> list[tuple[str, int]]:
     """(encoder or decoder, input frames) of every fast-forward call StreamingVAE makes, in order."""
     import infvsr_core.vae as vae_module
 
-    calls = _Calls()
+    calls: list[tuple[str, int]] = []
     enc, dec = vae_module.fast_encoder, vae_module.fast_decoder
 
     def spy_enc(v, x, cache, pieces=None):
         calls.append(("enc", x.shape[2]))
-        calls.pieces.append(pieces)
         return enc(v, x, cache, pieces)
 
     def spy_dec(v, x, cache, pieces=None):
         calls.append(("dec", x.shape[2]))
-        calls.pieces.append(pieces)
         return dec(v, x, cache, pieces)
 
     monkeypatch.setattr(vae_module, "fast_encoder", spy_enc)
@@ -347,35 +333,27 @@ def test_whole_chunk_calls_equal_diffusers_grouping(vae, vae_calls):
                 assert a == b
 
 
-def test_tiles_take_whole_chunk_calls_when_offloading_unless_lean(vae, vae_calls, monkeypatch):
+def test_tiles_take_whole_chunk_calls_when_offloading_unless_lean(vae, vae_calls):
     """A tiled scene with its histories in host memory: 'auto' gives each tile one encoder and one decoder call
-    per chunk (diffusers' grouping when lean), with the same frames as forced diffusers' grouping; unsplit for
-    frames up to TILED_WHOLE_FRAME_PIXELS, in 4-frame full-resolution pieces above."""
-    import infvsr_core.vae as vae_module
-
+    per chunk (diffusers' grouping when lean), with the same frames as forced diffusers' grouping."""
     clip = smooth_vae_clip(21, seed=8)
     tiling = {"tiling": "always", "tile_size": 3, "tile_stride": 2}
-    frame = clip.shape[-2] * clip.shape[-1]
     outs = {}
-    cases = (("auto", {}, frame), ("large", {}, frame - 1), ("lean", {"lean": True}, frame))
-    for label, kwargs, largest in (*cases, ("split", {"whole_chunks": False}, frame)):
-        monkeypatch.setattr(vae_module, "TILED_WHOLE_FRAME_PIXELS", largest)
+    for label, kwargs in (("auto", {}), ("lean", {"lean": True}), ("split", {"whole_chunks": False})):
         sv = StreamingVAE(copy.deepcopy(vae), fast=True, history_device="cpu", **tiling, **kwargs)
         history = sv.new_history()
         frames = []
         for a, b in ((0, 9), (9, 21)):
             vae_calls.clear()  # keep the later chunk's calls
             frames.append(sv.decode_chunk(sv.encode_chunk(clip[:, :, a:b], history), history))
-        outs[label] = (frames, list(vae_calls), len(history.tiles), list(vae_calls.pieces))
+        outs[label] = (frames, list(vae_calls), len(history.tiles))
     assert outs["auto"][2] > 1
-    assert set(outs["auto"][3]) == {None} and set(outs["large"][3]) == {4}  # frames above the limit: pieces
-    assert outs["large"][1] == outs["auto"][1]
     tiles = outs["auto"][2]
     # The later chunk (12 frames, 3 latent frames): per tile one encoder call of 12 frames, one decoder call of 3.
     assert sorted(set(outs["auto"][1])) == [("dec", 3), ("enc", 12)]
     assert outs["auto"][1].count(("enc", 12)) == tiles and outs["auto"][1].count(("dec", 3)) == tiles
     assert ("enc", 12) not in outs["lean"][1] and ("dec", 3) not in outs["lean"][1]
     assert outs["lean"][1] == outs["split"][1]
-    for label in ("large", "lean", "split"):
+    for label in ("lean", "split"):
         for a, b in zip(outs["auto"][0], outs[label][0], strict=True):
             assert a.shape == b.shape and max_err(a, b) < TOL

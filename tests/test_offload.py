@@ -171,7 +171,7 @@ def test_download_and_host_list():
 def test_full_resolution_pieces_follow_the_offload(vae):
     """'auto': 4-frame pieces (diffusers' call size) under whole-chunk calls when the histories stay resident,
     whole calls without them, 2-frame pieces when offloading (memory); tiles: whole-chunk calls unless lean, in
-    4-frame pieces when offloading frames larger than 1080p, unsplit otherwise."""
+    4-frame pieces when offloading, unsplit otherwise."""
     from infvsr_core.fast_vae import FULL_RES_FRAMES
     from infvsr_core.vae import WHOLE_CHUNK_PIXELS
 
@@ -186,8 +186,7 @@ def test_full_resolution_pieces_follow_the_offload(vae):
     # Tiles.
     assert StreamingVAE(vae)._whole(tile, tiled=True) and StreamingVAE(vae)._pieces(tile, tiled=True) is None
     offloaded = StreamingVAE(vae, history_device="cpu")
-    assert offloaded._whole(tile, tiled=True) and offloaded._pieces(tile, True, 1920 * 1088) is None  # up to 1080p
-    assert offloaded._pieces(tile, True, 3840 * 2160) == 4  # 4K: 4-frame pieces (within 24 GiB)
+    assert offloaded._whole(tile, tiled=True) and offloaded._pieces(tile, tiled=True) == 4
     assert not offloaded._whole(tile) and offloaded._pieces(tile) == FULL_RES_FRAMES  # untiled: as before
     lean = StreamingVAE(vae, history_device="cpu", lean=True)
     assert not lean._whole(tile, tiled=True) and lean._pieces(tile, tiled=True) == FULL_RES_FRAMES
