@@ -235,6 +235,18 @@ def seam_check(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int, settings: l
     return rows
 
 
+# The caching allocator's events over a timed run: under a memory cap, retries (free the cache, try again) and
+# device-wide synchronizations are what a cap costs.
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free", "num_ooms")
+
+
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTS}
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR over [0, 1] frames (equal to the SPEC's [-1, 1] PSNR: both ranges scale together)."""
     mse = torch.mean((a.double() - b.double()) ** 2).item()
@@ -359,7 +371,9 @@ def main() -> int:
                     torch.cuda.empty_cache()
                     torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
                 torch.cuda.reset_peak_memory_stats()
+        before = allocator_counts(device)
         stream_out, times = run_stream(pipe, clip, args.scale, peaks, keep_device=keep_device, hosts=hosts)
+        allocator = {k: v - before.get(k, 0) for k, v in allocator_counts(device).items()}
         peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         peak_res = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
         steady = frames_total - 9
@@ -382,6 +396,7 @@ def main() -> int:
             "peak_after_chunk_gib": [round(p, 2) for p in peaks],
             "host_gib": round(max(hosts, default=0.0), 2),
             "offload": mode,
+            "allocator": allocator,
         }
         if size in args.profile and device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
