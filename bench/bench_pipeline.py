@@ -306,6 +306,9 @@ def main() -> int:
     parser.add_argument("--vae-seams", choices=["release", "smooth"], default="release", help="tile blend setting")
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
     parser.add_argument(
+        "--memory-snapshot", type=Path, help="record the allocator's events over the timed run, dump them here"
+    )
+    parser.add_argument(
         "--cap-after-warmup",
         action="store_true",
         help="apply --memory-gib only after --warmup (cuDNN's algorithm search then ran uncapped)",
@@ -372,7 +375,12 @@ def main() -> int:
                     torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
                 torch.cuda.reset_peak_memory_stats()
         before = allocator_counts(device)
+        if args.memory_snapshot and device.type == "cuda":
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
         stream_out, times = run_stream(pipe, clip, args.scale, peaks, keep_device=keep_device, hosts=hosts)
+        if args.memory_snapshot and device.type == "cuda":
+            torch.cuda.memory._dump_snapshot(str(args.memory_snapshot.with_suffix(f".{size}.{mode}.pickle")))
+            torch.cuda.memory._record_memory_history(enabled=None)
         allocator = {k: v - before.get(k, 0) for k, v in allocator_counts(device).items()}
         peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         peak_res = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
