@@ -161,11 +161,16 @@ def _norm(
 
 
 class _Cursor:
-    """Walks a feat_cache list in diffusers' order (its `feat_idx`)."""
+    """Walks a feat_cache list in diffusers' order (its `feat_idx`).
+
+    `writable`: the list's tensors are its own (an offloaded history's upload, `ArrivingCache.private`), so a new
+    entry may be written into the storage of the entry it replaces. Resident histories share their tensors with
+    forked sessions (`VAEHistory.fork`) and are never written into."""
 
     def __init__(self, cache: list) -> None:
         self.cache = cache
         self.index = 0
+        self.writable = bool(getattr(cache, "private", False))
 
     def peek(self):
         return self.cache[self.index]
@@ -209,22 +214,37 @@ def _stage(
     if kept:
         buf[:, :, CACHE_T - kept : CACHE_T].copy_(past[:, :, past.shape[2] - kept :])
     act = buf[:, :, CACHE_T:]
+    # The new entry goes into the old one's storage where that is this call's own (after the copy above, in stream
+    # order): an offloaded tile's history then lives in the blocks its upload took, not in fresh ones scattered
+    # among the activations, which fragmented the allocator's pool (retries under a memory cap: RESULTS round 7).
+    spare = past if cursor.writable and t >= CACHE_T and _fits(past, x, (b, c, CACHE_T, h, w)) else None
     new = None
     if norm is None:
         act.copy_(x)
     else:
         if t >= CACHE_T:  # the norm writes the cache's frames too, in the same pass
-            new = torch.empty((b, c, CACHE_T, h, w), dtype=x.dtype, device=x.device, memory_format=CL3)
+            new = spare
+            if new is None:
+                new = torch.empty((b, c, CACHE_T, h, w), dtype=x.dtype, device=x.device, memory_format=CL3)
         _norm(norm, x, silu=True, out=act, pre_bias=pre_bias, tail=new)
     if new is None:
         if t >= CACHE_T:
-            new = buf[:, :, -CACHE_T:].clone()
+            new = buf[:, :, -CACHE_T:].clone() if spare is None else spare.copy_(buf[:, :, -CACHE_T:])
         elif past is not None or rep:
             new = buf[:, :, CACHE_T - 1 :].clone()
         else:
             new = act.clone()
     cursor.put(new)
     return full
+
+
+def _fits(past: torch.Tensor | None, x: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether `past` can take a new cache entry of `shape` in place (channels-last, x's dtype and device)."""
+    if past is None or tuple(past.shape) != shape or past.dtype != x.dtype or past.device != x.device:
+        return False
+    if past.is_inference() and not torch.is_inference_mode_enabled():
+        return False
+    return past.is_contiguous(memory_format=CL3)
 
 
 def _derived(conv: nn.Module, name: str, build, *args):

@@ -51,6 +51,10 @@ class ArrivingCache(list):
     Iterating does not wait: use `settle()` to read it as a whole.
     """
 
+    # Its tensors are this list's own device copies (nothing else holds them): the fast VAE forward may write a
+    # conv's new cache entry into the old entry's storage (fast_vae._stage) instead of allocating one.
+    private = True
+
     def __init__(self, items: list, events: dict[int, Any] | None = None, device: torch.device | None = None) -> None:
         super().__init__(items)
         self.events = events or {}

@@ -357,3 +357,30 @@ def test_tiles_take_whole_chunk_calls_when_offloading_unless_lean(vae, vae_calls
     for label in ("lean", "split"):
         for a, b in zip(outs["auto"][0], outs[label][0], strict=True):
             assert a.shape == b.shape and max_err(a, b) < TOL
+
+
+@pytest.mark.parametrize("use_norm", [True, False])
+def test_new_cache_entry_reuses_an_uploaded_entry_only(vae, use_norm):
+    """An offloaded history's upload (ArrivingCache, private) takes the conv's new cache entry in its own storage;
+    a resident list's tensors (shared with forked sessions) are never written into. Same values either way."""
+    from infvsr_core.offload import ArrivingCache
+
+    block = vae.decoder.up_blocks[-1].resnets[0]
+    conv, norm = block.conv1, (block.norm1 if use_norm else None)
+    c = conv.in_channels
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, c, 4, 5, 6, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    past = torch.randn(1, c, 2, 5, 6, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    kept = past.clone()
+    entries = {}
+    for label, cache in (("resident", [past]), ("upload", ArrivingCache([past]))):
+        cursor = Cursor(cache)
+        full = fast_vae_module._stage(conv, x, cursor, norm)
+        assert torch.equal(full[:, :, :2], kept)  # the old entry was read before being overwritten
+        entries[label] = (cache[0], full[:, :, -2:].clone())
+        if label == "resident":
+            assert cache[0] is not past and torch.equal(past, kept)
+    assert entries["upload"][0] is past  # written in place
+    for new, tail in entries.values():
+        assert torch.equal(new, tail)
+    assert torch.equal(entries["upload"][0], entries["resident"][0])
