@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
     up.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     up.add_argument(
+        "--attention",
+        choices=("auto", "sdpa", "flash3", "math"),
+        default="auto",
+        help="the DiT's attention kernel: auto = FlashAttention-3 where installed (Hopper, bf16), else PyTorch's "
+        "SDPA; math = plain float32 (slow, a reference)",
+    )
+    up.add_argument(
         "--offload",
         choices=("none", "histories", "state", "all"),
         default="none",
@@ -140,6 +147,7 @@ def upscale_command(args: argparse.Namespace) -> int:
             spill_dir=args.spill_dir,
             host_memory_gib=args.host_memory,
         )
+        pipe.dit.attention_backend = args.attention
         stream = SceneStream(
             pipe, scale=args.scale, detect_scenes=not args.no_scene_detect, threshold=args.scene_threshold
         )

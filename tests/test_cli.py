@@ -69,6 +69,27 @@ def test_offload_gives_the_same_file(small_clip, tiny_models, tmp_path):
     assert len(outs[0]) == 24 and all((a == b).all() for a, b in zip(*outs, strict=True))
 
 
+def test_attention_option_selects_the_kernel(small_clip, tiny_models, tmp_path, monkeypatch, capsys):
+    """--attention reaches the DiT: the plain float32 kernel gives the frames SDPA gives (fp32, a few levels at
+    most); 'flash3' without FlashAttention-3 installed is one clear error line."""
+    from infvsr_core import attention as attention_module
+
+    base = ["upscale", str(small_clip), "--models", str(tiny_models), "--scale", "2", "--codec", "ffv1"]
+    used: list[str] = []
+    math = attention_module.ATTENTION_BACKENDS["math"]
+    monkeypatch.setitem(attention_module.ATTENTION_BACKENDS, "math", lambda *a: used.append("math") or math(*a))
+    outs = []
+    for kernel in ("sdpa", "math"):
+        out = tmp_path / f"{kernel}.mkv"
+        assert cli.main([*base, "-o", str(out), "--attention", kernel, "--quiet", "--no-audio"]) == 0
+        outs.append(read(out)[0])
+    assert used and all(abs(a.astype(int) - b).max() <= 2 for a, b in zip(*outs, strict=True))
+    monkeypatch.setitem(attention_module.ATTENTION_BACKENDS, "flash3", attention_module._flash3_attention)
+    monkeypatch.setattr(attention_module, "_flash3", [None])
+    assert cli.main([*base, "-o", str(tmp_path / "f.mkv"), "--attention", "flash3", "--quiet"]) == 1
+    assert "FlashAttention-3" in capsys.readouterr().err
+
+
 def test_spill_dir_gives_the_same_file(small_clip, tiny_models, tmp_path, capsys):
     """--spill-dir with --host-memory 0: every offloaded history goes through files, the frames are identical."""
     outs = []
@@ -168,6 +189,7 @@ def test_help_documents_every_flag(capsys):
         "--offload",
         "--spill-dir",
         "--host-memory",
+        "--attention",
     ):
         assert flag in text
 
