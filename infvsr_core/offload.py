@@ -104,6 +104,7 @@ def copy_cache(cache: list) -> list:
         copied.ready = cache.ready
         return copied
     if isinstance(cache, ArrivingCache):
+        cache.private = False  # the copy shares its tensors: from now on neither may be written into
         return cache.settle()
     if isinstance(cache, SpilledCache):
         return cache

@@ -381,6 +381,13 @@ def test_new_cache_entry_reuses_an_uploaded_entry_only(vae, use_norm):
         if label == "resident":
             assert cache[0] is not past and torch.equal(past, kept)
     assert entries["upload"][0] is past  # written in place
+    # Once a fork shares an upload's tensors (VAEHistory.fork: copy_cache), the upload is no longer written into.
+    from infvsr_core.offload import copy_cache
+
+    upload = ArrivingCache([past])
+    fork = copy_cache(upload)
+    fast_vae_module._stage(conv, x, Cursor(upload), norm)
+    assert upload[0] is not past and fork[0] is past and torch.equal(past, entries["upload"][1])
     for new, tail in entries.values():
         assert torch.equal(new, tail)
     assert torch.equal(entries["upload"][0], entries["resident"][0])
