@@ -147,9 +147,8 @@ class LoadInfVSRModel:
         device = comfy.compute_device()
         torch_dtype = resolve_dtype(dtype, device)
         offload = weights != "gpu" and device.type != "cpu"
-        backend = attention
-        if backend not in attention_module.ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; available: "
+        if attention not in attention_module.ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; available: "
                              f"{', '.join(sorted(attention_module.ATTENTION_BACKENDS))}")
         if not offload:
             comfy.free_device_memory(sum(p.stat().st_size for p in paths.values()) * 2, device)
@@ -165,8 +164,8 @@ class LoadInfVSRModel:
             **extra,
         )
         pipe.device = device  # inputs go to the compute device; weights follow in InfVSRModel.active()
-        pipe.dit.attention_backend = backend
-        return (InfVSRModel(pipe, device, offload, paths, backend),)
+        pipe.dit.attention_backend = attention
+        return (InfVSRModel(pipe, device, offload, paths, attention),)
 
 
 FRAME_CHOICES = ("first", "middle", "index")
