@@ -1,6 +1,6 @@
 """Where one steady chunk's GPU time and memory go, stage by stage (encode, DiT, decode).
 
-    python bench/profile_chunk.py --size 720p [--offload none] [--top 25]
+    python bench/profile_chunk.py --size 720p [--offload none] [--top 25] [--whole] [--memory-gib 24]
 
 Builds the full-size pipeline from random weights in the published formats
 (as bench_pipeline.py), streams three chunks to warm up (torch.compile,
@@ -133,8 +133,12 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--whole", action="store_true", help="profile one whole steady push() and its GPU idle gaps")
     parser.add_argument("--tiles", action="store_true", help="also time each VAE call (each tile of a tiled frame)")
+    parser.add_argument("--memory-gib", type=float, help="cap the process's GPU memory (as a card of this size)")
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.memory_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / total)
     pipe = random_pipeline(device, torch.bfloat16)
     pipe.offload = args.offload
     height, width = SIZES[args.size]
