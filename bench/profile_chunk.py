@@ -79,6 +79,21 @@ def profiled(label: str, top: int, fn):
     return result
 
 
+def _busy(intervals: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
+    """The union's length of sorted (start, end) intervals and the gaps between them as (length, at)."""
+    busy, gaps, cursor = 0.0, [], None
+    for a, b in intervals:
+        if cursor is None or a > cursor:
+            if cursor is not None:
+                gaps.append((a - cursor, cursor))
+            busy += b - a
+            cursor = b
+        elif b > cursor:
+            busy += b - cursor
+            cursor = b
+    return busy, gaps
+
+
 def whole_push(pipe, height: int, width: int, args) -> int:
     """One steady chunk through `pipeline.push` (after 5 warm chunks), under the profiler with CPU activity:
     wall time, GPU busy time (union of kernel intervals) and where the GPU waited (largest idle gaps, with
@@ -97,24 +112,16 @@ def whole_push(pipe, height: int, width: int, args) -> int:
         torch.cuda.synchronize()
         wall = 1000 * (time.perf_counter() - begin)
     events = prof.events()
-    kernels = sorted(
-        (e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-    )
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in gpu if not e.name.startswith("Memcpy"))
+    copies = sum(e.time_range.end - e.time_range.start for e in gpu if e.name.startswith("Memcpy"))
     cpu_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    busy, gaps, cursor = 0.0, [], None
-    for a, b in kernels:
-        if cursor is None or a > cursor:
-            if cursor is not None:
-                gaps.append((a - cursor, cursor))
-            busy += b - a
-            cursor = b
-        elif b > cursor:
-            busy += b - cursor
-            cursor = b
+    busy, gaps = _busy(kernels)
     idle = sum(g for g, _ in gaps)
     print(
-        f"\n== whole push, {args.size}: wall {wall:.1f} ms, GPU busy {busy / 1000:.1f} ms, idle between kernels "
-        f"{idle / 1000:.1f} ms ({len(gaps)} gaps); before the first kernel / after the last: see wall - span"
+        f"\n== whole push, {args.size}: wall {wall:.1f} ms, GPU busy with kernels {busy / 1000:.1f} ms (host-device "
+        f"copies, not counted: {copies / 1000:.1f} ms), idle between kernels {idle / 1000:.1f} ms ({len(gaps)} gaps); "
+        "before the first kernel / after the last: see wall - span"
     )
     print(f"   kernel span {(kernels[-1][1] - kernels[0][0]) / 1000:.1f} ms")
     for gap, at in sorted(gaps, reverse=True)[: args.top]:
