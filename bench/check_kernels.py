@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import sys
 import time
@@ -37,10 +38,48 @@ def main() -> None:
         "split": split_conv_rates,
         "pad": padded_output_rates,
         "few": few_channel_kernels,
+        "ffn": ffn_check,
     }
     parser.add_argument("--sections", nargs="+", default=list(sections), choices=list(sections))
     for name in parser.parse_args().sections:
         sections[name]()
+
+
+def ffn_check() -> None:
+    """The DiT's FFN with the GELU in the GEMM's epilogue (dit._ffn_fused_op) against Linear -> GELU(tanh) ->
+    Linear: time at the 720p / 1080p token counts, error against a float32 run of the tanh form (and of the
+    erf form, which cuBLASLt's epilogue must not be)."""
+    import torch.nn.functional as F
+
+    from infvsr_core.dit import _ffn_fused_op
+
+    torch.manual_seed(0)
+    ffn = torch.nn.Sequential(
+        torch.nn.Linear(1536, 8960), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8960, 1536)
+    ).cuda()
+    with torch.no_grad():
+        ffn[0].weight.mul_(2)  # pre-activations of a few units: GELU's curved part, where the two forms differ
+    ref32 = copy.deepcopy(ffn).float()  # Module.float() and .to() convert in place
+    ffn = ffn.to(torch.bfloat16)
+    print("\n== DiT FFN, GELU in the GEMM epilogue vs Linear -> GELU -> Linear (bf16)")
+    for tokens in (10800, 24480):
+        x = torch.randn(1, tokens, 1536, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            tanh32 = ref32(x.float())
+            erf32 = ref32[2](F.gelu(ref32[0](x.float())))
+            fused, plain = _ffn_fused_op(ffn, x), ffn(x)
+            fused_ms = timed(lambda x=x: _ffn_fused_op(ffn, x))
+            plain_ms = timed(lambda x=x: ffn(x))
+
+        def err(a: torch.Tensor, b: torch.Tensor, scale: float) -> str:
+            return f"{(a.float() - b).abs().max().item() / scale:.2e}"
+
+        scale = tanh32.abs().max().item()
+        print(
+            f"   {tokens} tokens: fused {fused_ms:.3f} ms, plain {plain_ms:.3f} ms; max error / max vs float32 tanh:"
+            f" fused {err(fused, tanh32, scale)}, plain {err(plain, tanh32, scale)}; fused vs float32 erf"
+            f" {err(fused, erf32, scale)}"
+        )
 
 
 def few_channel_kernels() -> None:

@@ -198,8 +198,26 @@ def _gated_add_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch
     return (x.float() + y.float() * gate).to(x.dtype)
 
 
+def _ffn_op(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    return ffn(x)
+
+
+def _ffn_fused_op(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Wan's FFN with its tanh GELU in the first GEMM's epilogue on CUDA (cuBLASLt's GELU_BIAS; where cuBLASLt
+    does not take the shapes, ATen falls back to addmm + gelu(approximate="tanh")): the GELU reads the float32
+    accumulator instead of the rounded product, one pass less and no less exact (`bench/check_kernels.py
+    --sections ffn`). Not on the CPU, where `_addmm_activation` applies the exact (erf) GELU."""
+    up, _, down = ffn
+    flat = x.reshape(-1, x.shape[-1])
+    if x.is_cuda:
+        h = torch._addmm_activation(up.bias, flat, up.weight.t(), use_gelu=True)
+    else:
+        h = F.gelu(torch.addmm(up.bias, flat, up.weight.t()), approximate="tanh")
+    return down(h).view(*x.shape[:-1], -1)
+
+
 class _Ops:
-    """One set of the elementwise ops: eager, or each wrapped in torch.compile."""
+    """One set of the elementwise ops: eager, or each wrapped in torch.compile (then also the fused FFN)."""
 
     def __init__(self, compile_fn=None) -> None:
         wrap = compile_fn or (lambda fn: fn)
@@ -208,6 +226,7 @@ class _Ops:
         self.ln_modulate = wrap(_ln_modulate_op)
         self.ln_affine = wrap(_ln_affine_op)
         self.gated_add = wrap(_gated_add_op)
+        self.ffn = _ffn_op if compile_fn is None else _ffn_fused_op
 
 
 EAGER_OPS = _Ops()
@@ -305,7 +324,7 @@ class DiTBlock(nn.Module):
         y, k, v = self.self_attn(ops.ln_modulate(x, shift1, scale1, eps), cos, sin, past, backend, ops)
         x = ops.gated_add(x, y, gate1)
         x = x + self.cross_attn(ops.ln_affine(x, self.norm3.weight, self.norm3.bias, eps), context, backend, ops)
-        y = self.ffn(ops.ln_modulate(x, shift2, scale2, eps))
+        y = ops.ffn(self.ffn, ops.ln_modulate(x, shift2, scale2, eps))
         x = ops.gated_add(x, y, gate2)
         return x, k, v
 

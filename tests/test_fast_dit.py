@@ -58,3 +58,24 @@ def test_cuda_priority_starts_with_cudnn() -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n, 2, 32, generator=g) for n in (5, 9, 9))
     assert torch.allclose(attention(q, k, v, "sdpa"), attention(q, k, v, "math"), atol=1e-5)
+
+
+
+@torch.no_grad()
+def test_fused_ffn_matches_the_module() -> None:
+    """The fused FFN op equals Wan's Linear -> GELU(tanh) -> Linear (float64: to rounding; bfloat16: no further
+    from the float64 result than the module's own bf16 run). Its CUDA branch (cuBLASLt's GELU epilogue) is
+    checked on the GPU by bench/check_kernels.py --sections ffn."""
+    torch.manual_seed(0)
+    ffn = torch.nn.Sequential(torch.nn.Linear(48, 160), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(160, 48))
+    x = torch.randn(2, 37, 48) * 3
+    reference = ffn.double()(x.double())
+    assert torch.allclose(dit_module._ffn_fused_op(ffn, x.double()), reference, rtol=1e-12, atol=1e-12)
+    erf = torch.nn.Sequential(ffn[0], torch.nn.GELU(), ffn[2])  # the other GELU would be caught
+    assert not torch.allclose(erf(x.double()), reference, rtol=1e-6, atol=1e-6)
+    ffn_bf16, x_bf16 = ffn.to(torch.bfloat16), x.to(torch.bfloat16)
+    fused = dit_module._ffn_fused_op(ffn_bf16, x_bf16)
+    assert fused.shape == x.shape and fused.dtype == torch.bfloat16
+    fused_err = (fused.double() - reference).abs().max()
+    plain_err = (ffn_bf16(x_bf16).double() - reference).abs().max()
+    assert fused_err <= 1.25 * plain_err
