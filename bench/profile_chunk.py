@@ -16,6 +16,7 @@ peak.
 from __future__ import annotations
 
 import argparse
+import bisect
 import re
 import sys
 import time
@@ -113,7 +114,8 @@ def whole_push(pipe, height: int, width: int, args) -> int:
         wall = 1000 * (time.perf_counter() - begin)
     events = prof.events()
     gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in gpu if not e.name.startswith("Memcpy"))
+    named = sorted((e.time_range.start, e.time_range.end, e.name) for e in gpu if not e.name.startswith("Memcpy"))
+    kernels = [(a, b) for a, b, _ in named]
     copies = sum(e.time_range.end - e.time_range.start for e in gpu if e.name.startswith("Memcpy"))
     cpu_ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     busy, gaps = _busy(kernels)
@@ -124,6 +126,19 @@ def whole_push(pipe, height: int, width: int, args) -> int:
         "before the first kernel / after the last: see wall - span"
     )
     print(f"   kernel span {(kernels[-1][1] - kernels[0][0]) / 1000:.1f} ms")
+    for low, high in ((0, 20), (20, 100), (100, 500), (500, 2000), (2000, float("inf"))):
+        picked = [g for g, _ in gaps if low <= g < high]
+        print(f"   gaps {low}-{high} us: {len(picked)}, {sum(picked) / 1000:.1f} ms")
+    # What starts after the idle time (by kernel name), over gaps of 100 us or more.
+    after: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    starts = [a for a, _, _ in named]
+    for gap, at in gaps:
+        if gap >= 100:
+            nxt = named[min(bisect.bisect_right(starts, at), len(named) - 1)][2]
+            after[nxt][0] += gap
+            after[nxt][1] += 1
+    for name, (total, count) in sorted(after.items(), key=lambda kv: -kv[1][0])[:10]:
+        print(f"   {total / 1000:7.2f} ms idle in {count:4d} gaps before {kernel_class(name)}: {name[:110]}")
     for gap, at in sorted(gaps, reverse=True)[: args.top]:
         around = [e for e in cpu_ops if e.time_range.start <= at <= e.time_range.end]
         inner = min(around, key=lambda e: e.time_range.end - e.time_range.start).name if around else "?"
