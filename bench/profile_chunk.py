@@ -107,7 +107,7 @@ def whole_push(pipe, height: int, width: int, args) -> int:
         pipe.push(session, clip[start : start + size])
         start += size
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.stacks) as prof:
         begin = time.perf_counter()
         pipe.push(session, clip[start : start + 12])
         torch.cuda.synchronize()
@@ -143,6 +143,16 @@ def whole_push(pipe, height: int, width: int, args) -> int:
         around = [e for e in cpu_ops if e.time_range.start <= at <= e.time_range.end]
         inner = min(around, key=lambda e: e.time_range.end - e.time_range.start).name if around else "?"
         print(f"   {gap / 1000:7.2f} ms idle at +{(at - kernels[0][0]) / 1000:7.1f} ms  (CPU in {inner})")
+    if args.stacks:  # the host's ops over a few mid-size gaps: which one held the launches back, and from where
+        for gap, at in [g for g in gaps if 100 <= g[0] < 2000][: args.stacks]:
+            print(f"\n   gap of {gap:.0f} us at +{(at - kernels[0][0]) / 1000:.1f} ms; host ops across it:")
+            spanning = [e for e in cpu_ops if e.time_range.start <= at + gap and e.time_range.end >= at]
+            for e in sorted(spanning, key=lambda e: e.time_range.start)[-12:]:
+                frames = [f for f in (e.stack or []) if "infvsr_core" in f or "bench" in f][:3]
+                print(
+                    f"     {e.time_range.start - at:+9.0f} us, {e.time_range.end - e.time_range.start:8.0f} us "
+                    f"{e.name[:60]}  {' < '.join(frames)}"
+                )
     return 0
 
 
@@ -155,6 +165,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--whole", action="store_true", help="profile one whole steady push() and its GPU idle gaps")
     parser.add_argument("--tiles", action="store_true", help="also time each VAE call (each tile of a tiled frame)")
+    parser.add_argument("--stacks", type=int, default=0, help="--whole: host ops and Python stacks over N gaps")
     parser.add_argument("--memory-gib", type=float, help="cap the process's GPU memory (as a card of this size)")
     args = parser.parse_args()
     device = torch.device("cuda")
