@@ -144,11 +144,21 @@ def whole_push(pipe, height: int, width: int, args) -> int:
         inner = min(around, key=lambda e: e.time_range.end - e.time_range.start).name if around else "?"
         print(f"   {gap / 1000:7.2f} ms idle at +{(at - kernels[0][0]) / 1000:7.1f} ms  (CPU in {inner})")
     if args.stacks:  # the host's ops over a few mid-size gaps: which one held the launches back, and from where
-        for gap, at in [g for g in gaps if 100 <= g[0] < 2000][: args.stacks]:
+        mids = [(g, a) for g, a in gaps if g >= 100]
+        print("\n   gaps of 100 us or more, by time into the push (25 ms bins: count, idle ms):")
+        bins: dict[int, list[float]] = defaultdict(lambda: [0, 0.0])
+        for gap, at in mids:
+            entry = bins[int((at - kernels[0][0]) / 25000)]
+            entry[0] += 1
+            entry[1] += gap / 1000
+        print("   " + ", ".join(f"{25 * k}: {int(n)}/{ms:.1f}" for k, (n, ms) in sorted(bins.items())))
+        late = [(g, a) for g, a in mids if a - kernels[0][0] > 50000]  # past the push's start
+        for gap, at in late[:: max(1, len(late) // args.stacks)][: args.stacks]:
             print(f"\n   gap of {gap:.0f} us at +{(at - kernels[0][0]) / 1000:.1f} ms; host ops across it:")
             spanning = [e for e in cpu_ops if e.time_range.start <= at + gap and e.time_range.end >= at]
             for e in sorted(spanning, key=lambda e: e.time_range.start)[-12:]:
-                frames = [f for f in (e.stack or []) if "infvsr_core" in f or "bench" in f][:3]
+                stack = e.stack or []
+                frames = ([f for f in stack if "infvsr_core" in f] or stack)[:3]
                 print(
                     f"     {e.time_range.start - at:+9.0f} us, {e.time_range.end - e.time_range.start:8.0f} us "
                     f"{e.name[:60]}  {' < '.join(frames)}"
