@@ -51,6 +51,27 @@ def gib(n: int) -> float:
     return n / 2**30
 
 
+COPY_SOURCES = False  # --copies
+
+
+def _copy_sources(label: str, events) -> None:
+    """GPU time of copies and fills (kernels and device-to-device memcpys) by the Python line that issued them."""
+    by_line: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CPU or not event.stack:
+            continue
+        for kernel in event.kernels:
+            if kernel_class(kernel.name) != "copy":
+                continue
+            frames = [f for f in event.stack if "infvsr_core" in f][:2] or event.stack[:2]
+            entry = by_line[" < ".join(frames)]
+            entry[0] += kernel.duration / 1000
+            entry[1] += 1
+    print(f"   {label}: copies and fills by source line (GPU ms, count):")
+    for line, (ms, count) in sorted(by_line.items(), key=lambda kv: -kv[1][0])[:12]:
+        print(f"   {ms:8.2f} ms {count:5d}x  {line}")
+
+
 def profiled(label: str, top: int, fn):
     """Run fn() under the profiler; print its kernels by class and the stage's memory."""
     from torch.profiler import ProfilerActivity, profile
@@ -58,10 +79,13 @@ def profiled(label: str, top: int, fn):
     torch.cuda.synchronize()
     start_alloc = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if COPY_SOURCES else [])
+    with profile(activities=activities, with_stack=COPY_SOURCES) as prof:
         result = fn()
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
+    if COPY_SOURCES:
+        _copy_sources(label, prof.events())
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
@@ -175,9 +199,12 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--whole", action="store_true", help="profile one whole steady push() and its GPU idle gaps")
     parser.add_argument("--tiles", action="store_true", help="also time each VAE call (each tile of a tiled frame)")
+    parser.add_argument("--copies", action="store_true", help="per stage: copies by the Python line issuing them")
     parser.add_argument("--stacks", type=int, default=0, help="--whole: host ops and Python stacks over N gaps")
     parser.add_argument("--memory-gib", type=float, help="cap the process's GPU memory (as a card of this size)")
     args = parser.parse_args()
+    global COPY_SOURCES
+    COPY_SOURCES = args.copies
     device = torch.device("cuda")
     if args.memory_gib:
         total = torch.cuda.get_device_properties(device).total_memory
