@@ -58,12 +58,16 @@ def _copy_sources(label: str, events) -> None:
     """GPU time of copies and fills (kernels and device-to-device memcpys) by the Python line that issued them."""
     by_line: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in events:
-        if event.device_type != torch.autograd.DeviceType.CPU or not event.stack:
+        if event.device_type != torch.autograd.DeviceType.CPU:
             continue
+        owner = event  # runtime calls (cudaMemcpyAsync) carry no stack: their aten op's parent does
+        while owner is not None and not owner.stack:
+            owner = owner.cpu_parent
+        stack = owner.stack if owner is not None else []
         for kernel in event.kernels:
             if kernel_class(kernel.name) != "copy":
                 continue
-            frames = [f for f in event.stack if "infvsr_core" in f][:2] or event.stack[:2]
+            frames = [f for f in stack if "infvsr_core" in f][:2] or stack[:2] or [event.name]
             entry = by_line[" < ".join(frames)]
             entry[0] += kernel.duration / 1000
             entry[1] += 1
