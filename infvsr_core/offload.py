@@ -394,6 +394,11 @@ class WindowedUpload:
             if self.consume:
                 self.host[index] = None
 
+    def start(self, count: int) -> None:
+        """Queue the uploads of the first `count` entries now (ahead of work queued later on the device)."""
+        for index in range(min(count, len(self.host))):
+            self._start(index)
+
     def __getitem__(self, index: int) -> torch.Tensor:
         for ahead in range(index, index + self.ahead + 1):
             self._start(ahead)

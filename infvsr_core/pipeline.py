@@ -101,6 +101,17 @@ class InfVSRPipeline:
         if self.offload == "histories":
             self.vae.prefetch_decoder(history)
 
+    def _stream_kv(self, kv_cache: KVCache | None) -> KVCache | None:
+        """An offloaded KV cache as layer-by-layer uploads ("state", "all"), the first layer's queued now: called
+        before the encoder, so the DiT's first layer does not wait for it (the encoder's work is queued ahead of
+        any upload issued after it). The old cache is consumed: each layer's host block is free once queued."""
+        if kv_cache is None or not isinstance(kv_cache.keys, HostCache) or self.offload not in ("state", "all"):
+            return kv_cache
+        kv_cache = kv_cache.map(lambda layers: WindowedUpload(layers, self._host, self.device, consume=True))
+        for layers in (kv_cache.keys, kv_cache.values):
+            layers.start(1)
+        return kv_cache
+
     def _run_dit(self, latents, prompt, timestep, time_offset: int, kv_cache: KVCache | None):
         """One DiT step; the old cache is released layer by layer as the new one is built.
 
@@ -110,12 +121,9 @@ class InfVSRPipeline:
         than a few layers of either cache (the whole cache is 18 GiB at 4K).
         """
         streamed = self.offload in ("state", "all")
-        if kv_cache is not None and isinstance(kv_cache.keys, HostCache):
-            if streamed:
-                # The old cache is consumed: each layer's host block is free for a new layer once queued.
-                kv_cache = kv_cache.map(lambda layers: WindowedUpload(layers, self._host, self.device, consume=True))
-            else:  # offloading was switched off since: bring it back whole
-                kv_cache = kv_cache.map(lambda layers: self._host.to_device(layers, self.device))
+        kv_cache = self._stream_kv(kv_cache)
+        if kv_cache is not None and isinstance(kv_cache.keys, HostCache):  # offloading was switched off since
+            kv_cache = kv_cache.map(lambda layers: self._host.to_device(layers, self.device))
         with self._dit_weights.on_device(self.device):
             prediction, cache = self.dit(
                 latents,
@@ -226,18 +234,23 @@ class InfVSRPipeline:
     def _flush(self, session: InfVSRSession) -> list[torch.Tensor]:
         outputs = []
         while session.pending_frames:
-            outputs.append(self._take_chunk(session, min(session.pending_frames, session.next_chunk_length)))
+            outputs.append(
+                self._take_chunk(session, min(session.pending_frames, session.next_chunk_length), flushing=True)
+            )
         return outputs
 
-    def _take_chunk(self, session: InfVSRSession, count: int) -> torch.Tensor:
+    def _take_chunk(self, session: InfVSRSession, count: int, flushing: bool = False) -> torch.Tensor:
         assert session.pending is not None
         chunk, rest = session.pending[:count], session.pending[count:]
         session.pending = rest if rest.shape[0] else None
-        return self._upscale_chunk(session, chunk)
+        # Whether this call runs another chunk of the scene right after this one (a flush takes every frame
+        # left, padded; a push only whole chunks): then its uploads may begin under this chunk's end.
+        more = session.pending_frames > 0 if flushing else session.pending_frames >= chunk_length(False)
+        return self._upscale_chunk(session, chunk, more)
 
-    def _upscale_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+    def _upscale_chunk(self, session: InfVSRSession, frames: torch.Tensor, more: bool = False) -> torch.Tensor:
         try:
-            return self._run_chunk(session, frames)
+            return self._run_chunk(session, frames, more)
         except torch.OutOfMemoryError as e:
             session.interrupted = "out of device memory"
             self.dit.graphs.clear()
@@ -261,7 +274,7 @@ class InfVSRPipeline:
         return f"InfVSR ran out of GPU memory on {height}x{width} input frames with offload={self.offload!r}: {hint}."
 
     @torch.inference_mode()
-    def _run_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+    def _run_chunk(self, session: InfVSRSession, frames: torch.Tensor, more: bool = False) -> torch.Tensor:
         started = time.perf_counter()
         first = session.scene is None
         if first:
@@ -273,19 +286,19 @@ class InfVSRPipeline:
             session.prompt = self.extract_prompt(frames[0])
             session.reference_index = session.frames_out
         video, true_size = prepare_chunk(frames, session.scale, first, device=self.device, dtype=self.dtype)
+        # The DiT consumes the old cache layer by layer: from here the scene holds the new one or nothing.
+        kv_cache, scene.kv_cache = self._stream_kv(scene.kv_cache), None
         latents = self.vae.encode_chunk(video, scene.vae_history)
         del video
         self._prefetch_decoder(scene.vae_history)
         # On the CPU: the DiT embeds it there (float64), and reading a GPU tensor would wait for the encoder.
         timestep = torch.full((latents.shape[0],), TIMESTEP, dtype=torch.float32)
-        # The DiT consumes the old cache layer by layer: from here the scene holds the new one or nothing.
-        kv_cache, scene.kv_cache = scene.kv_cache, None
         prediction, scene.kv_cache = self._run_dit(latents, session.prompt, timestep, scene.latent_frames, kv_cache)
         del kv_cache
         scene.latent_frames += latents.shape[2]
         restored = one_step_restore(latents, prediction)
         del prediction, latents
-        decoded = self.vae.decode_chunk(restored, scene.vae_history)
+        decoded = self.vae.decode_chunk(restored, scene.vae_history, encode_next=more)
         out = finish_frames(decoded, true_size).to(self.output_device)
         scene.frames += int(frames.shape[0])
         session.frames_out += int(frames.shape[0])
