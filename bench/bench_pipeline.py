@@ -106,8 +106,11 @@ def run_stream(
     keep: bool = True,
     keep_device: torch.device | None = None,
     hosts: list[float] | None = None,
+    push_all: bool = False,
 ) -> tuple[torch.Tensor | None, list[float]]:
-    """Push the clip chunk by chunk through one session; per-chunk wall times (synchronized).
+    """Push the clip chunk by chunk through one session; per-chunk wall times (synchronized). With
+    `push_all`, the first chunk alone, then every other frame in one push (as the nodes and `upscale` do:
+    one chunk's end may overlap the next one's uploads); the times are then those two calls'.
 
     `peaks` (when given) receives the peak allocated GiB after each chunk, `hosts` the host memory
     of the offloaded state plus the pinned blocks kept for reuse (GiB); with `keep` False the
@@ -116,7 +119,7 @@ def run_stream(
     session = pipe.new_session(scale)
     outputs, times, start = [], [], 0
     while start < clip.shape[0]:
-        size = session.next_chunk_length
+        size = session.next_chunk_length if not (push_all and start) else clip.shape[0] - start
         sync(pipe.device)
         t0 = time.perf_counter()
         out = pipe.push(session, clip[start : start + size])
@@ -299,6 +302,12 @@ def main() -> int:
         default="auto",
         help="VAE calls per chunk: whole chunks, or diffusers' 4 frames / 1 latent frame (StreamingVAE.whole_chunks)",
     )
+    parser.add_argument(
+        "--push-all",
+        action="store_true",
+        help="time the steady chunks as one push (outputs to host memory chunk by chunk, as in the nodes)",
+    )
+    parser.add_argument("--no-encode-ahead", action="store_true", help="A/B: no encoder upload under the decode")
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
     parser.add_argument(
         "--seam-settings", nargs="+", default=["110:0"], help="tile stride:margin settings for --seams (latent px)"
@@ -339,6 +348,11 @@ def main() -> int:
         pipe = load_pipeline(args.models, device=device, dtype=dtype, output_device=device)
     else:
         pipe = random_pipeline(device, dtype, tiny=args.tiny, fast=False if args.plain else None, tiling=args.tiling)
+    if args.push_all:
+        pipe.output_device = torch.device("cpu")  # a multi-chunk push's outputs would pile up on the device
+    if args.no_encode_ahead:  # A/B: the next chunk's encoder history not uploaded under the decode
+        decode_chunk = pipe.vae.decode_chunk
+        pipe.vae.decode_chunk = lambda latents, history, encode_next=False: decode_chunk(latents, history)
     if args.plain:
         pipe.dit.fuse_elementwise = False
         pipe.dit.cuda_graphs = False
@@ -377,7 +391,9 @@ def main() -> int:
         before = allocator_counts(device)
         if args.memory_snapshot and device.type == "cuda":
             torch.cuda.memory._record_memory_history(max_entries=200_000)
-        stream_out, times = run_stream(pipe, clip, args.scale, peaks, keep_device=keep_device, hosts=hosts)
+        stream_out, times = run_stream(
+            pipe, clip, args.scale, peaks, keep_device=keep_device, hosts=hosts, push_all=args.push_all
+        )
         if args.memory_snapshot and device.type == "cuda":
             torch.cuda.memory._dump_snapshot(str(args.memory_snapshot.with_suffix(f".{size}.{mode}.pickle")))
             torch.cuda.memory._record_memory_history(enabled=None)
