@@ -307,6 +307,8 @@ def main() -> int:
         action="store_true",
         help="time the steady chunks as one push (outputs to host memory chunk by chunk, as in the nodes)",
     )
+    parser.add_argument("--host-outputs", action="store_true", help="the pipeline returns frames in host memory")
+    parser.add_argument("--plain-output-copy", action="store_true", help="A/B: frames.to('cpu') for the outputs")
     parser.add_argument("--no-encode-ahead", action="store_true", help="A/B: no encoder upload under the decode")
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
     parser.add_argument(
@@ -348,8 +350,12 @@ def main() -> int:
         pipe = load_pipeline(args.models, device=device, dtype=dtype, output_device=device)
     else:
         pipe = random_pipeline(device, dtype, tiny=args.tiny, fast=False if args.plain else None, tiling=args.tiling)
-    if args.push_all:
-        pipe.output_device = torch.device("cpu")  # a multi-chunk push's outputs would pile up on the device
+    if args.push_all or args.host_outputs:
+        # In host memory, as the nodes and the command line get them (a multi-chunk push's outputs would also
+        # pile up on the device): the timed chunks include their download.
+        pipe.output_device = torch.device("cpu")
+    if args.plain_output_copy:  # A/B: CUDA's own copy into pageable host memory
+        pipe._to_output = lambda frames: frames.to(pipe.output_device)
     if args.no_encode_ahead:  # A/B: the next chunk's encoder history not uploaded under the decode
         decode_chunk = pipe.vae.decode_chunk
         pipe.vae.decode_chunk = lambda latents, history, encode_next=False: decode_chunk(latents, history)

@@ -299,13 +299,20 @@ class InfVSRPipeline:
         restored = one_step_restore(latents, prediction)
         del prediction, latents
         decoded = self.vae.decode_chunk(restored, scene.vae_history, encode_next=more)
-        out = finish_frames(decoded, true_size).to(self.output_device)
+        out = self._to_output(finish_frames(decoded, true_size))
         scene.frames += int(frames.shape[0])
         session.frames_out += int(frames.shape[0])
         session.stats["last_chunk_seconds"] = time.perf_counter() - started
         return out
 
+    def _to_output(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.output_device.type == "cpu":
+            return self._host.fetch(frames)
+        return frames.to(self.output_device)
+
     def _join(self, session: InfVSRSession, outputs: list[torch.Tensor]) -> torch.Tensor:
+        if len(outputs) == 1:
+            return outputs[0]  # a chunk's frames as they are: a copy of a 1080p chunk is 300 MB
         return torch.cat(outputs) if outputs else self.empty_output(session)
 
     def empty_output(self, session: InfVSRSession, size: tuple[int, int] | None = None) -> torch.Tensor:
