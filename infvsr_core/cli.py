@@ -114,7 +114,7 @@ def upscale_command(args: argparse.Namespace) -> int:
 
     from .loader import load_pipeline
     from .stream import SceneStream
-    from .video_io import VideoReader, VideoWriter
+    from .video_io import BackgroundWriter, VideoReader, VideoWriter
 
     if args.scale < 1:
         raise ValueError(f"--scale must be >= 1, got {args.scale}")
@@ -156,16 +156,19 @@ def upscale_command(args: argparse.Namespace) -> int:
         if first is None:
             raise ValueError(f"{args.input}: no frames to upscale (start {args.start} is past the end?)")
         audio = info.has_audio and not args.no_audio and codec != "png" and not info.is_image_sequence
-        writer = VideoWriter(
-            args.output,
-            info.fps,
-            codec=codec,
-            crf=args.crf,
-            pix_fmt=args.pix_fmt,
-            prores_profile=args.prores_profile,
-            audio_from=args.input if audio else None,
-            audio_start=first.pts_seconds[0] if audio else 0.0,
-            overwrite=args.overwrite,
+        # Encoding runs on a worker thread, under the next chunk's GPU work.
+        writer = BackgroundWriter(
+            VideoWriter(
+                args.output,
+                info.fps,
+                codec=codec,
+                crf=args.crf,
+                pix_fmt=args.pix_fmt,
+                prores_profile=args.prores_profile,
+                audio_from=args.input if audio else None,
+                audio_start=first.pts_seconds[0] if audio else 0.0,
+                overwrite=args.overwrite,
+            )
         )
         timestamps: deque[float] = deque()
         bar = tqdm(total=total, unit="frame", disable=args.quiet, dynamic_ncols=True, desc="upscaling")

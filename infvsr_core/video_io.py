@@ -1468,3 +1468,89 @@ class VideoWriter:
                 self.abort()
             except Exception:  # noqa: BLE001
                 pass
+
+
+class BackgroundWriter:
+    """A VideoWriter fed through a worker thread: a chunk's frames are converted and encoded while the GPU computes
+    the next chunk, not between chunks (x264 at 1080p takes a large share of a chunk's GPU time, which the GPU spent
+    idle). At most `depth` chunks wait in the queue, so memory stays bounded. An error in the worker (disk full, a
+    size change) is raised by the next call here, and the partial file is then thrown away as VideoWriter does.
+    `close`, `finalize_partial` and `abort` first let the worker finish (`abort` drops what still waits)."""
+
+    def __init__(self, writer: VideoWriter, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._dropping = False
+        self._thread = threading.Thread(target=self._work, name="infvsr-video-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def path(self) -> Path:
+        return self.writer.path
+
+    @property
+    def frames_written(self) -> int:
+        """Frames encoded so far (queued ones not counted)."""
+        return self.writer.frames_written
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None and not self._dropping:
+                try:
+                    self.writer.write(*item)
+                except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = error
+
+    def _check(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self.writer.abort()
+            raise error
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def write(self, frames: Any, timestamps: Sequence[float] | None = None) -> None:
+        """Queue frames (as VideoWriter.write takes them); blocks while `depth` chunks already wait."""
+        self._check()
+        if not self._thread.is_alive():
+            raise VideoError(f"writer for {self.path} is already closed")
+        self._queue.put((frames, None if timestamps is None else list(timestamps)))
+
+    def close(self) -> Path:
+        """Encode what is queued, then VideoWriter.close (flush, finish, move to the final name)."""
+        self._stop()
+        self._check()
+        return self.writer.close()
+
+    def finalize_partial(self) -> Path | None:
+        """For interrupt handlers: encode what is queued and keep it all as a valid file (None if no frame)."""
+        self._stop()
+        if self._error is not None:  # what was written before the error stays usable
+            self._error = None
+        return self.writer.finalize_partial()
+
+    def abort(self) -> None:
+        """Drop what is queued and delete the temporary output."""
+        self._dropping = True
+        self._stop()
+        self._error = None
+        self.writer.abort()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()

@@ -40,6 +40,7 @@ WEIGHT_SUFFIXES = loader.WEIGHT_SUFFIXES
 SEAMS = vae.SEAMS
 VideoReader = video_io.VideoReader
 VideoWriter = video_io.VideoWriter
+BackgroundWriter = video_io.BackgroundWriter
 VideoError = video_io.VideoError
 probe = video_io.probe
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import audio as audio_io
 from . import comfy
-from ._core import VideoWriter
+from ._core import BackgroundWriter, VideoWriter
 from .common import FILE_FORMAT_TOOLTIP
 from .paths import next_output_path
 
@@ -126,14 +126,17 @@ class VideoSink:
         self.has_audio = audio_from is not None
         self.preview_name = f"infvsr_preview_{self.path.stem}_{id(self):x}.png"
         try:
-            self.writer = VideoWriter(
-                self.path,
-                self.fps,
-                codec=self.format.codec,
-                crf=int(crf) if self.format.uses_crf else None,
-                prores_profile=self.format.prores_profile,
-                audio_from=audio_from,
-                audio_start=audio_start,
+            # Encoded on a worker thread while the GPU computes the next chunk.
+            self.writer = BackgroundWriter(
+                VideoWriter(
+                    self.path,
+                    self.fps,
+                    codec=self.format.codec,
+                    crf=int(crf) if self.format.uses_crf else None,
+                    prores_profile=self.format.prores_profile,
+                    audio_from=audio_from,
+                    audio_start=audio_start,
+                )
             )
         except BaseException:
             self._drop_temp_audio()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from infvsr_core.video_io import VideoError, VideoReader, VideoWriter, probe
+from infvsr_core.video_io import BackgroundWriter, VideoError, VideoReader, VideoWriter, probe
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():
@@ -733,6 +733,46 @@ def test_writer_exception_leaves_nothing_and_partial_close_is_valid(work: Path, 
     assert not nothing.exists() and not (work / ".nothing.partial.mp4").exists()
     assert VideoWriter(work / "nothing2.mp4", 25).finalize_partial() is None
     assert not list(work.glob(".nothing2*"))
+
+
+def test_background_writer_writes_what_the_writer_does(work: Path, bikes: torch.Tensor) -> None:
+    """Encoding on a worker thread: the same file content, in order, chunk by chunk; a bounded queue."""
+    direct, queued = work / "direct.mkv", work / "queued.mkv"
+    writer = VideoWriter(direct, 25, codec="ffv1")
+    background = BackgroundWriter(VideoWriter(queued, 25, codec="ffv1"), depth=1)
+    for start in range(0, 24, 5):
+        writer.write(bikes[start : start + 5])
+        background.write(bikes[start : start + 5])
+        assert background._queue.qsize() <= 1
+    assert writer.close() == direct and background.close() == queued and background.frames_written == 24
+    with VideoReader(direct) as a, VideoReader(queued) as b:
+        assert torch.equal(a.read_all().frames, b.read_all().frames)
+    with pytest.raises(VideoError, match="already closed"):
+        background.write(bikes[:1])
+
+
+def test_background_writer_raises_the_workers_error_and_leaves_nothing(work: Path, bikes: torch.Tensor) -> None:
+    out = work / "bg_error.mkv"
+    background = BackgroundWriter(VideoWriter(out, 25, codec="ffv1"))
+    background.write(bikes[:3])
+    background.write(bikes[:2, :100])  # a size change: the worker's VideoWriter refuses it
+    with pytest.raises(VideoError, match="frame size changed"):
+        background.close()
+    assert not out.exists() and not list(work.glob(".bg_error*"))
+
+    kept = work / "bg_partial.mkv"  # Ctrl-C: the queued frames are encoded and kept
+    background = BackgroundWriter(VideoWriter(kept, 25, codec="ffv1"))
+    background.write(bikes[:4])
+    assert background.finalize_partial() == kept
+    with VideoReader(kept) as reader:
+        assert len(reader.read_all()) == 4
+
+    dropped = work / "bg_abort.mkv"
+    with pytest.raises(RuntimeError, match="boom"):
+        with BackgroundWriter(VideoWriter(dropped, 25, codec="ffv1")) as background:
+            background.write(bikes[:2])
+            raise RuntimeError("boom")
+    assert not dropped.exists() and not list(work.glob(".bg_abort*"))
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".mov"])
