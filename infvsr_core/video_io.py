@@ -1485,6 +1485,7 @@ class BackgroundWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
         self._dropping = False
+        self._accepted = 0
         self._thread = threading.Thread(target=self._work, name="infvsr-video-writer", daemon=True)
         self._thread.start()
 
@@ -1494,8 +1495,9 @@ class BackgroundWriter:
 
     @property
     def frames_written(self) -> int:
-        """Frames encoded so far (queued ones not counted)."""
-        return self.writer.frames_written
+        """Frames handed over so far, queued ones included: what close() or finalize_partial() will have written
+        (a progress or preview count taken now then matches the finished file)."""
+        return self._accepted
 
     def _work(self) -> None:
         while True:
@@ -1525,6 +1527,7 @@ class BackgroundWriter:
         if not self._thread.is_alive():
             raise VideoError(f"writer for {self.path} is already closed")
         self._queue.put((frames, None if timestamps is None else list(timestamps)))
+        self._accepted += len(frames)
 
     def close(self) -> Path:
         """Encode what is queued, then VideoWriter.close (flush, finish, move to the final name)."""
