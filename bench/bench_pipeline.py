@@ -309,7 +309,6 @@ def main() -> int:
     )
     parser.add_argument("--host-outputs", action="store_true", help="the pipeline returns frames in host memory")
     parser.add_argument("--plain-output-copy", action="store_true", help="A/B: frames.to('cpu') for the outputs")
-    parser.add_argument("--no-encode-ahead", action="store_true", help="A/B: no encoder upload under the decode")
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
     parser.add_argument(
         "--seam-settings", nargs="+", default=["110:0"], help="tile stride:margin settings for --seams (latent px)"
@@ -356,9 +355,6 @@ def main() -> int:
         pipe.output_device = torch.device("cpu")
     if args.plain_output_copy:  # A/B: CUDA's own copy into pageable host memory
         pipe._to_output = lambda frames: frames.to(pipe.output_device)
-    if args.no_encode_ahead:  # A/B: the next chunk's encoder history not uploaded under the decode
-        decode_chunk = pipe.vae.decode_chunk
-        pipe.vae.decode_chunk = lambda latents, history, encode_next=False: decode_chunk(latents, history)
     if args.plain:
         pipe.dit.fuse_elementwise = False
         pipe.dit.cuda_graphs = False

@@ -234,23 +234,18 @@ class InfVSRPipeline:
     def _flush(self, session: InfVSRSession) -> list[torch.Tensor]:
         outputs = []
         while session.pending_frames:
-            outputs.append(
-                self._take_chunk(session, min(session.pending_frames, session.next_chunk_length), flushing=True)
-            )
+            outputs.append(self._take_chunk(session, min(session.pending_frames, session.next_chunk_length)))
         return outputs
 
-    def _take_chunk(self, session: InfVSRSession, count: int, flushing: bool = False) -> torch.Tensor:
+    def _take_chunk(self, session: InfVSRSession, count: int) -> torch.Tensor:
         assert session.pending is not None
         chunk, rest = session.pending[:count], session.pending[count:]
         session.pending = rest if rest.shape[0] else None
-        # Whether this call runs another chunk of the scene right after this one (a flush takes every frame
-        # left, padded; a push only whole chunks): then its uploads may begin under this chunk's end.
-        more = session.pending_frames > 0 if flushing else session.pending_frames >= chunk_length(False)
-        return self._upscale_chunk(session, chunk, more)
+        return self._upscale_chunk(session, chunk)
 
-    def _upscale_chunk(self, session: InfVSRSession, frames: torch.Tensor, more: bool = False) -> torch.Tensor:
+    def _upscale_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
         try:
-            return self._run_chunk(session, frames, more)
+            return self._run_chunk(session, frames)
         except torch.OutOfMemoryError as e:
             session.interrupted = "out of device memory"
             self.dit.graphs.clear()
@@ -274,7 +269,7 @@ class InfVSRPipeline:
         return f"InfVSR ran out of GPU memory on {height}x{width} input frames with offload={self.offload!r}: {hint}."
 
     @torch.inference_mode()
-    def _run_chunk(self, session: InfVSRSession, frames: torch.Tensor, more: bool = False) -> torch.Tensor:
+    def _run_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
         first = session.scene is None
         if first:
@@ -298,7 +293,7 @@ class InfVSRPipeline:
         scene.latent_frames += latents.shape[2]
         restored = one_step_restore(latents, prediction)
         del prediction, latents
-        decoded = self.vae.decode_chunk(restored, scene.vae_history, encode_next=more)
+        decoded = self.vae.decode_chunk(restored, scene.vae_history)
         out = self._to_output(finish_frames(decoded, true_size))
         scene.frames += int(frames.shape[0])
         session.frames_out += int(frames.shape[0])

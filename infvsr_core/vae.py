@@ -578,15 +578,12 @@ class StreamingVAE:
 
         A no-op unless offloading with `prefetch` on. Call it before work that the copies can overlap (the DiT).
         """
-        self._prefetch_first(history, "decoder_cache")
-
-    def _prefetch_first(self, history: VAEHistory, attr: str) -> None:
         if self.history_device is None or not self.prefetch:
             return
         if history.tiles is None:
-            self._prefetch(history, attr)
+            self._prefetch(history, "decoder_cache")
         elif history.tiles:
-            self._prefetch(next(iter(history.tiles.values())), attr)
+            self._prefetch(next(iter(history.tiles.values())), "decoder_cache")
 
     def host_memory(self) -> tuple[int, int]:
         """(bytes of offloaded history in host memory, bytes of page-locked blocks kept for reuse)."""
@@ -653,14 +650,10 @@ class StreamingVAE:
     # ----------------------------------------------------------------- decode
 
     @torch.no_grad()
-    def decode_chunk(self, latents: torch.Tensor, history: VAEHistory, encode_next: bool = False) -> torch.Tensor:
+    def decode_chunk(self, latents: torch.Tensor, history: VAEHistory) -> torch.Tensor:
         """Normalized latents (B, 16, T', h, w) -> frames (B, 3, T, 8h, 8w) in [-1, 1].
 
-        T = 1 + 4 (T' - 1) for the scene's first chunk, 4 T' afterwards. `encode_next`: another chunk of
-        this scene follows at once, so (offloading, with `prefetch`) the encoder history's upload (the
-        first tile's) starts under the end of this decode: two tiles before the last when tiled (small
-        edge tiles, far from the peak), else once the decoder's work is queued. Not otherwise: between
-        calls, an offloaded history holds no device memory.
+        T = 1 + 4 (T' - 1) for the scene's first chunk, 4 T' afterwards.
         """
         if latents.ndim != 5 or latents.shape[1] != self.z_dim:
             raise ValueError(f"expected latents of shape (B, {self.z_dim}, T, h, w), got {tuple(latents.shape)}")
@@ -672,8 +665,7 @@ class StreamingVAE:
         latents = latents.to(device=device, dtype=dtype)
         first = not history.decoded_first
         tiled = history.tiles is not None
-        follow = "encoder_cache" if encode_next else None
-        out = self._run(latents, history, "decoder_cache", lambda z, c: self._decode(z, c, first, tiled), False, follow)
+        out = self._run(latents, history, "decoder_cache", lambda z, c: self._decode(z, c, first, tiled), False)
         history.decoded_first = True
         return out.clamp_(-1.0, 1.0)
 
@@ -697,21 +689,13 @@ class StreamingVAE:
 
     # ----------------------------------------------------------------- tiling
 
-    def _run(
-        self, value: torch.Tensor, history: VAEHistory, attr: str, run: Any, pixels_in: bool, follow: str | None = None
-    ) -> torch.Tensor:
-        """run(value, cache) with the history's `attr` cache, or per tile (blended) when the scene is tiled;
-        then (`follow`) the upload of the `follow` cache (the first tile's) begins."""
+    def _run(self, value: torch.Tensor, history: VAEHistory, attr: str, run: Any, pixels_in: bool) -> torch.Tensor:
+        """run(value, cache) with the history's `attr` cache, or per tile (blended) when the scene is tiled."""
         if history.tiles is None:
-            out = self._with_cache(history, attr, lambda cache: run(value, cache))
-            if follow is not None:
-                self._prefetch_first(history, follow)
-            return out
-        return self._blend(value, history, attr, run, pixels_in, follow)
+            return self._with_cache(history, attr, lambda cache: run(value, cache))
+        return self._blend(value, history, attr, run, pixels_in)
 
-    def _blend(
-        self, value: torch.Tensor, history: VAEHistory, attr: str, run: Any, pixels_in: bool, follow: str | None = None
-    ) -> torch.Tensor:
+    def _blend(self, value: torch.Tensor, history: VAEHistory, attr: str, run: Any, pixels_in: bool) -> torch.Tensor:
         """Run `run(tile_input, tile_cache)` per tile (its `attr` cache) and blend the outputs (float32 sums)."""
         assert history.tiles is not None and history.frame_size is not None
         latent_frame = (history.frame_size[0] // SPATIAL_FACTOR, history.frame_size[1] // SPATIAL_FACTOR)
@@ -729,8 +713,6 @@ class StreamingVAE:
             if self.prefetch and self.history_device is not None and index + 1 < len(tiles):
                 self._prefetch(tile, attr)  # this tile's upload is queued before the next one's
                 self._prefetch(tiles[index + 1][1], attr)
-            if follow is not None and index == max(len(tiles) - 2, 0):  # behind the last tile's upload
-                self._prefetch_first(history, follow)
             out = self._with_cache(tile, attr, lambda cache: run(piece, cache))  # noqa: B023
             if total is None:
                 total = out.new_zeros(

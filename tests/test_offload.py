@@ -27,15 +27,14 @@ def clip() -> torch.Tensor:
     return smooth_vae_clip(21, seed=1)
 
 
-def _stream(sv: StreamingVAE, clip: torch.Tensor, fork_at: int | None = None, encode_next: bool = False):
-    """Encode + decode the clip in a 9- and a 12-frame chunk; the histories' kinds after each chunk (with
-    `encode_next`, the first chunk's decode starts the next encoder history's upload)."""
+def _stream(sv: StreamingVAE, clip: torch.Tensor, fork_at: int | None = None):
+    """Encode + decode the clip in a 9- and a 12-frame chunk; the histories' kinds after each chunk."""
     history = sv.new_history()
     outs, kinds, start = [], [], 0
     for n in (9, 12):
         latents = sv.encode_chunk(clip[:, :, start : start + n], history)
         sv.prefetch_decoder(history)
-        outs.append(sv.decode_chunk(latents, history, encode_next=encode_next and start == 0))
+        outs.append(sv.decode_chunk(latents, history))
         caches = (
             [history.encoder_cache, history.decoder_cache]
             if history.tiles is None
@@ -63,31 +62,6 @@ def test_histories_in_host_memory_are_bit_identical(vae, clip, fast, whole, tile
         )
         assert torch.equal(offloaded, plain)
         assert kinds[-1] == {HostCache}  # every cache (every tile's) is in host memory between chunks
-    # The next chunk's encoder history (the first tile's) uploaded under the decode: the same values.
-    ahead, kinds = _stream(StreamingVAE(vae, fast=fast, history_device="cpu", **kwargs), clip, encode_next=True)
-    assert torch.equal(ahead, plain)
-    assert kinds[0] == {HostCache, ArrivingCache} and kinds[1] == {HostCache}
-
-
-def test_encoder_history_upload_starts_two_tiles_before_the_decode_ends(vae, clip):
-    """Tiled: the first tile's encoder history is uploaded once the second-to-last tile's turn comes (behind
-    the last tile's decoder history), not earlier, where the large tiles' activations peak."""
-    sv = StreamingVAE(vae, history_device="cpu", tiling="always", tile_size=3, tile_stride=2)
-    history = sv.new_history()
-    latents = sv.encode_chunk(clip[:, :, :9], history)
-    tiles = list(history.tiles.values())
-    assert len(tiles) >= 3
-    seen = []
-    run = sv._decode
-
-    def spy(latents, cache, first, tiled):
-        seen.append(type(tiles[0].encoder_cache))
-        return run(latents, cache, first, tiled)
-
-    sv._decode = spy
-    sv.decode_chunk(latents, history, encode_next=True)
-    assert seen == [HostCache] * (len(tiles) - 2) + [ArrivingCache] * 2
-    assert isinstance(tiles[0].encoder_cache, ArrivingCache) and isinstance(tiles[1].encoder_cache, HostCache)
 
 
 def test_host_offload_lists(vae):
@@ -132,8 +106,8 @@ def test_pipeline_offload_is_bit_identical(offload_pipe, mode):
         assert offload_pipe._guidance_weights.offloaded == (mode in ("state", "all"))
         held, _ = offload_pipe.host_memory()
         assert held >= history.nbytes()  # the closed session still holds its last state
-        # The whole clip in one push: each chunk but the call's last starts the next one's uploads early
-        # (encoder history, first KV layer); the same output, and between calls nothing stays on the device.
+        # The whole clip in one push (each chunk's first KV layer queued before its encoder): the same output,
+        # and between calls nothing stays on the device.
         session = offload_pipe.new_session(2)
         out = offload_pipe.push(session, clip)
         scene = session.scene.vae_history
