@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import av
 import numpy as np
@@ -1149,7 +1149,26 @@ class _AudioMuxer:
         self.input.close()
 
 
-class VideoWriter:
+class _Finishing:
+    """`with` for the writers: close() on success, abort() (no output left) on an exception."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def close(self) -> Any:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+
+class VideoWriter(_Finishing):
     """Encodes frames to a video file (or a PNG folder), appearing under its final name only when complete.
 
     ``codec``: ``"h264"`` (yuv420p default, or yuv444p), ``"h265"`` (yuv420p10le), ``"prores"``
@@ -1453,15 +1472,6 @@ class VideoWriter:
                 except OSError:
                     pass
 
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
-
     def __del__(self) -> None:  # a writer dropped without close() must not leave a temp file behind
         if not getattr(self, "_closed", True):
             try:
@@ -1470,7 +1480,7 @@ class VideoWriter:
                 pass
 
 
-class BackgroundWriter:
+class BackgroundWriter(_Finishing):
     """A VideoWriter fed through a worker thread: a chunk's frames are converted and encoded while the GPU computes
     the next chunk, not between chunks (x264 at 1080p takes a large share of a chunk's GPU time, which the GPU spent
     idle). At most `depth` chunks wait in the queue, so memory stays bounded. An error in the worker (disk full, a
@@ -1548,12 +1558,3 @@ class BackgroundWriter:
         self._stop()
         self._error = None
         self.writer.abort()
-
-    def __enter__(self) -> BackgroundWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
