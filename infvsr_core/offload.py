@@ -287,10 +287,10 @@ class HostOffload:
     def fetch(self, tensor: torch.Tensor) -> torch.Tensor:
         """A pageable host copy of `tensor` (a chunk's output frames, for the caller to keep), waited for.
 
-        From CUDA, through a page-locked block (reused call after call) and then one host copy: CUDA's own copy
-        into fresh pageable memory held the host, and the GPU idle, ~140 ms per 720p chunk (~260 ms at 1080p:
-        bench/RESULTS.md round 8). The copy is queued on the current stream, behind the work that produces
-        the tensor and not behind the offloaded state's transfers on the side streams.
+        From CUDA, through a page-locked block (reused call after call) and then one host copy: 9 ms for a 720p
+        chunk, where CUDA's own copy into fresh pageable memory held the host, and the GPU idle, for 81 ms (20 vs
+        185 ms at 1080p: bench/RESULTS.md round 8). The copy is queued on the current stream, behind the work
+        that produces the tensor and not behind the offloaded state's transfers on the side streams.
         """
         if tensor.device.type != "cuda":
             return tensor.to("cpu")
