@@ -1495,6 +1495,7 @@ class BackgroundWriter(_Finishing):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
         self._dropping = False
+        self._failed = False
         self._accepted = 0
         self._thread = threading.Thread(target=self._work, name="infvsr-video-writer", daemon=True)
         self._thread.start()
@@ -1521,10 +1522,14 @@ class BackgroundWriter(_Finishing):
                     self._error = error
 
     def _check(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            self.writer.abort()
-            raise error
+        """Raise the worker's error, once the worker has stopped: the partial output is thrown away."""
+        if self._error is None:
+            return
+        error, self._dropping, self._failed = self._error, True, True
+        self._stop()
+        self._error = None
+        self.writer.abort()
+        raise error
 
     def _stop(self) -> None:
         if self._thread.is_alive():
@@ -1534,7 +1539,7 @@ class BackgroundWriter(_Finishing):
     def write(self, frames: Any, timestamps: Sequence[float] | None = None) -> None:
         """Queue frames (as VideoWriter.write takes them); blocks while `depth` chunks already wait."""
         self._check()
-        if not self._thread.is_alive():
+        if self._failed or not self._thread.is_alive():
             raise VideoError(f"writer for {self.path} is already closed")
         self._queue.put((frames, None if timestamps is None else list(timestamps)))
         self._accepted += len(frames)
@@ -1543,13 +1548,16 @@ class BackgroundWriter(_Finishing):
         """Encode what is queued, then VideoWriter.close (flush, finish, move to the final name)."""
         self._stop()
         self._check()
+        if self._failed:
+            raise VideoError(f"writing {self.path} failed earlier; nothing was saved")
         return self.writer.close()
 
     def finalize_partial(self) -> Path | None:
         """For interrupt handlers: encode what is queued and keep it all as a valid file (None if no frame)."""
         self._stop()
-        if self._error is not None:  # what was written before the error stays usable
-            self._error = None
+        if self._failed:
+            return None
+        self._error = None  # an error not raised yet: what was written before it stays usable
         return self.writer.finalize_partial()
 
     def abort(self) -> None:

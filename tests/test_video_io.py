@@ -760,6 +760,19 @@ def test_background_writer_raises_the_workers_error_and_leaves_nothing(work: Pat
     with pytest.raises(VideoError, match="frame size changed"):
         background.close()
     assert not out.exists() and not list(work.glob(".bg_error*"))
+    with pytest.raises(VideoError, match="failed earlier"):
+        background.close()  # never a success after a failure
+
+    raised = work / "bg_error_on_write.mkv"  # the error comes back on the next write, once the worker is done
+    background = BackgroundWriter(VideoWriter(raised, 25, codec="ffv1"))
+    background.write(bikes[:3])
+    background.write(bikes[:2, :100])
+    background._stop()  # (let the worker reach the bad chunk)
+    with pytest.raises(VideoError, match="frame size changed"):
+        background.write(bikes[:1])
+    with pytest.raises(VideoError, match="already closed"):
+        background.write(bikes[:1])
+    assert background.finalize_partial() is None and not raised.exists() and not list(work.glob(".bg_error_on*"))
 
     kept = work / "bg_partial.mkv"  # Ctrl-C: the queued frames are encoded and kept
     background = BackgroundWriter(VideoWriter(kept, 25, codec="ffv1"))
