@@ -45,6 +45,10 @@ def main() -> None:
         sections[name]()
 
 
+def _rel_error(a: torch.Tensor, b: torch.Tensor, scale: float) -> str:
+    return f"{(a.float() - b).abs().max().item() / scale:.2e}"
+
+
 def ffn_check() -> None:
     """The DiT's FFN with the GELU in the GEMM's epilogue (dit._ffn_fused_op) against Linear -> GELU(tanh) ->
     Linear: time at the 720p / 1080p token counts, error against a float32 run of the tanh form (and of the
@@ -71,14 +75,11 @@ def ffn_check() -> None:
             fused_ms = timed(lambda x=x: _ffn_fused_op(ffn, x))
             plain_ms = timed(lambda x=x: ffn(x))
 
-        def err(a: torch.Tensor, b: torch.Tensor, scale: float) -> str:
-            return f"{(a.float() - b).abs().max().item() / scale:.2e}"
-
         scale = tanh32.abs().max().item()
         print(
             f"   {tokens} tokens: fused {fused_ms:.3f} ms, plain {plain_ms:.3f} ms; max error / max vs float32 tanh:"
-            f" fused {err(fused, tanh32, scale)}, plain {err(plain, tanh32, scale)}; fused vs float32 erf"
-            f" {err(fused, erf32, scale)}"
+            f" fused {_rel_error(fused, tanh32, scale)}, plain {_rel_error(plain, tanh32, scale)}; fused vs float32 erf"
+            f" {_rel_error(fused, erf32, scale)}"
         )
 
 

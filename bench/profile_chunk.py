@@ -51,9 +51,6 @@ def gib(n: int) -> float:
     return n / 2**30
 
 
-COPY_SOURCES = False  # --copies
-
-
 def _copy_sources(label: str, events) -> None:
     """GPU time of copies and fills (kernels and device-to-device memcpys) by the Python line that issued them."""
     by_line: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -76,19 +73,19 @@ def _copy_sources(label: str, events) -> None:
         print(f"   {ms:8.2f} ms {count:5d}x  {line}")
 
 
-def profiled(label: str, top: int, fn):
+def profiled(label: str, top: int, fn, copies: bool = False):
     """Run fn() under the profiler; print its kernels by class and the stage's memory."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     start_alloc = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if COPY_SOURCES else [])
-    with profile(activities=activities, with_stack=COPY_SOURCES) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if copies else [])
+    with profile(activities=activities, with_stack=copies) as prof:
         result = fn()
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    if COPY_SOURCES:
+    if copies:
         _copy_sources(label, prof.events())
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
@@ -209,8 +206,6 @@ def main() -> int:
     parser.add_argument("--stacks", type=int, default=0, help="--whole: host ops and Python stacks over N gaps")
     parser.add_argument("--memory-gib", type=float, help="cap the process's GPU memory (as a card of this size)")
     args = parser.parse_args()
-    global COPY_SOURCES
-    COPY_SOURCES = args.copies
     device = torch.device("cuda")
     if args.memory_gib:
         total = torch.cuda.get_device_properties(device).total_memory
@@ -263,7 +258,7 @@ def main() -> int:
         def encode(video=video):
             return pipe.vae.encode_chunk(video, history)
 
-        latents = profiled("encode", args.top, encode) if last else timed("encode", encode)
+        latents = profiled("encode", args.top, encode, args.copies) if last else timed("encode", encode)
         del video
         pipe._prefetch_decoder(history)
 
@@ -271,7 +266,7 @@ def main() -> int:
             return pipe._run_dit(latents, prompt, timestep, position, cache)
 
         if last:
-            prediction, cache = profiled("dit", args.top, dit)
+            prediction, cache = profiled("dit", args.top, dit, args.copies)
         else:
             prediction, cache = timed("dit", dit)
         position += latents.shape[2]
@@ -281,7 +276,7 @@ def main() -> int:
         def decode(restored=restored, true_size=true_size):
             return finish_frames(pipe.vae.decode_chunk(restored, history), true_size)
 
-        out = profiled("decode", args.top, decode) if last else timed("decode", decode)
+        out = profiled("decode", args.top, decode, args.copies) if last else timed("decode", decode)
         del out, restored
     print("\nwall time per stage, synchronized, chunks 4-5 (unprofiled):")
     for label, values in walls.items():
