@@ -307,6 +307,9 @@ def main() -> int:
         action="store_true",
         help="time the steady chunks as one push (outputs to host memory chunk by chunk, as in the nodes)",
     )
+    parser.add_argument(
+        "--reserve-tiles", type=int, help="decoder tile histories allocated before the DiT with 'state' (0: off)"
+    )
     parser.add_argument("--host-outputs", action="store_true", help="the pipeline returns frames in host memory")
     parser.add_argument("--plain-output-copy", action="store_true", help="A/B: frames.to('cpu') for the outputs")
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
@@ -366,6 +369,8 @@ def main() -> int:
 
     pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
     pipe.vae.set_seams(args.vae_seams)
+    if args.reserve_tiles is not None:
+        pipe.vae.reserve_tiles = args.reserve_tiles
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)

@@ -83,6 +83,31 @@ def fetch_check(device: torch.device) -> None:
             f"to(cpu) {1000 * min(times['to(cpu)']):.1f} ms (best of 4); values equal, pageable; staging kept "
             f"{offload.host_memory()[1] / 2**20:.0f} MiB"
         )
+        host_copies(frames)
+
+
+def host_copies(frames: torch.Tensor) -> None:
+    """Where a fetch's host time goes: the pinned staging's copy into fresh pageable memory (every page
+    faulted in, as when the caller keeps each chunk) against one into memory written before, ms (median of 6)."""
+    staging = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+    staging.copy_(frames)
+    kept, fresh, warm, alloc = [], [], [], []
+    target = torch.empty_like(staging, device="cpu").fill_(0)
+    for _ in range(6):
+        t0 = time.perf_counter()
+        kept.append(staging.clone())
+        fresh.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        target.copy_(staging)
+        warm.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch.empty_like(staging, device="cpu").fill_(0)
+        alloc.append(time.perf_counter() - t0)
+    med = lambda xs: 1000 * sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(
+        f"  host copy of the staging: into fresh memory {med(fresh):.1f} ms, into memory written before "
+        f"{med(warm):.1f} ms; a fresh block written once {med(alloc):.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,11 @@ class HostCache(list):
 
     `ready` is the CUDA event after which the device-to-host copies that filled
     it are complete (None when they were synchronous, e.g. on the CPU).
+    `reserved`: device blocks allocated ahead for its next upload (`HostOffload.reserve`).
     """
 
     ready: torch.cuda.Event | None = None
+    reserved: list | None = None
 
 
 class SpilledCache(list):
@@ -324,23 +326,27 @@ class HostOffload:
         return out
 
     def upload(
-        self, tensor: torch.Tensor, device: torch.device, after: Any = None
+        self, tensor: torch.Tensor, device: torch.device, after: Any = None, into: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """A device copy of a host tensor and the event that marks its arrival (None: already there).
 
-        `after` is an event the copy must wait for (the download that filled the host tensor).
+        `after` is an event the copy must wait for (the download that filled the host tensor); `into`, a device
+        tensor of the same shape, dtype and strides to copy into (a block allocated ahead: `reserve`).
         """
         side = self._side(device, "up")
         if side is None:
-            return tensor.clone(), None
+            return (tensor.clone() if into is None else into.copy_(tensor)), None
         main = torch.cuda.current_stream(device)
         # Device blocks are allocated on the current stream: the copy must not
         # start before the work already queued there (which may still use them).
         side.wait_stream(main)
         if after is not None:
             side.wait_event(after)
-        with torch.cuda.stream(main):
-            dev = torch.empty_like(tensor, device=device)
+        if into is not None:
+            dev = into
+        else:
+            with torch.cuda.stream(main):
+                dev = torch.empty_like(tensor, device=device)
         with torch.cuda.stream(side):
             dev.copy_(tensor, non_blocking=True)
             dev.record_stream(side)  # not reused before the copy is done, even if dropped unread
@@ -359,16 +365,34 @@ class HostOffload:
         moved = [self.download(t) if isinstance(t, torch.Tensor) else t for t in items]
         return self.host_list(moved, tensors[0].device)
 
+    def reserve(self, cache: list, device: torch.device) -> None:
+        """Allocate the device blocks of a HostCache's next upload now, on the current stream; `to_device` copies
+        into them later.
+
+        Why: under a memory cap the caching allocator makes room for a large request by freeing its cached blocks,
+        which first waits for every stream, the offload's transfers included (35 ms at each 1080p decode's start:
+        bench/RESULTS.md round 9). Asked for right after a stage has freed its activations, the blocks come from
+        those instead. No-op for any other list, or when already reserved.
+        """
+        if not isinstance(cache, HostCache) or cache.reserved is not None:
+            return
+        cache.reserved = [torch.empty_like(t, device=device) if isinstance(t, torch.Tensor) else None for t in cache]
+
     def to_device(self, cache: list, device: torch.device) -> list:
-        """A HostCache brought back to `device` (an ArrivingCache); any other list is returned as it is."""
+        """A HostCache brought back to `device` (an ArrivingCache; into its `reserve`d blocks if any); any other
+        list is returned as it is."""
         if isinstance(cache, SpilledCache):
             raise TypeError("a spilled cache must be read back (DiskSpill.read) before it goes to the device")
         if not isinstance(cache, HostCache):
             return cache
         items, events = list(cache), {}
+        reserved, cache.reserved = cache.reserved or [None] * len(cache), None
         for i, t in enumerate(cache):
             if isinstance(t, torch.Tensor):
-                items[i], event = self.upload(t, device, cache.ready)
+                into = reserved[i]
+                if into is not None and (into.shape != t.shape or into.device.type != torch.device(device).type):
+                    into = None
+                items[i], event = self.upload(t, device, cache.ready, into)
                 if event is not None:
                     events[i] = event
         return ArrivingCache(items, events, device)

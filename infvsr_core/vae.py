@@ -453,6 +453,9 @@ class StreamingVAE:
         self.piece_frames = piece_frames
         self.whole_chunks = whole_chunks
         self.spill: DiskSpill | None = None
+        # Decoder tile histories `reserve_decoder` allocates ahead: the tiles whose uploads a decode starts at once
+        # (0: none, also untiled).
+        self.reserve_tiles = 2
         self._offload = HostOffload()
         self.z_dim = int(vae.config.z_dim)
         self._encoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
@@ -584,6 +587,28 @@ class StreamingVAE:
             self._prefetch(history, "decoder_cache")
         elif history.tiles:
             self._prefetch(next(iter(history.tiles.values())), "decoder_cache")
+
+    def reserve_decoder(self, history: VAEHistory) -> None:
+        """Allocate, now, the device blocks of the decoder history uploads that the next decode_chunk starts with
+        (the first `reserve_tiles` tiles' when tiled); their copies are still queued by the decode.
+
+        For the pipeline's "state" offload, right after the encoder freed its activations: under a memory cap,
+        these gigabytes asked for at the decode's start made the allocator free its cache and wait for every
+        stream (bench/RESULTS.md round 9). Undone by `unreserve` if the decode never comes.
+        """
+        if self.history_device is None or not self.prefetch or self.reserve_tiles < 1:
+            return
+        owners = [history] if history.tiles is None else list(history.tiles.values())[: self.reserve_tiles]
+        device = self._params()[0]
+        for owner in owners:
+            self._offload.reserve(owner.decoder_cache, device)
+
+    def unreserve(self, history: VAEHistory) -> None:
+        """Drop the blocks `reserve_decoder` allocated, if the decode did not take them (a failed chunk)."""
+        for owner in [history, *(history.tiles or {}).values()]:
+            for cache in (owner.encoder_cache, owner.decoder_cache):
+                if getattr(cache, "reserved", None) is not None:
+                    cache.reserved = None
 
     def host_memory(self) -> tuple[int, int]:
         """(bytes of offloaded history in host memory, bytes of page-locked blocks kept for reuse)."""

@@ -280,3 +280,83 @@ def test_windowed_upload_start_queues_the_first_entries_now():
     window.start(10)  # no further than the list
     assert set(window._items) == {0, 1, 2}
     assert all(torch.equal(window[i], layers[i]) for i in range(3))
+
+
+def test_reserved_blocks_take_the_next_upload():
+    offload = HostOffload()
+    values = [torch.randn(2, 3, 4), None, "Rep", torch.randn(5).to(torch.bfloat16)]
+    host = offload.to_host(values)
+    offload.reserve(host, torch.device("cpu"))
+    blocks = host.reserved
+    assert (
+        blocks[1] is None and blocks[2] is None and blocks[0].shape == (2, 3, 4) and blocks[3].dtype == torch.bfloat16
+    )
+    offload.reserve(host, torch.device("cpu"))
+    assert host.reserved is blocks  # already reserved: kept
+    back = offload.to_device(host, torch.device("cpu")).settle()
+    assert host.reserved is None  # taken by this upload
+    assert back[0].data_ptr() == blocks[0].data_ptr() and back[3].data_ptr() == blocks[3].data_ptr()
+    assert torch.equal(back[0], values[0]) and torch.equal(back[3], values[3]) and back[2] == "Rep"
+    again = offload.to_device(host, torch.device("cpu")).settle()  # the next one allocates its own
+    assert again[0].data_ptr() != blocks[0].data_ptr() and torch.equal(again[0], values[0])
+    fork = copy_cache(host)
+    offload.reserve(host, torch.device("cpu"))
+    assert fork.reserved is None  # a fork shares the host tensors, not the original's device blocks
+    offload.reserve([torch.ones(1)], torch.device("cpu"))  # not a HostCache: nothing to reserve
+
+
+def test_reserved_decoder_tiles_are_used_and_bit_identical(vae, clip):
+    kwargs = dict(tiling="always", tile_size=3, tile_stride=2, history_device="cpu")
+    plain, _ = _stream(StreamingVAE(vae, fast=True, **kwargs), clip)
+    sv = StreamingVAE(vae, fast=True, **kwargs)
+    sv.reserve_tiles = 2
+    taken = []
+    upload = sv._offload.upload
+    sv._offload.upload = lambda t, device, after=None, into=None: taken.append(into) or upload(t, device, after, into)
+    history = sv.new_history()
+    outs, start = [], 0
+    for n in (9, 12):
+        latents = sv.encode_chunk(clip[:, :, start : start + n], history)
+        sv.reserve_decoder(history)
+        tiles = list(history.tiles.values())
+        reserved = [getattr(t.decoder_cache, "reserved", None) for t in tiles]
+        if start:  # the first chunk's decoder histories are empty lists: nothing in host memory yet
+            assert all(r is not None for r in reserved[:2]) and all(r is None for r in reserved[2:])
+            blocks = {b.data_ptr() for r in reserved[:2] for b in r if b is not None}
+        taken.clear()
+        outs.append(sv.decode_chunk(latents, history))
+        assert all(t.decoder_cache.reserved is None for t in tiles)  # HostCaches again, nothing left reserved
+        if start:
+            assert {b.data_ptr() for b in taken if b is not None} == blocks  # every reserved block was copied into
+        start += n
+    assert torch.equal(torch.cat(outs, dim=2), plain)
+    sv.reserve_decoder(history)
+    sv.unreserve(history)
+    assert all(t.decoder_cache.reserved is None for t in history.tiles.values())
+
+
+def test_pipeline_drops_reserved_blocks_when_a_chunk_fails(offload_pipe, monkeypatch):
+    clip = make_clip(21)
+    offload_pipe.offload = "state"
+    try:
+        session = offload_pipe.new_session(2)
+        offload_pipe.push(session, clip[:9])
+        reserved = []
+        real = offload_pipe.vae.reserve_decoder
+
+        def reserve_then_check(history):
+            real(history)
+            reserved.append(history.decoder_cache.reserved)
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("DiT failed")
+
+        monkeypatch.setattr(offload_pipe.vae, "reserve_decoder", reserve_then_check)
+        monkeypatch.setattr(offload_pipe, "_run_dit", fail)
+        with pytest.raises(RuntimeError, match="DiT failed"):
+            offload_pipe.push(session, clip[9:21])
+        assert reserved and reserved[0] is not None  # the decoder's blocks were taken before the DiT
+        assert session.scene.vae_history.decoder_cache.reserved is None  # and dropped with the failed chunk
+        assert session.interrupted
+    finally:
+        offload_pipe.offload = "none"
