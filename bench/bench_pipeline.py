@@ -93,6 +93,21 @@ def synthetic_clip(frames: int, height: int, width: int, device: torch.device) -
     return clip.clamp(0, 1).to(device)
 
 
+def print_retry_sites(snapshot: dict, frames: int = 6) -> None:
+    """The allocations after which the allocator gave memory back to the driver (it frees its cache only when a
+    request does not fit, after synchronizing every stream): their size and the project's Python frames."""
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    released = False
+    for entry in trace:
+        if entry["action"] in ("segment_unmap", "segment_free"):
+            released = True
+        elif released and entry["action"] in ("alloc", "segment_alloc", "segment_map"):
+            released = False
+            ours = [f for f in entry.get("frames", []) if "infvsr_core" in f["filename"] or "bench" in f["filename"]]
+            where = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in ours[:frames])
+            print(f"  cache freed for a {entry['size'] / 2**20:.0f} MiB {entry['action']}: {where}")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -319,6 +334,11 @@ def main() -> int:
     parser.add_argument("--vae-seams", choices=["release", "smooth"], default="release", help="tile blend setting")
     parser.add_argument("--flat-frames", type=int, default=0, help="also stream this many frames, check peak memory")
     parser.add_argument(
+        "--retry-sites",
+        action="store_true",
+        help="print where the timed run's allocations made the allocator free its cache (and wait for every stream)",
+    )
+    parser.add_argument(
         "--memory-snapshot", type=Path, help="record the allocator's events over the timed run, dump them here"
     )
     parser.add_argument(
@@ -396,13 +416,16 @@ def main() -> int:
                     torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
                 torch.cuda.reset_peak_memory_stats()
         before = allocator_counts(device)
-        if args.memory_snapshot and device.type == "cuda":
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        if (args.memory_snapshot or args.retry_sites) and device.type == "cuda":
+            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
         stream_out, times = run_stream(
             pipe, clip, args.scale, peaks, keep_device=keep_device, hosts=hosts, push_all=args.push_all
         )
         if args.memory_snapshot and device.type == "cuda":
             torch.cuda.memory._dump_snapshot(str(args.memory_snapshot.with_suffix(f".{size}.{mode}.pickle")))
+        if args.retry_sites and device.type == "cuda":
+            print_retry_sites(torch.cuda.memory._snapshot())
+        if (args.memory_snapshot or args.retry_sites) and device.type == "cuda":
             torch.cuda.memory._record_memory_history(enabled=None)
         allocator = {k: v - before.get(k, 0) for k, v in allocator_counts(device).items()}
         peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
