@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from infvsr_core import fast_vae  # noqa: E402
 from infvsr_core.attention import ATTENTION_BACKENDS, flash3_installed  # noqa: E402
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
@@ -323,7 +324,10 @@ def main() -> int:
         help="time the steady chunks as one push (outputs to host memory chunk by chunk, as in the nodes)",
     )
     parser.add_argument(
-        "--reserve-tiles", type=int, help="decoder tile histories allocated before the DiT with 'state' (0: off)"
+        "--ab-tiles",
+        choices=("defer", "no-defer", "whole-upsampler"),
+        help="A/B: the next tile's decoder history prefetched whole ('no-defer'), or the upsampler before the "
+        "full-resolution pieces run on all frames ('whole-upsampler')",
     )
     parser.add_argument("--host-outputs", action="store_true", help="the pipeline returns frames in host memory")
     parser.add_argument("--plain-output-copy", action="store_true", help="A/B: frames.to('cpu') for the outputs")
@@ -389,8 +393,11 @@ def main() -> int:
 
     pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
     pipe.vae.set_seams(args.vae_seams)
-    if args.reserve_tiles is not None:
-        pipe.vae.reserve_tiles = args.reserve_tiles
+    if args.ab_tiles == "no-defer":
+        pipe.vae.defer_full_res = False
+    elif args.ab_tiles == "whole-upsampler":
+        pipe.vae.defer_full_res = False
+        fast_vae.PIECE_UPSAMPLER = False
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)

@@ -67,6 +67,8 @@ ATTENTION_SCORE_BYTES = 256 * 2**20
 # Frames per piece of the full-resolution stages when splitting (StreamingVAE.piece_frames): their causal
 # caches carry the history between pieces exactly, so smaller pieces only lower the peak memory.
 FULL_RES_FRAMES = 2
+# The decoder's spatial-only upsampler before its full-resolution block runs on those pieces too (`_decoder`).
+PIECE_UPSAMPLER = True
 
 
 def supports_fast_forward(vae: AutoencoderKLWan) -> bool:
@@ -630,10 +632,10 @@ def _encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: 
     return _causal(encoder.conv_out, x, cursor, encoder.norm_out)
 
 
-def _up_block(block: nn.Module, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
+def _up_block(block: nn.Module, x: torch.Tensor, cursor: _Cursor, upsample: bool = True) -> torch.Tensor:
     for resnet in block.resnets:
         x = _resblock(resnet, x, cursor)
-    if block.upsamplers is not None:
+    if block.upsamplers is not None and upsample:
         x = _upsample(block.upsamplers[0], x, cursor)
     return x
 
@@ -644,11 +646,18 @@ def _decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: 
     x = _causal(decoder.conv_in, _to_cl3(x), cursor, None)
     x = _mid(decoder.mid_block, x, cursor)
     *body, last = decoder.up_blocks
+    # The last block (no upsampler) and the head run at full resolution: in pieces, with the spatial upsampler
+    # before them (per frame, no cache), so that its full-resolution output never exists for all frames at once
+    # (2.3 GB for a 1080p tile's chunk, a block the allocator under a memory cap had to make room for).
+    pieces = last.upsamplers is None and piece_frames is not None
+    before = body[-1].upsamplers[0] if body and body[-1].upsamplers is not None else None
+    per_piece_up = before if pieces and PIECE_UPSAMPLER and before is not None and before.mode == "upsample2d" else None
     for block in body:
-        x = _up_block(block, x, cursor)
+        x = _up_block(block, x, cursor, upsample=per_piece_up is None or block is not body[-1])
 
     def tail(piece: torch.Tensor) -> torch.Tensor:
+        if per_piece_up is not None:
+            piece = _upsample(per_piece_up, piece, cursor)
         return _causal(decoder.conv_out, _up_block(last, piece, cursor), cursor, decoder.norm_out)
 
-    # The last block (no upsampler) and the head run at full resolution: in pieces.
     return _in_pieces(x, cursor, tail, piece_frames) if last.upsamplers is None else tail(x)

@@ -25,11 +25,9 @@ class HostCache(list):
 
     `ready` is the CUDA event after which the device-to-host copies that filled
     it are complete (None when they were synchronous, e.g. on the CPU).
-    `reserved`: device blocks allocated ahead for its next upload (`HostOffload.reserve`).
     """
 
     ready: torch.cuda.Event | None = None
-    reserved: list | None = None
 
 
 class SpilledCache(list):
@@ -57,10 +55,31 @@ class ArrivingCache(list):
     # conv's new cache entry into the old entry's storage (fast_vae._stage) instead of allocating one.
     private = True
 
-    def __init__(self, items: list, events: dict[int, Any] | None = None, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        items: list,
+        events: dict[int, Any] | None = None,
+        device: torch.device | None = None,
+        pending: tuple[HostOffload, Any, list[int]] | None = None,
+    ) -> None:
         super().__init__(items)
         self.events = events or {}
         self.device = device
+        # (offload, the host list's ready event, indices): entries still in host memory, whose uploads `finish`
+        # queues (`HostOffload.to_device(..., count=)`).
+        self.pending = pending
+
+    def finish(self) -> None:
+        """Queue the uploads of the entries left in host memory (a no-op once every upload is queued)."""
+        if self.pending is None:
+            return
+        offload, ready, indices = self.pending
+        self.pending = None
+        for index in indices:
+            value, event = offload.upload(super().__getitem__(index), self.device, ready)
+            super().__setitem__(index, value)
+            if event is not None:
+                self.events[index] = event
 
     def _arrive(self, index: int) -> None:
         event = self.events.pop(index, None)
@@ -68,18 +87,21 @@ class ArrivingCache(list):
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def __getitem__(self, index):  # type: ignore[override]
+        self.finish()  # a read never sees a host tensor
         if self.events and isinstance(index, int):
             self._arrive(index % len(self))
         return super().__getitem__(index)
 
     def __setitem__(self, index, value) -> None:  # type: ignore[override]
+        self.finish()
         if self.events and isinstance(index, int):
             # The old tensor is freed by this assignment: its copy must be over first.
             self._arrive(index % len(self))
         super().__setitem__(index, value)
 
     def settle(self) -> list:
-        """A plain list of the entries, every copy waited for."""
+        """A plain list of the entries, every copy queued and waited for."""
+        self.finish()
         for index in list(self.events):
             self._arrive(index)
         return list(self)
@@ -326,27 +348,23 @@ class HostOffload:
         return out
 
     def upload(
-        self, tensor: torch.Tensor, device: torch.device, after: Any = None, into: torch.Tensor | None = None
+        self, tensor: torch.Tensor, device: torch.device, after: Any = None
     ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """A device copy of a host tensor and the event that marks its arrival (None: already there).
 
-        `after` is an event the copy must wait for (the download that filled the host tensor); `into`, a device
-        tensor of the same shape, dtype and strides to copy into (a block allocated ahead: `reserve`).
+        `after` is an event the copy must wait for (the download that filled the host tensor).
         """
         side = self._side(device, "up")
         if side is None:
-            return (tensor.clone() if into is None else into.copy_(tensor)), None
+            return tensor.clone(), None
         main = torch.cuda.current_stream(device)
         # Device blocks are allocated on the current stream: the copy must not
         # start before the work already queued there (which may still use them).
         side.wait_stream(main)
         if after is not None:
             side.wait_event(after)
-        if into is not None:
-            dev = into
-        else:
-            with torch.cuda.stream(main):
-                dev = torch.empty_like(tensor, device=device)
+        with torch.cuda.stream(main):
+            dev = torch.empty_like(tensor, device=device)
         with torch.cuda.stream(side):
             dev.copy_(tensor, non_blocking=True)
             dev.record_stream(side)  # not reused before the copy is done, even if dropped unread
@@ -365,37 +383,31 @@ class HostOffload:
         moved = [self.download(t) if isinstance(t, torch.Tensor) else t for t in items]
         return self.host_list(moved, tensors[0].device)
 
-    def reserve(self, cache: list, device: torch.device) -> None:
-        """Allocate the device blocks of a HostCache's next upload now, on the current stream; `to_device` copies
-        into them later.
+    def to_device(self, cache: list, device: torch.device, count: int | None = None) -> list:
+        """A HostCache brought back to `device` (an ArrivingCache); any other list is returned as it is (an
+        ArrivingCache with its remaining uploads queued).
 
-        Why: under a memory cap the caching allocator makes room for a large request by freeing its cached blocks,
-        which first waits for every stream, the offload's transfers included (35 ms at each 1080p decode's start:
-        bench/RESULTS.md round 9). Asked for right after a stage has freed its activations, the blocks come from
-        those instead. No-op for any other list, or when already reserved.
+        `count`: only the first `count` entries' uploads are queued now, the others when the list is next given
+        here or read. A tile's decoder history is prefetched so: the decoder reads its full-resolution entries
+        last, and the current tile's full-resolution stage is the peak, where two whole tile histories made
+        the allocator free its cache under a memory cap (bench/RESULTS.md round 9).
         """
-        if not isinstance(cache, HostCache) or cache.reserved is not None:
-            return
-        cache.reserved = [torch.empty_like(t, device=device) if isinstance(t, torch.Tensor) else None for t in cache]
-
-    def to_device(self, cache: list, device: torch.device) -> list:
-        """A HostCache brought back to `device` (an ArrivingCache; into its `reserve`d blocks if any); any other
-        list is returned as it is."""
         if isinstance(cache, SpilledCache):
             raise TypeError("a spilled cache must be read back (DiskSpill.read) before it goes to the device")
+        if isinstance(cache, ArrivingCache):
+            cache.finish()
         if not isinstance(cache, HostCache):
             return cache
-        items, events = list(cache), {}
-        reserved, cache.reserved = cache.reserved or [None] * len(cache), None
+        items, events, later = list(cache), {}, []
         for i, t in enumerate(cache):
             if isinstance(t, torch.Tensor):
-                into = reserved[i]
-                if into is not None and (into.shape != t.shape or into.device.type != torch.device(device).type):
-                    into = None
-                items[i], event = self.upload(t, device, cache.ready, into)
+                if count is not None and i >= count:
+                    later.append(i)
+                    continue
+                items[i], event = self.upload(t, device, cache.ready)
                 if event is not None:
                     events[i] = event
-        return ArrivingCache(items, events, device)
+        return ArrivingCache(items, events, device, (self, cache.ready, later) if later else None)
 
 
 class WindowedUpload:

@@ -96,13 +96,10 @@ class InfVSRPipeline:
 
         Not with the KV cache streamed ("state", "all"): its per-layer uploads would
         queue behind the history's gigabytes and stall every layer. The history then
-        comes in at decode time, entry by entry as the decoder reaches them, into
-        device blocks taken now ("state"), while the encoder's are free.
+        comes in at decode time, entry by entry as the decoder reaches them.
         """
         if self.offload == "histories":
             self.vae.prefetch_decoder(history)
-        elif self.offload == "state":
-            self.vae.reserve_decoder(history)
 
     def _stream_kv(self, kv_cache: KVCache | None) -> KVCache | None:
         """An offloaded KV cache as layer-by-layer uploads ("state", "all"), the first layer's queued now: called
@@ -257,9 +254,6 @@ class InfVSRPipeline:
             # The caches were being replaced entry by entry: they now mix two chunks.
             session.interrupted = f"{type(e).__name__}: {e}".strip().rstrip(":")
             raise
-        finally:
-            if session.scene is not None:
-                self.vae.unreserve(session.scene.vae_history)  # device blocks a failed decode never took
 
     def _memory_advice(self, frames: torch.Tensor) -> str:
         """What to change after running out of device memory (the same type is re-raised, for ComfyUI)."""

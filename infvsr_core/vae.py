@@ -298,6 +298,13 @@ def _cache_nbytes(cache: list) -> int:
     return sum(t.numel() * t.element_size() for t in cache if isinstance(t, torch.Tensor))
 
 
+def _before_largest(cache: list) -> int:
+    """The index of the first entry at the cache's largest spatial size (its full-resolution convs'), or its
+    length if it holds no tensor."""
+    sizes = [t.shape[-2] * t.shape[-1] if isinstance(t, torch.Tensor) else -1 for t in cache]
+    return sizes.index(max(sizes)) if any(size >= 0 for size in sizes) else len(cache)
+
+
 @dataclass
 class TileHistory:
     """Encoder and decoder `feat_cache` lists of one spatial tile (entries: None, "Rep" or tensors)."""
@@ -453,9 +460,8 @@ class StreamingVAE:
         self.piece_frames = piece_frames
         self.whole_chunks = whole_chunks
         self.spill: DiskSpill | None = None
-        # Decoder tile histories `reserve_decoder` allocates ahead: the tiles whose uploads a decode starts at once
-        # (0: none, also untiled).
-        self.reserve_tiles = 2
+        # The next tile's decoder history is prefetched without its full-resolution entries (`_prefetch`).
+        self.defer_full_res = True
         self._offload = HostOffload()
         self.z_dim = int(vae.config.z_dim)
         self._encoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
@@ -559,12 +565,16 @@ class StreamingVAE:
             setattr(owner, attr, host)
         return out
 
-    def _prefetch(self, owner: Any, attr: str) -> None:
+    def _prefetch(self, owner: Any, attr: str, ahead: bool = False) -> None:
+        """Queue the upload of `owner.attr`'s cache. `ahead` (the next tile's decoder history, under the current
+        tile's decode): all but the entries at full resolution, which the decoder reads last; they are queued
+        when that tile starts, so that the current tile's peak does not hold two tiles' whole histories."""
         cache = getattr(owner, attr)
         if isinstance(cache, SpilledCache):
             cache.spill.read_ahead(cache)  # the disk is the slow part: the upload waits for its turn
         else:
-            setattr(owner, attr, self._offload.to_device(cache, self._params()[0]))
+            count = _before_largest(cache) if ahead else None
+            setattr(owner, attr, self._offload.to_device(cache, self._params()[0], count))
 
     def set_spill(self, folder: str | os.PathLike | None, host_budget_gib: float | None = None) -> None:
         """Cap the host memory of offloaded histories at `host_budget_gib`, spilling the rest to files in `folder`
@@ -587,28 +597,6 @@ class StreamingVAE:
             self._prefetch(history, "decoder_cache")
         elif history.tiles:
             self._prefetch(next(iter(history.tiles.values())), "decoder_cache")
-
-    def reserve_decoder(self, history: VAEHistory) -> None:
-        """Allocate, now, the device blocks of the decoder history uploads that the next decode_chunk starts with
-        (the first `reserve_tiles` tiles' when tiled); their copies are still queued by the decode.
-
-        For the pipeline's "state" offload, right after the encoder freed its activations: under a memory cap,
-        these gigabytes asked for at the decode's start made the allocator free its cache and wait for every
-        stream (bench/RESULTS.md round 9). Undone by `unreserve` if the decode never comes.
-        """
-        if self.history_device is None or not self.prefetch or self.reserve_tiles < 1:
-            return
-        owners = [history] if history.tiles is None else list(history.tiles.values())[: self.reserve_tiles]
-        device = self._params()[0]
-        for owner in owners:
-            self._offload.reserve(owner.decoder_cache, device)
-
-    def unreserve(self, history: VAEHistory) -> None:
-        """Drop the blocks `reserve_decoder` allocated, if the decode did not take them (a failed chunk)."""
-        for owner in [history, *(history.tiles or {}).values()]:
-            for cache in (owner.encoder_cache, owner.decoder_cache):
-                if getattr(cache, "reserved", None) is not None:
-                    cache.reserved = None
 
     def host_memory(self) -> tuple[int, int]:
         """(bytes of offloaded history in host memory, bytes of page-locked blocks kept for reuse)."""
@@ -737,7 +725,7 @@ class StreamingVAE:
             piece = value[..., top * in_factor : bottom * in_factor, left * in_factor : right * in_factor]
             if self.prefetch and self.history_device is not None and index + 1 < len(tiles):
                 self._prefetch(tile, attr)  # this tile's upload is queued before the next one's
-                self._prefetch(tiles[index + 1][1], attr)
+                self._prefetch(tiles[index + 1][1], attr, ahead=attr == "decoder_cache" and self.defer_full_res)
             out = self._with_cache(tile, attr, lambda cache: run(piece, cache))  # noqa: B023
             if total is None:
                 total = out.new_zeros(

@@ -206,8 +206,17 @@ def test_full_res_pieces_equal_one_call(vae, clip, pieces, pad_rgb, monkeypatch)
             seen.append(x.shape[2])
         return causal(conv, x, cursor, norm)
 
+    upsampled: list[int] = []  # frames per call of the decoder's spatial-only upsampler
+    upsample = fast_vae_module._upsample
+
+    def spy_up(layer, x, cursor):
+        if layer.mode == "upsample2d":
+            upsampled.append(x.shape[2])
+        return upsample(layer, x, cursor)
+
     monkeypatch.setattr(fast_vae_module, "_rgb_in", spy_in)
     monkeypatch.setattr(fast_vae_module, "_causal", spy_out)
+    monkeypatch.setattr(fast_vae_module, "_upsample", spy_up)
 
     def run(frames: int | None) -> tuple[list[torch.Tensor], list, list]:
         enc_cache, dec_cache = [None] * len(history.encoder_cache), [None] * len(history.decoder_cache)
@@ -218,10 +227,12 @@ def test_full_res_pieces_equal_one_call(vae, clip, pieces, pad_rgb, monkeypatch)
         return outs, enc_cache, dec_cache
 
     whole = run(None)
-    assert max(seen) > pieces
+    assert max(seen) > pieces and max(upsampled) > pieces
     seen.clear()
+    upsampled.clear()
     split = run(pieces)
     assert max(seen) == pieces
+    assert max(upsampled) == pieces  # the upsampler before the full-resolution block runs on the pieces too
     for a, b in zip(split[0], whole[0], strict=True):
         assert a.shape == b.shape and max_err(a, b) < TOL
     for cache_a, cache_b in zip(split[1:], whole[1:], strict=True):

@@ -282,81 +282,56 @@ def test_windowed_upload_start_queues_the_first_entries_now():
     assert all(torch.equal(window[i], layers[i]) for i in range(3))
 
 
-def test_reserved_blocks_take_the_next_upload():
+def test_partial_upload_queues_the_rest_when_given_again_or_read():
     offload = HostOffload()
-    values = [torch.randn(2, 3, 4), None, "Rep", torch.randn(5).to(torch.bfloat16)]
+    values = [torch.randn(2, 3), None, torch.randn(4), "Rep", torch.randn(5)]
     host = offload.to_host(values)
-    offload.reserve(host, torch.device("cpu"))
-    blocks = host.reserved
-    assert (
-        blocks[1] is None and blocks[2] is None and blocks[0].shape == (2, 3, 4) and blocks[3].dtype == torch.bfloat16
-    )
-    offload.reserve(host, torch.device("cpu"))
-    assert host.reserved is blocks  # already reserved: kept
-    back = offload.to_device(host, torch.device("cpu")).settle()
-    assert host.reserved is None  # taken by this upload
-    assert back[0].data_ptr() == blocks[0].data_ptr() and back[3].data_ptr() == blocks[3].data_ptr()
-    assert torch.equal(back[0], values[0]) and torch.equal(back[3], values[3]) and back[2] == "Rep"
-    again = offload.to_device(host, torch.device("cpu")).settle()  # the next one allocates its own
-    assert again[0].data_ptr() != blocks[0].data_ptr() and torch.equal(again[0], values[0])
-    fork = copy_cache(host)
-    offload.reserve(host, torch.device("cpu"))
-    assert fork.reserved is None  # a fork shares the host tensors, not the original's device blocks
-    offload.reserve([torch.ones(1)], torch.device("cpu"))  # not a HostCache: nothing to reserve
+    cpu = torch.device("cpu")
+    partial = offload.to_device(host, cpu, count=2)
+    assert isinstance(partial, ArrivingCache) and partial.pending is not None and partial.pending[2] == [2, 4]
+    assert list.__getitem__(partial, 2) is host[2]  # still the host tensor: its upload is not queued yet
+    assert list.__getitem__(partial, 0) is not host[0] and torch.equal(list.__getitem__(partial, 0), values[0])
+    assert offload.to_device(partial, cpu) is partial and partial.pending is None  # the rest queued now
+    settled = partial.settle()
+    assert settled[1] is None and settled[3] == "Rep"
+    for i in (0, 2, 4):
+        assert settled[i] is not host[i] and torch.equal(settled[i], values[i])
+    read = offload.to_device(host, cpu, count=1)
+    assert torch.equal(read[4], values[4]) and read.pending is None  # a read never sees a host tensor
+    forked = copy_cache(offload.to_device(host, cpu, count=0))
+    assert all(t is not h for t, h in zip(forked, host, strict=True) if isinstance(t, torch.Tensor))
+    assert offload.to_device(host, cpu, count=len(host)).pending is None  # nothing left for later
 
 
-def test_reserved_decoder_tiles_are_used_and_bit_identical(vae, clip):
-    kwargs = dict(tiling="always", tile_size=3, tile_stride=2, history_device="cpu")
+def test_next_tile_decoder_history_comes_without_its_full_resolution_entries(vae, clip, monkeypatch):
+    kwargs = dict(tiling="always", tile_size=3, tile_stride=2, whole_chunks=True)
     plain, _ = _stream(StreamingVAE(vae, fast=True, **kwargs), clip)
-    sv = StreamingVAE(vae, fast=True, **kwargs)
-    sv.reserve_tiles = 2
-    taken = []
-    upload = sv._offload.upload
-    sv._offload.upload = lambda t, device, after=None, into=None: taken.append(into) or upload(t, device, after, into)
+    sv = StreamingVAE(vae, fast=True, history_device="cpu", **kwargs)
+    seen = []
+    with_cache = sv._with_cache
+
+    def spy(owner, attr, run):
+        tiles = list(sv._history.tiles.values())
+        at = [i for i, tile in enumerate(tiles) if tile is owner]
+        following = tiles[at[0] + 1] if at and at[0] + 1 < len(tiles) else None
+        if attr == "decoder_cache" and following is not None:
+            seen.append(getattr(following.decoder_cache, "pending", None))
+        return with_cache(owner, attr, run)
+
+    monkeypatch.setattr(sv, "_with_cache", spy)
     history = sv.new_history()
+    sv._history = history
     outs, start = [], 0
     for n in (9, 12):
         latents = sv.encode_chunk(clip[:, :, start : start + n], history)
-        sv.reserve_decoder(history)
-        tiles = list(history.tiles.values())
-        reserved = [getattr(t.decoder_cache, "reserved", None) for t in tiles]
-        if start:  # the first chunk's decoder histories are empty lists: nothing in host memory yet
-            assert all(r is not None for r in reserved[:2]) and all(r is None for r in reserved[2:])
-            blocks = {b.data_ptr() for r in reserved[:2] for b in r if b is not None}
-        taken.clear()
         outs.append(sv.decode_chunk(latents, history))
-        assert all(t.decoder_cache.reserved is None for t in tiles)  # HostCaches again, nothing left reserved
-        if start:
-            assert {b.data_ptr() for b in taken if b is not None} == blocks  # every reserved block was copied into
         start += n
     assert torch.equal(torch.cat(outs, dim=2), plain)
-    sv.reserve_decoder(history)
-    sv.unreserve(history)
-    assert all(t.decoder_cache.reserved is None for t in history.tiles.values())
-
-
-def test_pipeline_drops_reserved_blocks_when_a_chunk_fails(offload_pipe, monkeypatch):
-    clip = make_clip(21)
-    offload_pipe.offload = "state"
-    try:
-        session = offload_pipe.new_session(2)
-        offload_pipe.push(session, clip[:9])
-        reserved = []
-        real = offload_pipe.vae.reserve_decoder
-
-        def reserve_then_check(history):
-            real(history)
-            reserved.append(history.decoder_cache.reserved)
-
-        def fail(*args, **kwargs):
-            raise RuntimeError("DiT failed")
-
-        monkeypatch.setattr(offload_pipe.vae, "reserve_decoder", reserve_then_check)
-        monkeypatch.setattr(offload_pipe, "_run_dit", fail)
-        with pytest.raises(RuntimeError, match="DiT failed"):
-            offload_pipe.push(session, clip[9:21])
-        assert reserved and reserved[0] is not None  # the decoder's blocks were taken before the DiT
-        assert session.scene.vae_history.decoder_cache.reserved is None  # and dropped with the failed chunk
-        assert session.interrupted
-    finally:
-        offload_pipe.offload = "none"
+    later = [pending for pending in seen if pending is not None]  # the second chunk's (the first has no history)
+    assert later and all(pending[2] for pending in later)
+    tile = next(iter(history.tiles.values())).decoder_cache
+    largest = max(t.shape[-2] * t.shape[-1] for t in tile if isinstance(t, torch.Tensor))
+    deferred = later[0][2]
+    assert all(tile[i].shape[-2] * tile[i].shape[-1] == largest for i in deferred)  # only full-resolution ones
+    tensors = [i for i, t in enumerate(tile) if isinstance(t, torch.Tensor)]
+    assert deferred == tensors[tensors.index(deferred[0]) :]  # the decoder's last entries
