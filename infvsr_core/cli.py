@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "histories", "state", "all"),
         default="none",
         help="keep stream state in host memory between uses, same output, less GPU memory (H100 with "
-        "FlashAttention-3, 720p: none 15.3 GiB 25.8 fps; state 9.5 GiB 20.1 fps; all 6.8 GiB 16.8 fps; 1080p: none "
-        "37.6 GiB 8.4 fps, state 19.0 GiB 7.9 fps; 4K: state 20.3 GiB 1.2 fps + ~93 GiB host). On a small card, set "
+        "FlashAttention-3, 720p: none 15.3 GiB 25.8 fps; state 9.5 GiB 20.1 fps; all 6.8 GiB 17.8 fps; 1080p: none "
+        "37.6 GiB 8.4 fps, state 14.4 GiB 8.0 fps; 4K: state 15.7 GiB 1.2 fps + ~93 GiB host). On a small card, set "
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
     )
     up.add_argument(

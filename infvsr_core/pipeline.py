@@ -261,8 +261,8 @@ class InfVSRPipeline:
         lighter = OFFLOAD_MODES[OFFLOAD_MODES.index(self.offload) + 1 :]
         hint = (
             f"try offload={lighter[0]!r} (same output; measured on an H100: 720p needs ~15 GiB with 'none', "
-            "~9.6 GiB with 'state', ~6.9 GiB with 'all'; 1080p ~38 / ~19 / ~8.1 GiB with 'none' / 'state' / 'all'; "
-            "4K ~20 GiB with 'state')"
+            "~9.6 GiB with 'state', ~6.9 GiB with 'all'; 1080p ~38 / ~15 / ~8.1 GiB with 'none' / 'state' / 'all'; "
+            "4K ~16 GiB with 'state')"
             if lighter
             else "this is already the lowest-memory mode: use a smaller input or a GPU with more memory"
         )

@@ -391,12 +391,15 @@ class StreamingVAE:
     being processed (as in the release). Copies run on side streams and are
     waited for per cache entry; `prefetch_decoder` (the pipeline calls it before
     the DiT) starts the decoder's upload early, and the next tile's history is
-    uploaded while the current tile runs when `prefetch` is True. The values
-    are bit for bit those of the resident path.
+    uploaded while the current tile runs when `prefetch` is True (a decoder
+    history without its full-resolution entries, which come when that tile
+    starts: `defer_full_res`). The values are bit for bit those of the
+    resident path.
 
-    `piece_frames` (fast forward only): the full-resolution stages run that
-    many frames at a time, which lowers the peak by ~0.8 GiB at 720p for a few
-    percent of speed; None never splits. "auto": untiled frames run in pieces
+    `piece_frames` (fast forward only): the full-resolution stages (and the
+    decoder's spatial upsampler into them) run that many frames at a time,
+    which lowers the peak by ~0.8 GiB at 720p for a few percent of speed;
+    None never splits. "auto": untiled frames run in pieces
     of 2 when offloading (the memory-saving modes) and of 4 with
     `whole_chunks` (the peak of diffusers' calls), whole otherwise; tiles run
     in pieces of 4 when offloading, whole otherwise.

@@ -67,8 +67,8 @@ def _state_offload_input() -> dict[str, Any]:
         "default": "none",
         "tooltip": "Keep stream state in host memory between uses (same results, less VRAM): histories = VAE "
         "histories, state = also the KV cache and the guidance weights, all = also the DiT weights (low VRAM). "
-        "H100 with FlashAttention-3, 720p: none 15.3 GiB / 25.8 fps, state 9.5 GiB / 20.1 fps, all 6.8 GiB / 16.8 "
-        "fps; 1080p: none 37.6 GiB / 8.4 fps, state 19.0 GiB / 7.9 fps; 4K: state 20.3 GiB / 1.2 fps with ~93 GiB "
+        "H100 with FlashAttention-3, 720p: none 15.3 GiB / 25.8 fps, state 9.5 GiB / 20.1 fps, all 6.8 GiB / 17.8 "
+        "fps; 1080p: none 37.6 GiB / 8.4 fps, state 14.4 GiB / 8.0 fps; 4K: state 15.7 GiB / 1.2 fps with ~93 GiB "
         "of system RAM."})}
 
 
