@@ -124,6 +124,11 @@ if flash3_installed():
     ATTENTION_BACKENDS["flash3"] = _flash3_attention
 
 
+def backend_names() -> list[str]:
+    """The selectable backends, "auto" first: the loader node's and the command line's choices."""
+    return ["auto", *sorted(set(ATTENTION_BACKENDS) - {"auto"})]
+
+
 def register_attention_backend(name: str, fn: AttentionFn) -> None:
     """Make `fn(q, k, v)` (all (B, L, H, D), returns (B, Lq, H, D)) selectable by `name`."""
     ATTENTION_BACKENDS[name] = fn

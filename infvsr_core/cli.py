@@ -22,6 +22,7 @@ CODECS = ("auto", "h264", "h265", "prores", "ffv1", "png")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .attention import backend_names
     from .loader import default_models_dir
 
     parser = argparse.ArgumentParser(
@@ -49,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     up.add_argument(
         "--attention",
-        choices=("auto", "sdpa", "flash3", "math"),
+        choices=backend_names(),
         default="auto",
         help="the DiT's attention kernel: auto = FlashAttention-3 where installed (Hopper, bf16), else PyTorch's "
-        "SDPA; math = plain float32 (slow, a reference)",
+        "SDPA; flash3 (listed where installed) = FlashAttention-3 always; math = plain float32 (slow, a reference)",
     )
     up.add_argument(
         "--offload",

@@ -1229,6 +1229,7 @@ class VideoWriter(_Finishing):
         self.overwrite = overwrite
         self.frames_written = 0
         self._closed = False
+        self._aborted = False  # closed without output: close() then raises, it has no file to name
         self._size: tuple[int, int] | None = None
         self._container: Any = None
         self._stream: Any = None
@@ -1405,6 +1406,8 @@ class VideoWriter(_Finishing):
 
     def close(self) -> Path:
         """Flush the encoder, finish the file and move it to its final name; returns that path."""
+        if self._aborted:
+            raise VideoError(f"writing {self.path} was aborted; nothing was saved")
         if self._closed:
             return self.path
         if self.frames_written == 0:
@@ -1432,6 +1435,8 @@ class VideoWriter(_Finishing):
 
     def finalize_partial(self) -> Path | None:
         """For interrupt handlers: keep what was written as a valid file, or nothing if no frame was."""
+        if self._aborted:
+            return None
         if self._closed:
             return self.path
         if self.frames_written == 0:
@@ -1451,8 +1456,11 @@ class VideoWriter(_Finishing):
         os.replace(self.temp_path, self.path)
 
     def abort(self) -> None:
-        """Stop without output: close everything and delete the temporary file or folder."""
-        self._closed = True
+        """Stop without output: close everything and delete the temporary file or folder (after a completed
+        close() this does nothing: the finished file stays)."""
+        if self._closed and not self._aborted:
+            return
+        self._closed = self._aborted = True
         if self._container is not None:
             try:
                 self._container.close()

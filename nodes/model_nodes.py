@@ -92,7 +92,7 @@ class LoadInfVSRModel:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        backends = ["auto", *sorted(set(attention_module.ATTENTION_BACKENDS) - {"auto"})]
+        backends = attention_module.backend_names()
         return {
             "required": {
                 "dit": (_choices("dit"), {"tooltip": "InfVSR.ckpt: the fine-tuned causal DiT (models/infvsr)."}),

@@ -84,6 +84,10 @@ def test_attention_option_selects_the_kernel(small_clip, tiny_models, tmp_path, 
         assert cli.main([*base, "-o", str(out), "--attention", kernel, "--quiet", "--no-audio"]) == 0
         outs.append(read(out)[0])
     assert used and all(abs(a.astype(int) - b).max() <= 2 for a, b in zip(*outs, strict=True))
+    monkeypatch.delitem(attention_module.ATTENTION_BACKENDS, "flash3", raising=False)
+    with pytest.raises(SystemExit):  # not installed: not a choice (the registry's list, as in the loader node)
+        cli.main([*base, "-o", str(tmp_path / "n.mkv"), "--attention", "flash3", "--quiet"])
+    assert "invalid choice: 'flash3'" in capsys.readouterr().err
     monkeypatch.setitem(attention_module.ATTENTION_BACKENDS, "flash3", attention_module._flash3_attention)
     monkeypatch.setattr(attention_module, "_flash3", [None])
     assert cli.main([*base, "-o", str(tmp_path / "f.mkv"), "--attention", "flash3", "--quiet"]) == 1

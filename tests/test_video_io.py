@@ -716,6 +716,16 @@ def test_writer_exception_leaves_nothing_and_partial_close_is_valid(work: Path, 
             writer.write(bikes[:2])
             raise KeyboardInterrupt
     assert not folder.exists() and not (work / ".aborted_png.partial").exists()
+    with pytest.raises(VideoError, match="aborted; nothing was saved"):
+        writer.close()  # no path of a file that was deleted
+    assert writer.finalize_partial() is None
+
+    kept = work / "kept.mkv"
+    writer = VideoWriter(kept, 25, codec="ffv1")
+    writer.write(bikes[:2])
+    assert writer.close() == kept
+    writer.abort()  # after a completed close: the file stays
+    assert kept.exists() and writer.close() == kept
 
     partial = work / "partial.mkv"
     writer = VideoWriter(partial, 25, codec="ffv1")
