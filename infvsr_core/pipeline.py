@@ -258,7 +258,9 @@ class InfVSRPipeline:
     def _memory_advice(self, frames: torch.Tensor) -> str:
         """What to change after running out of device memory (the same type is re-raised, for ComfyUI)."""
         height, width = int(frames.shape[1]), int(frames.shape[2])  # a chunk: (T, H, W, 3), checked on entry
-        lighter = OFFLOAD_MODES[OFFLOAD_MODES.index(self.offload) + 1 :]
+        # "histories" is not suggested: "state" needs less memory and was as fast or faster where measured (1080p:
+        # 14.4 GiB at 8.0 fps against 23.5 GiB at 7.3; bench/RESULTS.md rounds 6 and 9).
+        lighter = [mode for mode in ("state", "all") if OFFLOAD_MODES.index(mode) > OFFLOAD_MODES.index(self.offload)]
         hint = (
             f"try offload={lighter[0]!r} (same output; measured on an H100: 720p needs ~15 GiB with 'none', "
             "~9.6 GiB with 'state', ~6.9 GiB with 'all'; 1080p ~38 / ~15 / ~8.1 GiB with 'none' / 'state' / 'all'; "

@@ -187,7 +187,15 @@ def test_a_chunk_stopped_half_way_leaves_a_session_that_refuses_to_continue(tiny
     assert torch.equal(torch.cat([head, tail]), one_shot)
 
 
-@pytest.mark.parametrize(("mode", "advice"), [("none", "offload='histories'"), ("all", "lowest-memory mode")])
+@pytest.mark.parametrize(
+    ("mode", "advice"),
+    [
+        ("none", "offload='state'"),
+        ("histories", "offload='state'"),
+        ("state", "offload='all'"),
+        ("all", "lowest-memory mode"),
+    ],
+)
 def test_running_out_of_device_memory_says_which_offload_to_try(tiny_pipeline, clip, monkeypatch, mode, advice):
     """The same exception type (ComfyUI handles OutOfMemoryError itself), with what to change appended."""
 
