@@ -1,4 +1,5 @@
-"""GPU check of the host offload's pinned pool: values through churned histories, reuse, copy rates (device run)."""
+"""GPU check of the host offload's pinned pool: values through churned histories, reuse, copy rates (device run);
+`--tiles`: the deferred tile uploads give the same frames."""
 
 from __future__ import annotations
 
@@ -110,5 +111,37 @@ def host_copies(frames: torch.Tensor) -> None:
     )
 
 
+def tile_defer_check(size: str = "1080p", device: str = "cuda", **pipeline: object) -> None:
+    """Full-size pipeline, offload "state", tiled: the next tile's decoder history prefetched without its
+    full-resolution entries (queued when that tile starts) against prefetched whole. Only the copies' timing
+    differs, so the frames must be bit for bit the same: a read before its upload arrived would show here."""
+    from bench_pipeline import SIZES, random_pipeline, run_stream, synthetic_clip
+
+    pipe = random_pipeline(torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32, **pipeline)
+    pipe.offload = "state"
+    height, width = SIZES[size]
+    clip = synthetic_clip(9 + 12 * 2, height, width, torch.device(device))
+    outs = {}
+    for defer in (True, False, True):
+        pipe.vae.defer_full_res = defer
+        out, _ = run_stream(pipe, clip, 4)
+        if defer in outs:
+            assert torch.equal(out, outs[defer]), "not deterministic run to run"
+        outs[defer] = out
+    same = torch.equal(outs[True], outs[False])
+    diff = (outs[True].float() - outs[False].float()).abs().max().item()
+    print(f"{size} state, tiled: deferred full-resolution uploads vs whole prefetch: bit-equal {same}, max diff {diff}")
+    from infvsr_core import fast_vae
+
+    fast_vae.PIECE_UPSAMPLER = False  # the upsampler on all frames at once: other conv calls, same arithmetic
+    whole, _ = run_stream(pipe, clip, 4)
+    fast_vae.PIECE_UPSAMPLER = True
+    diff = (outs[True].float() - whole.float()).abs().max().item()
+    print(f"  upsampler in pieces vs on all frames: bit-equal {torch.equal(outs[True], whole)}, max diff {diff}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--tiles"]:
+        tile_defer_check()
+    else:
+        main()
