@@ -33,6 +33,7 @@ from infvsr_core.attention import ATTENTION_BACKENDS, flash3_installed  # noqa: 
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
+from infvsr_core.offload import PendingFetch  # noqa: E402
 from infvsr_core.pipeline import InfVSRPipeline  # noqa: E402
 from infvsr_core.schedule import TIMESTEP, finish_frames, one_step_restore, prepare_chunk  # noqa: E402
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict  # noqa: E402
@@ -123,6 +124,7 @@ def run_stream(
     keep_device: torch.device | None = None,
     hosts: list[float] | None = None,
     push_all: bool = False,
+    defer: bool = False,
 ) -> tuple[torch.Tensor | None, list[float]]:
     """Push the clip chunk by chunk through one session; per-chunk wall times (synchronized). With
     `push_all`, the first chunk alone, then every other frame in one push (as the nodes and `upscale` do:
@@ -132,6 +134,8 @@ def run_stream(
     of the offloaded state plus the pinned blocks kept for reuse (GiB); with `keep` False the
     outputs are dropped as they come (long memory-flatness runs).
     """
+    if defer:
+        return run_deferred(pipe, clip, scale, peaks, keep, keep_device, hosts)
     session = pipe.new_session(scale)
     outputs, times, start = [], [], 0
     while start < clip.shape[0]:
@@ -153,6 +157,43 @@ def run_stream(
             outputs.append(out if keep_device is None else out.to(keep_device))
         del out
         start += size
+    return (torch.cat(outputs) if keep else None), times
+
+
+def run_deferred(
+    pipe: InfVSRPipeline,
+    clip: torch.Tensor,
+    scale: int,
+    peaks: list[float] | None,
+    keep: bool,
+    keep_device: torch.device | None,
+    hosts: list[float] | None,
+) -> tuple[torch.Tensor | None, list[float]]:
+    """`run_stream` with deferred pushes (the command line's and the nodes' way): no synchronization between
+    chunks; a push returns when the previous chunk's frames are in host memory. Times: the first chunk's (start
+    to its frames' return by the second push), then the intervals between returns (the last one ends with
+    `close`), one per chunk as in `run_stream`: their sum is the steady part's wall time."""
+    session = pipe.new_session(scale)
+    sizes = [9] + [12] * (-(-(clip.shape[0] - 9) // 12))
+    outputs, marks, start = [], [], 0
+    sync(pipe.device)
+    t0 = time.perf_counter()
+    for index, size in enumerate(sizes + [None]):
+        out = pipe.push(session, clip[start : start + size], defer=True) if size else pipe.close(session)
+        if size is None:
+            sync(pipe.device)
+        marks.append(time.perf_counter())
+        if peaks is not None and pipe.device.type == "cuda" and index:
+            peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+        if hosts is not None:
+            hosts.append(sum(pipe.host_memory()) / 2**30)
+        if keep and out.shape[0]:
+            outputs.append(out if keep_device is None else out.to(keep_device))
+        del out
+        start += size or 0
+    times = [marks[1] - t0] + [b - a for a, b in zip(marks[1:-1], marks[2:], strict=True)]
+    if PROGRESS:
+        print("  chunk times: " + " ".join(f"{t:.3f}" for t in times), flush=True)
     return (torch.cat(outputs) if keep else None), times
 
 
@@ -330,6 +371,11 @@ def main() -> int:
         "full-resolution pieces run on all frames ('whole-upsampler')",
     )
     parser.add_argument("--host-outputs", action="store_true", help="the pipeline returns frames in host memory")
+    parser.add_argument(
+        "--defer",
+        action="store_true",
+        help="with --host-outputs: deferred pushes, no synchronization between chunks (the command line and nodes)",
+    )
     parser.add_argument("--plain-output-copy", action="store_true", help="A/B: frames.to('cpu') for the outputs")
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
     parser.add_argument(
@@ -381,7 +427,7 @@ def main() -> int:
         # pile up on the device): the timed chunks include their download.
         pipe.output_device = torch.device("cpu")
     if args.plain_output_copy:  # A/B: CUDA's own copy into pageable host memory
-        pipe._to_output = lambda frames: frames.to(pipe.output_device)
+        pipe._to_output = lambda frames: PendingFetch(frames.to(pipe.output_device), None)
     if args.plain:
         pipe.dit.fuse_elementwise = False
         pipe.dit.cuda_graphs = False
@@ -426,7 +472,14 @@ def main() -> int:
         if (args.memory_snapshot or args.retry_sites) and device.type == "cuda":
             torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
         stream_out, times = run_stream(
-            pipe, clip, args.scale, peaks, keep_device=keep_device, hosts=hosts, push_all=args.push_all
+            pipe,
+            clip,
+            args.scale,
+            peaks,
+            keep_device=keep_device,
+            hosts=hosts,
+            push_all=args.push_all,
+            defer=args.defer,
         )
         if args.memory_snapshot and device.type == "cuda":
             torch.cuda.memory._dump_snapshot(str(args.memory_snapshot.with_suffix(f".{size}.{mode}.pickle")))

@@ -177,9 +177,14 @@ def upscale_command(args: argparse.Namespace) -> int:
         try:
             for chunk in _chain(first, chunks):
                 timestamps.extend(chunk.pts_seconds)
-                _write(writer, stream.push(chunk.frames), timestamps, bar)
+                # Deferred: a chunk's frames come back while the next one computes (the GPU never waits on us).
+                _write(writer, stream.push(chunk.frames, defer=True), timestamps, bar)
             _write(writer, stream.close(), timestamps, bar)
         except KeyboardInterrupt:
+            try:  # the chunk that completed before Ctrl-C but was not handed out yet
+                _write(writer, stream.collect(), timestamps, bar)
+            except Exception:  # noqa: BLE001 - keep what is written whatever this fails on
+                pass
             bar.close()
             kept = writer.finalize_partial()
             where = f"kept the {writer.frames_written} finished frames in {kept}" if kept else "nothing was written"

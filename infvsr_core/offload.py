@@ -255,6 +255,29 @@ class PinnedPool:
         return dropped
 
 
+class PendingFetch:
+    """A device tensor's copy to host memory, queued behind the work that computes it (`HostOffload.fetch_later`).
+
+    Holding one lets the caller queue more device work before waiting: a chunk's frames come back while the
+    next chunk computes, instead of the device idling while the host takes them and queues the next chunk.
+    """
+
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None) -> None:
+        self._host = host
+        self._done = done
+
+    @property
+    def frames(self) -> int:
+        return int(self._host.shape[0]) if self._host.ndim else 0
+
+    def wait(self) -> torch.Tensor:
+        """The host copy (pageable: the page-locked block goes back to the pool for the next fetch)."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._host, self._done = self._host.clone(), None  # the staging block is free from here
+        return self._host
+
+
 class HostOffload:
     """Moves lists of tensors (VAE feat_cache lists, KV caches, weights) between a device and host memory.
 
@@ -311,17 +334,27 @@ class HostOffload:
     def fetch(self, tensor: torch.Tensor) -> torch.Tensor:
         """A pageable host copy of `tensor` (a chunk's output frames, for the caller to keep), waited for.
 
-        From CUDA, through a page-locked block (reused call after call) and then one host copy: 9 ms for a 720p
-        chunk, where CUDA's own copy into fresh pageable memory held the host, and the GPU idle, for 81 ms (20 vs
-        185 ms at 1080p: bench/RESULTS.md round 8). The copy is queued on the current stream, behind the work
-        that produces the tensor and not behind the offloaded state's transfers on the side streams.
+        From CUDA, through a page-locked block and then one host copy: 9 ms for a 720p chunk, where CUDA's own
+        copy into fresh pageable memory held the host, and the GPU idle, for 81 ms (20 vs 185 ms at 1080p:
+        bench/RESULTS.md round 8). `fetch_later` is the same copy, waited for when its result is wanted.
+        """
+        return self.fetch_later(tensor).wait()
+
+    def fetch_later(self, tensor: torch.Tensor) -> PendingFetch:
+        """`fetch` of `tensor`, queued now and waited for by `PendingFetch.wait`.
+
+        The copy is queued on the current stream, behind the work that produces the tensor and not behind the
+        offloaded state's transfers on the side streams. The device tensor may be dropped at once: its block
+        is reused only by work queued after the copy on the same stream. Each pending fetch has its own
+        page-locked block (the pool reuses a block once its fetch is waited for and dropped).
         """
         if tensor.device.type != "cuda":
-            return tensor.to("cpu")
-        staging, _ = self._staging.empty_like(tensor)  # its previous copy was waited for: free to write
+            return PendingFetch(tensor.to("cpu"), None)
+        staging, _ = self._staging.empty_like(tensor)  # a free block: no copy still writes or reads it
         staging.copy_(tensor, non_blocking=True)
-        torch.cuda.current_stream(tensor.device).synchronize()
-        return staging.clone()
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(tensor.device))
+        return PendingFetch(staging, done)
 
     def host_memory(self) -> tuple[int, int]:
         """(bytes of host copies held now, bytes of blocks kept for reuse)."""

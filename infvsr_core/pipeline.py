@@ -15,7 +15,7 @@ import torch
 
 from .dit import CausalWanDiT, KVCache
 from .guidance import VisualGuidance
-from .offload import HostCache, HostOffload, ModuleOffload, WindowedUpload
+from .offload import HostCache, HostOffload, ModuleOffload, PendingFetch, WindowedUpload
 from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
 from .session import InfVSRSession, SceneState
 from .vae import StreamingVAE
@@ -166,20 +166,34 @@ class InfVSRPipeline:
             session.prompt_fixed = True
         return session
 
-    def push(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+    def push(self, session: InfVSRSession, frames: torch.Tensor, defer: bool = False) -> torch.Tensor:
         """Feed low-resolution frames (T, H, W, 3) in [0, 1]; returns every frame completed so far.
 
         Frames are held until a whole chunk is available, so the output of any
         batching of the same video is identical, frame for frame.
+
+        `defer`: the last chunk this call computes is returned by the session's next call (`push`, `cut`,
+        `close` or `collect`) instead: its frames come to host memory while that call's chunk computes, so
+        the device does not idle between chunks while the caller takes them and brings the next ones
+        (the frames, their order and the concatenation of all outputs are the same).
         """
         self._check_session(session)
         frames = self._check_frames(session, frames)
         session.pending = frames if session.pending is None else torch.cat([session.pending, frames])
         session.frames_in += int(frames.shape[0])
-        outputs = []
-        while session.pending_frames >= session.next_chunk_length:
-            outputs.append(self._take_chunk(session, session.next_chunk_length))
-        return self._join(session, outputs)
+        fetches = self._run_chunks(session, final=False)
+        session.held = fetches[-1:] if defer else []
+        return self._join(session, [f.wait() for f in fetches[: len(fetches) - len(session.held)]])
+
+    def collect(self, session: InfVSRSession) -> torch.Tensor:
+        """The frames a deferred `push` held back (none if there are none).
+
+        Also after an interruption: they belong to chunks that completed before it.
+        """
+        if not isinstance(session, InfVSRSession) or session.model_id != self.model_id:
+            self._check_session(session)  # the same errors as every other call
+        fetches, session.held = session.held, []
+        return self._join(session, [f.wait() for f in fetches])
 
     def cut(self, session: InfVSRSession) -> torch.Tensor:
         """Scene cut: finish the current scene (its last chunk padded), then reset every cache.
@@ -189,18 +203,20 @@ class InfVSRPipeline:
         reference frame.
         """
         self._check_session(session)
-        outputs = self._flush(session)
+        fetches = self._run_chunks(session, final=True)
+        session.held = []
         session.scene = None
         if not session.prompt_fixed:
             session.prompt = None
-        return self._join(session, outputs)
+        return self._join(session, [f.wait() for f in fetches])
 
     def close(self, session: InfVSRSession) -> torch.Tensor:
         """End of stream: upscale the remaining frames as a padded final chunk."""
         self._check_session(session)
-        outputs = self._flush(session)
+        fetches = self._run_chunks(session, final=True)
+        session.held = []
         session.closed = True
-        result = self._join(session, outputs)
+        result = self._join(session, [f.wait() for f in fetches])
         self.trim_host_memory()
         return result
 
@@ -231,19 +247,30 @@ class InfVSRPipeline:
         return torch.cat([self.push(session, frames), self.close(session)])
 
     # -- internals ------------------------------------------------------------------------------
-    def _flush(self, session: InfVSRSession) -> list[torch.Tensor]:
-        outputs = []
-        while session.pending_frames:
-            outputs.append(self._take_chunk(session, min(session.pending_frames, session.next_chunk_length)))
-        return outputs
+    def _run_chunks(self, session: InfVSRSession, final: bool) -> list[PendingFetch]:
+        """Upscale every whole chunk pending (with `final`, the rest too, padded); the frames of the chunks held
+        back before, then of these, in order. Each chunk's frames are waited for once the next chunk is queued
+        (the device goes on with it meanwhile); the last chunk's are not waited for here.
 
-    def _take_chunk(self, session: InfVSRSession, count: int) -> torch.Tensor:
+        If a chunk fails, the completed ones stay held for `collect` (the exception goes on)."""
+        fetches = list(session.held)
+        try:
+            while session.pending_frames and (final or session.pending_frames >= session.next_chunk_length):
+                fetches.append(self._take_chunk(session, min(session.pending_frames, session.next_chunk_length)))
+                for earlier in fetches[:-1]:
+                    earlier.wait()
+        except BaseException:
+            session.held = fetches
+            raise
+        return fetches
+
+    def _take_chunk(self, session: InfVSRSession, count: int) -> PendingFetch:
         assert session.pending is not None
         chunk, rest = session.pending[:count], session.pending[count:]
         session.pending = rest if rest.shape[0] else None
         return self._upscale_chunk(session, chunk)
 
-    def _upscale_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+    def _upscale_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> PendingFetch:
         try:
             return self._run_chunk(session, frames)
         except torch.OutOfMemoryError as e:
@@ -271,7 +298,7 @@ class InfVSRPipeline:
         return f"InfVSR ran out of GPU memory on {height}x{width} input frames with offload={self.offload!r}: {hint}."
 
     @torch.inference_mode()
-    def _run_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+    def _run_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> PendingFetch:
         started = time.perf_counter()
         first = session.scene is None
         if first:
@@ -302,10 +329,11 @@ class InfVSRPipeline:
         session.stats["last_chunk_seconds"] = time.perf_counter() - started
         return out
 
-    def _to_output(self, frames: torch.Tensor) -> torch.Tensor:
+    def _to_output(self, frames: torch.Tensor) -> PendingFetch:
+        """The chunk's frames on their way to the output device (waited for by whoever takes them)."""
         if self.output_device.type == "cpu":
-            return self._host.fetch(frames)
-        return frames.to(self.output_device)
+            return self._host.fetch_later(frames)
+        return PendingFetch(frames.to(self.output_device), None)
 
     def _join(self, session: InfVSRSession, outputs: list[torch.Tensor]) -> torch.Tensor:
         if len(outputs) == 1:

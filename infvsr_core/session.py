@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .dit import KVCache
-from .offload import copy_cache
+from .offload import PendingFetch, copy_cache
 from .schedule import chunk_length
 from .vae import VAEHistory
 
@@ -51,6 +51,8 @@ class InfVSRSession:
     """None before the first chunk of a scene (start of stream or after a cut)."""
     pending: torch.Tensor | None = None
     """Low-resolution frames (T, H, W, 3) received but not yet upscaled: fewer than one chunk."""
+    held: list[PendingFetch] = field(default_factory=list)
+    """Chunks upscaled but not yet returned (a deferred push), their frames on the way to host memory."""
     input_size: tuple[int, int] | None = None
     """(height, width) of the low-resolution frames, fixed by the first frame."""
     frames_in: int = 0
@@ -85,7 +87,7 @@ class InfVSRSession:
             if kv is not None:
                 kv = kv.map(copy_cache)
             scene = replace(self.scene, vae_history=self.scene.vae_history.fork(), kv_cache=kv)
-        return replace(self, scene=scene, stats=dict(self.stats))
+        return replace(self, scene=scene, held=list(self.held), stats=dict(self.stats))
 
     def state_bytes(self) -> int:
         """Bytes held by the causal state (KV cache, VAE histories, prompt, pending frames)."""

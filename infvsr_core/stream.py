@@ -56,14 +56,17 @@ class SceneStream:
         self.chunks: list[tuple[int, int, str]] = []
         """(first frame index, frame count, "scene" | "refresh" | "") of every chunk handed over."""
 
-    def push(self, frames: torch.Tensor) -> torch.Tensor:
-        """Add low-resolution frames (T, H, W, 3) in [0, 1]; returns the frames finished so far."""
+    def push(self, frames: torch.Tensor, defer: bool = False) -> torch.Tensor:
+        """Add low-resolution frames (T, H, W, 3) in [0, 1]; returns the frames finished so far.
+
+        `defer`: as for `InfVSRPipeline.push`, the last chunk computed is returned by the next call (or
+        `collect`), its frames coming to host memory while that call's chunk computes."""
         if frames.ndim == 3:
             frames = frames.unsqueeze(0)
         if self._size is None and frames.ndim == 4 and frames.shape[0]:
             self._size = (int(frames.shape[1]), int(frames.shape[2]))
         if not self.detect_scenes:
-            return self.pipeline.push(self.session, frames)
+            return self.pipeline.push(self.session, frames, defer=defer)
         outputs = []
         for frame in frames:
             self._held.append(frame)
@@ -73,7 +76,13 @@ class SceneStream:
             self.cuts_seen.extend(found)
             self._received += 1
             outputs.extend(self._drain(self.detector.safe_count))
+        if not defer:
+            outputs.append(self.pipeline.collect(self.session))
         return self._cat(outputs)
+
+    def collect(self) -> torch.Tensor:
+        """The frames a deferred push held back (`InfVSRPipeline.collect`)."""
+        return self._cat([self.pipeline.collect(self.session)])
 
     def close(self) -> torch.Tensor:
         """End of stream: drain what is held and upscale the padded final chunk."""
@@ -116,7 +125,7 @@ class SceneStream:
                 self._reference, self._reference_index = batch[0], self._start
                 event = "refresh"
             self.chunks.append((self._start, count, event))
-            outputs.append(pipe.push(session, batch))
+            outputs.append(pipe.push(session, batch, defer=True))  # the caller's push collects unless deferring
             self._start += count
         return outputs
 

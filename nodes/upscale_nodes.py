@@ -48,19 +48,29 @@ def advance(
         need = max(1, session.next_chunk_length - session.pending_frames)
         piece = frames[start : start + need]
         start += int(piece.shape[0])
-        out = pipe.push(session, piece)
+        # Deferred: each chunk's frames come back while the next one computes; the call's last ones below.
+        out = pipe.push(session, piece, defer=True)
         if out.shape[0]:
             outputs.append(out)
             on_chunk(int(out.shape[0]))
-    if final:
-        out = pipe.close(session)
-        if out.shape[0]:
-            outputs.append(out)
-            on_chunk(int(out.shape[0]))
+    out = pipe.close(session) if final else pipe.collect(session)
+    if out.shape[0]:
+        outputs.append(out)
+        on_chunk(int(out.shape[0]))
     cache.chunks += 1
     if outputs:
         return torch.cat(outputs)
     return pipe.empty_output(session, (int(frames.shape[1]), int(frames.shape[2])))
+
+
+def _keep_held(sink: VideoSink, collect: Callable[[], torch.Tensor]) -> None:
+    """Write the chunk a deferred push held back (it completed before the error or Cancel), if it can be had."""
+    try:
+        held = collect()
+        if held.shape[0]:
+            sink.write(held)
+    except Exception:  # noqa: BLE001 - the frames already written are kept whatever this fails on
+        pass
 
 
 def _compatible(cache: StreamCache, model: InfVSRModel, guidance: DAPEGuidance, scale: int) -> None:
@@ -303,7 +313,11 @@ class InfVSRUpscaleVideoFile:
                     frames = chunk.frames
                     for begin in range(0, int(frames.shape[0]), 12):  # Cancel is honoured every core chunk
                         piece = frames[begin : begin + 12]
-                        write(driver.push(piece) if driver is not None else pipe.push(session, piece))
+                        # Deferred: a chunk's frames come back while the next one computes (close() has the rest).
+                        if driver is not None:
+                            write(driver.push(piece, defer=True))
+                        else:
+                            write(pipe.push(session, piece, defer=True))
                     del frames, chunk
                 if sink is None:
                     raise ValueError(f"{source.name} has no frames to upscale (start_frame {start_frame})")
@@ -311,6 +325,7 @@ class InfVSRUpscaleVideoFile:
             path = sink.close()
         except BaseException as e:
             if sink is not None and not sink.closed:
+                _keep_held(sink, driver.collect if driver is not None else lambda: pipe.collect(session))
                 sink.finalize_partial()
             interrupted = isinstance(e, comfy.InterruptProcessingException)
             report("interrupted" if interrupted else "error", "cancelled" if interrupted else str(e))

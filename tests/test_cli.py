@@ -160,11 +160,11 @@ def test_not_a_video(tmp_path, tiny_models, capsys):
 def test_ctrl_c_keeps_a_valid_partial_file(small_clip, tiny_models, tmp_path, monkeypatch, capsys):
     real_push, calls = SceneStream.push, []
 
-    def push(self, frames):
+    def push(self, frames, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # after the first read chunk was upscaled and written
+        if len(calls) == 2:  # after the first read chunk was upscaled (and, deferred, held back: collected)
             raise KeyboardInterrupt
-        return real_push(self, frames)
+        return real_push(self, frames, **kwargs)
 
     monkeypatch.setattr(SceneStream, "push", push)
     out = tmp_path / "partial.mp4"
@@ -238,7 +238,7 @@ def test_disk_full_leaves_nothing_under_the_final_name(small_clip, tiny_models, 
     monkeypatch.setattr(VideoWriter, "write", write)
     out = tmp_path / "full.mp4"
     args = ["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models), "--scale", "2", "--quiet"]
-    assert cli.main(args) == 1
+    assert cli.main([*args, "--no-scene-detect"]) == 1  # two writes (9, then 15 frames): the second fails
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0]
     assert list(tmp_path.iterdir()) == []  # no final file, no temp file

@@ -69,6 +69,83 @@ def test_frames_are_held_until_a_chunk_is_complete(tiny_pipeline, clip):
     assert session.closed and session.frames_in == session.frames_out == 21
 
 
+@pytest.mark.parametrize("batches", [[12] * 4, [1] * 40, [100], [30, 10]])
+def test_deferred_pushes_give_the_same_frames_a_chunk_later(tiny_pipeline, clip, one_shot, batches):
+    session = tiny_pipeline.new_session(scale=4)
+    returned, start = [], 0
+    for size in batches:
+        out = tiny_pipeline.push(session, clip[start : start + size], defer=True)
+        start += size
+        returned.append(out)
+        # Everything upscaled so far has come back but the last chunk, held.
+        assert len(session.held) == (session.frames_out > 0)
+        held = sum(f.frames for f in session.held)
+        assert held in (0, 9, 12) and sum(o.shape[0] for o in returned) == session.frames_out - held
+    returned.append(tiny_pipeline.close(session))
+    assert not session.held
+    assert torch.equal(torch.cat(returned), one_shot)
+
+
+def test_deferred_frames_can_be_collected(tiny_pipeline, clip, one_shot):
+    session = tiny_pipeline.new_session()
+    assert tiny_pipeline.push(session, clip[:9], defer=True).shape[0] == 0
+    fork = session.fork()  # holds the same finished chunk
+    first = tiny_pipeline.collect(session)
+    assert torch.equal(first, one_shot[:9]) and not session.held
+    assert tiny_pipeline.collect(session).shape[0] == 0
+    assert torch.equal(tiny_pipeline.collect(fork), one_shot[:9])
+    # A scene cut returns the held chunk before the scene's last one.
+    cut = tiny_pipeline.new_session()
+    tiny_pipeline.push(cut, clip[:15], defer=True)
+    assert torch.equal(tiny_pipeline.cut(cut), torch.cat([one_shot[:9], cut_tail(tiny_pipeline, clip)]))
+
+
+def cut_tail(pipe, clip):
+    """The 6 frames after the first chunk, finished as a scene's padded last chunk (what `cut` computes)."""
+    session = pipe.new_session()
+    pipe.push(session, clip[:15])
+    return pipe.cut(session)
+
+
+def test_a_failed_chunk_keeps_the_held_one_for_collect(tiny_pipeline, clip, one_shot, monkeypatch):
+    """Ctrl-C or an error in a chunk: the chunk completed before it (held back by a deferred push) can still be had."""
+    session = tiny_pipeline.new_session()
+    tiny_pipeline.push(session, clip[:9], defer=True)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tiny_pipeline.vae, "decode_chunk", stop)
+        with pytest.raises(KeyboardInterrupt):
+            tiny_pipeline.push(session, clip[9:21], defer=True)
+    assert session.interrupted
+    assert torch.equal(tiny_pipeline.collect(session), one_shot[:9])
+
+
+def test_one_push_of_many_chunks_waits_each_chunk_after_queueing_the_next(tiny_pipeline, clip, monkeypatch):
+    """A chunk's frames are waited for only once the next chunk is queued (the device then has work meanwhile)."""
+    from infvsr_core.offload import PendingFetch
+
+    events, real_run, real_wait = [], type(tiny_pipeline)._run_chunk, PendingFetch.wait
+
+    def run(self, session, frames):
+        events.append(f"run {session.frames_out}")
+        return real_run(self, session, frames)
+
+    def wait(self):
+        if self._done is not None or not getattr(self, "_seen", False):
+            events.append(f"wait {self.frames}")
+        self._seen = True
+        return real_wait(self)
+
+    monkeypatch.setattr(type(tiny_pipeline), "_run_chunk", run)
+    monkeypatch.setattr(PendingFetch, "wait", wait)
+    session = tiny_pipeline.new_session()
+    tiny_pipeline.push(session, clip[:33])
+    assert events == ["run 0", "run 9", "wait 9", "run 21", "wait 12", "wait 12"]
+
+
 @pytest.mark.parametrize("length", [1, 2, 5, 9, 10, 13, 22])
 def test_every_frame_comes_out_once(tiny_pipeline, length):
     frames = make_clip(length, 8, 12, seed=length)

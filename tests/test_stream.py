@@ -10,8 +10,8 @@ from infvsr_core.stream import SceneStream
 from tests.conftest import DATA, make_clip
 
 
-def run(stream: SceneStream, frames: torch.Tensor, batch: int) -> torch.Tensor:
-    outputs = [stream.push(frames[i : i + batch]) for i in range(0, frames.shape[0], batch)]
+def run(stream: SceneStream, frames: torch.Tensor, batch: int, defer: bool = False) -> torch.Tensor:
+    outputs = [stream.push(frames[i : i + batch], defer=defer) for i in range(0, frames.shape[0], batch)]
     outputs.append(stream.close())
     return torch.cat(outputs)
 
@@ -53,6 +53,20 @@ def test_batching_does_not_change_cut_handling(tiny_pipeline, cuts_clip):
     one = run(SceneStream(tiny_pipeline, scale=1), clip, 1)
     many = run(SceneStream(tiny_pipeline, scale=1), clip, 40)
     assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("detect", [True, False])
+def test_deferred_pushes_give_the_same_frames(tiny_pipeline, cuts_clip, detect):
+    """Across the real cut at 27 (a `cut` between deferred pushes), and a collect mid-stream."""
+    clip = cuts_clip[:45]
+    plain = run(SceneStream(tiny_pipeline, scale=1, detect_scenes=detect), clip, 12)
+    stream = SceneStream(tiny_pipeline, scale=1, detect_scenes=detect)
+    outputs = [stream.push(clip[i : i + 12], defer=True) for i in range(0, 24, 12)]
+    outputs.append(stream.collect())
+    assert not stream.session.held
+    outputs += [stream.push(clip[i : i + 12], defer=True) for i in range(24, 45, 12)]
+    outputs.append(stream.close())
+    assert torch.equal(torch.cat(outputs), plain)
 
 
 def test_synthetic_cut_and_refresh(tiny_pipeline):
