@@ -373,8 +373,10 @@ def main() -> int:
     parser.add_argument("--host-outputs", action="store_true", help="the pipeline returns frames in host memory")
     parser.add_argument(
         "--defer",
-        action="store_true",
-        help="with --host-outputs: deferred pushes, no synchronization between chunks (the command line and nodes)",
+        choices=("off", "on", "ab"),
+        default="off",
+        help="with --host-outputs: deferred pushes, no synchronization between chunks (the command line's and the "
+        "nodes' way); ab: off, on, off, on in one process (the first run's row has the stages, parity, ...)",
     )
     parser.add_argument("--plain-output-copy", action="store_true", help="A/B: frames.to('cpu') for the outputs")
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
@@ -468,81 +470,92 @@ def main() -> int:
                     torch.cuda.empty_cache()
                     torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
                 torch.cuda.reset_peak_memory_stats()
-        before = allocator_counts(device)
-        if (args.memory_snapshot or args.retry_sites) and device.type == "cuda":
-            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
-        stream_out, times = run_stream(
-            pipe,
-            clip,
-            args.scale,
-            peaks,
-            keep_device=keep_device,
-            hosts=hosts,
-            push_all=args.push_all,
-            defer=args.defer,
-        )
-        if args.memory_snapshot and device.type == "cuda":
-            torch.cuda.memory._dump_snapshot(str(args.memory_snapshot.with_suffix(f".{size}.{mode}.pickle")))
-        if args.retry_sites and device.type == "cuda":
-            print_retry_sites(torch.cuda.memory._snapshot())
-        if (args.memory_snapshot or args.retry_sites) and device.type == "cuda":
-            torch.cuda.memory._record_memory_history(enabled=None)
-        allocator = {k: v - before.get(k, 0) for k, v in allocator_counts(device).items()}
-        peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        peak_res = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
-        steady = frames_total - 9
-        fps_steady = steady / sum(times[1:]) if len(times) > 1 else float("nan")
-        fps_all = frames_total / sum(times)
-        stages = {} if args.no_stages else stage_times(pipe, clip, args.scale)
-        row = {
-            "size": size,
-            "input": f"{width}x{height}",
-            "output": f"{width * args.scale}x{height * args.scale}",
-            "frames": frames_total,
-            "fps_steady": round(fps_steady, 2),
-            "fps_with_first": round(fps_all, 2),
-            "first_chunk_s": round(times[0], 3),
-            "peak_alloc_gib": round(peak_alloc, 2),
-            "peak_reserved_gib": round(peak_res, 2),
-            "stage_ms": {k: round(v * 1000, 1) for k, v in stages.items() if not k.endswith("_gib")},
-            "stage_peak_gib": {k[:-9]: round(v, 2) for k, v in stages.items() if k.endswith("_peak_gib")},
-            "tiled": pipe.vae.wants_tiling(-(-height * args.scale // 16) * 16, -(-width * args.scale // 16) * 16),
-            "peak_after_chunk_gib": [round(p, 2) for p in peaks],
-            "host_gib": round(max(hosts, default=0.0), 2),
-            "offload": mode,
-            "allocator": allocator,
-        }
-        if size in args.profile and device.type == "cuda":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                stage_times(pipe, clip, args.scale)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
-        if args.flat_frames and device.type == "cuda":
-            long_clip = synthetic_clip(12, height, width, device).repeat(-(-args.flat_frames // 12), 1, 1, 1)
-            long_clip = long_clip[: args.flat_frames]
-            torch.cuda.reset_peak_memory_stats()
-            flat_peaks: list[float] = []
-            flat_hosts: list[float] = []
-            _, flat_times = run_stream(pipe, long_clip, args.scale, flat_peaks, keep=False, hosts=flat_hosts)
-            at_60 = flat_peaks[min(len(flat_peaks), 6) - 1]
-            row["flat"] = {
-                "frames": args.flat_frames,
-                "peak_after_60_gib": round(at_60, 3),
-                "peak_final_gib": round(flat_peaks[-1], 3),
-                "growth_pct": round(100 * (flat_peaks[-1] / at_60 - 1), 3),
-                "host_after_60_gib": round(flat_hosts[min(len(flat_hosts), 6) - 1], 3),
-                "host_max_gib": round(max(flat_hosts), 3),
-                "fps_steady": round((args.flat_frames - 9) / sum(flat_times[1:]), 2),
+        variants = {"off": [False], "on": [True], "ab": [False, True, False, True]}[args.defer]
+        for attempt, defer in enumerate(variants):
+            peaks, hosts = [], []
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            before = allocator_counts(device)
+            if (args.memory_snapshot or args.retry_sites) and device.type == "cuda":
+                torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+            stream_out, times = run_stream(
+                pipe,
+                clip,
+                args.scale,
+                peaks,
+                keep_device=keep_device,
+                hosts=hosts,
+                push_all=args.push_all,
+                defer=args.defer,
+            )
+            if args.memory_snapshot and device.type == "cuda":
+                torch.cuda.memory._dump_snapshot(str(args.memory_snapshot.with_suffix(f".{size}.{mode}.pickle")))
+            if args.retry_sites and device.type == "cuda":
+                print_retry_sites(torch.cuda.memory._snapshot())
+            if (args.memory_snapshot or args.retry_sites) and device.type == "cuda":
+                torch.cuda.memory._record_memory_history(enabled=None)
+            allocator = {k: v - before.get(k, 0) for k, v in allocator_counts(device).items()}
+            peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            peak_res = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
+            steady = frames_total - 9
+            fps_steady = steady / sum(times[1:]) if len(times) > 1 else float("nan")
+            fps_all = frames_total / sum(times)
+            stages = {} if args.no_stages else stage_times(pipe, clip, args.scale)
+            row = {
+                "size": size,
+                "input": f"{width}x{height}",
+                "output": f"{width * args.scale}x{height * args.scale}",
+                "frames": frames_total,
+                "fps_steady": round(fps_steady, 2),
+                "fps_with_first": round(fps_all, 2),
+                "first_chunk_s": round(times[0], 3),
+                "peak_alloc_gib": round(peak_alloc, 2),
+                "peak_reserved_gib": round(peak_res, 2),
+                "stage_ms": {k: round(v * 1000, 1) for k, v in stages.items() if not k.endswith("_gib")},
+                "stage_peak_gib": {k[:-9]: round(v, 2) for k, v in stages.items() if k.endswith("_peak_gib")},
+                "tiled": pipe.vae.wants_tiling(-(-height * args.scale // 16) * 16, -(-width * args.scale // 16) * 16),
+                "peak_after_chunk_gib": [round(p, 2) for p in peaks],
+                "host_gib": round(max(hosts, default=0.0), 2),
+                "offload": mode,
+                "allocator": allocator,
             }
-            del long_clip
-        if size in args.seams:
-            row["seams"] = seam_check(pipe, clip[: min(frames_total, 21)], args.scale, args.seam_settings)
-        if args.parity:
-            kept[size, mode] = (clip[:parity_frames].cpu(), stream_out[:parity_frames].cpu())
-        del stream_out, clip
-        print(json.dumps(row))
-        rows.append(row)
+            if args.defer != "off":
+                row["defer"] = defer
+            if attempt:  # the A/B's repeats: timings only
+                print(json.dumps(row))
+                continue
+            if size in args.profile and device.type == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    stage_times(pipe, clip, args.scale)
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+            if args.flat_frames and device.type == "cuda":
+                long_clip = synthetic_clip(12, height, width, device).repeat(-(-args.flat_frames // 12), 1, 1, 1)
+                long_clip = long_clip[: args.flat_frames]
+                torch.cuda.reset_peak_memory_stats()
+                flat_peaks: list[float] = []
+                flat_hosts: list[float] = []
+                _, flat_times = run_stream(pipe, long_clip, args.scale, flat_peaks, keep=False, hosts=flat_hosts)
+                at_60 = flat_peaks[min(len(flat_peaks), 6) - 1]
+                row["flat"] = {
+                    "frames": args.flat_frames,
+                    "peak_after_60_gib": round(at_60, 3),
+                    "peak_final_gib": round(flat_peaks[-1], 3),
+                    "growth_pct": round(100 * (flat_peaks[-1] / at_60 - 1), 3),
+                    "host_after_60_gib": round(flat_hosts[min(len(flat_hosts), 6) - 1], 3),
+                    "host_max_gib": round(max(flat_hosts), 3),
+                    "fps_steady": round((args.flat_frames - 9) / sum(flat_times[1:]), 2),
+                }
+                del long_clip
+            if size in args.seams:
+                row["seams"] = seam_check(pipe, clip[: min(frames_total, 21)], args.scale, args.seam_settings)
+            if args.parity:
+                kept[size, mode] = (clip[:parity_frames].cpu(), stream_out[:parity_frames].cpu())
+            del stream_out
+            print(json.dumps(row))
+            rows.append(row)
+        del clip
 
     if args.parity and not args.models:
         # The float32 reference is built only now, so that it never sits in memory during the timed runs.
