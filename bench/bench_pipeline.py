@@ -373,10 +373,12 @@ def main() -> int:
     parser.add_argument("--host-outputs", action="store_true", help="the pipeline returns frames in host memory")
     parser.add_argument(
         "--defer",
-        choices=("off", "on", "ab"),
+        choices=("off", "on", "ab", "abc"),
         default="off",
         help="with --host-outputs: deferred pushes, no synchronization between chunks (the command line's and the "
-        "nodes' way); ab: off, on, off, on in one process (the first run's row has the stages, parity, ...)",
+        "nodes' way); ab: host outputs without, then with, twice in one process; abc: frames left on the device "
+        "(timed without their copy to host memory), then the two host variants, twice (the first run's row has the "
+        "stages, parity, ...)",
     )
     parser.add_argument("--plain-output-copy", action="store_true", help="A/B: frames.to('cpu') for the outputs")
     parser.add_argument("--warmup", action="store_true", help="stream 4 untimed chunks first (then 'fps all' is warm)")
@@ -460,7 +462,6 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
         peaks: list[float] = []
         hosts: list[float] = []
-        keep_device = torch.device("cpu") if args.outputs_on_cpu else None
         if args.warmup:
             # Compile, cuDNN's search and the pinned host blocks of an offload mode (allocated
             # over the first chunks, then reused) are paid here, not by the first timed chunks.
@@ -470,8 +471,17 @@ def main() -> int:
                     torch.cuda.empty_cache()
                     torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
                 torch.cuda.reset_peak_memory_stats()
-        variants = {"off": [False], "on": [True], "ab": [False, True, False, True]}[args.defer]
-        for attempt, defer in enumerate(variants):
+        # (where the frames come out, deferred pushes): as asked, or the A/B(/C) repeated in this process.
+        asked = ("host" if args.host_outputs or args.push_all else "device", args.defer == "on")
+        variants = {
+            "ab": [("host", False), ("host", True)] * 2,
+            "abc": [("device", False), ("host", False), ("host", True)] * 2,
+        }.get(args.defer, [asked])
+        for attempt, (outputs, defer) in enumerate(variants):
+            pipe.output_device = torch.device("cpu") if outputs == "host" else device
+            # Left on the device, an A/B's outputs are copied to host memory after each timed chunk (not piled up).
+            on_device = outputs == "device" and args.defer == "abc"
+            keep_device = torch.device("cpu") if args.outputs_on_cpu or on_device else None
             peaks, hosts = [], []
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -520,7 +530,7 @@ def main() -> int:
                 "allocator": allocator,
             }
             if args.defer != "off":
-                row["defer"] = defer
+                row["outputs"], row["defer"] = outputs, defer
             if attempt:  # the A/B's repeats: timings only
                 print(json.dumps(row))
                 continue
