@@ -482,6 +482,7 @@ def main() -> int:
             # Left on the device, an A/B's outputs are copied to host memory after each timed chunk (not piled up).
             on_device = outputs == "device" and args.defer == "abc"
             keep_device = torch.device("cpu") if args.outputs_on_cpu or on_device else None
+            assert not (defer and outputs == "device"), "deferred pushes are timed with frames in host memory"
             peaks, hosts = [], []
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -496,7 +497,7 @@ def main() -> int:
                 keep_device=keep_device,
                 hosts=hosts,
                 push_all=args.push_all,
-                defer=args.defer,
+                defer=defer,
             )
             if args.memory_snapshot and device.type == "cuda":
                 torch.cuda.memory._dump_snapshot(str(args.memory_snapshot.with_suffix(f".{size}.{mode}.pickle")))
