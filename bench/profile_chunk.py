@@ -1,6 +1,7 @@
 """Where one steady chunk's GPU time and memory go, stage by stage (encode, DiT, decode).
 
     python bench/profile_chunk.py --size 720p [--offload none] [--top 25] [--whole] [--memory-gib 24]
+    python bench/profile_chunk.py --size 720p --deferred 3   # where the host waits between deferred pushes
 
 Builds the full-size pipeline from random weights in the published formats
 (as bench_pipeline.py), streams three chunks to warm up (torch.compile,
@@ -193,6 +194,71 @@ def whole_push(pipe, height: int, width: int, args) -> int:
     return 0
 
 
+# CUDA runtime calls that can hold the host: waits for the GPU, page-locked and device allocations.
+HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaHost",
+              "cudaMalloc", "cudaFree", "cudaStreamWaitEvent")  # fmt: skip
+
+
+def deferred_pushes(pipe, height: int, width: int, args) -> int:
+    """`args.deferred` steady deferred pushes (frames to host memory, as the command line and the nodes run),
+    under the profiler: the wall time per push, the GPU's busy and idle time over them all, and where the host
+    was held (the long CUDA runtime calls, by the Python line of the op around them): a host held by a wait for
+    the GPU cannot queue the next chunk ahead, and the GPU then idles while it does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe.output_device = torch.device("cpu")
+    chunks = 5 + args.deferred
+    clip = synthetic_clip(9 + 12 * chunks, height, width, torch.device("cpu"))
+    session, start = pipe.new_session(args.scale), 0
+    for size in (9, 12, 12, 12, 12):
+        pipe.push(session, clip[start : start + size], defer=True)
+        start += size
+    pipe.collect(session)
+    torch.cuda.synchronize()
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        begin = time.perf_counter()
+        for _ in range(args.deferred):
+            pipe.push(session, clip[start : start + 12], defer=True)
+            start += 12
+            walls.append(1000 * (time.perf_counter() - begin))
+        pipe.collect(session)
+        torch.cuda.synchronize()
+        wall = 1000 * (time.perf_counter() - begin)
+    events = prof.events()
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end) for e in gpu if not e.name.startswith(("Memcpy HtoD", "Memcpy DtoH"))
+    )
+    busy, gaps = _busy(kernels)
+    print(
+        f"\n== {args.deferred} deferred pushes, {args.size}: wall {wall:.1f} ms (pushes returned at "
+        f"{', '.join(f'{w:.0f}' for w in walls)} ms), GPU busy with kernels {busy / 1000:.1f} ms, idle between "
+        f"kernels {sum(g for g, _ in gaps) / 1000:.1f} ms; the largest gaps:"
+    )
+    first = kernels[0][0] if kernels else 0.0
+    for gap, at in sorted(gaps, reverse=True)[: args.top]:
+        print(f"   {gap / 1000:7.2f} ms idle at +{(at - first) / 1000:7.1f} ms")
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    ops = [e for e in cpu if e.stack]
+    held: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in cpu:
+        length = e.time_range.end - e.time_range.start
+        if not e.name.startswith(HOST_WAITS) or length < 500:
+            continue
+        around = [o for o in ops if o.time_range.start <= e.time_range.start and o.time_range.end >= e.time_range.end]
+        inner = min(around, key=lambda o: o.time_range.end - o.time_range.start) if around else None
+        frames = [f for f in (inner.stack if inner else []) if "infvsr_core" in f or "bench" in f][:3]
+        where = f"{inner.name if inner else '?'} < {' < '.join(frames) or '?'}"
+        entry = held[e.name, where]
+        entry[0] += length / 1000
+        entry[1] += 1
+    print("   host held (runtime calls of 0.5 ms or more, by where):")
+    for (name, where), (ms, count) in sorted(held.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"   {ms:8.1f} ms in {count:3d} x {name}: {where[:200]}")
+    return 0
+
+
 @torch.inference_mode()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,6 +270,7 @@ def main() -> int:
     parser.add_argument("--tiles", action="store_true", help="also time each VAE call (each tile of a tiled frame)")
     parser.add_argument("--copies", action="store_true", help="per stage: copies by the Python line issuing them")
     parser.add_argument("--stacks", type=int, default=0, help="--whole: host ops and Python stacks over N gaps")
+    parser.add_argument("--deferred", type=int, default=0, help="profile N deferred pushes: where the host waits")
     parser.add_argument("--memory-gib", type=float, help="cap the process's GPU memory (as a card of this size)")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -215,6 +282,8 @@ def main() -> int:
     height, width = SIZES[args.size]
     if args.whole:
         return whole_push(pipe, height, width, args)
+    if args.deferred:
+        return deferred_pushes(pipe, height, width, args)
     clip = synthetic_clip(9 + 12 * 5, height, width, device)
     history, cache, position = pipe.vae.new_history(), None, 0
     prompt = pipe.extract_prompt(clip[0])
