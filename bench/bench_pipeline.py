@@ -170,9 +170,9 @@ def run_deferred(
     hosts: list[float] | None,
 ) -> tuple[torch.Tensor | None, list[float]]:
     """`run_stream` with deferred pushes (the command line's and the nodes' way): no synchronization between
-    chunks; a push returns when the previous chunk's frames are in host memory. Times: the first chunk's (start
-    to its frames' return by the second push), then the intervals between returns (the last one ends with
-    `close`), one per chunk as in `run_stream`: their sum is the steady part's wall time."""
+    chunks; a push returns when the previous chunk's frames are in host memory. Times, one per chunk as in
+    `run_stream`: the steady period for every chunk but the first, whose time is the rest of the wall time
+    (so their sum is the run's wall time)."""
     session = pipe.new_session(scale)
     sizes = [9] + [12] * (-(-(clip.shape[0] - 9) // 12))
     outputs, marks, start = [], [], 0
@@ -191,9 +191,18 @@ def run_deferred(
             outputs.append(out if keep_device is None else out.to(keep_device))
         del out
         start += size or 0
-    times = [marks[1] - t0] + [b - a for a, b in zip(marks[1:-1], marks[2:], strict=True)]
+    n = len(sizes)
+    if n >= 5:
+        # A push returns the previous chunk once this one is queued, but a host held inside the queueing (a wait
+        # for the GPU) returns it late, by how far the GPU got into this chunk meanwhile: the first pushes are not
+        # steady yet and `close` returns early (nothing to queue). The steady period is taken between the returns
+        # of pushes 2 and n-1 (chunks 2 .. n-2 came back between them); the first chunk's time is the rest.
+        period = (marks[n - 1] - marks[2]) / (n - 3)
+        times = [marks[n] - t0 - (n - 1) * period] + [period] * (n - 1)
+    else:
+        times = [marks[1] - t0] + [b - a for a, b in zip(marks[1:-1], marks[2:], strict=True)]
     if PROGRESS:
-        print("  chunk times: " + " ".join(f"{t:.3f}" for t in times), flush=True)
+        print("  returns at: " + " ".join(f"{m - t0:.3f}" for m in marks), flush=True)
     return (torch.cat(outputs) if keep else None), times
 
 
