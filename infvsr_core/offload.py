@@ -293,7 +293,7 @@ class HostOffload:
 
     def __init__(self, pin_memory: bool = True) -> None:
         self.pool = PinnedPool(pin=pin_memory)
-        self._staging = PinnedPool()  # `fetch`'s blocks: used on the compute stream only, and waited for there
+        self._staging = PinnedPool()  # `fetch`'s blocks, each waited for before it goes back to the pool
         self._streams: dict[tuple[torch.device, str], Any] = {}
 
     @property
@@ -343,17 +343,22 @@ class HostOffload:
     def fetch_later(self, tensor: torch.Tensor) -> PendingFetch:
         """`fetch` of `tensor`, queued now and waited for by `PendingFetch.wait`.
 
-        The copy is queued on the current stream, behind the work that produces the tensor and not behind the
-        offloaded state's transfers on the side streams. The device tensor may be dropped at once: its block
-        is reused only by work queued after the copy on the same stream. Each pending fetch has its own
-        page-locked block (the pool reuses a block once its fetch is waited for and dropped).
+        The copy runs on its own side stream, after the work queued so far (which produces the tensor), beside
+        the next chunk's work rather than ahead of it (5 ms of a 720p chunk, 11 ms at 1080p, were the compute
+        stream's), and not behind the offloaded state's transfers. The device tensor may be dropped at once: its
+        block is not reused before the copy is done. Each pending fetch has its own page-locked block (the pool
+        reuses a block once its fetch is waited for and dropped).
         """
         if tensor.device.type != "cuda":
             return PendingFetch(tensor.to("cpu"), None)
         staging, _ = self._staging.empty_like(tensor)  # a free block: no copy still writes or reads it
-        staging.copy_(tensor, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(tensor.device))
+        side = self._side(tensor.device, "out")
+        side.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(side):
+            staging.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        tensor.record_stream(side)
         return PendingFetch(staging, done)
 
     def host_memory(self) -> tuple[int, int]:
