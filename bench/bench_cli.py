@@ -4,9 +4,9 @@
 
 Writes the four full-size files in the published formats (random weights) into --models when they are not
 there, and a synthetic input clip (h264) of --frames frames; runs `python -m infvsr_core upscale` in this
-process three times on it: once to warm up (torch.compile, cuDNN's search), then with the video encoded on a
-worker thread (`video_io.BackgroundWriter`, the default) and with it encoded between chunks (the writer called
-directly, as before). The command prints the frames per second of its loop (loading excluded); this script adds
+process four times on it: once to warm up (torch.compile, cuDNN's search), then as the command runs (the video
+encoded on a worker thread, `video_io.BackgroundWriter`, and deferred pushes), without deferred pushes (each push
+waits for its chunk), and with the video also encoded between chunks (the writer called directly). The command prints the frames per second of its loop (loading excluded); this script adds
 each run's wall time.
 """
 
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infvsr_core import cli, video_io  # noqa: E402
 from infvsr_core.fixtures import write_fixtures  # noqa: E402
+from infvsr_core.stream import SceneStream  # noqa: E402
 
 INPUTS = {"480p": (120, 208), "720p": (180, 320), "1080p": (270, 480)}
 
@@ -54,10 +55,12 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     source = args.work / f"input_{args.size}.mp4"
     synthetic_input(source, args.frames, *INPUTS[args.size])
-    background = video_io.BackgroundWriter
+    background, push = video_io.BackgroundWriter, SceneStream.push
     results = {}
-    for label in ("warm-up", "background writer", "writer between chunks"):
+    for label in ("warm-up", "background writer", "without deferred pushes", "writer between chunks"):
         video_io.BackgroundWriter = (lambda writer: writer) if label == "writer between chunks" else background
+        # Deferred pushes (a chunk's frames come back while the next one computes) off: each push waits its chunk.
+        SceneStream.push = push if label in ("warm-up", "background writer") else _undeferred(push)
         out = args.work / f"out_{args.size}.mp4"
         started = time.perf_counter()
         print(f"== {label} (the command's own line: fps of its read-upscale-write loop, loading excluded)")
@@ -67,8 +70,15 @@ def main() -> int:
         assert code == 0 and video_io.probe(out).frame_count in (None, args.frames), (code, out)
         results[label] = seconds
         print(f"{label}: {seconds:.2f} s with loading", flush=True)
-    video_io.BackgroundWriter = background
+    video_io.BackgroundWriter, SceneStream.push = background, push
     return 0
+
+
+def _undeferred(push):
+    def undeferred(self, frames, defer=False):
+        return push(self, frames, defer=False)
+
+    return undeferred
 
 
 if __name__ == "__main__":
