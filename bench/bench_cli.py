@@ -6,8 +6,8 @@ Writes the four full-size files in the published formats (random weights) into -
 there, and a synthetic input clip (h264) of --frames frames; runs `python -m infvsr_core upscale` in this
 process four times on it: once to warm up (torch.compile, cuDNN's search), then as the command runs (the video
 encoded on a worker thread, `video_io.BackgroundWriter`, and deferred pushes), without deferred pushes (each push
-waits for its chunk), and with the video also encoded between chunks (the writer called directly). The command prints the frames per second of its loop (loading excluded); this script adds
-each run's wall time.
+waits for its chunk), and with the video also encoded between chunks (the writer called directly). The command
+prints the frames per second of its loop (loading excluded); this script adds each run's wall time.
 """
 
 from __future__ import annotations
