@@ -556,7 +556,9 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats()
                 flat_peaks: list[float] = []
                 flat_hosts: list[float] = []
-                _, flat_times = run_stream(pipe, long_clip, args.scale, flat_peaks, keep=False, hosts=flat_hosts)
+                _, flat_times = run_stream(
+                    pipe, long_clip, args.scale, flat_peaks, keep=False, hosts=flat_hosts, defer=defer
+                )
                 at_60 = flat_peaks[min(len(flat_peaks), 6) - 1]
                 row["flat"] = {
                     "frames": args.flat_frames,
