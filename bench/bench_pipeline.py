@@ -175,6 +175,9 @@ def run_deferred(
     (so their sum is the run's wall time)."""
     session = pipe.new_session(scale)
     sizes = [9] + [12] * (-(-(clip.shape[0] - 9) // 12))
+    n = len(sizes)
+    if n < 5:
+        raise SystemExit("deferred runs are timed between the returns of pushes 2 and n-1: use --chunks 5 or more")
     outputs, marks, start = [], [], 0
     sync(pipe.device)
     t0 = time.perf_counter()
@@ -191,16 +194,12 @@ def run_deferred(
             outputs.append(out if keep_device is None else out.to(keep_device))
         del out
         start += size or 0
-    n = len(sizes)
-    if n >= 5:
-        # A push returns the previous chunk once this one is queued, but a host held inside the queueing (a wait
-        # for the GPU) returns it late, by how far the GPU got into this chunk meanwhile: the first pushes are not
-        # steady yet and `close` returns early (nothing to queue). The steady period is taken between the returns
-        # of pushes 2 and n-1 (chunks 2 .. n-2 came back between them); the first chunk's time is the rest.
-        period = (marks[n - 1] - marks[2]) / (n - 3)
-        times = [marks[n] - t0 - (n - 1) * period] + [period] * (n - 1)
-    else:
-        times = [marks[1] - t0] + [b - a for a, b in zip(marks[1:-1], marks[2:], strict=True)]
+    # A push returns the previous chunk once this one is queued, but a host held inside the queueing (a wait
+    # for the GPU) returns it late, by how far the GPU got into this chunk meanwhile: the first pushes are not
+    # steady yet and `close` returns early (nothing to queue). The steady period is taken between the returns
+    # of pushes 2 and n-1 (chunks 2 .. n-2 came back between them); the first chunk's time is the rest.
+    period = (marks[n - 1] - marks[2]) / (n - 3)
+    times = [marks[n] - t0 - (n - 1) * period] + [period] * (n - 1)
     if PROGRESS:
         print("  returns at: " + " ".join(f"{m - t0:.3f}" for m in marks), flush=True)
     return (torch.cat(outputs) if keep else None), times
@@ -413,6 +412,8 @@ def main() -> int:
         "--attention", default="auto", choices=sorted(ATTENTION_BACKENDS), help="the DiT's attention backend"
     )
     args = parser.parse_args()
+    if args.defer != "off" and args.chunks < 5:
+        parser.error("--defer needs --chunks 5 or more (deferred runs are timed between pushes 2 and n-1)")
     global PROGRESS
     PROGRESS = args.progress
 
