@@ -302,7 +302,8 @@ class InfVSRUpscaleVideoFile:
         try:
             with model.active() as pipe:
                 session = pipe.new_session(scale, prompt=guidance.prompt if guidance is not None else None)
-                driver = scene_stream_class()(pipe, session, detect_scenes=True) if detect_scenes else None
+                # Without detection the scene stream is exactly the session's push/close (one scene).
+                driver = scene_stream_class()(pipe, session, detect_scenes=detect_scenes)
                 for chunk in reader.read_chunks(read_frames):
                     progress["chunk"] += 1
                     if sink is None:
@@ -314,18 +315,15 @@ class InfVSRUpscaleVideoFile:
                     for begin in range(0, int(frames.shape[0]), 12):  # Cancel is honoured every core chunk
                         piece = frames[begin : begin + 12]
                         # Deferred: a chunk's frames come back while the next one computes (close() has the rest).
-                        if driver is not None:
-                            write(driver.push(piece, defer=True))
-                        else:
-                            write(pipe.push(session, piece, defer=True))
+                        write(driver.push(piece, defer=True))
                     del frames, chunk
                 if sink is None:
                     raise ValueError(f"{source.name} has no frames to upscale (start_frame {start_frame})")
-                write(driver.close() if driver is not None else pipe.close(session))
+                write(driver.close())
             path = sink.close()
         except BaseException as e:
             if sink is not None and not sink.closed:
-                _keep_held(sink, driver.collect if driver is not None else lambda: pipe.collect(session))
+                _keep_held(sink, driver.collect)
                 sink.finalize_partial()
             interrupted = isinstance(e, comfy.InterruptProcessingException)
             report("interrupted" if interrupted else "error", "cancelled" if interrupted else str(e))
