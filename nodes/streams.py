@@ -402,13 +402,14 @@ class StreamRegistry:
             last = self.backend.status(stream.last_prompt_id)
             if last in ("running", "pending"):
                 continue
-            if stream.continuation and self.backend.status(stream.continuation[0]) in ("running", "pending"):
+            following = self.backend.status(stream.continuation[0]) if stream.continuation else "unknown"
+            if following in ("running", "pending"):
                 continue
             if stream.emitted_last and last in ("success", "unknown"):
                 self.finish(stream, "done")
             elif stream.stop_requested:
                 self.finish(stream, "stopped", "stopped by the user")
-            elif last == "error":
+            elif "error" in (last, following):  # a Cancel may land on the continuation before its loader ran
                 self.finish(stream, "interrupted", "the run failed or was cancelled")
             else:
                 self.finish(stream, "stopped", "its next run was removed from the queue")

@@ -556,6 +556,22 @@ def test_stream_run_failing_elsewhere_is_finalized(queue, model, guidance, sourc
         nodes.InfVSRChunkUpscale().upscale(model, guidance, frames, 4, stream=handle, unique_id="2")
 
 
+def test_stream_cancel_landing_on_the_next_run_before_its_loader_is_an_interruption(queue, model, guidance, source):
+    """ComfyUI's Cancel can reach the queued continuation as it starts, before the stream loader runs (ComfyUI
+    clears the interrupt flag when a run starts and checks it before each node): the stream was interrupted, not
+    stopped by its queue being cleared."""
+    loader = nodes.InfVSRVideoStream()
+    queue.current = "run0"
+    frames, audio, fps, _info, handle = loader.next_chunk("clip.mp4", 10, "test", prompt={}, unique_id="1")["result"]
+    queue.done["run0"] = "success"
+    prompt_id, _, _ = queue.pending.pop(0)
+    queue.current = None
+    queue.done[prompt_id] = "error"  # the continuation, interrupted before any InfVSR node
+    REGISTRY.poll()
+    stream = REGISTRY.by_id(handle.stream_id)
+    assert stream.state == "interrupted"
+
+
 def test_new_run_replaces_a_running_stream_and_orphans_are_polled(queue, model, guidance, source):
     loader = nodes.InfVSRVideoStream()
     queue.current = "run0"
