@@ -383,8 +383,8 @@ def main() -> int:
         "--defer",
         choices=("off", "on", "ab", "abc"),
         default="off",
-        help="with --host-outputs: deferred pushes, no synchronization between chunks (the command line's and the "
-        "nodes' way); ab: host outputs without, then with, twice in one process; abc: frames left on the device "
+        help="on: deferred pushes (frames to host memory), no synchronization between chunks (the command line's and "
+        "the nodes' way); ab: host outputs without, then with, twice in one process; abc: frames left on the device "
         "(timed without their copy to host memory), then the two host variants, twice (the first run's row has the "
         "stages, parity, ...)",
     )
@@ -470,8 +470,6 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        peaks: list[float] = []
-        hosts: list[float] = []
         if args.warmup:
             # Compile, cuDNN's search and the pinned host blocks of an offload mode (allocated
             # over the first chunks, then reused) are paid here, not by the first timed chunks.
@@ -482,7 +480,8 @@ def main() -> int:
                     torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
                 torch.cuda.reset_peak_memory_stats()
         # (where the frames come out, deferred pushes): as asked, or the A/B(/C) repeated in this process.
-        asked = ("host" if args.host_outputs or args.push_all else "device", args.defer == "on")
+        deferred = args.defer == "on"  # deferred pushes return frames in host memory
+        asked = ("host" if args.host_outputs or args.push_all or deferred else "device", deferred)
         variants = {
             "ab": [("host", False), ("host", True)] * 2,
             "abc": [("device", False), ("host", False), ("host", True)] * 2,
@@ -493,7 +492,8 @@ def main() -> int:
             on_device = outputs == "device" and args.defer == "abc"
             keep_device = torch.device("cpu") if args.outputs_on_cpu or on_device else None
             assert not (defer and outputs == "device"), "deferred pushes are timed with frames in host memory"
-            peaks, hosts = [], []
+            peaks: list[float] = []
+            hosts: list[float] = []
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             before = allocator_counts(device)
