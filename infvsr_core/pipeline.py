@@ -181,9 +181,7 @@ class InfVSRPipeline:
         frames = self._check_frames(session, frames)
         session.pending = frames if session.pending is None else torch.cat([session.pending, frames])
         session.frames_in += int(frames.shape[0])
-        fetches = self._run_chunks(session, final=False)
-        session.held = fetches[-1:] if defer else []
-        return self._join(session, [f.wait() for f in fetches[: len(fetches) - len(session.held)]])
+        return self._hand_out(session, self._run_chunks(session, final=False), hold_last=defer)
 
     def collect(self, session: InfVSRSession) -> torch.Tensor:
         """The frames a deferred `push` held back (none if there are none).
@@ -192,8 +190,7 @@ class InfVSRPipeline:
         """
         if not isinstance(session, InfVSRSession) or session.model_id != self.model_id:
             self._check_session(session)  # the same errors as every other call
-        fetches, session.held = session.held, []
-        return self._join(session, [f.wait() for f in fetches])
+        return self._hand_out(session, session.held)
 
     def cut(self, session: InfVSRSession) -> torch.Tensor:
         """Scene cut: finish the current scene (its last chunk padded), then reset every cache.
@@ -203,20 +200,17 @@ class InfVSRPipeline:
         reference frame.
         """
         self._check_session(session)
-        fetches = self._run_chunks(session, final=True)
-        session.held = []
+        result = self._hand_out(session, self._run_chunks(session, final=True))
         session.scene = None
         if not session.prompt_fixed:
             session.prompt = None
-        return self._join(session, [f.wait() for f in fetches])
+        return result
 
     def close(self, session: InfVSRSession) -> torch.Tensor:
         """End of stream: upscale the remaining frames as a padded final chunk."""
         self._check_session(session)
-        fetches = self._run_chunks(session, final=True)
-        session.held = []
+        result = self._hand_out(session, self._run_chunks(session, final=True))
         session.closed = True
-        result = self._join(session, [f.wait() for f in fetches])
         self.trim_host_memory()
         return result
 
@@ -263,6 +257,12 @@ class InfVSRPipeline:
             session.held = fetches
             raise
         return fetches
+
+    def _hand_out(self, session: InfVSRSession, fetches: list[PendingFetch], hold_last: bool = False) -> torch.Tensor:
+        """The fetched chunks' frames, waited for and joined; with `hold_last`, the last chunk is held back in the
+        session instead (a deferred push), else nothing stays held."""
+        session.held = fetches[-1:] if hold_last else []
+        return self._join(session, [f.wait() for f in fetches[: len(fetches) - len(session.held)]])
 
     def _take_chunk(self, session: InfVSRSession, count: int) -> PendingFetch:
         assert session.pending is not None
