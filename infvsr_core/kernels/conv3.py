@@ -1,0 +1,112 @@
+"""The VAE's 3x3x3 causal conv as a Triton implicit GEMM over tensor-memory (TMA) tiles, with fused epilogues.
+
+Why: cuDNN runs the wide convs near the tensor cores' rate, but every conv's
+output then makes one or two more full passes through memory (its bias, the
+residual add, the next RMS norm + SiLU into the next conv's staged buffer).
+At 720p those passes are ~15 % of a chunk. Here one program computes a tile
+of BLOCK_M pixels of one row x all output channels, so the epilogue sees
+each pixel's channels whole and can add the bias and residual and apply the
+next norm + SiLU before anything is written.
+
+The input is the staged causal buffer (1, C, T + 2, H, W) channels-last
+(2 cached frames in front). A tile for tap (dt, dh, dw) is a plain box of the
+(T + 2, H, W, C) view at (t + dt, h + dh - 1, w0 + dw - 1): the copy engine
+fills the out-of-range rows and columns with zeros, which is conv3d's
+spatial zero padding, so nothing is padded in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .norm_silu import tl, triton
+
+CL3 = torch.channels_last_3d
+
+try:  # host-side TMA descriptors: Triton 3.4+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the install
+    TensorDescriptor = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv3_kernel(
+        x_desc, w_desc, bias_ptr, res_ptr, out_ptr,
+        T, H, W,
+        so_t, so_h, so_w,
+        C: tl.constexpr, COUT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        tiles_w = tl.cdiv(W, BLOCK_M)
+        w0 = (pid % tiles_w) * BLOCK_M
+        row = pid // tiles_w
+        h = row % H
+        t = row // H
+        n0 = tl.program_id(1) * BLOCK_N
+        KC: tl.constexpr = C // BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in tl.range(0, 27 * KC, num_stages=STAGES):
+            tap = i // KC
+            k0 = (i % KC) * BLOCK_K
+            a = x_desc.load([t + tap // 9, h + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, k0])
+            b = w_desc.load([n0, tap * C + k0])
+            acc = tl.dot(a.reshape(BLOCK_M, BLOCK_K), b.T, acc)
+        n = n0 + tl.arange(0, BLOCK_N)
+        w = w0 + tl.arange(0, BLOCK_M)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n < COUT, other=0.0)[None, :]
+        pixel = t.to(tl.int64) * so_t + h.to(tl.int64) * so_h + w.to(tl.int64) * so_w
+        offsets = pixel[:, None] + n[None, :]
+        keep = (w < W)[:, None] & (n < COUT)[None, :]
+        if HAS_RES:
+            acc += tl.load(res_ptr + offsets, mask=keep, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+def pack_weight(weight: torch.Tensor, block_n: int) -> torch.Tensor:
+    """(Cout, Cin, 3, 3, 3) -> (Cout padded to block_n, 27 * Cin), row o = [tap-major, then input channel]."""
+    cout, cin = weight.shape[:2]
+    padded = -(-cout // block_n) * block_n
+    packed = weight.new_zeros((padded, 27 * cin))
+    packed[:cout] = weight.permute(0, 2, 3, 4, 1).reshape(cout, 27 * cin)
+    return packed
+
+
+def conv3(
+    buf: torch.Tensor,
+    packed: torch.Tensor,
+    cout: int,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    block_m: int = 128,
+    block_n: int = 128,
+    block_k: int = 32,
+    stages: int = 4,
+    warps: int = 8,
+) -> torch.Tensor:
+    """conv3d(buf, weight, bias, padding (0, 1, 1)) (+ residual) for a staged (1, C, T + 2, H, W) channels-last
+    buffer; `packed` = pack_weight(weight, block_n). Out: (1, cout, T, H, W) channels-last."""
+    _, c, frames, h, w = buf.shape
+    t = frames - 2
+    out = torch.empty((1, cout, t, h, w), dtype=buf.dtype, device=buf.device, memory_format=CL3)
+    view = buf.permute(0, 2, 3, 4, 1)[0]  # (T + 2, H, W, C)
+    x_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [1, 1, block_m, block_k])
+    w_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [block_n, block_k])
+    so = out.stride()
+    res = out if residual is None else residual
+    if residual is not None and residual.stride() != so:
+        raise ValueError("residual must have the output's channels-last strides")
+    grid = (t * h * triton.cdiv(w, block_m), packed.shape[0] // block_n)
+    _conv3_kernel[grid](
+        x_desc, w_desc, bias if bias is not None else out, res, out,
+        t, h, w, so[2], so[3], so[4],
+        C=c, COUT=cout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, STAGES=stages,
+        num_warps=warps,
+    )  # fmt: skip
+    return out
