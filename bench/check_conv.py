@@ -38,6 +38,7 @@ SHAPES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sweep", action="store_true", help="more block configurations")
+    parser.add_argument("--swapped-only", action="store_true", help="only the swapped-role kernel")
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -59,20 +60,23 @@ def main() -> None:
         print(f"{label}: cuDNN ({wide} outputs) {ms:.3f} ms = {flops / ms / 1e9:.0f} useful TFLOP/s", flush=True)
         ks = [32] if cin % 64 else [32, 64]
         grid = itertools.product([128, 256] if args.sweep else [128], [64, 128, 256] if cout != 96 else [128],
-                                 ks, [3, 4, 5] if args.sweep else [4], [4, 8])  # fmt: skip
-        for bm, bn, bk, stages, warps in grid:
-            if bm * bn > 128 * 256 or (bm == 256 and warps == 4):
+                                 ks, [3, 4, 5] if args.sweep else [4], [4, 8], [False, True])  # fmt: skip
+        for bm, bn, bk, stages, warps, swapped in grid:
+            if bm * bn > 128 * 256 or (bm * bn > 128 * 128 and warps == 4) or (swapped and bn == 256):
+                continue
+            if args.swapped_only and not swapped:
                 continue
             packed = pack_weight(weight, bn)
-            config = dict(block_m=bm, block_n=bn, block_k=bk, stages=stages, warps=warps)
+            name = f"{'swapped ' if swapped else ''}m{bm} n{bn} k{bk} s{stages} w{warps}"
+            config = dict(block_m=bm, block_n=bn, block_k=bk, stages=stages, warps=warps, swapped=swapped)
             run = partial(conv3, buf, packed, cout, bias, **config)
             try:
                 err = (run().float() - ref).abs().max().item() / scale
                 ms = do_bench(run)
             except Exception as error:  # noqa: BLE001 - report and go on
-                print(f"   m{bm} n{bn} k{bk} s{stages} w{warps}: failed {type(error).__name__}: {str(error)[:200]}")
+                print(f"   {name}: failed {type(error).__name__}: {str(error)[:200]}")
                 continue
-            print(f"   m{bm} n{bn} k{bk} s{stages} w{warps}: {ms:.3f} ms = {flops / ms / 1e9:.0f} TFLOP/s, "
+            print(f"   {name}: {ms:.3f} ms = {flops / ms / 1e9:.0f} TFLOP/s, "
                   f"error {err:.2e}", flush=True)  # fmt: skip
 
 

@@ -66,6 +66,44 @@ if triton is not None:
             acc += tl.load(res_ptr + offsets, mask=keep, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=keep)
 
+    @triton.jit
+    def _conv3t_kernel(
+        x_desc, w_desc, bias_ptr, res_ptr, out_ptr,
+        T, H, W,
+        so_t, so_h, so_w,
+        C: tl.constexpr, COUT: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """The same conv with the roles swapped: output channels are the product's rows (BLOCK_O), a row's
+        BLOCK_P pixels its columns, so a tile of 96 (as 128) outputs x 256 pixels keeps the tensor cores'
+        wide-N shape."""
+        pid = tl.program_id(0)
+        tiles_w = tl.cdiv(W, BLOCK_P)
+        w0 = (pid % tiles_w) * BLOCK_P
+        row = pid // tiles_w
+        h = row % H
+        t = row // H
+        o0 = tl.program_id(1) * BLOCK_O
+        KC: tl.constexpr = C // BLOCK_K
+        acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
+        for i in tl.range(0, 27 * KC, num_stages=STAGES):
+            tap = i // KC
+            k0 = (i % KC) * BLOCK_K
+            a = w_desc.load([o0, tap * C + k0])
+            b = x_desc.load([t + tap // 9, h + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, k0])
+            acc = tl.dot(a, b.reshape(BLOCK_P, BLOCK_K).T, acc)
+        o = o0 + tl.arange(0, BLOCK_O)
+        w = w0 + tl.arange(0, BLOCK_P)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + o, mask=o < COUT, other=0.0)[:, None]
+        pixel = t.to(tl.int64) * so_t + h.to(tl.int64) * so_h + w.to(tl.int64) * so_w
+        offsets = pixel[None, :] + o[:, None]
+        keep = (w < W)[None, :] & (o < COUT)[:, None]
+        if HAS_RES:
+            acc += tl.load(res_ptr + offsets, mask=keep, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=keep)
+
 
 def pack_weight(weight: torch.Tensor, block_n: int) -> torch.Tensor:
     """(Cout, Cin, 3, 3, 3) -> (Cout padded to block_n, 27 * Cin), row o = [tap-major, then input channel]."""
@@ -88,6 +126,7 @@ def conv3(
     block_k: int = 32,
     stages: int = 4,
     warps: int = 8,
+    swapped: bool = False,
 ) -> torch.Tensor:
     """conv3d(buf, weight, bias, padding (0, 1, 1)) (+ residual) for a staged (1, C, T + 2, H, W) channels-last
     buffer; `packed` = pack_weight(weight, block_n). Out: (1, cout, T, H, W) channels-last."""
@@ -102,6 +141,15 @@ def conv3(
     if residual is not None and residual.stride() != so:
         raise ValueError("residual must have the output's channels-last strides")
     grid = (t * h * triton.cdiv(w, block_m), packed.shape[0] // block_n)
+    if swapped:  # block_m pixels are the columns, block_n outputs the rows
+        _conv3t_kernel[grid](
+            x_desc, w_desc, bias if bias is not None else out, res, out,
+            t, h, w, so[2], so[3], so[4],
+            C=c, COUT=cout, BLOCK_P=block_m, BLOCK_O=block_n, BLOCK_K=block_k,
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, STAGES=stages,
+            num_warps=warps,
+        )  # fmt: skip
+        return out
     _conv3_kernel[grid](
         x_desc, w_desc, bias if bias is not None else out, res, out,
         t, h, w, so[2], so[3], so[4],
