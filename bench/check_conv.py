@@ -1,4 +1,4 @@
-"""GPU check of the Triton implicit-GEMM 3x3x3 conv (kernels/conv3.py) against cuDNN: values and rates.
+"""GPU check of the Triton implicit-GEMM 3x3x3 conv (bench/triton_conv3.py) against cuDNN: values and rates.
 
     python bench/check_conv.py [--sweep]
 
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triton.testing import do_bench  # noqa: E402
-
-from infvsr_core.kernels.conv3 import conv3, pack_weight  # noqa: E402
+from triton_conv3 import conv3, pack_weight  # noqa: E402
 
 CL3 = torch.channels_last_3d
 # (label, channels in, channels out, frames out, H, W)
@@ -38,7 +37,6 @@ SHAPES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sweep", action="store_true", help="more block configurations")
-    parser.add_argument("--swapped-only", action="store_true", help="only the swapped-role kernel")
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -60,15 +58,13 @@ def main() -> None:
         print(f"{label}: cuDNN ({wide} outputs) {ms:.3f} ms = {flops / ms / 1e9:.0f} useful TFLOP/s", flush=True)
         ks = [32] if cin % 64 else [32, 64]
         grid = itertools.product([128, 256] if args.sweep else [128], [64, 128, 256] if cout != 96 else [128],
-                                 ks, [3, 4, 5] if args.sweep else [4], [4, 8], [False, True])  # fmt: skip
-        for bm, bn, bk, stages, warps, swapped in grid:
-            if bm * bn > 128 * 256 or (bm * bn > 128 * 128 and warps == 4) or (swapped and bn == 256):
-                continue
-            if args.swapped_only and not swapped:
+                                 ks, [3, 4, 5] if args.sweep else [4], [4, 8])  # fmt: skip
+        for bm, bn, bk, stages, warps in grid:
+            if bm * bn > 128 * 256 or (bm * bn > 128 * 128 and warps == 4):
                 continue
             packed = pack_weight(weight, bn)
-            name = f"{'swapped ' if swapped else ''}m{bm} n{bn} k{bk} s{stages} w{warps}"
-            config = dict(block_m=bm, block_n=bn, block_k=bk, stages=stages, warps=warps, swapped=swapped)
+            name = f"m{bm} n{bn} k{bk} s{stages} w{warps}"
+            config = dict(block_m=bm, block_n=bn, block_k=bk, stages=stages, warps=warps)
             run = partial(conv3, buf, packed, cout, bias, **config)
             try:
                 err = (run().float() - ref).abs().max().item() / scale

@@ -1,5 +1,5 @@
 """GPU check: the decoder's full-resolution blocks (3 resblocks + the head's norm) through cuDNN and the fused
-Triton convs (kernels/conv3.py), values and time.
+Triton convs (bench/triton_conv3.py), values and time.
 
     python bench/check_resblock.py [--frames 4] [--size 720p]
 
@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock, WanRMS_norm  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
+from triton_conv3 import conv3, pack_weight  # noqa: E402
 
 from infvsr_core.fast_vae import CL3, _Cursor, _resblock, _stage  # noqa: E402
-from infvsr_core.kernels.conv3 import conv3, pack_weight  # noqa: E402
 
 SIZES = {"480p": (480, 832), "720p": (720, 1280), "1080p-tile": (512, 512)}
 
@@ -101,9 +101,7 @@ def main() -> None:
         print(f"   cuDNN + passes: {ms:.3f} ms", flush=True)
         for config in args.configs:
             bm, st, wp = (int(v) for v in config.split(","))
-            import infvsr_core.kernels.conv3 as k
-
-            k.conv3.__kwdefaults__.update(block_m=bm, stages=st, warps=wp)
+            conv3.__kwdefaults__.update(block_m=bm, stages=st, warps=wp)
             fused_chain(blocks, head_norm, packs, x, cache)
             ms = do_bench(lambda: fused_chain(blocks, head_norm, packs, x, cache))
             print(f"   fused m{bm} s{st} w{wp}: {ms:.3f} ms", flush=True)

@@ -1,4 +1,5 @@
-"""The VAE's 3x3x3 causal conv as a Triton implicit GEMM over tensor-memory (TMA) tiles, with fused epilogues.
+"""A Triton implicit-GEMM 3x3x3 causal conv over tensor-memory (TMA) tiles, with fused epilogues: a measured
+prototype (bench/RESULTS.md round 11), not used by the product: it did not beat cuDNN plus separate passes.
 
 Why: cuDNN runs the wide convs near the tensor cores' rate, but every conv's
 output then makes one or two more full passes through memory (its bias, the
@@ -18,8 +19,8 @@ spatial zero padding, so nothing is padded in memory.
 from __future__ import annotations
 
 import torch
-
-from .norm_silu import tl, triton
+import triton
+import triton.language as tl
 
 CL3 = torch.channels_last_3d
 
@@ -29,55 +30,53 @@ except ImportError:  # pragma: no cover - depends on the install
     TensorDescriptor = None
 
 
-if triton is not None:
-
-    @triton.jit
-    def _conv3_kernel(
-        x_desc, w_desc, bias_ptr, res_ptr, out_ptr, gamma_ptr, act_ptr, tail_ptr,
-        T, H, W,
-        so_t, so_h, so_w,
-        C: tl.constexpr, COUT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, NORM: tl.constexpr,
-        HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        tiles_w = tl.cdiv(W, BLOCK_M)
-        w0 = (pid % tiles_w) * BLOCK_M
-        row = pid // tiles_w
-        h = row % H
-        t = row // H
-        n0 = tl.program_id(1) * BLOCK_N
-        KC: tl.constexpr = C // BLOCK_K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in tl.range(0, 27 * KC, num_stages=STAGES):
-            tap = i // KC
-            k0 = (i % KC) * BLOCK_K
-            a = x_desc.load([t + tap // 9, h + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, k0])
-            b = w_desc.load([n0, tap * C + k0])
-            acc = tl.dot(a.reshape(BLOCK_M, BLOCK_K), b.T, acc)
-        n = n0 + tl.arange(0, BLOCK_N)
-        w = w0 + tl.arange(0, BLOCK_M)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=n < COUT, other=0.0)[None, :]
-        pixel = t.to(tl.int64) * so_t + h.to(tl.int64) * so_h + w.to(tl.int64) * so_w
-        offsets = pixel[:, None] + n[None, :]
-        keep = (w < W)[:, None] & (n < COUT)[None, :]
-        if HAS_RES:
-            acc += tl.load(res_ptr + offsets, mask=keep, other=0.0).to(tl.float32)
-        if HAS_OUT:
-            rounded = acc.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + offsets, rounded, mask=keep)
-            if NORM:  # the next norm reads what was stored, as it would from memory
-                acc = rounded.to(tl.float32)
-        if NORM:  # RMS over the pixel's channels (the padded ones are exactly 0), then gamma and SiLU
-            inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(acc * acc, axis=1)), 1e-12)
-            y = acc * inv[:, None] * tl.load(gamma_ptr + n, mask=n < COUT, other=0.0)[None, :]
-            y = (y * tl.sigmoid(y)).to(act_ptr.dtype.element_ty)
-            tl.store(act_ptr + offsets, y, mask=keep)
-            if HAS_TAIL:  # the last 2 frames also become the next conv's cache entry
-                if t >= T - 2:
-                    tl.store(tail_ptr + offsets - (T - 2) * so_t, y, mask=keep)
+@triton.jit
+def _conv3_kernel(
+    x_desc, w_desc, bias_ptr, res_ptr, out_ptr, gamma_ptr, act_ptr, tail_ptr,
+    T, H, W,
+    so_t, so_h, so_w,
+    C: tl.constexpr, COUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, NORM: tl.constexpr,
+    HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    tiles_w = tl.cdiv(W, BLOCK_M)
+    w0 = (pid % tiles_w) * BLOCK_M
+    row = pid // tiles_w
+    h = row % H
+    t = row // H
+    n0 = tl.program_id(1) * BLOCK_N
+    KC: tl.constexpr = C // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in tl.range(0, 27 * KC, num_stages=STAGES):
+        tap = i // KC
+        k0 = (i % KC) * BLOCK_K
+        a = x_desc.load([t + tap // 9, h + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, k0])
+        b = w_desc.load([n0, tap * C + k0])
+        acc = tl.dot(a.reshape(BLOCK_M, BLOCK_K), b.T, acc)
+    n = n0 + tl.arange(0, BLOCK_N)
+    w = w0 + tl.arange(0, BLOCK_M)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n < COUT, other=0.0)[None, :]
+    pixel = t.to(tl.int64) * so_t + h.to(tl.int64) * so_h + w.to(tl.int64) * so_w
+    offsets = pixel[:, None] + n[None, :]
+    keep = (w < W)[:, None] & (n < COUT)[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + offsets, mask=keep, other=0.0).to(tl.float32)
+    if HAS_OUT:
+        rounded = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offsets, rounded, mask=keep)
+        if NORM:  # the next norm reads what was stored, as it would from memory
+            acc = rounded.to(tl.float32)
+    if NORM:  # RMS over the pixel's channels (the padded ones are exactly 0), then gamma and SiLU
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(acc * acc, axis=1)), 1e-12)
+        y = acc * inv[:, None] * tl.load(gamma_ptr + n, mask=n < COUT, other=0.0)[None, :]
+        y = (y * tl.sigmoid(y)).to(act_ptr.dtype.element_ty)
+        tl.store(act_ptr + offsets, y, mask=keep)
+        if HAS_TAIL:  # the last 2 frames also become the next conv's cache entry
+            if t >= T - 2:
+                tl.store(tail_ptr + offsets - (T - 2) * so_t, y, mask=keep)
 
 
 def pack_weight(weight: torch.Tensor, block_n: int) -> torch.Tensor:
