@@ -411,6 +411,9 @@ def main() -> int:
     parser.add_argument(
         "--attention", default="auto", choices=sorted(ATTENTION_BACKENDS), help="the DiT's attention backend"
     )
+    parser.add_argument(
+        "--mid-attention", default="kernel", choices=["kernel", "blocked"], help="the VAE mid block's attention path"
+    )
     args = parser.parse_args()
     if args.defer != "off" and args.chunks < 5:
         parser.error("--defer needs --chunks 5 or more (deferred runs are timed between pushes 2 and n-1)")
@@ -458,6 +461,7 @@ def main() -> int:
     elif args.ab_tiles == "whole-upsampler":
         pipe.vae.defer_full_res = False
         fast_vae.PIECE_UPSAMPLER = False
+    fast_vae.MID_ATTENTION_KERNEL = args.mid_attention == "kernel"
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)

@@ -41,6 +41,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
+from .kernels.mid_attention import mid_attention, mid_attention_usable
 from .kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
 from .kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
 from .kernels.subpixel import interleave
@@ -64,6 +65,9 @@ CUDNN_BENCHMARK = True
 # Most bytes one block of the mid attention's scores may take, counted as float32: 1080p latents have
 # 32,400 tokens per frame, whose full score matrix would be 4 GB; queries go in blocks that fit this.
 ATTENTION_SCORE_BYTES = 256 * 2**20
+# The mid attention through the flash-style Triton kernel (kernels/mid_attention.py) where Triton runs; off: the
+# blocked GEMMs above on every device.
+MID_ATTENTION_KERNEL = True
 # Frames per piece of the full-resolution stages when splitting (StreamingVAE.piece_frames): their causal
 # caches carry the history between pieces exactly, so smaller pieces only lower the peak memory.
 FULL_RES_FRAMES = 2
@@ -353,25 +357,12 @@ def _scores(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Te
 _NO_OUT_DTYPE: list[bool] = []
 
 
-def _attention(block: WanAttentionBlock, x: torch.Tensor) -> torch.Tensor:
-    """The mid block's single-head attention over each frame's pixels, in token layout (no NCHW copies).
-
-    Explicit matmuls instead of SDPA, whose only kernel for a head dim of 384
-    is slow. The scores stay float32 as in SDPA's kernels (bf16 scores would
-    round logits of ~50 by ~0.1, i.e. move attention weights by ~10 %): the
-    GEMM writes its float32 accumulators with the 1/sqrt(C) scale applied
-    (`out_dtype`, on CUDA), the softmax runs on them, and the probabilities go
-    to v's dtype for the second GEMM; queries in blocks bound the scores' memory.
-    """
-    b, c, t, h, w = x.shape
-    n, hw = b * t, h * w
-    tokens = x.permute(0, 2, 3, 4, 1).reshape(n, hw, c)
-    normed = rms_norm_rows(tokens.reshape(-1, c), block.norm.gamma, block.norm.scale, block.norm.bias, silu=False)
-    qkv = F.linear(normed.view(n, hw, c), block.to_qkv.weight.reshape(3 * c, c), block.to_qkv.bias)
-    del normed
-    q, k, v = qkv.chunk(3, dim=-1)
+def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T) v over (frames, tokens, C), queries in blocks whose scores fit ATTENTION_SCORE_BYTES:
+    the GEMM writes its float32 accumulators with the scale applied (`out_dtype`, on CUDA), the softmax runs on
+    them (the path where the kernel of kernels/mid_attention.py cannot run)."""
+    n, hw, c = q.shape
     keys = k.transpose(1, 2)
-    scale = c**-0.5  # SDPA's default
     out = torch.empty((n, hw, c), dtype=v.dtype, device=v.device)
     frames, rows = _attention_blocks(n, hw)
     for f in range(0, n, frames):
@@ -382,7 +373,30 @@ def _attention(block: WanAttentionBlock, x: torch.Tensor) -> torch.Tensor:
             del scores
             torch.matmul(probs, v[f : f + frames], out=out[f : f + frames, r : r + rows])
             del probs
-    del qkv, q, k, v, keys
+    return out
+
+
+def _attention(block: WanAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """The mid block's single-head attention over each frame's pixels, in token layout (no NCHW copies).
+
+    Not SDPA, whose only kernel for a head dim of 384 is slow: the flash-style
+    Triton kernel (kernels/mid_attention.py) where Triton runs, else explicit
+    matmuls (`_blocked_attention`). Either way the scores stay float32 as in
+    SDPA's kernels (bf16 scores would round logits of ~50 by ~0.1, i.e. move
+    attention weights by ~10 %) and the probabilities go to v's dtype for the
+    second product.
+    """
+    b, c, t, h, w = x.shape
+    n, hw = b * t, h * w
+    tokens = x.permute(0, 2, 3, 4, 1).reshape(n, hw, c)
+    normed = rms_norm_rows(tokens.reshape(-1, c), block.norm.gamma, block.norm.scale, block.norm.bias, silu=False)
+    qkv = F.linear(normed.view(n, hw, c), block.to_qkv.weight.reshape(3 * c, c), block.to_qkv.bias)
+    del normed
+    scale = c**-0.5  # SDPA's default
+    out = mid_attention(qkv, scale) if MID_ATTENTION_KERNEL and mid_attention_usable(qkv) else None
+    if out is None:
+        out = _blocked_attention(*qkv.chunk(3, dim=-1), scale)
+    del qkv
     out = F.linear(out, block.proj.weight.reshape(c, c), block.proj.bias)
     out = out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
     return out.add_(x)

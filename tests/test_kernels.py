@@ -159,3 +159,23 @@ def test_bias_add_rows_into_a_bordered_buffer(dtype):
     assert rel_err(buffer[:, :h, :w], want) <= tol
     assert not buffer[:, h].any() and not buffer[:, :, w].any()
     assert not norm_silu._TRITON_BROKEN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("frames", "tokens", "channels"), [(2, 37, 16), (1, 70, 48), (3, 33, 40)])
+def test_mid_attention_matches_a_float64_softmax(dtype, frames, tokens, channels):
+    """The VAE's single-head attention per frame: token counts off the kernel's blocks (37, 70, 33 against 32/64),
+    channels in three slices with padding (16, 40) or none (48); the kernel where it runs, else the blocked GEMMs."""
+    from infvsr_core.fast_vae import _blocked_attention
+    from infvsr_core.kernels.mid_attention import mid_attention, mid_attention_usable
+
+    gen = torch.Generator().manual_seed(10)
+    qkv = (2 * torch.randn(frames, tokens, 3 * channels, generator=gen)).to(dtype)
+    scale = channels**-0.5
+    q, k, v = qkv.double().chunk(3, dim=-1)
+    want = torch.softmax(scale * q @ k.transpose(1, 2), dim=-1) @ v
+    assert mid_attention_usable(qkv) == norm_silu.INTERPRETED
+    out = mid_attention(qkv, scale) if mid_attention_usable(qkv) else _blocked_attention(*qkv.chunk(3, -1), scale)
+    assert out.shape == want.shape and out.dtype == dtype
+    assert rel_err(out, want) < REL_TOL[dtype]
+    assert not norm_silu._TRITON_BROKEN
