@@ -179,3 +179,26 @@ def test_mid_attention_matches_a_float64_softmax(dtype, frames, tokens, channels
     assert out.shape == want.shape and out.dtype == dtype
     assert rel_err(out, want) < REL_TOL[dtype]
     assert not norm_silu._TRITON_BROKEN
+
+
+def test_mid_attention_tries_smaller_blocks_and_gives_up_alone(monkeypatch):
+    """Blocks the GPU cannot take (here: 24 rows, not a power of two) make the kernel try the next ones and keep
+    the first that runs; when none runs (here, without the interpreter: CPU tensors) it returns None for the
+    caller's own path, and the other Triton kernels stay in use."""
+    from infvsr_core.kernels import mid_attention as module
+
+    gen = torch.Generator().manual_seed(11)
+    qkv = torch.randn(1, 20, 3 * 16, generator=gen)
+    monkeypatch.setattr(module, "CONFIGS", {4: ((24, 32, 4, 1), (16, 16, 4, 1))})
+    monkeypatch.setattr(module, "_chosen", {})
+    monkeypatch.setattr(module, "_failures", [])
+    key = (qkv.device, qkv.dtype, 16)
+    out = module.mid_attention(qkv, 0.25)
+    if norm_silu.INTERPRETED:
+        q, k, v = qkv.double().chunk(3, dim=-1)
+        assert rel_err(out, torch.softmax(0.25 * q @ k.transpose(1, 2), dim=-1) @ v) < 1e-5
+        assert module._chosen[key] == 1 and len(module._failures) == 1
+    else:
+        assert out is None and module._chosen[key] == -1 and len(module._failures) == 2
+        assert module.mid_attention(qkv, 0.25) is None and len(module._failures) == 2  # not tried again
+    assert not norm_silu._TRITON_BROKEN

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .norm_silu import _TRITON_BROKEN, tl, triton, triton_usable
+from .norm_silu import tl, triton, triton_usable
 
 SLICES = 3  # head-dim slices per product
 LOG2E = 1.4426950408889634
@@ -84,30 +84,42 @@ def mid_attention_usable(qkv: torch.Tensor) -> bool:
     return triton_usable(qkv) and qkv.ndim == 3 and qkv.stride(-1) == 1 and qkv.shape[-1] % 3 == 0
 
 
-def _config(c: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_D, BLOCK_M, BLOCK_N, warps): three head-dim slices of a power of two (>= 16, tl.dot's least)."""
-    block_d = max(16, triton.next_power_of_2(-(-c // SLICES)))
-    if dtype == torch.float32:  # twice the registers per element: smaller blocks
-        return block_d, 32, 32, 4
-    return block_d, 64, 64, 8
+# (BLOCK_M, BLOCK_N, warps, stages) to try in order, by the inputs' element size: the first that the GPU's shared
+# memory takes is kept (an H100 takes 64 x 32 in half precision: larger blocks need 245-390 KB, over its 227).
+CONFIGS = {2: ((64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1)), 4: ((32, 32, 4, 2), (16, 16, 4, 1))}
+_chosen: dict[tuple, int] = {}  # (device, dtype, C) -> index into CONFIGS; -1: none ran (blocked GEMMs from then on)
+_failures: list[str] = []
 
 
 def mid_attention(qkv: torch.Tensor, scale: float) -> torch.Tensor | None:
     """softmax(scale * q k^T) v per frame for qkv (frames, tokens, 3C) = [q | k | v]; out (frames, tokens, C).
 
-    Scores and softmax in float32; float32 inputs multiply in full float32 (no TF32). None if the kernel could
-    not run (a broken Triton install: then never tried again), for the caller's own path."""
+    Scores and softmax in float32; float32 inputs multiply in full float32 (no
+    TF32). None if no block configuration runs on this GPU (too little shared
+    memory, a broken Triton): the caller then takes its own path, and only for
+    this kernel (the other Triton kernels are unaffected).
+    """
     n, tokens, c3 = qkv.shape
     c = c3 // 3
-    out = torch.empty((n, tokens, c), dtype=qkv.dtype, device=qkv.device)
-    block_d, block_m, block_n, warps = _config(c, qkv.dtype)
-    try:
-        _mid_attention_kernel[(triton.cdiv(tokens, block_m), n)](
-            qkv, out, tokens, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale * LOG2E,
-            C=c, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps,
-        )  # fmt: skip
-    except Exception as error:  # pragma: no cover - a broken Triton install: the caller falls back for good
-        _TRITON_BROKEN.append(repr(error))
+    key = (qkv.device, qkv.dtype, c)
+    configs = CONFIGS.get(qkv.element_size(), ())
+    start = _chosen.get(key, 0)
+    if start < 0:
         return None
-    return out
+    out = torch.empty((n, tokens, c), dtype=qkv.dtype, device=qkv.device)
+    block_d = max(16, triton.next_power_of_2(-(-c // SLICES)))  # three slices of a power of two, >= tl.dot's 16
+    for index in range(start, len(configs)):
+        block_m, block_n, warps, stages = configs[index]
+        try:
+            _mid_attention_kernel[(triton.cdiv(tokens, block_m), n)](
+                qkv, out, tokens, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale * LOG2E,
+                C=c, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+                PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        except Exception as error:  # too little shared memory for these blocks (or no compiler): the next ones
+            _failures.append(f"{configs[index]}: {type(error).__name__}: {error}"[:300])
+            continue
+        _chosen[key] = index
+        return out
+    _chosen[key] = -1
+    return None
