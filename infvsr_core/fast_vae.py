@@ -14,9 +14,10 @@ cuDNN's slower layout for these shapes. This forward
   float32 round trip, and the upsampler's nearest 2x + 3x3 conv2d as one 2x2
   conv at low resolution (sub-pixel form: no 4x-sized upsampled copy, and
   4/9 of the multiply-adds),
-- computes the mid block's single-head attention (head dim = channels) as two
-  matmuls and a float32 softmax over blocks of queries: SDPA has no fast kernel
-  for that head dim and falls back to a slow one,
+- computes the mid block's single-head attention (head dim = channels, 384)
+  with a flash-style Triton kernel (kernels/mid_attention.py; elsewhere as two
+  matmuls and a float32 softmax over blocks of queries): SDPA has no fast
+  kernel for that head dim and falls back to a slow one,
 - runs the full-resolution stages (the encoder's first level, the decoder's
   last block and head) on a few frames at a time, which bounds peak memory
   (their activations are the largest) without changing the result.
