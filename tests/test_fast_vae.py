@@ -295,9 +295,9 @@ def vae_calls(monkeypatch) -> list[tuple[str, int]]:
         calls.append(("enc", x.shape[2]))
         return enc(v, x, cache, pieces)
 
-    def spy_dec(v, x, cache, pieces=None):
+    def spy_dec(v, x, cache, pieces=None, settled=None):
         calls.append(("dec", x.shape[2]))
-        return dec(v, x, cache, pieces)
+        return dec(v, x, cache, pieces, settled)
 
     monkeypatch.setattr(vae_module, "fast_encoder", spy_enc)
     monkeypatch.setattr(vae_module, "fast_decoder", spy_dec)
