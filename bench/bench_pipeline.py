@@ -29,7 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infvsr_core import fast_vae  # noqa: E402
-from infvsr_core import vae as vae_module  # noqa: E402
 from infvsr_core.attention import ATTENTION_BACKENDS, flash3_installed  # noqa: E402
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
@@ -413,9 +412,6 @@ def main() -> int:
         "--attention", default="auto", choices=sorted(ATTENTION_BACKENDS), help="the DiT's attention backend"
     )
     parser.add_argument(
-        "--early-downloads", default="on", choices=["on", "off"], help="offloaded decoder entries leave early"
-    )
-    parser.add_argument(
         "--mid-attention", default="kernel", choices=["kernel", "blocked"], help="the VAE mid block's attention path"
     )
     args = parser.parse_args()
@@ -466,7 +462,6 @@ def main() -> int:
         pipe.vae.defer_full_res = False
         fast_vae.PIECE_UPSAMPLER = False
     fast_vae.MID_ATTENTION_KERNEL = args.mid_attention == "kernel"
-    vae_module.EARLY_DOWNLOADS = args.early_downloads == "on"
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)

@@ -165,13 +165,8 @@ def tile_defer_check(size: str = "1080p", device: str = "cuda", **pipeline: obje
     same = torch.equal(outs[True], outs[False])
     diff = (outs[True].float() - outs[False].float()).abs().max().item()
     print(f"{size} state, tiled: deferred full-resolution uploads vs whole prefetch: bit-equal {same}, max diff {diff}")
-    from infvsr_core import fast_vae, vae
+    from infvsr_core import fast_vae
 
-    vae.EARLY_DOWNLOADS = False  # every decoder history entry downloaded at its tile's end
-    late, _ = run_stream(pipe, clip, 4)
-    vae.EARLY_DOWNLOADS = True
-    same, diff = torch.equal(outs[True], late), (outs[True].float() - late.float()).abs().max().item()
-    print(f"  early downloads of settled decoder entries vs at the tile's end: bit-equal {same}, max diff {diff}")
     fast_vae.PIECE_UPSAMPLER = False  # the upsampler on all frames at once: other conv calls, same arithmetic
     whole, _ = run_stream(pipe, clip, 4)
     fast_vae.PIECE_UPSAMPLER = True

@@ -30,8 +30,6 @@ paths. Only Wan2.1's architecture (no residual down/up blocks) is supported.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
@@ -567,22 +565,13 @@ def fast_encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_fram
         return _encoder(vae, x, cache, piece_frames)
 
 
-def fast_decoder(
-    vae: AutoencoderKLWan,
-    x: torch.Tensor,
-    cache: list,
-    piece_frames: int | None = None,
-    settled: Callable[[int], None] | None = None,
-) -> torch.Tensor:
+def fast_decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None = None) -> torch.Tensor:
     """Same as `vae.decoder(x, feat_cache=cache, feat_idx=[0])` for Wan2.1; output channels_last_3d.
 
-    `piece_frames` as for `fast_encoder`. `settled(count)` is called once the
-    call has written cache[:count] for the last time (before the final
-    full-resolution block): an offloaded history can start going to host
-    memory then, under that block's work, rather than all at the call's end.
+    `piece_frames` as for `fast_encoder`.
     """
     with _CudnnBenchmark():
-        return _decoder(vae, x, cache, piece_frames, settled)
+        return _decoder(vae, x, cache, piece_frames)
 
 
 def _in_pieces(x: torch.Tensor, cursor: _Cursor, run, step: int | None) -> torch.Tensor:
@@ -666,9 +655,7 @@ def _up_block(block: nn.Module, x: torch.Tensor, cursor: _Cursor, upsample: bool
     return x
 
 
-def _decoder(
-    vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None, settled: Callable[[int], None] | None
-) -> torch.Tensor:
+def _decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None) -> torch.Tensor:
     decoder = vae.decoder
     cursor = _Cursor(cache)
     x = _causal(decoder.conv_in, _to_cl3(x), cursor, None)
@@ -682,8 +669,6 @@ def _decoder(
     per_piece_up = before if pieces and PIECE_UPSAMPLER and before is not None and before.mode == "upsample2d" else None
     for block in body:
         x = _up_block(block, x, cursor, upsample=per_piece_up is None or block is not body[-1])
-    if settled is not None:
-        settled(cursor.index)
 
     def tail(piece: torch.Tensor) -> torch.Tensor:
         if per_piece_up is not None:

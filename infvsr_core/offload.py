@@ -410,37 +410,16 @@ class HostOffload:
             event.record(side)
         return dev, event
 
-    def to_host(self, cache: list, device: torch.device | None = None) -> list:
-        """The list with its device tensors replaced by host copies (a HostCache); the device copies are dropped.
-
-        `device`: where the list's tensors were computed. On a GPU, entries already in host memory are copies
-        that `download_settled` started: they stay, and the HostCache is ready when every download, those
-        included, is done. On the CPU every tensor is copied (into the pool's blocks).
-        """
+    def to_host(self, cache: list) -> list:
+        """The list with its device tensors replaced by host copies (a HostCache); the device copies are dropped."""
         if isinstance(cache, HostCache):
             return cache
         items = cache.settle() if isinstance(cache, ArrivingCache) else list(cache)
         tensors = [t for t in items if isinstance(t, torch.Tensor)]
-        on_device = [t for t in tensors if t.device.type != "cpu"]
-        if on_device:
-            device = on_device[0].device
-        if not tensors or device is None or device.type == "cpu":
-            device = tensors[0].device if tensors else None
-            if device is None:
-                return HostCache(items)
-            return self.host_list([self.download(t) if isinstance(t, torch.Tensor) else t for t in items], device)
-        moved = [self.download(t) if isinstance(t, torch.Tensor) and t.device.type != "cpu" else t for t in items]
-        return self.host_list(moved, device)
-
-    def download_settled(self, cache: list, count: int) -> None:
-        """Start the downloads of cache[:count] now, replacing those entries by their host copies (`to_host`
-        keeps them): the caller has written them for the last time, and their device blocks are freed as
-        soon as the copies are done instead of after the whole call (a tile's decoder history at 1080p: the
-        next tile's up blocks asked for memory that the previous tile's downloads still held)."""
-        for index in range(min(count, len(cache))):
-            entry = cache[index]
-            if isinstance(entry, torch.Tensor) and entry.device.type != "cpu":
-                cache[index] = self.download(entry)
+        if not tensors:
+            return HostCache(items)
+        moved = [self.download(t) if isinstance(t, torch.Tensor) else t for t in items]
+        return self.host_list(moved, tensors[0].device)
 
     def to_device(self, cache: list, device: torch.device, count: int | None = None) -> list:
         """A HostCache brought back to `device` (an ArrivingCache); any other list is returned as it is (an

@@ -63,9 +63,6 @@ TEMPORAL_FACTOR = 4  # frames per latent frame (after the scene's first frame)
 # Largest frame (output pixels, per tile when tiled) for which whole_chunks="auto" groups a chunk's VAE calls: on
 # an H100, 480p (0.4 MP) gains 3 % for +1.1 GiB, 720p (0.9 MP) 1.3 % for +2.5 GiB (bench/RESULTS.md round 5).
 WHOLE_CHUNK_PIXELS = 600_000
-# With histories offloaded, a decoder call's entries that only its full-resolution block follows start for host
-# memory before that block (fast_vae.fast_decoder's `settled`), not all at the call's end (bench/RESULTS.md round 11).
-EARLY_DOWNLOADS = True
 
 
 # --------------------------------------------------------------------------- weights
@@ -564,7 +561,7 @@ class StreamingVAE:
         setattr(owner, attr, cache)
         out = run(cache)
         if self.history_device is not None:
-            host = self._offload.to_host(cache, self._params()[0])
+            host = self._offload.to_host(cache)
             del cache
             if self.spill is not None and self._offload.host_memory()[0] > self.spill.budget:
                 host = self.spill.write(host)
@@ -698,15 +695,7 @@ class StreamingVAE:
             pixels = x.shape[-2] * x.shape[-1] * SPATIAL_FACTOR**2
             step = self._call_frames(x.shape[2] - start, pixels, tiled)
             bounds = ([(0, 1)] if first else []) + [(i, i + step) for i in range(start, x.shape[2], step)]
-            # The last call's settled entries start for host memory before its full-resolution block (offloaded).
-            early = self._offload.download_settled if self.history_device is not None and EARLY_DOWNLOADS else None
-            frames = [
-                fast_decoder(
-                    self.vae, x[:, :, a:b], cache, self._pieces(pixels, tiled),
-                    None if early is None or (a, b) != bounds[-1] else lambda count: early(cache, count),
-                )
-                for a, b in bounds
-            ]  # fmt: skip
+            frames = [fast_decoder(self.vae, x[:, :, a:b], cache, self._pieces(pixels, tiled)) for a, b in bounds]
         else:
             frames = [
                 self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)

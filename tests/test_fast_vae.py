@@ -295,9 +295,9 @@ def vae_calls(monkeypatch) -> list[tuple[str, int]]:
         calls.append(("enc", x.shape[2]))
         return enc(v, x, cache, pieces)
 
-    def spy_dec(v, x, cache, pieces=None, settled=None):
+    def spy_dec(v, x, cache, pieces=None):
         calls.append(("dec", x.shape[2]))
-        return dec(v, x, cache, pieces, settled)
+        return dec(v, x, cache, pieces)
 
     monkeypatch.setattr(vae_module, "fast_encoder", spy_enc)
     monkeypatch.setattr(vae_module, "fast_decoder", spy_dec)

@@ -7,8 +7,6 @@ the pipeline's KV cache and DiT weight moves) and compare with the plain path.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -337,54 +335,3 @@ def test_next_tile_decoder_history_comes_without_its_full_resolution_entries(vae
     assert all(tile[i].shape[-2] * tile[i].shape[-1] == largest for i in deferred)  # only full-resolution ones
     tensors = [i for i, t in enumerate(tile) if isinstance(t, torch.Tensor)]
     assert deferred == tensors[tensors.index(deferred[0]) :]  # the decoder's last entries
-
-
-def test_decoder_reports_its_settled_entries_before_the_full_resolution_block(vae, clip):
-    """`settled(count)` comes once per fast decoder call, when cache[:count] hold their final values for the call
-    (the call's end leaves them as they were then) and only the full-resolution block's and the head's are left."""
-    from infvsr_core.fast_vae import fast_decoder, prepare_channels_last
-
-    fast = copy.deepcopy(vae)
-    prepare_channels_last(fast)
-    sv = StreamingVAE(fast, fast=True)
-    history = sv.new_history()
-    latents = sv.encode_chunk(clip[:, :, :9], history)
-    cache = history.decoder_cache
-    x = fast.post_quant_conv(latents)
-    seen: list[tuple[int, list]] = []
-
-    def settled(count: int) -> None:
-        seen.append((count, [t.clone() if isinstance(t, torch.Tensor) else t for t in cache[:count]]))
-
-    with torch.no_grad():
-        fast_decoder(fast, x[:, :, :1], cache, 2, settled)
-        fast_decoder(fast, x[:, :, 1:], cache, 2, settled)
-    last_block = fast.decoder.up_blocks[-1]
-    tail_convs = 2 * len(last_block.resnets) + 1  # the last block's resblocks and the head
-    used = 1 + max(i for i, t in enumerate(cache) if t is not None)  # shortcut convs keep no entry (at the end)
-    assert [count for count, _ in seen] == [used - tail_convs] * 2
-    count, snapshot = seen[-1]
-    assert all(isinstance(t, torch.Tensor) for t in cache[count:used])
-    for before, after in zip(snapshot, cache[:count], strict=True):
-        assert type(before) is type(after)
-        assert torch.equal(before, after) if isinstance(before, torch.Tensor) else before == after
-
-
-@pytest.mark.parametrize("tiled", [False, True])
-def test_offloaded_decoder_starts_downloads_in_its_last_call_only(vae, clip, tiled, monkeypatch):
-    """With histories in host memory, each decode hands its last fast decoder call the offload's
-    `download_settled` for that call's cache (a scene's first chunk makes two calls: the first gets none)."""
-    kwargs = dict(tiling="always", tile_size=3, tile_stride=2) if tiled else {}
-    sv = StreamingVAE(copy.deepcopy(vae), fast=True, history_device="cpu", **kwargs)
-    calls: list[int] = []
-    monkeypatch.setattr(sv._offload, "download_settled", lambda cache, count: calls.append(count))
-    history = sv.new_history()
-    plain = StreamingVAE(vae, fast=True, **kwargs)
-    plain_history = plain.new_history()
-    for a, b in ((0, 9), (9, 21)):
-        calls.clear()
-        out = sv.decode_chunk(sv.encode_chunk(clip[:, :, a:b], history), history)
-        want = plain.decode_chunk(plain.encode_chunk(clip[:, :, a:b], plain_history), plain_history)
-        assert torch.equal(out, want)
-        tiles = 1 if history.tiles is None else len(history.tiles)
-        assert len(calls) == tiles and len(set(calls)) == 1 and 0 < calls[0] < len(sv.new_history().decoder_cache)
