@@ -31,6 +31,8 @@ SHAPES = [
     ("192 @ 360x640, 12 frames", 192, 192, 12, 360, 640),
     ("384 @ 180x320, 12 frames", 384, 384, 12, 180, 320),
     ("96 @ 480p, 12 frames", 96, 96, 12, 480, 832),
+    ("96 -> 3 (the RGB head) @ 720p, 4 frames", 96, 3, 4, 720, 1280),
+    ("96 -> 3 (the RGB head) @ 1080p tile 1024x1024, 4 frames", 96, 3, 4, 1024, 1024),
 ]
 
 
@@ -51,13 +53,13 @@ def main() -> None:
         flops = 2 * 27 * cin * cout * t * h * w
         ref = F.conv3d(buf.float(), weight.float(), bias, padding=(0, 1, 1))
         scale = ref.abs().max().item()
-        wide = {96: 128}.get(cout, cout)
+        wide = {96: 128, 3: 8}.get(cout, cout)  # as the product computes them
         padded = weight.new_zeros((wide, cin, 3, 3, 3)).contiguous(memory_format=CL3)
         padded[:cout] = weight
         ms = do_bench(partial(F.conv3d, buf, padded, None, padding=(0, 1, 1)))
         print(f"{label}: cuDNN ({wide} outputs) {ms:.3f} ms = {flops / ms / 1e9:.0f} useful TFLOP/s", flush=True)
         ks = [32] if cin % 64 else [32, 64]
-        grid = itertools.product([128, 256] if args.sweep else [128], [64, 128, 256] if cout != 96 else [128],
+        grid = itertools.product([128, 256] if args.sweep else [128], {96: [128], 3: [16]}.get(cout, [64, 128, 256]),
                                  ks, [3, 4, 5] if args.sweep else [4], [4, 8])  # fmt: skip
         for bm, bn, bk, stages, warps in grid:
             if bm * bn > 128 * 256 or (bm * bn > 128 * 128 and warps == 4):
