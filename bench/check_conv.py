@@ -31,6 +31,8 @@ SHAPES = [
     ("192 @ 360x640, 12 frames", 192, 192, 12, 360, 640),
     ("384 @ 180x320, 12 frames", 384, 384, 12, 180, 320),
     ("96 @ 480p, 12 frames", 96, 96, 12, 480, 832),
+    ("96 @ 1080p tile 1024x1024, 4 frames", 96, 96, 4, 1024, 1024),
+    ("192 @ 1080p tile 512x512, 12 frames", 192, 192, 12, 512, 512),
     ("96 -> 3 (the RGB head) @ 720p, 4 frames", 96, 3, 4, 720, 1280),
     ("96 -> 3 (the RGB head) @ 1080p tile 1024x1024, 4 frames", 96, 3, 4, 1024, 1024),
 ]
@@ -40,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sweep", action="store_true", help="more block configurations")
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES")
+    parser.add_argument("--split-only", action="store_true", help="only the exact-output (split) kernel")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -59,6 +62,16 @@ def main() -> None:
         ms = do_bench(partial(F.conv3d, buf, padded, None, padding=(0, 1, 1)))
         print(f"{label}: cuDNN ({wide} outputs) {ms:.3f} ms = {flops / ms / 1e9:.0f} useful TFLOP/s", flush=True)
         ks = [32] if cin % 64 else [32, 64]
+        splits = {96: (64, 32), 192: (128, 64)}
+        if cout in splits:  # exactly cout outputs, two products sharing each input tile
+            for bm, bk, stages, warps in itertools.product([128, 256], ks, [3, 4, 5], [4, 8]):
+                if bm * cout > 128 * 256 or (bm == 256 and warps == 4):
+                    continue
+                name = f"split m{bm} k{bk} s{stages} w{warps}"
+                config = dict(block_m=bm, block_k=bk, stages=stages, warps=warps, split=splits[cout])
+                report(name, partial(conv3, buf, pack_weight(weight, 1), cout, bias, **config), ref, scale, flops)
+        if args.split_only:
+            continue
         grid = itertools.product([128, 256] if args.sweep else [128], {96: [128], 3: [16]}.get(cout, [64, 128, 256]),
                                  ks, [3, 4, 5] if args.sweep else [4], [4, 8])  # fmt: skip
         for bm, bn, bk, stages, warps in grid:
@@ -67,15 +80,17 @@ def main() -> None:
             packed = pack_weight(weight, bn)
             name = f"m{bm} n{bn} k{bk} s{stages} w{warps}"
             config = dict(block_m=bm, block_n=bn, block_k=bk, stages=stages, warps=warps)
-            run = partial(conv3, buf, packed, cout, bias, **config)
-            try:
-                err = (run().float() - ref).abs().max().item() / scale
-                ms = do_bench(run)
-            except Exception as error:  # noqa: BLE001 - report and go on
-                print(f"   {name}: failed {type(error).__name__}: {str(error)[:200]}")
-                continue
-            print(f"   {name}: {ms:.3f} ms = {flops / ms / 1e9:.0f} TFLOP/s, "
-                  f"error {err:.2e}", flush=True)  # fmt: skip
+            report(name, partial(conv3, buf, packed, cout, bias, **config), ref, scale, flops)
+
+
+def report(name: str, run, ref: torch.Tensor, scale: float, flops: int) -> None:
+    try:
+        err = (run().float() - ref).abs().max().item() / scale
+        ms = do_bench(run)
+    except Exception as error:  # noqa: BLE001 - report and go on
+        print(f"   {name}: failed {type(error).__name__}: {str(error)[:200]}")
+        return
+    print(f"   {name}: {ms:.3f} ms = {flops / ms / 1e9:.0f} useful TFLOP/s, error {err:.2e}", flush=True)
 
 
 if __name__ == "__main__":

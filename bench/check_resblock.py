@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--size", default="720p", choices=sorted(SIZES))
-    parser.add_argument("--configs", nargs="+", default=["256,4,8"], help="block_m,stages,warps")
+    parser.add_argument("--configs", nargs="+", default=["256,4,8"], help="block_m,stages,warps[,split]")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -85,26 +86,26 @@ def main() -> None:
                 conv.weight.data = conv.weight.data.contiguous(memory_format=CL3)
                 conv.bias.uniform_(-0.1, 0.1)
         head_norm.gamma.uniform_(0.5, 1.5)
-    packs = [pack_weight(c.weight.detach(), 128) for b in blocks for c in (b.conv1, b.conv2)]
+    weights = [c.weight.detach() for b in blocks for c in (b.conv1, b.conv2)]
     x = torch.randn(1, 96, args.frames, h, w, device=dev, dtype=dt).contiguous(memory_format=CL3)
     cache = [torch.randn(1, 96, 2, h, w, device=dev, dtype=dt).contiguous(memory_format=CL3) for _ in range(7)]
     with torch.inference_mode():
         ref, ref_cache = cudnn_chain(blocks, head_norm, head_conv, x, cache)
-        got, got_cache = fused_chain(blocks, head_norm, packs, x, cache)
         scale = ref.float().abs().max().item()
-        err = (got.float() - ref.float()).abs().max().item() / scale
-        cache_err = (
-            max((a.float() - b.float()).abs().max().item() for a, b in zip(got_cache, ref_cache, strict=True)) / scale
-        )
-        print(f"{args.size}, {args.frames} frames: max error {err:.2e}, caches {cache_err:.2e} (of {scale:.2f})")
         ms = do_bench(lambda: cudnn_chain(blocks, head_norm, head_conv, x, cache))
-        print(f"   cuDNN + passes: {ms:.3f} ms", flush=True)
+        print(f"{args.size}, {args.frames} frames: cuDNN + passes: {ms:.3f} ms", flush=True)
         for config in args.configs:
-            bm, st, wp = (int(v) for v in config.split(","))
-            conv3.__kwdefaults__.update(block_m=bm, stages=st, warps=wp)
-            fused_chain(blocks, head_norm, packs, x, cache)
-            ms = do_bench(lambda: fused_chain(blocks, head_norm, packs, x, cache))
-            print(f"   fused m{bm} s{st} w{wp}: {ms:.3f} ms", flush=True)
+            bm, st, wp, *split = (int(v) for v in config.split(","))
+            conv3.__kwdefaults__.update(block_m=bm, stages=st, warps=wp, split=(64, 32) if split else None)
+            packs = [pack_weight(w, 1 if split else 128) for w in weights]
+            got, got_cache = fused_chain(blocks, head_norm, packs, x, cache)
+            err = (got.float() - ref.float()).abs().max().item() / scale
+            cache_err = max(
+                (a.float() - b.float()).abs().max().item() for a, b in zip(got_cache, ref_cache, strict=True)
+            )
+            ms = do_bench(partial(fused_chain, blocks, head_norm, packs, x, cache))
+            print(f"   fused m{bm} s{st} w{wp}{' split' if split else ''}: {ms:.3f} ms, "
+                  f"error {err:.2e}, caches {cache_err / scale:.2e}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
