@@ -28,10 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infvsr_core import fast_vae  # noqa: E402
+from infvsr_core import fast_vae
 from infvsr_core.attention import ATTENTION_BACKENDS, flash3_installed  # noqa: E402
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
+from infvsr_core.kernels import split_conv  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
 from infvsr_core.offload import PendingFetch  # noqa: E402
 from infvsr_core.pipeline import InfVSRPipeline  # noqa: E402
@@ -414,6 +415,9 @@ def main() -> int:
     parser.add_argument(
         "--mid-attention", default="kernel", choices=["kernel", "blocked"], help="the VAE mid block's attention path"
     )
+    parser.add_argument(
+        "--split-conv", default="on", choices=["on", "off"], help="the 192-channel convs through the Triton kernel"
+    )
     args = parser.parse_args()
     if args.defer != "off" and args.chunks < 5:
         parser.error("--defer needs --chunks 5 or more (deferred runs are timed between pushes 2 and n-1)")
@@ -462,6 +466,7 @@ def main() -> int:
         pipe.vae.defer_full_res = False
         fast_vae.PIECE_UPSAMPLER = False
     fast_vae.MID_ATTENTION_KERNEL = args.mid_attention == "kernel"
+    fast_vae.SPLIT_CONV = args.split_conv == "on"
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)
@@ -580,6 +585,9 @@ def main() -> int:
             if args.parity:
                 kept[size, mode] = (clip[:parity_frames].cpu(), stream_out[:parity_frames].cpu())
             del stream_out
+            if fast_vae.SPLIT_CONV:  # which block configuration each split-conv shape took (-1: cuDNN)
+                row["split_conv"] = sorted(index for index in split_conv._chosen.values())
+                row["split_conv_failures"] = split_conv._failures[:2]
             print(json.dumps(row))
             rows.append(row)
         del clip

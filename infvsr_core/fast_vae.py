@@ -45,6 +45,7 @@ from torch import nn
 from .kernels.mid_attention import mid_attention, mid_attention_usable
 from .kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
 from .kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
+from .kernels.split_conv import pack_split, split_conv, split_conv_usable
 from .kernels.subpixel import interleave
 
 CACHE_T = 2  # frames of history each causal 3x3x3 (or 3x1x1) conv keeps
@@ -69,6 +70,9 @@ ATTENTION_SCORE_BYTES = 256 * 2**20
 # The mid attention through the flash-style Triton kernel (kernels/mid_attention.py) where Triton runs; off: the
 # blocked GEMMs above on every device.
 MID_ATTENTION_KERNEL = True
+# The 192-channel causal convs with their epilogues through the Triton kernel (kernels/split_conv.py) where it
+# runs (Hopper); off: cuDNN and the separate passes.
+SPLIT_CONV = True
 # Frames per piece of the full-resolution stages when splitting (StreamingVAE.piece_frames): their causal
 # caches carry the history between pieces exactly, so smaller pieces only lower the peak memory.
 FULL_RES_FRAMES = 2
@@ -204,15 +208,40 @@ def _stage(
     act has one frame, that frame behind the previous last one (or behind a
     zero frame after a temporal upsampler's "Rep").
     """
+    full, new, had_past = _open_stage(conv, x.shape, x, cursor, channels)
+    c = x.shape[1]
+    buf = full[:, :c]
+    act = buf[:, :, CACHE_T:]
+    if norm is None:
+        act.copy_(x)
+        if new is not None:
+            new.copy_(act[:, :, -CACHE_T:])
+    else:
+        _norm(norm, x, silu=True, out=act, pre_bias=pre_bias, tail=new)  # the cache's frames in the same pass
+    if new is None:  # act has 1 frame
+        new = buf[:, :, CACHE_T - 1 :].clone() if had_past else act.clone()
+    cursor.put(new)
+    return full
+
+
+def _open_stage(
+    conv: WanCausalConv3d, shape: tuple[int, ...], like: torch.Tensor, cursor: _Cursor, channels: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """A staged buffer for an act of `shape`, its zero pad and cached frames written, act's frames not yet.
+
+    Returns (buffer, the tensor the next 2-frame cache entry goes into, or None
+    when act has fewer frames, whether there was history). The cursor stays on
+    this conv's entry: the caller writes act, then puts the entry.
+    """
     if conv._padding[4] != CACHE_T:
         raise ValueError(f"causal conv with time padding {conv._padding[4]} is not supported")
     past = cursor.peek()
     rep = isinstance(past, str)
     past = None if rep else past
-    b, c, t, h, w = x.shape
+    b, c, t, h, w = shape
     kept = 0 if past is None else min(past.shape[2], CACHE_T)
     total = c if channels is None else channels
-    full = torch.empty((b, total, CACHE_T + t, h, w), dtype=x.dtype, device=x.device, memory_format=CL3)
+    full = torch.empty((b, total, CACHE_T + t, h, w), dtype=like.dtype, device=like.device, memory_format=CL3)
     if total > c:
         full[:, c:].zero_()
     buf = full[:, :c]
@@ -220,29 +249,17 @@ def _stage(
         buf[:, :, : CACHE_T - kept].zero_()
     if kept:
         buf[:, :, CACHE_T - kept : CACHE_T].copy_(past[:, :, past.shape[2] - kept :])
-    act = buf[:, :, CACHE_T:]
-    # The new entry goes into the old one's storage where that is this call's own (after the copy above, in stream
-    # order): an offloaded tile's history then lives in the blocks its upload took, not in fresh ones scattered
-    # among the activations, which fragmented the allocator's pool (retries under a memory cap: RESULTS round 7).
-    spare = past if cursor.writable and t >= CACHE_T and _fits(past, x, (b, c, CACHE_T, h, w)) else None
     new = None
-    if norm is None:
-        act.copy_(x)
-    else:
-        if t >= CACHE_T:  # the norm writes the cache's frames too, in the same pass
-            new = spare
-            if new is None:
-                new = torch.empty((b, c, CACHE_T, h, w), dtype=x.dtype, device=x.device, memory_format=CL3)
-        _norm(norm, x, silu=True, out=act, pre_bias=pre_bias, tail=new)
-    if new is None:
-        if t >= CACHE_T:
-            new = buf[:, :, -CACHE_T:].clone() if spare is None else spare.copy_(buf[:, :, -CACHE_T:])
-        elif past is not None or rep:
-            new = buf[:, :, CACHE_T - 1 :].clone()
-        else:
-            new = act.clone()
-    cursor.put(new)
-    return full
+    if t >= CACHE_T:
+        # The new entry goes into the old one's storage where that is this call's own (after the copy above, in
+        # stream order): an offloaded tile's history then lives in the blocks its upload took, not in fresh ones
+        # scattered among the activations, which fragmented the allocator's pool (retries under a memory cap:
+        # RESULTS round 7).
+        entry = (b, c, CACHE_T, h, w)
+        new = past if cursor.writable and _fits(past, like, entry) else None
+        if new is None:
+            new = torch.empty(entry, dtype=like.dtype, device=like.device, memory_format=CL3)
+    return full, new, past is not None or rep
 
 
 def _fits(past: torch.Tensor | None, x: torch.Tensor, shape: tuple[int, ...]) -> bool:
@@ -311,7 +328,8 @@ def _resblock(
     block: WanResidualBlock, x: torch.Tensor, cursor: _Cursor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x + h in one pass at the end: conv2's bias, the shortcut's bias and the residual add share it (written into
-    `out` when given)."""
+    `out` when given). 192-channel convs on Hopper run as one Triton kernel each (kernels/split_conv.py): conv1
+    writes norm2 + SiLU straight into conv2's staged buffer, conv2 adds the biases and the residual itself."""
     shortcut = block.conv_shortcut
     bias = block.conv2.bias
     if isinstance(shortcut, nn.Identity):
@@ -321,13 +339,35 @@ def _resblock(
         bias = bias.float() + shortcut.bias.float()
     buf = _stage(block.conv1, x, cursor, block.norm1)
     del x
-    y = _padded_out_conv(block.conv1, buf)
-    del buf
-    buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias)
-    del y
-    y = _padded_out_conv(block.conv2, buf)
-    del buf
-    return _add_bias(y, bias, h, out)
+    if _split(block.conv1, buf) and buf.shape[2] >= 2 * CACHE_T and not isinstance(block.norm2.bias, torch.Tensor):
+        b, _, frames, height, width = buf.shape
+        shape = (b, block.conv1.out_channels, frames - CACHE_T, height, width)
+        staged, new, _ = _open_stage(block.conv2, shape, buf, cursor)
+        act = staged[:, :, CACHE_T:]
+        conv1, norm2 = block.conv1, block.norm2
+        gamma = (norm2.gamma.reshape(-1).float() * norm2.scale).contiguous()
+        if split_conv(buf, _split_weight(conv1), conv1.bias.float(), gamma=gamma, act=act, tail=new) is None:
+            _norm(norm2, _padded_out_conv(conv1, buf), silu=True, out=act, pre_bias=conv1.bias, tail=new)
+        cursor.put(new)
+        buf = staged
+    else:
+        y = _padded_out_conv(block.conv1, buf)
+        del buf
+        buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias)
+        del y
+    if _split(block.conv2, buf):
+        result = split_conv(buf, _split_weight(block.conv2), bias.float(), h, out=out)
+        if result is not None:
+            return result
+    return _add_bias(_padded_out_conv(block.conv2, buf), bias, h, out)
+
+
+def _split(conv: WanCausalConv3d, buf: torch.Tensor) -> bool:
+    return SPLIT_CONV and split_conv_usable(conv, buf)
+
+
+def _split_weight(conv: WanCausalConv3d) -> torch.Tensor:
+    return _derived(conv, "_infvsr_split", pack_split)
 
 
 def _attention_blocks(frames: int, tokens: int) -> tuple[int, int]:

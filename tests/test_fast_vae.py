@@ -402,3 +402,36 @@ def test_new_cache_entry_reuses_an_uploaded_entry_only(vae, use_norm):
     for new, tail in entries.values():
         assert torch.equal(new, tail)
     assert torch.equal(entries["upload"][0], entries["resident"][0])
+
+
+def test_split_conv_resblocks_match_diffusers(vae, monkeypatch):
+    """The resblocks through the split-conv kernel (on the GPU the 192-channel ones; here the tiny VAE's 32 as
+    16 + 16): conv1 writing norm2 + SiLU and the cache entry into conv2's staged buffer, conv2 adding biases and
+    residual (the shortcut's too), against diffusers' encoder and decoder over whole chunks (a first chunk of 9
+    frames, then 12): outputs and every history entry. Under the interpreter the kernel must have run; without
+    it the same calls check the cuDNN path that the kernel falls back to."""
+    from infvsr_core.kernels import norm_silu
+    from infvsr_core.kernels import split_conv as split_module
+
+    monkeypatch.setattr(split_module, "SPLITS", {4 * TINY_VAE_BASE_DIM: (16, 16)})
+    monkeypatch.setattr(split_module, "_chosen", {})
+    fast_vae = copy.deepcopy(vae)
+    prepare_channels_last(fast_vae)
+    clip = smooth_vae_clip(21, seed=9)
+    history = StreamingVAE(vae).new_history()
+    plain = [list(history.encoder_cache), list(history.decoder_cache)]
+    fast = [list(history.encoder_cache), list(history.decoder_cache)]
+    for start, stop in ((0, 9), (9, 21)):
+        piece = clip[:, :, start:stop]
+        ref_z = vae.encoder(piece, feat_cache=plain[0], feat_idx=[0])
+        z = fast_encoder(fast_vae, piece, fast[0])
+        assert z.shape == ref_z.shape and max_err(z, ref_z) < TOL
+        latents = vae.post_quant_conv(vae.quant_conv(ref_z)[:, :16])
+        ref = vae.decoder(latents, feat_cache=plain[1], feat_idx=[0], first_chunk=start == 0)
+        out = fast_decoder(fast_vae, latents, fast[1])
+        assert out.shape == ref.shape and max_err(out, ref) < TOL
+    for fast_cache, plain_cache in zip(fast, plain, strict=True):
+        for a, b in zip(fast_cache, plain_cache, strict=True):
+            assert (a == b) if isinstance(b, str) else (a is None and b is None) or max_err(a, b) < TOL
+    ran = [index for index in split_module._chosen.values() if index >= 0]
+    assert bool(ran) == norm_silu.INTERPRETED

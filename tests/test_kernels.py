@@ -202,3 +202,71 @@ def test_mid_attention_tries_smaller_blocks_and_gives_up_alone(monkeypatch):
         assert out is None and module._chosen[key] == -1 and len(module._failures) == 2
         assert module.mid_attention(qkv, 0.25) is None and len(module._failures) == 2  # not tried again
     assert not norm_silu._TRITON_BROKEN
+
+
+def _split_reference(buf, weight, bias, residual=None, gamma=None):
+    """The conv (+ residual) in float64; with gamma, SiLU(F.normalize over channels x gamma) of it."""
+    y = conv_reference(buf, weight, bias)
+    if residual is not None:
+        y = y + residual.double()
+    if gamma is not None:
+        y = F.normalize(y, dim=1) * gamma.double().view(1, -1, 1, 1, 1)
+        y = y * torch.sigmoid(y)
+    return y
+
+
+@pytest.mark.parametrize(("cin", "split", "width", "block_m"), [(32, (32, 16), 5, 128), (16, (128, 64), 20, 16)])
+def test_split_conv_matches_conv3d(monkeypatch, cin, split, width, block_m):
+    """The 192-channel conv kernel (here also 48 = 32 + 16): plain output, output with a residual into a
+    zero-bordered buffer's inside (the border stays 0), and the norm epilogue into a staged buffer's frames plus
+    a cache entry; rows wider than a block (20 pixels, blocks of 16) and narrower (5 of 128). Float32 under the
+    interpreter (its tensor-memory loads mishandle bfloat16); bfloat16 is checked on the GPU (check_conv.py)."""
+    from infvsr_core.kernels import split_conv as module
+
+    cout = sum(split)
+    monkeypatch.setattr(module, "SPLITS", {cout: split})
+    monkeypatch.setattr(module, "CONFIGS", ((block_m, 1, 4),))
+    monkeypatch.setattr(module, "_chosen", {})
+    gen = torch.Generator().manual_seed(12)
+    t, h = 3, 4
+    buf = staged(1, cin, t + 2, h, width, torch.float32, seed=13)
+    weight = torch.randn(cout, cin, 3, 3, 3, generator=gen) / (27 * cin) ** 0.5
+    bias = torch.randn(cout, generator=gen)
+    residual = torch.randn(1, cout, t, h, width, generator=gen).contiguous(memory_format=CL3)
+    gamma = torch.rand(cout, generator=gen) + 0.5
+    packed = module.pack_split(weight)
+    conv = torch.nn.Conv3d(cin, cout, 3)
+    conv._padding = (1, 1, 1, 1, 2, 0)
+    assert module.split_conv_usable(conv, buf) == norm_silu.INTERPRETED
+    out = module.split_conv(buf, packed, bias)
+    if not norm_silu.INTERPRETED:  # no kernel runs on CPU tensors: None, for the caller's cuDNN path
+        assert out is None and module._chosen[(buf.device, buf.dtype, cin, cout)] == -1
+        return
+    assert out.is_contiguous(memory_format=CL3) and rel_err(out, _split_reference(buf, weight, bias)) < 1e-5
+    bordered = torch.zeros(1, cout, t, h + 1, width + 1).contiguous(memory_format=CL3)
+    got = module.split_conv(buf, packed, bias, residual, out=bordered[:, :, :, :h, :width])
+    assert rel_err(got, _split_reference(buf, weight, bias, residual)) < 1e-5
+    assert not bordered[:, :, :, h].any() and not bordered[:, :, :, :, width].any()
+    next_buf = torch.full((1, cout, t + 2, h, width), 7.0).contiguous(memory_format=CL3)
+    tail = torch.empty(1, cout, 2, h, width).contiguous(memory_format=CL3)
+    act = module.split_conv(buf, packed, bias, gamma=gamma, act=next_buf[:, :, 2:], tail=tail)
+    want = _split_reference(buf, weight, bias, gamma=gamma)
+    assert rel_err(act, want) < 1e-5 and torch.equal(tail, next_buf[:, :, -2:])
+    assert (next_buf[:, :, :2] == 7.0).all()  # the history frames in front are not written
+    assert not norm_silu._TRITON_BROKEN
+
+
+def test_split_conv_is_only_for_its_shapes():
+    """Other widths, kernel shapes, batches or layouts keep cuDNN."""
+    from infvsr_core.kernels.split_conv import split_conv_usable
+
+    buf = staged(1, 32, 4, 3, 5, torch.float32, seed=14)
+    for conv in (torch.nn.Conv3d(32, 96, 3), torch.nn.Conv3d(32, 192, 1), torch.nn.Conv3d(16, 192, 3)):
+        conv._padding = (1, 1, 1, 1, 2, 0)
+        assert not split_conv_usable(conv, buf)
+    conv = torch.nn.Conv3d(32, 192, 3)
+    conv._padding = (1, 1, 1, 1, 2, 0)
+    assert split_conv_usable(conv, buf) == norm_silu.INTERPRETED
+    assert not split_conv_usable(conv, buf.contiguous())  # not channels-last
+    assert not split_conv_usable(conv, staged(2, 32, 4, 3, 5, torch.float32, seed=14))
+    assert not split_conv_usable(conv, buf.to(torch.bfloat16))  # interpreted: float32 only; else: CPU

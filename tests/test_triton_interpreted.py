@@ -19,6 +19,7 @@ SELECTED = [
     "tests/test_fast_vae.py::test_encoder_and_decoder_match_diffusers_call_by_call",
     "tests/test_fast_vae.py::test_subpixel_upsampler_matches_nearest_then_conv",
     "tests/test_fast_vae.py::test_upsample_layer_matches_diffusers",
+    "tests/test_fast_vae.py::test_split_conv_resblocks_match_diffusers",
 ]
 
 
