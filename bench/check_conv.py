@@ -33,6 +33,8 @@ SHAPES = [
     ("96 @ 480p, 12 frames", 96, 96, 12, 480, 832),
     ("96 @ 1080p tile 1024x1024, 4 frames", 96, 96, 4, 1024, 1024),
     ("192 @ 1080p tile 512x512, 12 frames", 192, 192, 12, 512, 512),
+    ("192 @ 240x416 (480p), 12 frames", 192, 192, 12, 240, 416),
+    ("192 @ 1080p edge tile 512x80, 12 frames", 192, 192, 12, 512, 80),
     ("96 -> 3 (the RGB head) @ 720p, 4 frames", 96, 3, 4, 720, 1280),
     ("96 -> 3 (the RGB head) @ 1080p tile 1024x1024, 4 frames", 96, 3, 4, 1024, 1024),
 ]
@@ -64,7 +66,7 @@ def main() -> None:
         ks = [32] if cin % 64 else [32, 64]
         splits = {96: (64, 32), 192: (128, 64)}
         if cout in splits:  # exactly cout outputs, two products sharing each input tile
-            for bm, bk, stages, warps in itertools.product([128, 256], ks, [3, 4, 5], [4, 8]):
+            for bm, bk, stages, warps in itertools.product([64, 128, 256], ks, [3, 4, 5], [4, 8]):
                 if bm * cout > 128 * 256 or (bm == 256 and warps == 4):
                     continue
                 name = f"split m{bm} k{bk} s{stages} w{warps}"
