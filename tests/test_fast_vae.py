@@ -414,6 +414,7 @@ def test_split_conv_resblocks_match_diffusers(vae, monkeypatch):
     from infvsr_core.kernels import split_conv as split_module
 
     monkeypatch.setattr(split_module, "SPLITS", {4 * TINY_VAE_BASE_DIM: (16, 16)})
+    monkeypatch.setattr(split_module, "ROW_MULTIPLE", 1)
     monkeypatch.setattr(split_module, "_chosen", {})
     fast_vae = copy.deepcopy(vae)
     prepare_channels_last(fast_vae)

@@ -226,6 +226,7 @@ def test_split_conv_matches_conv3d(monkeypatch, cin, split, width, block_m):
     cout = sum(split)
     monkeypatch.setattr(module, "SPLITS", {cout: split})
     monkeypatch.setattr(module, "CONFIGS", ((block_m, 1, 4),))
+    monkeypatch.setattr(module, "ROW_MULTIPLE", 1)
     monkeypatch.setattr(module, "_chosen", {})
     gen = torch.Generator().manual_seed(12)
     t, h = 3, 4
@@ -256,10 +257,12 @@ def test_split_conv_matches_conv3d(monkeypatch, cin, split, width, block_m):
     assert not norm_silu._TRITON_BROKEN
 
 
-def test_split_conv_is_only_for_its_shapes():
-    """Other widths, kernel shapes, batches or layouts keep cuDNN."""
+def test_split_conv_is_only_for_its_shapes(monkeypatch):
+    """Other widths, kernel shapes, batches, layouts or rows that do not fill the pixel blocks keep cuDNN."""
+    from infvsr_core.kernels import split_conv as module
     from infvsr_core.kernels.split_conv import split_conv_usable
 
+    monkeypatch.setattr(module, "ROW_MULTIPLE", 5)
     buf = staged(1, 32, 4, 3, 5, torch.float32, seed=14)
     for conv in (torch.nn.Conv3d(32, 96, 3), torch.nn.Conv3d(32, 192, 1), torch.nn.Conv3d(16, 192, 3)):
         conv._padding = (1, 1, 1, 1, 2, 0)
@@ -270,3 +273,4 @@ def test_split_conv_is_only_for_its_shapes():
     assert not split_conv_usable(conv, buf.contiguous())  # not channels-last
     assert not split_conv_usable(conv, staged(2, 32, 4, 3, 5, torch.float32, seed=14))
     assert not split_conv_usable(conv, buf.to(torch.bfloat16))  # interpreted: float32 only; else: CPU
+    assert not split_conv_usable(conv, staged(1, 32, 4, 3, 6, torch.float32, seed=14))  # 6 pixels: blocks of 5

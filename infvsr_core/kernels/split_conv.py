@@ -6,7 +6,8 @@ through memory (its bias, the residual add, the next RMS norm + SiLU into the
 next conv's staged buffer). Here one program computes a row of pixels x
 exactly 192 outputs, as two tensor-core products (128 + 64) sharing each
 input tile: 8.4 vs 10.0 ms at 360x640 x 12 frames on an H100, 9.6 vs 11.3 on
-a 1080p tile's 512x512 (bench/check_conv.py, RESULTS.md round 12). Holding a
+a 1080p tile's 512x512 (bench/check_conv.py, RESULTS.md round 12); used for
+rows that fill its 128-pixel blocks (elsewhere cuDNN was as fast or faster). Holding a
 pixel's channels whole, the epilogue adds the bias and the residual, or, for
 a resblock's first conv, writes the next norm + SiLU straight into the next
 conv's staged buffer and cache entry: that conv's output is never stored.
@@ -38,6 +39,9 @@ SPLITS = {192: (128, 64)}
 CONFIGS = ((128, 4, 4), (128, 3, 4), (64, 2, 4))
 # Measured on Hopper (sm90) only; elsewhere cuDNN keeps these convs.
 CAPABILITY = (9, 0)
+# Rows of a multiple of this many pixels only: where the last block of a row is partly empty the kernel lost to
+# cuDNN (480p's 416-pixel rows: 4.42 vs 4.32 ms; a 1080p edge tile's 80: 2.21 vs 1.73).
+ROW_MULTIPLE = 128
 
 
 if triton is not None:
@@ -115,6 +119,7 @@ def split_conv_usable(conv: torch.nn.Conv3d, buf: torch.Tensor) -> bool:
         and conv.in_channels == c
         and c % 16 == 0
         and buf.shape[0] == 1
+        and buf.shape[-1] % ROW_MULTIPLE == 0
         and buf.is_contiguous(memory_format=torch.channels_last_3d)
         and buf.dtype == conv.weight.dtype
     )
