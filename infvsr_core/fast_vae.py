@@ -18,6 +18,10 @@ cuDNN's slower layout for these shapes. This forward
   with a flash-style Triton kernel (kernels/mid_attention.py; elsewhere as two
   matmuls and a float32 softmax over blocks of queries): SDPA has no fast
   kernel for that head dim and falls back to a slow one,
+- on Hopper, runs the 192-channel causal convs as one Triton kernel each
+  (kernels/split_conv.py: exactly 192 outputs, where cuDNN computes 256),
+  whose epilogue adds bias and residual or writes the next norm + SiLU
+  straight into the next conv's staged buffer,
 - runs the full-resolution stages (the encoder's first level, the decoder's
   last block and head) on a few frames at a time, which bounds peak memory
   (their activations are the largest) without changing the result.
