@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .configs import first_that_runs
 from .norm_silu import tl, triton, triton_usable
 
 SLICES = 3  # head-dim slices per product
@@ -104,24 +105,18 @@ def mid_attention(qkv: torch.Tensor, scale: float) -> torch.Tensor | None:
     n, tokens, c3 = qkv.shape
     c = c3 // 3
     key = (qkv.device, qkv.dtype, c)
-    configs = CONFIGS.get(qkv.element_size(), ())
-    start = _chosen.get(key, 0)
-    if start < 0:
+    if _chosen.get(key, 0) < 0:  # no configuration ran for this shape before: nothing to allocate
         return None
     out = torch.empty((n, tokens, c), dtype=qkv.dtype, device=qkv.device)
     block_d = max(16, triton.next_power_of_2(-(-c // SLICES)))  # three slices of a power of two, >= tl.dot's 16
-    for index in range(start, len(configs)):
-        block_m, block_n, warps, stages = configs[index]
-        try:
-            _mid_attention_kernel[(triton.cdiv(tokens, block_m), n)](
-                qkv, out, tokens, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale * LOG2E,
-                C=c, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
-            )  # fmt: skip
-        except Exception as error:  # too little shared memory for these blocks (or no compiler): the next ones
-            _failures.append(f"{configs[index]}: {type(error).__name__}: {error}"[:300])
-            continue
-        _chosen[key] = index
-        return out
-    _chosen[key] = -1
-    return None
+
+    def launch(config: tuple[int, int, int, int]) -> None:
+        block_m, block_n, warps, stages = config
+        _mid_attention_kernel[(triton.cdiv(tokens, block_m), n)](
+            qkv, out, tokens, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale * LOG2E,
+            C=c, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    configs = CONFIGS.get(qkv.element_size(), ())
+    return out if first_that_runs(key, configs, launch, _chosen, _failures) else None

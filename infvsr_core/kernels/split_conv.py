@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .configs import first_that_runs
 from .norm_silu import INTERPRETED, tl, triton, triton_usable
 
 try:  # host-side tensor descriptors: Triton 3.4+
@@ -165,6 +166,9 @@ def split_conv(
     t = frames - 2
     cout = packed.shape[0]
     n1, n2 = SPLITS[cout]
+    key = (buf.device, buf.dtype, c, cout)
+    if _chosen.get(key, 0) < 0:  # no configuration ran for this shape before: nothing to allocate
+        return None
     if gamma is None:
         if out is None:
             out = torch.empty((1, cout, t, h, w), dtype=buf.dtype, device=buf.device, memory_format=CL3)
@@ -176,31 +180,22 @@ def split_conv(
     res_strides = (0, 0, 0) if residual is None else _pixel_strides(residual)
     if strides is None or res_strides is None:
         return None
-    key = (buf.device, buf.dtype, c, cout)
-    start = _chosen.get(key, 0)
-    if start < 0:
-        return None
     block_k = 64 if c % 64 == 0 else 32 if c % 32 == 0 else 16
     view = buf.permute(0, 2, 3, 4, 1)[0]  # (T + 2, H, W, C)
     w1, w2 = packed[:n1], packed[n1:]
-    for index in range(start, len(CONFIGS)):
-        block_m, stages, warps = CONFIGS[index]
-        try:
-            x_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [1, 1, block_m, block_k])
-            w1_desc = TensorDescriptor(w1, list(w1.shape), list(w1.stride()), [n1, block_k])
-            w2_desc = TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [n2, block_k])
-            _split_conv_kernel[(t * h * triton.cdiv(w, block_m),)](
-                x_desc, w1_desc, w2_desc, bias, target if residual is None else residual, target,
-                bias if gamma is None else gamma, target, target if tail is None else tail,
-                t, h, w, *strides, *res_strides, *strides,
-                C=c, N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_K=block_k,
-                HAS_RES=residual is not None, NORM=gamma is not None, HAS_TAIL=tail is not None, STAGES=stages,
-                PRECISION="ieee" if buf.dtype == torch.float32 else "tf32", num_warps=warps,
-            )  # fmt: skip
-        except Exception as error:  # too little shared memory for these blocks (or no compiler): the next ones
-            _failures.append(f"{CONFIGS[index]}: {type(error).__name__}: {error}"[:300])
-            continue
-        _chosen[key] = index
-        return target
-    _chosen[key] = -1
-    return None
+
+    def launch(config: tuple[int, int, int]) -> None:
+        block_m, stages, warps = config
+        x_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [1, 1, block_m, block_k])
+        w1_desc = TensorDescriptor(w1, list(w1.shape), list(w1.stride()), [n1, block_k])
+        w2_desc = TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [n2, block_k])
+        _split_conv_kernel[(t * h * triton.cdiv(w, block_m),)](
+            x_desc, w1_desc, w2_desc, bias, target if residual is None else residual, target,
+            bias if gamma is None else gamma, target, target if tail is None else tail,
+            t, h, w, *strides, *res_strides, *strides,
+            C=c, N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_K=block_k,
+            HAS_RES=residual is not None, NORM=gamma is not None, HAS_TAIL=tail is not None, STAGES=stages,
+            PRECISION="ieee" if buf.dtype == torch.float32 else "tf32", num_warps=warps,
+        )  # fmt: skip
+
+    return target if first_that_runs(key, CONFIGS, launch, _chosen, _failures) else None
