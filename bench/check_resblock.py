@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--size", default="720p", choices=sorted(SIZES))
-    parser.add_argument("--configs", nargs="+", default=["256,4,8"], help="block_m,stages,warps[,split]")
+    parser.add_argument("--configs", nargs="+", default=["256,4,8"], help="block_m,stages,warps")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -95,16 +95,16 @@ def main() -> None:
         ms = do_bench(lambda: cudnn_chain(blocks, head_norm, head_conv, x, cache))
         print(f"{args.size}, {args.frames} frames: cuDNN + passes: {ms:.3f} ms", flush=True)
         for config in args.configs:
-            bm, st, wp, *split = (int(v) for v in config.split(","))
-            conv3.__kwdefaults__.update(block_m=bm, stages=st, warps=wp, split=(64, 32) if split else None)
-            packs = [pack_weight(w, 1 if split else 128) for w in weights]
+            bm, st, wp = (int(v) for v in config.split(","))
+            conv3.__kwdefaults__.update(block_m=bm, stages=st, warps=wp)
+            packs = [pack_weight(w, 128) for w in weights]
             got, got_cache = fused_chain(blocks, head_norm, packs, x, cache)
             err = (got.float() - ref.float()).abs().max().item() / scale
             cache_err = max(
                 (a.float() - b.float()).abs().max().item() for a, b in zip(got_cache, ref_cache, strict=True)
             )
             ms = do_bench(partial(fused_chain, blocks, head_norm, packs, x, cache))
-            print(f"   fused m{bm} s{st} w{wp}{' split' if split else ''}: {ms:.3f} ms, "
+            print(f"   fused m{bm} s{st} w{wp}: {ms:.3f} ms, "
                   f"error {err:.2e}, caches {cache_err / scale:.2e}", flush=True)  # fmt: skip
 
 

@@ -79,71 +79,6 @@ def _conv3_kernel(
                 tl.store(tail_ptr + offsets - (T - 2) * so_t, y, mask=keep)
 
 
-@triton.jit
-def _conv3_split_kernel(
-    x_desc, w1_desc, w2_desc, bias_ptr, res_ptr, out_ptr, gamma_ptr, act_ptr, tail_ptr,
-    T, H, W,
-    so_t, so_h, so_w,
-    C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, NORM: tl.constexpr,
-    HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """The same conv with exactly N1 + N2 outputs (96 = 64 + 32, 192 = 128 + 64): two products share each A tile,
-    so no padded output channel is computed."""
-    pid = tl.program_id(0)
-    tiles_w = tl.cdiv(W, BLOCK_M)
-    w0 = (pid % tiles_w) * BLOCK_M
-    row = pid // tiles_w
-    h = row % H
-    t = row // H
-    KC: tl.constexpr = C // BLOCK_K
-    acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
-    for i in tl.range(0, 27 * KC, num_stages=STAGES):
-        tap = i // KC
-        k0 = (i % KC) * BLOCK_K
-        a = x_desc.load([t + tap // 9, h + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, k0]).reshape(BLOCK_M, BLOCK_K)
-        b1 = w1_desc.load([0, tap * C + k0])
-        b2 = w2_desc.load([0, tap * C + k0])
-        acc1 = tl.dot(a, b1.T, acc1)
-        acc2 = tl.dot(a, b2.T, acc2)
-    n1 = tl.arange(0, N1)
-    n2 = N1 + tl.arange(0, N2)
-    w = w0 + tl.arange(0, BLOCK_M)
-    if HAS_BIAS:
-        acc1 += tl.load(bias_ptr + n1)[None, :]
-        acc2 += tl.load(bias_ptr + n2)[None, :]
-    pixel = t.to(tl.int64) * so_t + h.to(tl.int64) * so_h + w.to(tl.int64) * so_w
-    off1 = pixel[:, None] + n1[None, :]
-    off2 = pixel[:, None] + n2[None, :]
-    keep = (w < W)[:, None]
-    if HAS_RES:
-        acc1 += tl.load(res_ptr + off1, mask=keep, other=0.0).to(tl.float32)
-        acc2 += tl.load(res_ptr + off2, mask=keep, other=0.0).to(tl.float32)
-    if HAS_OUT:
-        r1 = acc1.to(out_ptr.dtype.element_ty)
-        r2 = acc2.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + off1, r1, mask=keep)
-        tl.store(out_ptr + off2, r2, mask=keep)
-        if NORM:
-            acc1 = r1.to(tl.float32)
-            acc2 = r2.to(tl.float32)
-    if NORM:
-        ss = tl.sum(acc1 * acc1, axis=1) + tl.sum(acc2 * acc2, axis=1)
-        inv = 1.0 / tl.maximum(tl.sqrt(ss), 1e-12)
-        y1 = acc1 * inv[:, None] * tl.load(gamma_ptr + n1)[None, :]
-        y2 = acc2 * inv[:, None] * tl.load(gamma_ptr + n2)[None, :]
-        y1 = (y1 * tl.sigmoid(y1)).to(act_ptr.dtype.element_ty)
-        y2 = (y2 * tl.sigmoid(y2)).to(act_ptr.dtype.element_ty)
-        tl.store(act_ptr + off1, y1, mask=keep)
-        tl.store(act_ptr + off2, y2, mask=keep)
-        if HAS_TAIL:
-            if t >= T - 2:
-                tl.store(tail_ptr + off1 - (T - 2) * so_t, y1, mask=keep)
-                tl.store(tail_ptr + off2 - (T - 2) * so_t, y2, mask=keep)
-
-
 def pack_weight(weight: torch.Tensor, block_n: int) -> torch.Tensor:
     """(Cout, Cin, 3, 3, 3) -> (Cout padded to block_n, 27 * Cin), row o = [tap-major, then input channel]."""
     cout, cin = weight.shape[:2]
@@ -169,7 +104,6 @@ def conv3(
     block_k: int = 32,
     stages: int = 4,
     warps: int = 8,
-    split: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
     """conv3d(buf, weight, bias, padding (0, 1, 1)) (+ residual) for a staged (1, C, T + 2, H, W) channels-last
     buffer; `packed` = pack_weight(weight, block_n); bias float32.
@@ -178,8 +112,6 @@ def conv3(
     `gamma` (float32, the norm's gamma x scale), SiLU(RMS-norm(result)) also
     goes into `act` (a (1, cout, T, H, W) channels-last view: the next conv's
     staged frames) and its last 2 frames into `tail` ((1, cout, 2, H, W)).
-    With `split=(n1, n2)` (n1 + n2 == cout, powers of 2) each program computes
-    exactly cout outputs in two products (`packed` = pack_weight(weight, 1)).
     """
     _, c, frames, h, w = buf.shape
     t = frames - 2
@@ -190,26 +122,9 @@ def conv3(
             raise ValueError("residual, act and tail must have the output's channels-last pixel strides")
     if tail is not None and (t < 2 or tail.stride(2) != so[2]):
         raise ValueError("a tail needs T >= 2 and the output's frame stride")
-    if gamma is not None and (act is None or (split is None and packed.shape[0] != block_n)):
+    if gamma is not None and (act is None or packed.shape[0] != block_n):
         raise ValueError("the norm needs `act` and all output channels in one block")
     view = buf.permute(0, 2, 3, 4, 1)[0]  # (T + 2, H, W, C)
-    if split is not None:
-        n1, n2 = split
-        if n1 + n2 != cout or packed.shape[0] != cout:
-            raise ValueError("split must cover cout exactly, with an unpadded packed weight")
-        x_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [1, 1, block_m, block_k])
-        w1, w2 = packed[:n1], packed[n1:]
-        w1_desc = TensorDescriptor(w1, list(w1.shape), list(w1.stride()), [n1, block_k])
-        w2_desc = TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [n2, block_k])
-        _conv3_split_kernel[(t * h * triton.cdiv(w, block_m),)](
-            x_desc, w1_desc, w2_desc, target if bias is None else bias, target if residual is None else residual,
-            target, target if gamma is None else gamma, target if act is None else act,
-            target if tail is None else tail, t, h, w, so[2], so[3], so[4],
-            C=c, N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_K=block_k,
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_OUT=out, NORM=gamma is not None,
-            HAS_TAIL=tail is not None, STAGES=stages, num_warps=warps,
-        )  # fmt: skip
-        return target if out else None
     x_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [1, 1, block_m, block_k])
     w_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [block_n, block_k])
     grid = (t * h * triton.cdiv(w, block_m), packed.shape[0] // block_n)
