@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from infvsr_core.kernels.split_conv import row_block
+
 CL3 = torch.channels_last_3d
 
 try:  # host-side TMA descriptors: Triton 3.4+
@@ -40,12 +42,7 @@ def _conv3_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, NORM: tl.constexpr,
     HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    tiles_w = tl.cdiv(W, BLOCK_M)
-    w0 = (pid % tiles_w) * BLOCK_M
-    row = pid // tiles_w
-    h = row % H
-    t = row // H
+    w0, h, t = row_block(W, H, BLOCK_M)
     n0 = tl.program_id(1) * BLOCK_N
     KC: tl.constexpr = C // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

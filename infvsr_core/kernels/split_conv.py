@@ -48,6 +48,14 @@ ROW_MULTIPLE = 128
 if triton is not None:
 
     @triton.jit
+    def row_block(W, H, BLOCK_M: tl.constexpr):
+        """(w0, h, t): this program's BLOCK_M pixels from w0 on, in row h of frame t (program id 0)."""
+        pid = tl.program_id(0)
+        tiles_w = tl.cdiv(W, BLOCK_M)
+        row = pid // tiles_w
+        return (pid % tiles_w) * BLOCK_M, row % H, row // H
+
+    @triton.jit
     def _split_conv_kernel(
         x_desc, w1_desc, w2_desc, bias_ptr, res_ptr, out_ptr, gamma_ptr, act_ptr, tail_ptr,
         T, H, W,
@@ -56,12 +64,7 @@ if triton is not None:
         HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        tiles_w = tl.cdiv(W, BLOCK_M)
-        w0 = (pid % tiles_w) * BLOCK_M
-        row = pid // tiles_w
-        h = row % H
-        t = row // H
+        w0, h, t = row_block(W, H, BLOCK_M)
         KC: tl.constexpr = C // BLOCK_K
         acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
