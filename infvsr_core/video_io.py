@@ -43,11 +43,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; ComfyUI users often run 3.10
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
