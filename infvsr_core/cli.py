@@ -3,28 +3,50 @@
     python -m infvsr_core upscale INPUT -o OUTPUT [options]
 
 Frames are decoded, upscaled and encoded chunk by chunk; the output appears
-under its final name only when complete (Ctrl-C keeps a valid file of what was
-finished). Any error ends with one line on stderr and a non-zero exit code.
+under its final name only when complete. Ctrl-C and SIGTERM (kill, docker stop,
+systemd, Slurm) keep a valid file of what was finished. Any error ends with one
+line on stderr that names the file and what to do, and a non-zero exit code;
+`--debug` adds the traceback. Building the parser imports nothing heavy, so
+`--help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
+EXIT_DAMAGED_INPUT = 3
+"""The input was truncated or corrupt: the frames before the damage were kept (without --strict)."""
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 READ_CHUNK = 12
 CODECS = ("auto", "h264", "h265", "prores", "ffv1", "png")
+ATTENTION_CHOICES = ("auto", "flash3", "math", "sdpa")
+"""Known backend names: the parser offers them without importing torch; `main` then refuses those this machine lacks."""
+OFFLOAD_MODES = ("none", "histories", "state", "all")
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) raised where Ctrl-C would be, so every Ctrl-C path keeps what is done."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .attention import backend_names
-    from .loader import default_models_dir
-
     parser = argparse.ArgumentParser(
         prog="python -m infvsr_core", description="InfVSR streaming video super-resolution."
     )
@@ -41,34 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         type=Path,
         default=None,
-        help=f"folder with InfVSR.ckpt, Wan2.1_VAE.pth, ram_swin_large_14m.pth, DAPE.pth "
-        f"(default: $INFVSR_MODELS, else models/infvsr of the ComfyUI tree this is installed in, "
-        f"else ./models/infvsr, else ~/.cache/infvsr; now: {default_models_dir()})",
+        help="folder with InfVSR.ckpt, Wan2.1_VAE.pth, ram_swin_large_14m.pth, DAPE.pth "
+        "(default: $INFVSR_MODELS, else models/infvsr of the ComfyUI tree this is installed in, "
+        "else ./models/infvsr, else ~/.cache/infvsr)",
     )
     up.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4, as trained)")
     up.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
     up.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     up.add_argument(
         "--attention",
-        choices=backend_names(),
+        choices=ATTENTION_CHOICES,
         default="auto",
         help="the DiT's attention kernel: auto = FlashAttention-3 where installed (Hopper, bf16), else PyTorch's "
-        "SDPA; flash3 (listed where installed) = FlashAttention-3 always; math = plain float32 (slow, a reference)",
+        "SDPA; flash3 = FlashAttention-3 always (where installed); math = plain float32 (slow, a reference)",
     )
     up.add_argument(
         "--offload",
-        choices=("none", "histories", "state", "all"),
+        choices=OFFLOAD_MODES,
         default="none",
-        help="keep stream state in host memory between uses, same output, less GPU memory (H100 with "
-        "FlashAttention-3, 720p: none 15.3 GiB 25.8 fps; state 9.5 GiB 20.1 fps; all 6.8 GiB 17.8 fps; 1080p: none "
-        "37.6 GiB 8.4 fps, state 14.4 GiB 8.0 fps; 4K: state 15.7 GiB 1.2 fps + ~93 GiB host). On a small card, set "
+        help="keep stream state in host memory between uses: same output, less GPU memory, somewhat slower. "
+        "histories = the VAE's causal histories; state = also the DiT's KV cache; all = also the DiT's weights "
+        "(low VRAM). README.md's speed table gives each mode's memory and speed. On a small card, set "
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
     )
     up.add_argument(
         "--spill-dir",
         type=Path,
         help="with --offload histories/state/all: folder for the VAE histories that do not fit --host-memory "
-        "(4K tiles need ~93 GiB of host memory otherwise; same output, slower by the disk's time)",
+        "(for 4K tiles, whose histories outgrow host memory; same output, slower by the disk's time)",
     )
     up.add_argument(
         "--host-memory", type=float, metavar="GIB", help="host memory for offloaded VAE histories (with --spill-dir)"
@@ -78,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("release", "smooth"),
         default="release",
         help="how tiled frames (taller than 1024) are blended: release = the authors' tiling (default); smooth = "
-        "wider overlaps, no visible seams, ~1.5x the VAE time and memory",
+        "wider overlaps, no visible seams, more VAE time and memory",
     )
     up.add_argument("--codec", choices=CODECS, default="auto", help="default: png for a folder output, else h264")
     up.add_argument("--crf", type=int, help="quality for h264/h265 (lower is better; default 18 / 20)")
@@ -91,40 +113,129 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--fps", type=float, help="frame rate of a frame-folder input (default 24)")
     up.add_argument("--no-audio", action="store_true", help="do not copy the input's audio")
     up.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    up.add_argument(
+        "--strict",
+        action="store_true",
+        help="on a truncated or corrupt input keep nothing (default: keep the frames upscaled before the damage, "
+        f"exit code {EXIT_DAMAGED_INPUT})",
+    )
     up.add_argument("--quiet", action="store_true", help="no progress bar")
+    up.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; returns the exit code (0, 1 on error, 3 on a damaged input, 128 + signal when stopped)."""
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _raise_stopped)
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        handlers = {}
+    args = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _check_attention_installed(parser, args.attention)
         return upscale_command(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:
+        print(f"{_stop_word(stop)}: nothing was written", file=sys.stderr)
+        return 128 + getattr(stop, "signum", signal.SIGINT)
     except Exception as exc:  # one clear line, whatever went wrong
-        name = type(exc).__name__
-        print(
-            f"error: {exc}" if name in ("VideoError", "WeightFileError") else f"error: {name}: {exc}", file=sys.stderr
-        )
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        if args is not None and args.debug:
+            import traceback
+
+            traceback.print_exc()
         return EXIT_ERROR
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _stop_word(stop: KeyboardInterrupt) -> str:
+    """"interrupted" for Ctrl-C, "stopped by SIGTERM" (or the signal's name) for a stop signal."""
+    signum = getattr(stop, "signum", None)
+    return "interrupted" if signum is None else f"stopped by {signal.Signals(signum).name}"
+
+
+def _check_attention_installed(parser: argparse.ArgumentParser, name: str) -> None:
+    from .attention import backend_names
+
+    available = backend_names()
+    if name not in available:
+        parser.error(f"argument --attention: invalid choice: {name!r} (choose from {', '.join(available)})")
+
+
+def describe_error(exc: BaseException) -> str:
+    """The error as one line a user can act on: our own errors as written; OS errors with the file and the fix."""
+    from .errors import InfVSRError
+
+    if isinstance(exc, InfVSRError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = exc.filename or ""
+        advice = {
+            errno.ENOSPC: "free some space or write the output to another disk",
+            errno.EDQUOT: "free some space or write the output to another disk",
+            errno.EFBIG: "the file system or a size limit refuses a file this large; write to another disk",
+            errno.EACCES: "check the permissions of that file or folder",
+            errno.EPERM: "check the permissions of that file or folder",
+            errno.EROFS: "the disk is read-only; write the output elsewhere",
+            errno.ENOENT: "check the path",
+        }.get(exc.errno, "")
+        text = f"{exc.strerror or exc}: {where}" if where else str(exc.strerror or exc)
+        return f"{text}; {advice}" if advice else text
+    return f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Refuse an output that cannot or must not be written, before any input is read or weights load."""
+    from .errors import UsageError
+
+    output, source = args.output, args.input
+    same = output.resolve() == source.resolve() or (
+        source.exists() and output.exists() and os.path.samefile(source, output)
+    )
+    if same:
+        raise UsageError(f"output {output} is the input itself: choose another output name")
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"output {output} already exists: choose another name, or pass --overwrite to replace it")
+    folder = output.resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"output folder {folder} does not exist: create it first or choose another output")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".infvsr-write-check-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write into the output folder {folder} ({e.strerror}): choose another output") from e
 
 
 def upscale_command(args: argparse.Namespace) -> int:
+    """The `upscale` command: checks first, then the film loop, then one line saying what was written."""
+    from .errors import UsageError
+
+    if args.scale < 1:
+        raise UsageError(f"--scale must be >= 1, got {args.scale}")
+    if args.start < 0 or (args.frames is not None and args.frames < 1):
+        raise UsageError("--start must be >= 0 and --frames >= 1")
+    if (args.spill_dir is None) != (args.host_memory is None):
+        raise UsageError("--spill-dir and --host-memory go together")
+    if args.spill_dir is not None and args.offload == "none":
+        raise UsageError("--spill-dir needs --offload histories, state or all (with 'none' nothing is offloaded)")
+    check_output(args)  # before the input is decoded and several GB of weights load
+
     from tqdm import tqdm
 
+    from .errors import DamagedVideoError
     from .loader import load_pipeline
+    from .memory_plan import check_fits
     from .stream import SceneStream
     from .video_io import BackgroundWriter, VideoReader, VideoWriter
 
-    if args.scale < 1:
-        raise ValueError(f"--scale must be >= 1, got {args.scale}")
-    if args.start < 0 or (args.frames is not None and args.frames < 1):
-        raise ValueError("--start must be >= 0 and --frames >= 1")
     codec = args.codec
     if codec == "auto":
         codec = "png" if args.output.suffix == "" or args.output.is_dir() else "h264"
-
     reader = VideoReader(args.input, start=args.start, max_frames=args.frames, fps=args.fps)
     with reader:
         info = reader.info
@@ -132,13 +243,6 @@ def upscale_command(args: argparse.Namespace) -> int:
         if total is not None:
             total = max(0, total - args.start)
             total = min(total, args.frames) if args.frames else total
-        # Check the output before loading several GB of weights.
-        if args.output.exists() and not args.overwrite:
-            raise ValueError(f"output {args.output} already exists (use --overwrite to replace it)")
-        if (args.spill_dir is None) != (args.host_memory is None):
-            raise ValueError("--spill-dir and --host-memory go together")
-        if args.spill_dir is not None and args.offload == "none":
-            raise ValueError("--spill-dir needs --offload histories, state or all (with 'none' nothing is offloaded)")
         pipe = load_pipeline(
             args.models,
             device=args.device,
@@ -149,13 +253,14 @@ def upscale_command(args: argparse.Namespace) -> int:
             host_memory_gib=args.host_memory,
         )
         pipe.dit.attention_backend = args.attention
+        check_fits(pipe, info.height, info.width, args.scale, spill=args.spill_dir is not None)
         stream = SceneStream(
             pipe, scale=args.scale, detect_scenes=not args.no_scene_detect, threshold=args.scene_threshold
         )
         chunks = reader.read_chunks(READ_CHUNK)
         first = next(chunks, None)
         if first is None:
-            raise ValueError(f"{args.input}: no frames to upscale (start {args.start} is past the end?)")
+            raise UsageError(f"{args.input}: no frames to upscale (start {args.start} is past the end?)")
         audio = info.has_audio and not args.no_audio and codec != "png" and not info.is_image_sequence
         # Encoding runs on a worker thread, under the next chunk's GPU work.
         writer = BackgroundWriter(
@@ -174,28 +279,41 @@ def upscale_command(args: argparse.Namespace) -> int:
         timestamps: deque[float] = deque()
         bar = tqdm(total=total, unit="frame", disable=args.quiet, dynamic_ncols=True, desc="upscaling")
         started = time.perf_counter()
+        damage: DamagedVideoError | None = None
         try:
-            for chunk in _chain(first, chunks):
-                timestamps.extend(chunk.pts_seconds)
-                # Deferred: a chunk's frames come back while the next one computes (the GPU never waits on us).
-                _write(writer, stream.push(chunk.frames, defer=True), timestamps, bar)
+            try:
+                for chunk in _chain(first, chunks):
+                    timestamps.extend(chunk.pts_seconds)
+                    # Deferred: a chunk's frames come back while the next one computes (the GPU never waits on us).
+                    _write(writer, stream.push(chunk.frames, defer=True), timestamps, bar)
+            except DamagedVideoError as e:
+                if args.strict:
+                    raise
+                damage = e  # every frame decoded before the damage is upscaled and kept
             _write(writer, stream.close(), timestamps, bar)
-        except KeyboardInterrupt:
-            try:  # the chunk that completed before Ctrl-C but was not handed out yet
+        except KeyboardInterrupt as stop:
+            try:  # the chunk that completed before the stop but was not handed out yet
                 _write(writer, stream.collect(), timestamps, bar)
             except Exception:  # noqa: BLE001 - keep what is written whatever this fails on
                 pass
             bar.close()
             kept = writer.finalize_partial()
             where = f"kept the {writer.frames_written} finished frames in {kept}" if kept else "nothing was written"
-            print(f"interrupted: {where}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            print(f"{_stop_word(stop)}: {where}", file=sys.stderr)
+            return 128 + getattr(stop, "signum", signal.SIGINT)
         except BaseException:
             bar.close()
             writer.abort()
             raise
         bar.close()
         path = writer.close()
+    if damage is not None:
+        print(
+            f"error: {damage}; kept the {writer.frames_written} frames before it in {path} "
+            f"(--strict keeps nothing on a damaged input)",
+            file=sys.stderr,
+        )
+        return EXIT_DAMAGED_INPUT
     seconds = time.perf_counter() - started
     if not args.quiet:
         print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import comfy
 from .model_nodes import ExtractDAPEGuidance, LoadInfVSRModel
 from .routes import register_routes
+from .shutdown import install as install_stop_handler
 from .streams import install_comfy_backend
 from .upscale_nodes import InfVSRChunkUpscale, InfVSRUpscaleVideoFile
 from .video_nodes import InfVSRLoadVideoFrames, InfVSRVideoCombine, InfVSRVideoStream
@@ -32,5 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 comfy.register_model_folder()
 install_comfy_backend()
 register_routes()
+if comfy.IN_COMFYUI:  # a server stopped by SIGTERM keeps the finished frames of every open output
+    install_stop_handler()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

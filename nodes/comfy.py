@@ -79,6 +79,12 @@ def check_interrupt() -> None:
         model_management.throw_exception_if_processing_interrupted()
 
 
+def interrupt_processing() -> None:
+    """Raise ComfyUI's interrupt flag, as the Cancel button does (outside ComfyUI: nothing to interrupt)."""
+    if model_management is not None:
+        model_management.interrupt_current_processing(True)
+
+
 def report_progress(progress: Progress) -> None:
     """Tell the hooks (and ComfyUI's interrupt flag) that one more piece of work is done."""
     for hook in list(progress_hooks):

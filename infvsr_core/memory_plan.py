@@ -1,0 +1,119 @@
+"""How much memory a frame size needs, checked before the first chunk runs.
+
+A stream's state grows with the output frame: the VAE's causal histories (two
+frames of every causal convolution's input, at every resolution level) and the
+DiT's rolling KV cache (the previous chunk's tokens in every layer). A frame
+size whose state cannot fit anywhere fails only after minutes of climbing
+memory; this module says so before any work, and says what would fit.
+
+The figures are lower bounds of the unavoidable state, not the peak: the check
+refuses only what cannot work, never what might.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import OutOfMemoryPlan
+
+GIB = 1024**3
+
+# Bytes of VAE history per output pixel, per channel of the VAE's base width, per byte of the dtype: the sum over
+# every causal convolution of its two cached input frames at its level's resolution (calibrated against the
+# histories the bench measures; see bench/RESULTS.md).
+HISTORY_BYTES_PER_PIXEL_CHANNEL = 40
+LATENT_FRAMES_PER_CHUNK = 3  # 12 frames at the VAE's 4x temporal compression
+TOKEN_PIXELS = 16 * 16  # 8x spatial VAE compression times the DiT's 2x2 patches
+OUTPUT_CHUNK_FRAMES = 12
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Lower bounds, in bytes, of one stream's state on the compute device and in host memory."""
+
+    device: int
+    host: int
+    histories: int
+    kv_cache: int
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def stream_need(pipe, height: int, width: int, spill: bool = False) -> MemoryNeed:
+    """The state of a stream whose output frames are `height` x `width`, placed as `pipe.offload` places it."""
+    size = _dtype_bytes(pipe.dtype)
+    pixels = height * width
+    base_dim = int(pipe.vae.vae.config.base_dim)
+    histories = HISTORY_BYTES_PER_PIXEL_CHANNEL * base_dim * size * pixels
+    config = pipe.dit.config
+    kv_cache = 2 * config.num_layers * config.dim * size * LATENT_FRAMES_PER_CHUNK * math.ceil(pixels / TOKEN_PIXELS)
+    output = OUTPUT_CHUNK_FRAMES * pixels * 3 * 4  # one chunk of float32 frames handed to the caller
+    if pipe.device.type == "cpu":
+        return MemoryNeed(0, histories + kv_cache + output, histories, kv_cache)
+    on_device = {"none": histories + kv_cache, "histories": kv_cache, "state": 0, "all": 0}[pipe.offload]
+    on_host = histories + kv_cache - on_device
+    if spill and pipe.offload != "none":
+        on_host -= histories  # what does not fit the host budget goes to the spill folder
+    return MemoryNeed(on_device, on_host + output, histories, kv_cache)
+
+
+def available_memory(device: torch.device) -> tuple[int | None, int]:
+    """(free device memory, or None for the CPU; available host memory), in bytes."""
+    host = _host_available()
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), host
+    return None, host
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: never refuse on a guess
+
+
+def check_fits(pipe, input_height: int, input_width: int, scale: int, spill: bool = False) -> None:
+    """Raise OutOfMemoryPlan with what would fit when a stream of this input size cannot fit this machine."""
+    height, width = input_height * scale, input_width * scale
+    need = stream_need(pipe, height, width, spill)
+    device_free, host_free = available_memory(pipe.device)
+    short = []
+    if device_free is not None and need.device > device_free:
+        short.append(f"{need.device / GIB:.1f} GiB of GPU memory ({device_free / GIB:.1f} GiB free)")
+    if need.host > host_free:
+        short.append(f"{need.host / GIB:.1f} GiB of host memory ({host_free / GIB:.1f} GiB available)")
+    if not short:
+        return
+    # The state grows with the output's pixels: scale the input down by the shortfall's square root.
+    worst = max(
+        need.host / max(host_free, 1),
+        need.device / max(device_free, 1) if device_free is not None else 0.0,
+    )
+    shrink = 1.0 / math.sqrt(worst)
+    fit_w = max(8, int(input_width * shrink) // 8 * 8)
+    fit_h = max(8, int(input_height * shrink) // 8 * 8)
+    hints = [f"an input of at most about {fit_w}x{fit_h} at --scale {scale} (downscale the video first)"]
+    if scale > 1:
+        hints.append("a smaller --scale")
+    if pipe.device.type == "cuda" and device_free is not None and need.device > device_free:
+        hints.append("--offload state or all (stream state in host memory)")
+    if pipe.offload != "none" and not spill:
+        hints.append("--spill-dir with --host-memory (histories on disk)")
+    raise OutOfMemoryPlan(
+        f"a {input_width}x{input_height} input at --scale {scale} gives {width}x{height} frames whose stream state "
+        f"alone needs at least {' and '.join(short)}; what would fit: {'; '.join(hints)}"
+    )
