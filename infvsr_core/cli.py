@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop_word(stop: KeyboardInterrupt) -> str:
-    """"interrupted" for Ctrl-C, "stopped by SIGTERM" (or the signal's name) for a stop signal."""
+    """ "interrupted" for Ctrl-C, "stopped by SIGTERM" (or the signal's name) for a stop signal."""
     signum = getattr(stop, "signum", None)
     return "interrupted" if signum is None else f"stopped by {signal.Signals(signum).name}"
 

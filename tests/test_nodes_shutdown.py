@@ -43,7 +43,11 @@ SERVER = textwrap.dedent(
 
 def test_sigterm_finalizes_every_open_output(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", SERVER, str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     proc.send_signal(signal.SIGTERM)
