@@ -26,13 +26,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import SpillError
 from .offload import HostCache, SpilledCache
 
 PENDING_WRITES = 2  # spilled histories whose write may still be running (each holds its host memory until done)
-
-
-class SpillError(OSError):
-    """A history could not be written to or read from the spill folder (disk full, folder removed...)."""
 
 
 def _unlink_later(written: Future, path: Path) -> None:

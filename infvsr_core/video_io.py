@@ -29,16 +29,22 @@ sequence. YUV outputs are converted here with the BT.709 limited-range matrix an
 4:2:0 chroma is filtered [1 2 1]/4 horizontally around the even columns (co-sited) and averaged vertically,
 matching the siting the reader assumes. Odd sizes are padded by replicating the last row/column up to what
 the pixel format needs (even width and height for 4:2:0, even width for 4:2:2): the file is then one pixel
-larger than the frames, and the reader returns the padded size. The output goes to a temporary name in the
-same folder (``.name.partial.ext``) and is moved into place by :meth:`VideoWriter.close` only.
+larger than the frames, and the reader returns the padded size. The output goes to a temporary name of its own
+in the same folder (``.name.<pid>-<host>-<random>.partial.ext``) and is moved into place by
+:meth:`VideoWriter.close` only; see :class:`VideoWriter` for what happens when several runs write one output.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import secrets
 import shutil
+import socket
+import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -48,6 +54,8 @@ from typing import TYPE_CHECKING, Any
 import av
 import numpy as np
 import torch
+
+from .errors import DamagedVideoError, VideoError
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+; ComfyUI users often run 3.10
     from typing_extensions import Self
@@ -65,10 +73,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class VideoError(ValueError):
-    """A video cannot be read or written; the message names the file and what is wrong with it."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -649,7 +653,7 @@ class VideoReader:
                 break
             except av.error.FFmpegError as e:
                 if self.strict:
-                    raise VideoError(
+                    raise DamagedVideoError(
                         f"video file {self.path} is truncated or corrupt: demuxing failed after frame {index} ({e})"
                     ) from e
                 log.warning("%s: demuxing failed after frame %d (%s); stopping there", self.path, index, e)
@@ -658,7 +662,7 @@ class VideoReader:
                 frames = packet.decode()
             except av.error.FFmpegError as e:
                 if self.strict:
-                    raise VideoError(
+                    raise DamagedVideoError(
                         f"video file {self.path} is truncated or corrupt: decoding failed at frame {index} ({e})"
                     ) from e
                 log.warning("%s: skipping an undecodable packet at frame %d (%s)", self.path, index, e)
@@ -699,7 +703,7 @@ class VideoReader:
         got = last + step
         if got < expected - max(0.5, 3 * step):
             if self.strict:
-                raise VideoError(
+                raise DamagedVideoError(
                     f"video file {self.path} is truncated: the stream stops after frame {count - 1} "
                     f"({got:.3f} s of {expected:.3f} s)"
                 )
@@ -1152,6 +1156,169 @@ class _AudioMuxer:
         self.input.close()
 
 
+# -- temporary output names, shared by every writer of one output ------------------------------------------------
+
+# The fixed temporary name of earlier versions names no owner: untouched for this long, no writer is filling it.
+_LEGACY_STALE_S = 60.0
+# errno values meaning "the device (or a quota, or a file size limit) cannot take more bytes".
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _host_tag() -> str:
+    """Six hex digits naming this machine: a process id in a temporary name only means something on the host that
+    wrote it (an output folder can be shared between machines or containers)."""
+    return f"{zlib.crc32(socket.gethostname().encode()) & 0xFFFFFF:06x}"
+
+
+_HOST_TAG = _host_tag()
+
+
+def _new_token() -> str:
+    """`<pid>-<host>-<random>`: unique per writer, and tells a later run whether the owner may still be alive."""
+    return f"{os.getpid()}-{_HOST_TAG}-{secrets.token_hex(4)}"
+
+
+def _temp_candidates(path: Path) -> Iterator[tuple[Path, int | None, str | None]]:
+    """Temporary outputs of `path` in its folder, as (temp, pid, host); pid and host are None for the legacy fixed
+    name. Both shapes are matched, file (`.stem.<token>.partial.ext`) and folder (`.name.<token>.partial`): either
+    one is a writer aiming at this very name."""
+    forms = {(path.stem, path.suffix), (path.name, "")}
+    legacy = {f".{base}.partial{ext}" for base, ext in forms}
+    patterns = [
+        re.compile(rf"\.{re.escape(base)}\.(\d+)-([0-9a-f]{{6}})-[0-9a-f]{{8}}\.partial{re.escape(ext)}")
+        for base, ext in forms
+    ]
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if name in legacy:
+            yield path.parent / name, None, None
+            continue
+        for pattern in patterns:
+            match = pattern.fullmatch(name)
+            if match:
+                yield path.parent / name, int(match[1]), match[2]
+                break
+
+
+def unfinished_outputs(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files or folders of writers aiming at `path` (running, or left by a killed run): a caller choosing
+    a fresh output name skips a name that another writer is still filling."""
+    return sorted(temp for temp, _, _ in _temp_candidates(Path(path)))
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine; when unsure, alive (a live writer's temp is never removed)."""
+    if pid <= 0:
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+        kernel32.OpenProcess.restype = ctypes.c_void_p  # a HANDLE is pointer-sized; the int default truncates it
+        kernel32.GetExitCodeProcess.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong)]
+        kernel32.CloseHandle.argtypes = [ctypes.c_void_p]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() != 87  # type: ignore[attr-defined]  # ERROR_INVALID_PARAMETER: no such id
+        try:
+            code = ctypes.c_ulong()
+            return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    """Last change of a temp file, or of a temp folder and the frames in it (now when it cannot be read: kept)."""
+    try:
+        newest = path.stat().st_mtime
+        if path.is_dir():
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        return newest
+    except OSError:
+        return time.time()
+
+
+def _stale_reason(temp: Path, pid: int | None, host: str | None) -> str | None:
+    """Why `temp` belongs to no running writer, or None if it may (then it must stay)."""
+    if pid is None:
+        if time.time() - _newest_mtime(temp) > _LEGACY_STALE_S:
+            return "an earlier version's temporary name, no longer being written"
+        return None
+    if host != _HOST_TAG:  # another machine's writer: its process id cannot be checked from here
+        return None
+    if pid == os.getpid() or _pid_alive(pid):
+        return None
+    return f"the run that wrote it (process {pid}) has ended"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete what killed runs (SIGKILL, power cut) left behind for this output, saying so."""
+    for temp, pid, host in _temp_candidates(path):
+        reason = _stale_reason(temp, pid, host)
+        if reason is None:
+            continue
+        log.warning("removing %s, an unfinished temporary output for %s: %s", temp, path, reason)
+        try:
+            if temp.is_dir() and not temp.is_symlink():
+                shutil.rmtree(temp)
+            else:
+                temp.unlink()
+        except FileNotFoundError:  # another writer starting now removed it first
+            pass
+        except OSError as e:
+            log.warning("could not remove %s: %s", temp, e.strerror or e)
+
+
+def _move_exclusive(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` only if nothing is at `dst`, atomically: FileExistsError otherwise (a plain POSIX
+    rename would replace a file or an empty folder that another run put there)."""
+    if os.name == "nt":  # Windows renames never replace an existing name
+        os.rename(src, dst)
+        return
+    if src.is_dir():
+        os.mkdir(dst)  # claims the name; fails if anything, an empty folder included, is there
+        try:
+            os.rename(src, dst)  # replaces only the empty folder claimed just above
+        except OSError as e:
+            try:
+                os.rmdir(dst)
+            except OSError:  # someone wrote into the claimed folder: it is theirs now
+                pass
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise FileExistsError(e.errno, "another run wrote into it meanwhile", str(dst)) from e
+            raise
+        return
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system (FAT, some network shares): check, then rename
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
+        os.rename(src, dst)
+        return
+    try:
+        os.unlink(src)
+    except OSError:  # only a hidden second name of the finished file; removed as stale once this process ends
+        pass
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
+
+
 class _Finishing:
     """`with` for the writers: close() on success, abort() (no output left) on an exception."""
 
@@ -1185,6 +1352,16 @@ class VideoWriter(_Finishing):
 
     Use it as a context manager: an exception inside ``with`` aborts (no output, temp file removed); a normal
     exit closes. :meth:`close` after fewer frames than planned (e.g. on Ctrl-C) still gives a valid file.
+
+    Several runs may write the same output at once, so each writer fills its own hidden temporary,
+    ``.stem.<pid>-<host>-<random>.partial.ext`` (``.name.<pid>-<host>-<random>.partial`` for a PNG folder), and
+    the rename in :meth:`close` decides. With ``overwrite`` the last run to finish wins: one atomic replace, so the
+    output is always one complete result. Without it the name is taken only if still free (a hard link, or an
+    exclusive folder claim); if another run created the output meanwhile it is left untouched, our finished frames
+    are moved to the visible sibling ``stem.conflict-<pid>-<random>.ext`` and close() raises a VideoError naming
+    both. A new writer deletes the temporaries of its output that killed runs left: a unique name whose process no
+    longer runs on this host, or the fixed ``.stem.partial.ext`` of earlier versions once untouched for a minute.
+    A full disk (or quota, or file size limit) raises a VideoError naming the output; the partial file is removed.
     """
 
     def __init__(
@@ -1233,6 +1410,7 @@ class VideoWriter(_Finishing):
         self.frames_written = 0
         self._closed = False
         self._aborted = False  # closed without output: close() then raises, it has no file to name
+        self._kept: Path | None = None  # where our frames went when another run took the output name first
         self._size: tuple[int, int] | None = None
         self._container: Any = None
         self._stream: Any = None
@@ -1246,7 +1424,8 @@ class VideoWriter(_Finishing):
         self._check_destination()
         if self.codec == "png":
             self._format = "png"
-            self.temp_path = self.path.with_name(f".{self.path.name}.partial")
+            _remove_stale_temps(self.path)
+            self.temp_path = self.path.with_name(f".{self.path.name}.{_new_token()}.partial")
             if audio_from is not None:
                 log.info("PNG sequence output: audio from %s is not written", audio_from)
             self._make_temp_dir()
@@ -1258,7 +1437,8 @@ class VideoWriter(_Finishing):
                     f"{', '.join(_CONTAINER_FORMATS)}"
                 )
             self._format = _CONTAINER_FORMATS[ext]
-            self.temp_path = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+            _remove_stale_temps(self.path)
+            self.temp_path = self.path.with_name(f".{self.path.stem}.{_new_token()}.partial{self.path.suffix}")
             self._touch_temp()
             try:
                 self._container = av.open(str(self.temp_path), mode="w", format=self._format)
@@ -1285,19 +1465,20 @@ class VideoWriter(_Finishing):
         if not folder.is_dir():
             raise VideoError(f"cannot write {self.path}: {folder} is not a folder")
         if self.path.exists() and not self.overwrite:
-            raise VideoError(f"output {self.path} already exists (pass overwrite=True to replace it)")
+            raise VideoError(
+                f"output {self.path} already exists: choose another name or allow replacing it (--overwrite on the "
+                "command line, overwrite=True in Python)"
+            )
 
     def _touch_temp(self) -> None:
         try:
-            with open(self.temp_path, "wb"):
+            with open(self.temp_path, "xb"):  # the name is ours alone: never truncate another writer's file
                 pass
         except OSError as e:
             raise VideoError(f"cannot write to output folder {self.path.parent}: {e.strerror or e}") from e
 
     def _make_temp_dir(self) -> None:
         try:
-            if self.temp_path.exists():
-                shutil.rmtree(self.temp_path)
             self.temp_path.mkdir()
         except OSError as e:
             raise VideoError(f"cannot write to output folder {self.path.parent}: {e.strerror or e}") from e
@@ -1348,16 +1529,24 @@ class VideoWriter(_Finishing):
         elif self._size != (w, h):
             raise VideoError(f"frame size changed from {self._size[0]}x{self._size[1]} to {w}x{h} in {self.path}")
         times = self._frame_times(t, timestamps)
-        for i, frame in enumerate(self._frame_encoder.frames(rgb)):
-            if self.codec == "png":
-                self._write_png(frame)
-            else:
-                frame.pts = times[i]
-                frame.time_base = self._stream.codec_context.time_base
-                self._container.mux(self._stream.encode(frame))
-            self.frames_written += 1
-        if self._audio is not None:
-            self._audio.advance(self._container, self.duration)
+        try:
+            for i, frame in enumerate(self._frame_encoder.frames(rgb)):
+                if self.codec == "png":
+                    self._write_png(frame)
+                else:
+                    frame.pts = times[i]
+                    frame.time_base = self._stream.codec_context.time_base
+                    self._container.mux(self._stream.encode(frame))
+                self.frames_written += 1
+            if self._audio is not None:
+                self._audio.advance(self._container, self.duration)
+        except OSError as e:
+            if not _is_disk_full(e):
+                raise
+            # The muxer lost bytes mid-packet: what is on disk is no longer a file worth keeping.
+            doing = f"writing frame {self.frames_written + 1}"
+            self.abort()
+            raise self._space_error(e, doing) from e
 
     def _frame_times(self, count: int, timestamps: Sequence[float] | None) -> list[int]:
         """pts in the codec time base: frame numbers (constant rate) or rounded timestamps (variable rate)."""
@@ -1410,6 +1599,8 @@ class VideoWriter(_Finishing):
     def close(self) -> Path:
         """Flush the encoder, finish the file and move it to its final name; returns that path."""
         if self._aborted:
+            if self._kept is not None:
+                raise VideoError(f"{self.path} was created by another run; this run's frames are in {self._kept}")
             raise VideoError(f"writing {self.path} was aborted; nothing was saved")
         if self._closed:
             return self.path
@@ -1426,6 +1617,11 @@ class VideoWriter(_Finishing):
                 self._container.close()
                 self._container = None
             self._install()
+        except OSError as e:
+            self.abort()
+            if _is_disk_full(e):
+                raise self._space_error(e, f"finishing the file after {self.frames_written} frames") from e
+            raise
         except BaseException:
             self.abort()
             raise
@@ -1447,16 +1643,70 @@ class VideoWriter(_Finishing):
             return None
         return self.close()
 
+    def _space_error(self, error: OSError, doing: str) -> VideoError:
+        """A full device, quota or file size limit in plain words, naming the output rather than the hidden temp."""
+        if error.errno == errno.EFBIG:
+            what = f"{self.path} reached the largest file size allowed there (a file system or process size limit)"
+        elif error.errno == errno.ENOSPC:
+            what = f"no space left on the device holding {self.path}"
+        else:
+            what = f"the disk quota (space allowed to this user) is used up on the device holding {self.path}"
+        kind = "folder" if self.codec == "png" else "file"
+        return VideoError(f"{what} ({doing}); the partial {kind} was removed")
+
     def _install(self) -> None:
-        if self.path.exists():
-            if not self.overwrite:
-                raise VideoError(f"output {self.path} already exists (pass overwrite=True to replace it)")
-            if self.path.is_dir():
-                stray = [p.name for p in self.path.iterdir() if not re.fullmatch(r"frame_\d+\.png", p.name)]
-                if stray:
-                    raise VideoError(f"refusing to replace folder {self.path}: it holds other files ({stray[0]})")
-                shutil.rmtree(self.path)
-        os.replace(self.temp_path, self.path)
+        """Give the finished temporary its final name: the one step where runs writing the same output meet."""
+        if self.overwrite:
+            self._install_replacing()
+            return
+        try:
+            _move_exclusive(self.temp_path, self.path)
+        except FileExistsError:
+            raise self._keep_after_conflict() from None
+
+    def _install_replacing(self) -> None:
+        """Last one to finish wins. A folder in the way (a PNG sequence) is first renamed aside, as nothing can be
+        renamed onto a non-empty folder; if another run installs between the two renames, its folder goes aside
+        too, and the folders set aside are deleted once ours is in place."""
+        aside: list[Path] = []
+        try:
+            for _ in range(8):
+                if self.path.is_dir() and not self.path.is_symlink():
+                    stray = [p.name for p in self.path.iterdir() if not re.fullmatch(r"frame_\d+\.png", p.name)]
+                    if stray:
+                        raise VideoError(f"refusing to replace folder {self.path}: it holds other files ({stray[0]})")
+                    # A temporary name with our pid: if we die before deleting it, the next writer does.
+                    hidden = self.path.with_name(f".{self.path.name}.{_new_token()}.partial")
+                    try:
+                        os.rename(self.path, hidden)
+                        aside.append(hidden)
+                    except FileNotFoundError:  # another run moved it first
+                        continue
+                try:
+                    os.replace(self.temp_path, self.path)
+                    return
+                except OSError:
+                    if not self.path.is_dir():
+                        raise
+            raise VideoError(f"could not replace {self.path}: other runs kept installing a folder there")
+        finally:
+            for folder in aside:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _keep_after_conflict(self) -> VideoError:
+        """The output appeared while we were writing: leave it alone, and keep our finished frames under a visible
+        sibling name rather than discard them."""
+        base, ext = (self.path.name, "") if self.codec == "png" else (self.path.stem, self.path.suffix)
+        kept = self.path.with_name(f"{base}.conflict-{os.getpid()}-{secrets.token_hex(3)}{ext}")
+        try:
+            _move_exclusive(self.temp_path, kept)
+        except OSError:
+            kept = self.temp_path  # still complete under its hidden name; the message says where
+        self._kept = kept
+        return VideoError(
+            f"output {self.path} was created by another run while this one was writing, so it was left as it is; "
+            f"the {self.frames_written} finished frames were kept in {kept}"
+        )
 
     def abort(self) -> None:
         """Stop without output: close everything and delete the temporary file or folder (after a completed
@@ -1474,7 +1724,7 @@ class VideoWriter(_Finishing):
             self._audio.close()
             self._audio = None
         temp = getattr(self, "temp_path", None)
-        if temp is not None:
+        if temp is not None and getattr(self, "_kept", None) is None:  # kept frames are the user's, not ours
             if temp.is_dir():
                 shutil.rmtree(temp, ignore_errors=True)
             elif temp.exists():
@@ -1568,7 +1818,9 @@ class BackgroundWriter(_Finishing):
         self._stop()
         if self._failed:
             return None
-        self._error = None  # an error not raised yet: what was written before it stays usable
+        if self._error is not None:  # not raised yet: the caller is busy with an interrupt, so say it here
+            log.warning("%s", self._error)
+            self._error = None  # what was written before it stays usable (a full disk already removed the file)
         return self.writer.finalize_partial()
 
     def abort(self) -> None:

@@ -10,6 +10,8 @@ and `finalize_partial` turns an interrupted run into a valid, shorter file.
 from __future__ import annotations
 
 import logging
+import re
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -21,9 +23,10 @@ import torch.nn.functional as F
 
 from . import audio as audio_io
 from . import comfy
-from ._core import BackgroundWriter, VideoWriter
+from ._core import BackgroundWriter, VideoWriter, video_io
 from .common import FILE_FORMAT_TOOLTIP
 from .paths import next_output_path
+from .shutdown import OPEN_OUTPUTS
 
 log = logging.getLogger("infvsr")
 
@@ -71,6 +74,24 @@ def fps_fraction(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
+def free_output_path(output_dir: Path, prefix: str, extension: str) -> tuple[Path, str, str]:
+    """`next_output_path`, skipping counters that another open writer is still filling.
+
+    Each core writer fills a temporary of its own (`.name.<pid>-<host>-<random>.partial.ext`), which the counter
+    scan does not read as `name`: two saves with one prefix (two nodes, or a sink kept open across queue runs)
+    would otherwise pick the same name, and the second to finish would find it taken.
+    """
+    path, subfolder, filename = next_output_path(output_dir, prefix, extension)
+    suffix = f".{extension}" if extension else ""
+    while video_io.unfinished_outputs(path):
+        match = re.fullmatch(r"(?P<stem>.+)_(?P<n>\d+)", filename[: len(filename) - len(suffix)])
+        if match is None:  # not a name next_output_path makes: nothing to count up
+            break
+        filename = f"{match['stem']}_{int(match['n']) + 1:05d}{suffix}"
+        path = path.with_name(filename)
+    return path, subfolder, filename
+
+
 def _png_bytes(frame: torch.Tensor) -> bytes:
     """One (H, W, 3) [0, 1] frame as PNG, scaled down for the preview."""
     image = frame.detach().float().cpu().clamp(0, 1)
@@ -106,7 +127,7 @@ class VideoSink:
         self.format_name = format_name
         self.fps = fps_fraction(float(fps))
         self.output_dir = Path(output_dir) if output_dir is not None else comfy.output_directory()
-        self.path, self.subfolder, self.filename = next_output_path(
+        self.path, self.subfolder, self.filename = free_output_path(
             self.output_dir, filename_prefix, self.format.extension
         )
         self._temp_audio: Path | None = None
@@ -144,6 +165,9 @@ class VideoSink:
         self.closed = False
         self.final_path: Path | None = None
         self._last_frame: torch.Tensor | None = None
+        # A stop signal finalizes from the main thread while a node may be writing from ComfyUI's worker thread.
+        self._lock = threading.Lock()
+        OPEN_OUTPUTS.add(self)
 
     @property
     def frames_written(self) -> int:
@@ -153,22 +177,37 @@ class VideoSink:
         """Append (T, H, W, 3) frames in [0, 1]; T may be 0."""
         if frames.shape[0] == 0:
             return
-        self.writer.write(frames)
+        with self._lock:
+            self.writer.write(frames)
         self._last_frame = frames[-1].detach().cpu()
         self._write_preview()
 
     def close(self) -> Path:
         """Finish the file under its final name."""
         try:
-            self.final_path = self.writer.close()
+            with self._lock:
+                self.final_path = self.writer.close()
         finally:
             self.closed = True
             self._drop_temp_audio()
         self._write_preview()
         return self.final_path
 
-    def finalize_partial(self) -> Path | None:
-        """Keep what was written as a valid file (None when nothing was); for interrupts and errors."""
+    def finalize_partial(self, wait: float = -1) -> Path | None:
+        """Keep what was written as a valid file (None when nothing was); for interrupts and errors.
+
+        `wait` bounds the wait for a write in progress on another thread (seconds; negative: no bound)."""
+        if not self._lock.acquire(timeout=wait):
+            log.error("could not finalize %s: a write did not finish within %.0f s", self.path, wait)
+            return None
+        try:
+            if self.closed:
+                return self.final_path
+            return self._finalize_partial()
+        finally:
+            self._lock.release()
+
+    def _finalize_partial(self) -> Path | None:
         try:
             self.final_path = self.writer.finalize_partial()
         except Exception as e:  # noqa: BLE001 - never mask the interrupt that brought us here
