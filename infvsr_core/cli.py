@@ -18,16 +18,18 @@ import os
 import signal
 import sys
 import tempfile
-import time
-from collections import deque
 from pathlib import Path
+
+from .io.formats import CODECS as WRITER_CODECS
+from .io.formats import PRORES_PROFILES
 
 EXIT_ERROR = 1
 EXIT_DAMAGED_INPUT = 3
 """The input was truncated or corrupt: the frames before the damage were kept (without --strict)."""
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 READ_CHUNK = 12
-CODECS = ("auto", "h264", "h265", "prores", "ffv1", "png")
+CODECS = ("auto", *WRITER_CODECS)
+"""--codec: "auto" (png for a folder output, else h264) or one of the writer's codecs (the format table's)."""
 ATTENTION_CHOICES = ("auto", "flash3", "math", "sdpa")
 """Known backend names: the parser offers them without importing torch; `main` then refuses those this machine lacks."""
 OFFLOAD_MODES = ("none", "histories", "state", "all")
@@ -105,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--codec", choices=CODECS, default="auto", help="default: png for a folder output, else h264")
     up.add_argument("--crf", type=int, help="quality for h264/h265 (lower is better; default 18 / 20)")
     up.add_argument("--pix-fmt", help="override the pixel format (e.g. yuv444p for h264)")
-    up.add_argument("--prores-profile", choices=("hq", "4444"), default="hq", help="ProRes 422 HQ or 4444")
+    up.add_argument(
+        "--prores-profile", choices=PRORES_PROFILES, default=PRORES_PROFILES[0], help="ProRes 422 HQ or 4444"
+    )
     up.add_argument("--no-scene-detect", action="store_true", help="one scene: never reset caches or the reference")
     up.add_argument("--scene-threshold", type=float, default=27.0, help="content detector threshold (default 27)")
     up.add_argument("--start", type=int, default=0, help="first input frame to upscale (default 0)")
@@ -142,15 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_stop_word(stop)}: nothing was written", file=sys.stderr)
         return 128 + getattr(stop, "signum", signal.SIGINT)
     except Exception as exc:  # one clear line, whatever went wrong
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
-        if args is not None and args.debug:
-            import traceback
-
-            traceback.print_exc()
-        return EXIT_ERROR
+        return _report_error(exc, args)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def _report_error(error: Exception, args: argparse.Namespace | None, suffix: str = "") -> int:
+    print(f"error: {describe_error(error)}{suffix}", file=sys.stderr)
+    if args is not None and args.debug:
+        import traceback
+
+        traceback.print_exception(error)
+    return EXIT_ERROR
+
+
+def _kept(film) -> str:
+    return f"kept the {film.frames_written} finished frames in {film.kept}" if film.kept else "nothing was written"
 
 
 def _stop_word(stop: KeyboardInterrupt) -> str:
@@ -227,22 +239,15 @@ def upscale_command(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .errors import DamagedVideoError
+    from .film import Film, FilmProgress
+    from .io import BackgroundWriter, VideoReader, VideoWriter
     from .loader import load_pipeline
-    from .memory_plan import check_fits
-    from .stream import SceneStream
-    from .video_io import BackgroundWriter, VideoReader, VideoWriter
 
     codec = args.codec
     if codec == "auto":
         codec = "png" if args.output.suffix == "" or args.output.is_dir() else "h264"
-    reader = VideoReader(args.input, start=args.start, max_frames=args.frames, fps=args.fps)
-    with reader:
+    with VideoReader(args.input, start=args.start, max_frames=args.frames, fps=args.fps) as reader:
         info = reader.info
-        total = info.frame_count
-        if total is not None:
-            total = max(0, total - args.start)
-            total = min(total, args.frames) if args.frames else total
         pipe = load_pipeline(
             args.models,
             device=args.device,
@@ -253,86 +258,64 @@ def upscale_command(args: argparse.Namespace) -> int:
             host_memory_gib=args.host_memory,
         )
         pipe.dit.attention_backend = args.attention
-        check_fits(pipe, info.height, info.width, args.scale, spill=args.spill_dir is not None)
-        stream = SceneStream(
-            pipe, scale=args.scale, detect_scenes=not args.no_scene_detect, threshold=args.scene_threshold
-        )
-        chunks = reader.read_chunks(READ_CHUNK)
-        first = next(chunks, None)
-        if first is None:
-            raise UsageError(f"{args.input}: no frames to upscale (start {args.start} is past the end?)")
         audio = info.has_audio and not args.no_audio and codec != "png" and not info.is_image_sequence
-        # Encoding runs on a worker thread, under the next chunk's GPU work.
-        writer = BackgroundWriter(
-            VideoWriter(
-                args.output,
-                info.fps,
-                codec=codec,
-                crf=args.crf,
-                pix_fmt=args.pix_fmt,
-                prores_profile=args.prores_profile,
-                audio_from=args.input if audio else None,
-                audio_start=first.pts_seconds[0] if audio else 0.0,
-                overwrite=args.overwrite,
+
+        def open_writer(first) -> BackgroundWriter:
+            # Encoding runs on a worker thread, under the next chunk's GPU work.
+            return BackgroundWriter(
+                VideoWriter(
+                    args.output,
+                    info.fps,
+                    codec=codec,
+                    crf=args.crf,
+                    pix_fmt=args.pix_fmt,
+                    prores_profile=args.prores_profile,
+                    audio_from=args.input if audio else None,
+                    audio_start=first.pts_seconds[0] if audio else 0.0,
+                    overwrite=args.overwrite,
+                )
             )
+
+        film = Film(
+            pipe,
+            reader,
+            open_writer,
+            scale=args.scale,
+            detect_scenes=not args.no_scene_detect,
+            scene_threshold=args.scene_threshold,
+            read_frames=READ_CHUNK,
+            strict=args.strict,
         )
-        timestamps: deque[float] = deque()
-        bar = tqdm(total=total, unit="frame", disable=args.quiet, dynamic_ncols=True, desc="upscaling")
-        started = time.perf_counter()
-        damage: DamagedVideoError | None = None
+        bar = tqdm(total=film.frames_total, unit="frame", disable=args.quiet, dynamic_ncols=True, desc="upscaling")
+
+        def show(progress: FilmProgress) -> None:
+            bar.update(progress.frames_done - bar.n)
+
+        film.on_progress = show
+
         try:
-            try:
-                for chunk in _chain(first, chunks):
-                    timestamps.extend(chunk.pts_seconds)
-                    # Deferred: a chunk's frames come back while the next one computes (the GPU never waits on us).
-                    _write(writer, stream.push(chunk.frames, defer=True), timestamps, bar)
-            except DamagedVideoError as e:
-                if args.strict:
-                    raise
-                damage = e  # every frame decoded before the damage is upscaled and kept
-            _write(writer, stream.close(), timestamps, bar)
+            result = film.run()
         except KeyboardInterrupt as stop:
-            try:  # the chunk that completed before the stop but was not handed out yet
-                _write(writer, stream.collect(), timestamps, bar)
-            except Exception:  # noqa: BLE001 - keep what is written whatever this fails on
-                pass
             bar.close()
-            kept = writer.finalize_partial()
-            where = f"kept the {writer.frames_written} finished frames in {kept}" if kept else "nothing was written"
-            print(f"{_stop_word(stop)}: {where}", file=sys.stderr)
+            print(f"{_stop_word(stop)}: {_kept(film)}", file=sys.stderr)
             return 128 + getattr(stop, "signum", signal.SIGINT)
-        except BaseException:
+        except Exception as error:
             bar.close()
-            writer.abort()
-            raise
+            if not film.kept:
+                raise
+            return _report_error(error, args, f"; {_kept(film)}")
         bar.close()
-        path = writer.close()
-    if damage is not None:
+    if result.damage is not None:
         print(
-            f"error: {damage}; kept the {writer.frames_written} frames before it in {path} "
+            f"error: {result.damage}; kept the {result.frames} frames before it in {result.path} "
             f"(--strict keeps nothing on a damaged input)",
             file=sys.stderr,
         )
         return EXIT_DAMAGED_INPUT
-    seconds = time.perf_counter() - started
     if not args.quiet:
         print(
-            f"wrote {path}: {writer.frames_written} frames, {stream.session.scenes} scene(s), "
-            f"{writer.frames_written / max(seconds, 1e-9):.2f} fps",
+            f"wrote {result.path}: {result.frames} frames, {result.scenes} scene(s), "
+            f"{result.frames / max(result.seconds, 1e-9):.2f} fps",
             file=sys.stderr,
         )
     return 0
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
-
-
-def _write(writer, frames, timestamps: deque[float], bar) -> None:
-    count = int(frames.shape[0])
-    if not count:
-        return
-    stamps = [timestamps.popleft() for _ in range(count)]
-    writer.write(frames, timestamps=stamps)  # the input's own timing: variable frame rate survives
-    bar.update(count)

@@ -86,8 +86,9 @@ def _host_available() -> int:
         return 1 << 62  # unknown: never refuse on a guess
 
 
-def check_fits(pipe, input_height: int, input_width: int, scale: int, spill: bool = False) -> None:
+def check_fits(pipe, input_height: int, input_width: int, scale: int) -> None:
     """Raise OutOfMemoryPlan with what would fit when a stream of this input size cannot fit this machine."""
+    spill = getattr(pipe.vae, "spill", None) is not None
     height, width = input_height * scale, input_width * scale
     need = stream_need(pipe, height, width, spill)
     device_free, host_free = available_memory(pipe.device)
