@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from .dit import CausalWanDiT, DiTConfig
 from .guidance import build_guidance
 from .pipeline import InfVSRPipeline
 from .vae import StreamingVAE, build_vae
-from .weights import WeightFileError, load_checked, read_state_dict
+from .weights import WeightFileError, load_checked, read_state_dict, state_dict_problems
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,12 @@ def load_pipeline(
     paths = {role: Path(p) if p is not None else find_weight_file(role, folders) for role, p in explicit.items()}
 
     states = {
-        role: read_state_dict(paths[role], what=f"{WEIGHT_FILES[role].description}", unwrap=WEIGHT_FILES[role].unwrap)
+        role: read_state_dict(
+            paths[role],
+            what=WEIGHT_FILES[role].description,
+            unwrap=WEIGHT_FILES[role].unwrap,
+            source=WEIGHT_FILES[role].source,
+        )
         for role in ("dit", "vae", "ram", "dape")
     }
 
@@ -194,11 +200,95 @@ def load_pipeline(
 
 
 def _dit_config(state: dict[str, torch.Tensor], path: Path) -> DiTConfig:
-    """`config.json` beside the checkpoint when present, else inferred from tensor shapes."""
+    """`config.json` beside the checkpoint when present, else inferred from tensor shapes.
+
+    config.json wins when present, so a wrong one is named as the culprit rather
+    than letting the checkpoint's shape check blame the (good) checkpoint.
+    """
     config_json = path.parent / "config.json"
-    if config_json.is_file():
-        return DiTConfig.from_json(config_json)
-    return DiTConfig.from_state_dict(state, path=path)
+    if not config_json.is_file():
+        return DiTConfig.from_state_dict(state, path=path)
+    config = _read_config_json(config_json, path)
+    _check_config_matches(config, config_json, state, path)
+    return config
+
+
+def _read_config_json(config_json: Path, path: Path) -> DiTConfig:
+    """`DiTConfig.from_json`, with every way the file can be wrong reported as a `WeightFileError` naming it."""
+    advice = f"fix or delete it (without it the DiT's size is inferred from {path.name})"
+    try:
+        config = DiTConfig.from_json(config_json)
+    except json.JSONDecodeError as exc:
+        raise WeightFileError(
+            f"{config_json}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); {advice}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise WeightFileError(f"{config_json}: not a UTF-8 text file ({exc.reason}); {advice}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        found = f"{type(exc).__name__}: {exc}"
+        raise WeightFileError(f"{config_json}: not a DiT config object ({found}); {advice}") from exc
+    for field in fields(DiTConfig):
+        value = getattr(config, field.name)
+        if field.name == "eps":
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        elif field.name == "patch_size":
+            valid = len(value) == 3 and all(_positive_int(v) for v in value)
+        else:
+            valid = _positive_int(value)
+        if not valid:
+            kind = "three positive integers" if field.name == "patch_size" else "a positive number"
+            raise WeightFileError(f"{config_json}: '{field.name}' is {value!r}, expected {kind}; {advice}")
+    return config
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# The DiTConfig fields that set tensor shapes (num_heads and eps do not).
+_SHAPE_FIELDS = ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "patch_size", "freq_dim", "text_dim")
+
+
+def _check_config_matches(config: DiTConfig, config_json: Path, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Blame config.json when the checkpoint is consistent on its own but not with it.
+
+    A checkpoint that matches neither is left to `load_checked`, which names the checkpoint.
+    """
+    expected = _dit_shapes(config)
+    if not state_dict_problems(state, expected):
+        return
+    try:
+        inferred = DiTConfig.from_state_dict(state, path=path)
+    except WeightFileError:
+        return
+    if state_dict_problems(state, _dit_shapes(inferred)):
+        return
+    differ = [name for name in _SHAPE_FIELDS if getattr(config, name) != getattr(inferred, name)]
+    says = ", ".join(f"{name}={getattr(config, name)}" for name in differ)
+    has = ", ".join(f"{name}={getattr(inferred, name)}" for name in differ)
+    raise WeightFileError(
+        f"{config_json}: this config.json does not match the DiT checkpoint '{path}' beside it "
+        f"(it says {says} where the checkpoint has {has}; {_first_mismatch(state, expected, path.name)}); "
+        f"fix config.json or delete it (without it the DiT's size is inferred from {path.name})"
+    )
+
+
+def _first_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], name: str) -> str:
+    """The first tensor that gives the mismatch away, as a phrase."""
+    for key, shape in expected.items():
+        if key not in state:
+            return f"{name} has no {key}, which config.json's size implies"
+        if tuple(state[key].shape) != tuple(shape):
+            return f"{name} has {key} of shape {tuple(state[key].shape)}, config.json implies {tuple(shape)}"
+    extra = next(key for key in state if key not in expected)
+    return f"{name} has {extra}, which config.json's size does not have"
+
+
+def _dit_shapes(config: DiTConfig) -> dict[str, torch.Size]:
+    """Every tensor shape of a DiT of this configuration (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = CausalWanDiT(config)
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def _model_id(paths: dict[str, Path], dtype: torch.dtype) -> str:

@@ -7,6 +7,7 @@ stream can be resumed from its session object.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Literal
@@ -14,6 +15,7 @@ from typing import Literal
 import torch
 
 from .dit import CausalWanDiT, KVCache
+from .errors import UsageError
 from .guidance import VisualGuidance
 from .offload import HostCache, HostOffload, ModuleOffload, PendingFetch, WindowedUpload
 from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
@@ -22,6 +24,18 @@ from .vae import StreamingVAE
 
 Offload = Literal["none", "histories", "state", "all"]
 OFFLOAD_MODES: tuple[str, ...] = ("none", "histories", "state", "all")
+
+FRAME_RANGE: tuple[float, float] = (-0.5, 1.5)
+"""Frame values let through; beyond them frames are refused (see `check_frame_values`).
+
+Frames are meant to be in [0, 1], but resampling upstream overshoots near hard
+edges (a bicubic resize, ComfyUI's default, takes a plain black/white edge to
+about -0.1 and 1.2, fine patterns to -0.45 and 1.45), and refusing that would
+refuse ordinary workflows. What lies beyond is no resampled [0, 1] image: 0-255
+values or [-1, 1] values, which would otherwise run and give garbage.
+"""
+
+FRAMES_EXPECTED = "expected (T, H, W, 3) float frames in [0, 1]"
 
 
 class InfVSRPipeline:
@@ -142,15 +156,23 @@ class InfVSRPipeline:
         return prediction, cache
 
     # -- visual guidance -------------------------------------------------------------------------
-    @torch.inference_mode()
     def extract_prompt(self, reference: torch.Tensor) -> torch.Tensor:
         """DAPE visual prompt (1, 145, 512) from one low-resolution frame (H, W, 3) in [0, 1]."""
+        if not isinstance(reference, torch.Tensor):
+            raise TypeError(f"the reference frame must be a torch.Tensor (H, W, 3), got {type(reference).__name__}")
         if reference.ndim == 4:
             if reference.shape[0] != 1:
-                raise ValueError(f"expected one reference frame, got a batch of {reference.shape[0]}")
+                raise UsageError(f"expected one reference frame, got a batch of {reference.shape[0]}")
             reference = reference[0]
         if reference.ndim != 3 or reference.shape[-1] != 3:
-            raise ValueError(f"expected a reference frame of shape (H, W, 3), got {tuple(reference.shape)}")
+            raise UsageError(f"expected a reference frame of shape (H, W, 3), got {tuple(reference.shape)}")
+        check_frame_dtype(reference, "the reference frame")
+        check_frame_values(reference, "the reference frame")
+        return self._extract_prompt(reference)
+
+    @torch.inference_mode()
+    def _extract_prompt(self, reference: torch.Tensor) -> torch.Tensor:
+        """`extract_prompt` on a frame already checked (a chunk's first frame: `push` checked it)."""
         image = reference.to(self.device, torch.float32).permute(2, 0, 1).unsqueeze(0)
         with self._guidance_weights.on_device(self.device):
             return self.guidance(image)
@@ -170,7 +192,9 @@ class InfVSRPipeline:
         """Feed low-resolution frames (T, H, W, 3) in [0, 1]; returns every frame completed so far.
 
         Frames are held until a whole chunk is available, so the output of any
-        batching of the same video is identical, frame for frame.
+        batching of the same video is identical, frame for frame. Frames of another
+        shape, dtype or range (0-255, NaN; see `FRAME_RANGE`) are refused with a
+        `ValueError` before they reach the session.
 
         `defer`: the last chunk this call computes is returned by the session's next call (`push`, `cut`,
         `close` or `collect`) instead: its frames come to host memory while that call's chunk computes, so
@@ -307,7 +331,7 @@ class InfVSRPipeline:
         scene = session.scene
         assert scene is not None and chunk_length(first) >= frames.shape[0]
         if session.prompt is None:
-            session.prompt = self.extract_prompt(frames[0])
+            session.prompt = self._extract_prompt(frames[0])
             session.reference_index = session.frames_out
         video, true_size = prepare_chunk(frames, session.scale, first, device=self.device, dtype=self.dtype)
         # The DiT consumes the old cache layer by layer: from here the scene holds the new one or nothing.
@@ -373,25 +397,85 @@ class InfVSRPipeline:
         return prompt.to(self.device, self.dtype)
 
     def _check_frames(self, session: InfVSRSession, frames: torch.Tensor) -> torch.Tensor:
+        """The frames as the session holds them (CPU float32), after refusing anything that is not
+        (T, H, W, 3) float in `FRAME_RANGE`; nothing in the session changes when they are refused."""
         if not isinstance(frames, torch.Tensor):
             raise TypeError(f"frames must be a torch.Tensor (T, H, W, 3), got {type(frames).__name__}")
         if frames.ndim == 3:
             frames = frames.unsqueeze(0)
         if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must have shape (T, H, W, 3) with 3 RGB channels, got {tuple(frames.shape)}")
-        if frames.dtype == torch.uint8:
-            frames = frames.float() / 255
-        elif not frames.is_floating_point():
-            raise TypeError(f"frames must be float in [0, 1] or uint8, got {frames.dtype}")
+            raise UsageError(
+                f"frames must have shape (T, H, W, 3) with 3 RGB channels, got {tuple(frames.shape)}; {FRAMES_EXPECTED}"
+            )
+        check_frame_dtype(frames, "frames")
         size = (int(frames.shape[1]), int(frames.shape[2]))
         if min(size) < 1:
-            raise ValueError(f"frames have an empty size {size[0]}x{size[1]}")
-        if session.input_size is None:
-            if frames.shape[0]:
-                session.input_size = size
-        elif size != session.input_size:
+            raise UsageError(f"frames have an empty size {size[0]}x{size[1]}")
+        if session.input_size is not None and size != session.input_size:
             raise ValueError(
                 f"frame size changed mid-stream: the stream is {session.input_size[1]}x{session.input_size[0]} "
                 f"(width x height) but got {size[1]}x{size[0]}; start a new session for a different size"
             )
-        return frames.detach().to("cpu", torch.float32)
+        # Reduced where the frames are; read after the copy to the CPU below, which waits for the device anyway.
+        extremes = _extremes(frames)
+        held = frames.detach().to("cpu", torch.float32)
+        check_frame_values(frames, "frames", extremes)
+        if session.input_size is None and frames.shape[0]:
+            session.input_size = size
+        return held
+
+
+def check_frame_dtype(frames: torch.Tensor, what: str = "frames") -> None:
+    """Refuse integer frames (a `UsageError`, a ValueError): uint8 0-255 frames would otherwise be taken as
+    values up to 255.
+
+    `frames`: a batch (T, H, W, 3) or one frame (H, W, 3), named `what` in the message.
+    """
+    one = frames.ndim == 3
+    expected = "expected an (H, W, 3) float frame in [0, 1]" if one else FRAMES_EXPECTED
+    if frames.dtype == torch.uint8:
+        raise UsageError(
+            f"{what} {'is' if one else 'are'} uint8 (0-255 values); {expected}: convert with frames.float() / 255"
+        )
+    if not frames.is_floating_point():
+        raise UsageError(f"{what} {'has' if one else 'have'} dtype {frames.dtype}; {expected}")
+
+
+def check_frame_values(frames: torch.Tensor, what: str = "frames", extremes: torch.Tensor | None = None) -> None:
+    """Refuse NaN/inf and values outside `FRAME_RANGE`, which the networks would turn into garbage silently.
+
+    One min/max reduction on the frames' device (NaN and inf show in its result); counting the bad values
+    costs a second pass on the error path only. `extremes`: that reduction, when already queued.
+    """
+    if frames.numel() == 0:
+        return
+    one = frames.ndim == 3
+    expected = "expected an (H, W, 3) float frame in [0, 1]" if one else FRAMES_EXPECTED
+    low, high = (_extremes(frames) if extremes is None else extremes).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = ~torch.isfinite(frames.detach())
+        count = int(bad.sum())
+        where = "" if one else f" in {int(bad.flatten(1).any(1).sum())} of {frames.shape[0]} frames"
+        raise UsageError(
+            f"{what} {'holds' if one else 'hold'} {count} non-finite value{'s' if count > 1 else ''} (NaN or inf)"
+            f"{where}; {expected}: fix or drop {'it' if one else 'them'} upstream"
+        )
+    lowest, highest = FRAME_RANGE
+    if lowest <= low and high <= highest:
+        return
+    found = f"{what} {'has' if one else 'have'} values from {low:.4g} to {high:.4g}"
+    if high > highest and high <= 255 * highest:
+        hint = "this looks like 0-255 values: divide by 255"
+    elif low < lowest and low >= -1 + lowest and high <= highest:
+        hint = "this looks like [-1, 1] values: use (frames + 1) / 2"
+    else:
+        hint = f"values within [{lowest}, {highest}] are let through for resampling overshoot, not beyond"
+    raise UsageError(f"{found}; {expected} ({hint})")
+
+
+def _extremes(frames: torch.Tensor) -> torch.Tensor:
+    """(min, max) of the frames as one tensor of their dtype on their device (empty: zeros); NaN propagates."""
+    if frames.numel() == 0:
+        return torch.zeros(2, dtype=frames.dtype, device=frames.device)
+    low, high = torch.aminmax(frames.detach())
+    return torch.stack([low, high])

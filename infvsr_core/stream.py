@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from .pipeline import InfVSRPipeline
+from .pipeline import InfVSRPipeline, check_frame_dtype, check_frame_values
 from .scenes import ContentDetector, reference_changed
 from .session import InfVSRSession
 
@@ -63,6 +63,9 @@ class SceneStream:
         `collect`), its frames coming to host memory while that call's chunk computes."""
         if frames.ndim == 3:
             frames = frames.unsqueeze(0)
+        # Refused here, not when the held frames reach the pipeline: by then earlier frames were taken from the queue.
+        check_frame_dtype(frames)
+        check_frame_values(frames)
         if self._size is None and frames.ndim == 4 and frames.shape[0]:
             self._size = (int(frames.shape[1]), int(frames.shape[2]))
         if not self.detect_scenes:

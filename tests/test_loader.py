@@ -1,11 +1,15 @@
 """Loading the four files: formats, dtypes, and every error a user can hit."""
 
+import json
+import pickle
 import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from infvsr_core.dit import DiTConfig
 from infvsr_core.fixtures import main as fixtures_main
 from infvsr_core.fixtures import write_fixtures
 from infvsr_core.loader import WEIGHT_FILES, default_models_dir, find_weight_file, load_pipeline
@@ -95,8 +99,39 @@ def test_explicit_missing_path(models):
 def test_truncated_file(models):
     path = models / "InfVSR.ckpt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(WeightFileError, match="InfVSR.ckpt' is not a readable PyTorch/safetensors checkpoint"):
+    with pytest.raises(WeightFileError, match="InfVSR.ckpt' is truncated or corrupt") as err:
         load_pipeline(models, device="cpu")
+    assert "download it again from" in str(err.value) and "Kai-Liu001/InfVSR" in str(err.value)
+    assert "miniz" not in str(err.value)  # torch's reason, first sentence only
+
+
+def test_corrupt_zip_checkpoint(models):
+    """The zip's central directory (at the end) overwritten: the file is the right size but unreadable."""
+    path = models / "Wan2.1_VAE.pth"
+    data = bytearray(path.read_bytes())
+    data[-200:] = b"\xff" * 200
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightFileError, match="Wan2.1_VAE.pth' is truncated or corrupt") as err:
+        load_pipeline(models, device="cpu")
+    assert "download it again from Wan-AI/Wan2.1-T2V-1.3B" in str(err.value)
+
+
+def test_truncated_legacy_pickle(models):
+    """The pre-zip torch.save format (still found in old releases) cut in half."""
+    path = models / "DAPE.pth"
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightFileError, match="DAPE.pth' is truncated or corrupt") as err:
+        load_pipeline(models, device="cpu")
+    assert "download it again from the SeeSR release" in str(err.value)
+
+
+def test_legacy_pickle_still_loads(models, tiny_pipeline):
+    path = models / "DAPE.pth"
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    pipe = load_pipeline(models, device="cpu", dtype="fp32")
+    frame = make_clip(1, 8, 8)[0]
+    assert torch.equal(pipe.extract_prompt(frame), tiny_pipeline.extract_prompt(frame))
 
 
 def test_empty_and_non_checkpoint_files(models):
@@ -104,7 +139,140 @@ def test_empty_and_non_checkpoint_files(models):
     with pytest.raises(WeightFileError, match="Wan2.1_VAE.pth' is empty"):
         load_pipeline(models, device="cpu")
     (models / "Wan2.1_VAE.pth").write_text("<html>404 Not Found</html>")
-    with pytest.raises(WeightFileError, match="Wan2.1_VAE.pth' is not a readable"):
+    with pytest.raises(WeightFileError, match="Wan2.1_VAE.pth' is not a readable PyTorch checkpoint") as err:
+        load_pipeline(models, device="cpu")
+    assert "'<html>404 Not Found</html>'" in str(err.value) and "web page" in str(err.value)
+    assert "download it again" in str(err.value)
+
+
+@pytest.fixture
+def safetensors_models(tmp_path):
+    folder = tmp_path / "st"
+    write_fixtures(folder, tiny=True, seed=0, safetensors=True)
+    return folder
+
+
+def test_truncated_safetensors(safetensors_models):
+    path = safetensors_models / "InfVSR.safetensors"
+    full = path.stat().st_size
+    path.write_bytes(path.read_bytes()[: full // 2])
+    with pytest.raises(WeightFileError) as err:
+        load_pipeline(safetensors_models, device="cpu")
+    message = str(err.value)
+    assert "InfVSR.safetensors' is truncated" in message
+    assert f"{full // 2:,} bytes, its header promises {full:,}" in message
+    assert "download it again from" in message and "SafetensorError" not in message
+
+
+def test_not_a_safetensors_file(safetensors_models):
+    """Truncated inside the header (or any other file renamed): no size to promise, the loader's reason instead."""
+    path = safetensors_models / "DAPE.safetensors"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(WeightFileError, match="DAPE.safetensors' is truncated or not a safetensors file") as err:
+        load_pipeline(safetensors_models, device="cpu")
+    assert "download it again from the SeeSR release" in str(err.value) and "promises" not in str(err.value)
+
+
+class _RunsCode:
+    """Unpickling this calls print('x'): what a malicious checkpoint does with something worse."""
+
+    def __reduce__(self):
+        return (print, ("x",))
+
+
+class _CustomModule:
+    """A pickled object of a user class, as torch.save(model) writes (instead of model.state_dict())."""
+
+    def __init__(self) -> None:
+        self.weight = torch.zeros(2)
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"), [(_RunsCode(), "'print'"), (_CustomModule(), f"'{_CustomModule.__module__}._CustomModule'")]
+)
+def test_pickle_with_code_is_refused_without_running_it(models, capfd, payload, named):
+    torch.save({"visual_encoder.layers.0.blocks.0.attn.qkv.lora_A": payload}, models / "DAPE.pth")
+    with pytest.raises(WeightFileError) as err:
+        load_pipeline(models, device="cpu")
+    message = str(err.value)
+    assert "DAPE.pth' is not a plain state dict: it contains Python objects other than tensors" in message
+    assert f"(it refers to {named})" in message
+    assert "InfVSR will not execute code from a weight file" in message
+    assert "use the published file, or, if you trust where this one came from, convert it to .safetensors" in message
+    assert "weights_only=False" not in message and "weights_only" not in message
+    assert "x" not in capfd.readouterr().out
+
+
+def test_plain_pickle_is_refused(models):
+    """pickle.dump instead of torch.save: the safe loader cannot read it, and it is not retried unsafely."""
+    with open(models / "DAPE.pth", "wb") as f:
+        pickle.dump({"a": torch.zeros(2)}, f, protocol=4)
+    with pytest.warns(UserWarning, match="pickle protocol"), pytest.raises(WeightFileError) as err:
+        load_pipeline(models, device="cpu")
+    message = str(err.value)
+    assert "DAPE.pth' is not a PyTorch state dict that can be read safely" in message
+    assert "convert this one to .safetensors" in message and "weights_only" not in message
+
+
+def _config_json(folder: Path, config: DiTConfig) -> Path:
+    path = folder / "config.json"
+    path.write_text(json.dumps({"model_type": "t2v", **asdict(config)}))
+    return path
+
+
+def test_matching_config_json_is_used(models, tiny_pipeline):
+    _config_json(models, DiTConfig.tiny())
+    assert load_pipeline(models, device="cpu", dtype="fp32").dit.config == tiny_pipeline.dit.config
+
+
+def test_malformed_config_json(models):
+    (models / "config.json").write_text('{"dim": 256,\n "ffn_dim": 512,,\n}')
+    with pytest.raises(WeightFileError) as err:
+        load_pipeline(models, device="cpu")
+    message = str(err.value)
+    assert message.startswith(f"{models / 'config.json'}: not valid JSON (line 2, column 17: Expecting property name")
+    assert message.endswith("fix or delete it (without it the DiT's size is inferred from InfVSR.ckpt)")
+    (models / "config.json").unlink()
+    load_pipeline(models, device="cpu")  # the advice holds
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("[256, 512]", "not a DiT config object (AttributeError"),
+        ('{"dim": "large"}', "'dim' is 'large', expected a positive number"),
+        ('{"patch_size": [1, 2]}', "'patch_size' is (1, 2), expected three positive integers"),
+        ('{"dim": 256', "not valid JSON (line 1, column 12"),
+    ],
+)
+def test_config_json_that_is_no_config(models, text, found):
+    (models / "config.json").write_text(text)
+    with pytest.raises(WeightFileError) as err:
+        load_pipeline(models, device="cpu")
+    assert str(err.value).startswith(f"{models / 'config.json'}: {found}")
+    assert "fix or delete it (without it the DiT's size is inferred from InfVSR.ckpt)" in str(err.value)
+
+
+def test_config_json_that_does_not_match_the_checkpoint_is_blamed(models):
+    _config_json(models, replace(DiTConfig.tiny(), dim=512, num_heads=4))
+    with pytest.raises(WeightFileError) as err:
+        load_pipeline(models, device="cpu")
+    message = str(err.value)
+    assert message.startswith(f"{models / 'config.json'}: this config.json does not match the DiT checkpoint")
+    assert f"'{models / 'InfVSR.ckpt'}'" in message
+    assert "it says dim=512 where the checkpoint has dim=256" in message
+    assert "InfVSR.ckpt has patch_embedding.weight of shape (256, 16, 1, 2, 2), config.json implies (512, 16" in message
+    assert "fix config.json or delete it (without it the DiT's size is inferred from InfVSR.ckpt)" in message
+
+
+def test_broken_checkpoint_is_still_blamed_with_a_config_json(models):
+    """A right config.json and a damaged checkpoint: the checkpoint is named, as without config.json."""
+    _config_json(models, DiTConfig.tiny())
+    path = models / "InfVSR.ckpt"
+    broken = torch.load(path, weights_only=True)
+    del broken["blocks.1.ffn.2.bias"]
+    torch.save(broken, path)
+    with pytest.raises(WeightFileError, match=r"InfVSR.ckpt'\) does not match .* missing keys \(1\): blocks.1.ffn"):
         load_pipeline(models, device="cpu")
 
 

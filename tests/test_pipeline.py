@@ -291,3 +291,113 @@ def test_running_out_of_device_memory_says_which_offload_to_try(tiny_pipeline, c
     message = str(info.value)
     assert message.startswith("CUDA out of memory") and advice in message and "12x20 input frames" in message
     assert session.interrupted == "out of device memory"
+
+
+def test_frames_in_0_255_are_refused(tiny_pipeline, clip):
+    session = tiny_pipeline.new_session()
+    with pytest.raises(ValueError, match="looks like 0-255 values: divide by 255") as err:
+        tiny_pipeline.push(session, clip[:3] * 255)
+    assert "expected (T, H, W, 3) float frames in [0, 1]" in str(err.value)
+    assert session.pending is None and session.input_size is None and session.frames_in == 0  # nothing taken
+
+
+def test_uint8_frames_are_refused(tiny_pipeline, clip):
+    session = tiny_pipeline.new_session()
+    with pytest.raises(
+        ValueError, match=r"frames are uint8 \(0-255 values\); expected .*: convert with frames.float\(\) / 255"
+    ):
+        tiny_pipeline.push(session, (clip[:3] * 255).round().to(torch.uint8))
+    with pytest.raises(ValueError, match=r"frames have dtype torch.int64; expected \(T, H, W, 3\) float frames"):
+        tiny_pipeline.push(session, clip[:3].long())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_frames_are_refused(tiny_pipeline, clip, bad):
+    frames = clip[:4].clone()
+    frames[1, 2, 3, 0] = bad
+    frames[1, 5, 6, 2] = bad
+    frames[3, 0, 0, 1] = bad
+    session = tiny_pipeline.new_session()
+    with pytest.raises(ValueError, match=r"frames hold 3 non-finite values \(NaN or inf\) in 2 of 4 frames"):
+        tiny_pipeline.push(session, frames)
+    assert session.pending is None
+
+
+def test_frames_of_the_wrong_shape_or_convention_are_refused(tiny_pipeline, clip):
+    session = tiny_pipeline.new_session()
+    with pytest.raises(ValueError, match=r"shape \(T, H, W, 3\) with 3 RGB channels, got \(3, 3, 12, 20\)"):
+        tiny_pipeline.push(session, clip[:3].permute(0, 3, 1, 2))  # (T, C, H, W)
+    with pytest.raises(ValueError, match=r"shape \(T, H, W, 3\).*got \(1, 3, 12, 20, 3\)"):
+        tiny_pipeline.push(session, clip[None, :3])
+    with pytest.raises(ValueError, match=r"looks like \[-1, 1\] values: use \(frames \+ 1\) / 2"):
+        tiny_pipeline.push(session, clip[:3] * 2 - 1)
+    with pytest.raises(
+        ValueError, match=r"values from 57.4 to 9998;.*within \[-0.5, 1.5\] are let through for resampling overshoot"
+    ):
+        tiny_pipeline.push(session, clip[:3] * 10_000)
+
+
+def test_slightly_out_of_range_frames_are_accepted(tiny_pipeline, clip):
+    """What resampling upstream leaves (rounding just past 0 or 1, a bicubic resize's overshoot) goes through."""
+    frames = clip[:9].clone()
+    frames[0, 0, 0] = -0.005
+    frames[0, 0, 1] = 1.005
+    out = tiny_pipeline.upscale(frames, 2)
+    assert out.shape == (9, 24, 40, 3) and torch.isfinite(out).all()
+
+    edge = torch.zeros(1, 3, 12, 20)
+    edge[..., 4:8, 5:15] = 1
+    resized = torch.nn.functional.interpolate(edge, size=(24, 40), mode="bicubic").permute(0, 2, 3, 1)
+    assert resized.min() < -0.05 and resized.max() > 1.1  # what ComfyUI's bicubic image resize gives
+    session = tiny_pipeline.new_session()
+    assert tiny_pipeline.push(session, resized.expand(3, -1, -1, -1)).shape[0] == 0  # held, not refused
+    assert session.frames_in == 3
+
+
+def test_half_precision_frames_are_checked_too(tiny_pipeline, clip):
+    session = tiny_pipeline.new_session()
+    with pytest.raises(ValueError, match="looks like 0-255 values"):
+        tiny_pipeline.push(session, (clip[:3] * 255).half())
+    tiny_pipeline.push(session, clip[:3].bfloat16())
+    assert session.frames_in == 3
+
+
+def test_reference_frames_are_checked(tiny_pipeline, clip):
+    with pytest.raises(ValueError, match="the reference frame has values .* looks like 0-255 values: divide by 255"):
+        tiny_pipeline.extract_prompt(clip[0] * 255)
+    with pytest.raises(
+        ValueError, match=r"the reference frame is uint8 .* an \(H, W, 3\) float frame .* frames.float\(\) / 255"
+    ):
+        tiny_pipeline.extract_prompt((clip[0] * 255).to(torch.uint8))
+    nan = clip[0].clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"the reference frame holds 1 non-finite value \(NaN or inf\); .* fix or drop it upstream"
+    ):
+        tiny_pipeline.extract_prompt(nan)
+    with pytest.raises(ValueError, match=r"shape \(H, W, 3\)"):
+        tiny_pipeline.extract_prompt(clip[0].permute(2, 0, 1))
+    session = tiny_pipeline.new_session()
+    tiny_pipeline.push(session, clip[:9])
+    with pytest.raises(ValueError, match="non-finite"):
+        tiny_pipeline.refresh_prompt(session, nan)
+    assert tiny_pipeline.extract_prompt(clip[0]).shape == (1, 145, 512)
+
+
+def test_scene_stream_refuses_bad_frames(tiny_pipeline, clip):
+    from infvsr_core.stream import SceneStream
+
+    stream = SceneStream(tiny_pipeline, scale=2, detect_scenes=False)
+    with pytest.raises(ValueError, match="looks like 0-255 values"):
+        stream.push(clip[:3] * 255)
+
+
+def test_frame_refusals_are_usage_errors(tiny_pipeline, clip):
+    """A ValueError, and an InfVSRError: the command line and the nodes show the message as it is."""
+    from infvsr_core.errors import InfVSRError, UsageError
+
+    session = tiny_pipeline.new_session()
+    for bad in (clip[:3] * 255, clip[:3].to(torch.uint8), clip[:3].permute(0, 3, 1, 2), clip[:3] * float("nan")):
+        with pytest.raises(UsageError) as err:
+            tiny_pipeline.push(session, bad)
+        assert isinstance(err.value, ValueError) and isinstance(err.value, InfVSRError)

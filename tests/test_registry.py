@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.10: the same parser, from requirements-dev.txt
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
