@@ -5,7 +5,7 @@
 Writes the four full-size files in the published formats (random weights) into --models when they are not
 there, and a synthetic input clip (h264) of --frames frames; runs `python -m infvsr_core upscale` in this
 process four times on it: once to warm up (torch.compile, cuDNN's search), then as the command runs (the video
-encoded on a worker thread, `video_io.BackgroundWriter`, and deferred pushes), without deferred pushes (each push
+encoded on a worker thread, `infvsr_core.io.BackgroundWriter`, and deferred pushes), without deferred pushes (each push
 waits for its chunk), and with the video also encoded between chunks (the writer called directly). The command
 prints the frames per second of its loop (loading excluded); this script adds each run's wall time.
 """
@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infvsr_core import cli, video_io  # noqa: E402
+from infvsr_core import cli  # noqa: E402
+from infvsr_core import io as video_io  # noqa: E402
 from infvsr_core.fixtures import write_fixtures  # noqa: E402
-from infvsr_core.stream import SceneStream  # noqa: E402
+from infvsr_core.scene_stream import SceneStream  # noqa: E402
 
 INPUTS = {"480p": (120, 208), "720p": (180, 320), "1080p": (270, 480)}
 

@@ -16,27 +16,28 @@ Results go to bench/RESULTS.md by hand, with device, date, command and commit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infvsr_core import fast_vae
 from infvsr_core.attention import ATTENTION_BACKENDS, flash3_installed  # noqa: E402
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
 from infvsr_core.kernels import split_conv  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
-from infvsr_core.offload import PendingFetch  # noqa: E402
+from infvsr_core.memory import OffloadPolicy  # noqa: E402
 from infvsr_core.pipeline import InfVSRPipeline  # noqa: E402
-from infvsr_core.schedule import TIMESTEP, finish_frames, one_step_restore, prepare_chunk  # noqa: E402
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict  # noqa: E402
 from infvsr_core.weights import load_checked  # noqa: E402
 
@@ -206,43 +207,49 @@ def run_deferred(
     return (torch.cat(outputs) if keep else None), times
 
 
-@torch.inference_mode()
+class StageRecorder:
+    """A pipeline `stage_hook`: each stage of a chunk synchronized on entry and exit, its seconds and peak
+    allocated GiB recorded (summed / maxed over the chunks it sees) by stage name."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        yield
+        sync(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
+
+
+@contextmanager
+def stage_hook(pipe: InfVSRPipeline, hook) -> Iterator[None]:
+    """`hook` as the pipeline's stage hook for the duration."""
+    pipe.stage_hook = hook
+    try:
+        yield
+    finally:
+        pipe.stage_hook = None
+
+
 def stage_times(pipe: InfVSRPipeline, clip: torch.Tensor, scale: int) -> dict[str, float]:
-    """Seconds per stage for the second (steady, 12-frame) chunk of a scene."""
-    events = {}
-    history, cache, position = pipe.vae.new_history(), None, 0
-    prompt = pipe.extract_prompt(clip[0])
-    start = 0
-    for index, size in enumerate((9, 12)):
-        marks, peaks = [], []
-
-        def mark():
-            sync(pipe.device)
-            marks.append(time.perf_counter())  # noqa: B023
-            if pipe.device.type == "cuda":
-                peaks.append(torch.cuda.max_memory_allocated() / 2**30)  # noqa: B023
-                torch.cuda.reset_peak_memory_stats()
-
-        mark()
-        video, true_size = prepare_chunk(
-            clip[start : start + size], scale, index == 0, device=pipe.device, dtype=pipe.dtype
-        )
-        mark()
-        latents = pipe.vae.encode_chunk(video, history)
-        mark()
-        timestep = torch.full((1,), TIMESTEP, device=pipe.device)
-        pipe._prefetch_decoder(history)
-        prediction, cache = pipe._run_dit(latents, prompt, timestep, position, cache)  # with the offload moves
-        position += latents.shape[2]
-        mark()
-        decoded = pipe.vae.decode_chunk(one_step_restore(latents, prediction), history)
-        mark()
-        finish_frames(decoded, true_size)
-        mark()
-        start += size
-        names = ("prepare", "encode", "dit", "decode", "finish")
-        events = {n: marks[i + 1] - marks[i] for i, n in enumerate(names)}
-        events.update({f"{n}_peak_gib": peaks[i + 1] for i, n in enumerate(names) if peaks})
+    """Seconds per stage (and peak GiB, `<stage>_peak_gib`) for the second (steady, 12-frame) chunk of a scene,
+    pushed through the pipeline with a `StageRecorder` as its stage hook (the pipeline's stage names)."""
+    session = pipe.new_session(scale)
+    pipe.push(session, clip[:9])
+    recorder = StageRecorder(pipe.device)
+    with stage_hook(pipe, recorder):
+        pipe.push(session, clip[9:21])
+    events = dict(recorder.seconds)
+    events.update({f"{name}_peak_gib": peak for name, peak in recorder.peaks.items()})
     return events
 
 
@@ -448,7 +455,7 @@ def main() -> int:
         # pile up on the device): the timed chunks include their download.
         pipe.output_device = torch.device("cpu")
     if args.plain_output_copy:  # A/B: CUDA's own copy into pageable host memory
-        pipe._to_output = lambda frames: PendingFetch(frames.to(pipe.output_device), None)
+        pipe.output_staging = False
     if args.plain:
         pipe.dit.fuse_elementwise = False
         pipe.dit.cuda_graphs = False
@@ -458,22 +465,23 @@ def main() -> int:
     pipe.vae.whole_chunks = {"auto": "auto", "whole": True, "split": False}[args.vae_calls]
     pipe.dit.attention_backend = args.attention
 
-    pipe._host.pin_memory = pipe.vae._offload.pin_memory = not args.pageable
     pipe.vae.set_seams(args.vae_seams)
     if args.ab_tiles == "no-defer":
         pipe.vae.defer_full_res = False
     elif args.ab_tiles == "whole-upsampler":
         pipe.vae.defer_full_res = False
-        fast_vae.PIECE_UPSAMPLER = False
-    fast_vae.MID_ATTENTION_KERNEL = args.mid_attention == "kernel"
-    fast_vae.SPLIT_CONV = args.split_conv == "on"
+        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, piece_upsampler=False)
+    pipe.vae.fast_options = dataclasses.replace(
+        pipe.vae.fast_options, mid_attention_kernel=args.mid_attention == "kernel", split_conv=args.split_conv == "on"
+    )
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)
     parity_frames = min(frames_total, 33)
     rows, kept = [], {}
     for size, mode in [(size, mode) for size in args.sizes for mode in args.offload]:
-        pipe.offload = mode
+        # The policy of the mode (the pipeline's and the VAE's host copies pageable with --pageable).
+        pipe.policy = dataclasses.replace(OffloadPolicy.from_mode(mode), pinned=not args.pageable)
         height, width = SIZES[size]
         clip = synthetic_clip(frames_total, height, width, device)
         if device.type == "cuda":
@@ -585,7 +593,7 @@ def main() -> int:
             if args.parity:
                 kept[size, mode] = (clip[:parity_frames].cpu(), stream_out[:parity_frames].cpu())
             del stream_out
-            if fast_vae.SPLIT_CONV:  # which block configuration each split-conv shape took (-1: cuDNN)
+            if pipe.vae.fast_options.split_conv:  # which block configuration each split-conv shape took (-1: cuDNN)
                 row["split_conv"] = sorted(index for index in split_conv._chosen.values())
                 row["split_conv_failures"] = split_conv._failures[:2]
             print(json.dumps(row))

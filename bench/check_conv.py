@@ -1,10 +1,12 @@
-"""GPU check of the Triton implicit-GEMM 3x3x3 conv (bench/triton_conv3.py) against cuDNN: values and rates.
+"""GPU check of the product's exact-width Triton conv (infvsr_core/kernels/split_conv.py) against cuDNN.
 
-    python bench/check_conv.py [--sweep]
+    python bench/check_conv.py [--shapes 2 6]
 
 For each shape of the VAE's wide convs: cuDNN on the staged buffer with the
-outputs the product uses (96 computed as 128), then the Triton kernel over a
-few block configurations; error against a float32 cuDNN run.
+outputs the product uses (96 computed as 128), then the split kernel over its
+block configurations; error against a float32 cuDNN run. (The general
+implicit-GEMM prototype this grew from is gone; its findings are in
+bench/RESULTS.md, rounds 11-12.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triton.testing import do_bench  # noqa: E402
-from triton_conv3 import conv3, pack_weight  # noqa: E402
 
 from infvsr_core.kernels import split_conv  # noqa: E402
 
@@ -46,9 +47,7 @@ SHAPES = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sweep", action="store_true", help="more block configurations")
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES")
-    parser.add_argument("--split-only", action="store_true", help="only kernels/split_conv.py")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -67,7 +66,6 @@ def main() -> None:
         padded[:cout] = weight
         ms = do_bench(partial(F.conv3d, buf, padded, None, padding=(0, 1, 1)))
         print(f"{label}: cuDNN ({wide} outputs) {ms:.3f} ms = {flops / ms / 1e9:.0f} useful TFLOP/s", flush=True)
-        ks = [32] if cin % 64 else [32, 64]
         if cout in EXACT:  # the product's kernel (kernels/split_conv.py): exactly cout outputs in two products
             split_conv.SPLITS = EXACT
             for bm, stages, warps in itertools.product([64, 128, 256], [3, 4, 5], [4, 8]):
@@ -76,17 +74,6 @@ def main() -> None:
                 split_conv.CONFIGS, split_conv._chosen = ((bm, stages, warps),), {}
                 run = partial(split_conv.split_conv, buf, split_conv.pack_split(weight), bias)
                 report(f"split m{bm} k{64 if cin % 64 == 0 else 32} s{stages} w{warps}", run, ref, scale, flops)
-        if args.split_only:
-            continue
-        grid = itertools.product([128, 256] if args.sweep else [128], {96: [128], 3: [16]}.get(cout, [64, 128, 256]),
-                                 ks, [3, 4, 5] if args.sweep else [4], [4, 8])  # fmt: skip
-        for bm, bn, bk, stages, warps in grid:
-            if bm * bn > 128 * 256 or (bm * bn > 128 * 128 and warps == 4):
-                continue
-            packed = pack_weight(weight, bn)
-            name = f"m{bm} n{bn} k{bk} s{stages} w{warps}"
-            config = dict(block_m=bm, block_n=bn, block_k=bk, stages=stages, warps=warps)
-            report(name, partial(conv3, buf, packed, cout, bias, **config), ref, scale, flops)
 
 
 def report(name: str, run, ref: torch.Tensor, scale: float, flops: int) -> None:

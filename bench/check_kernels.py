@@ -88,8 +88,8 @@ def mid_attention_check() -> None:
     """The VAE mid block's attention (head dim 384): the flash-style Triton kernel against the blocked GEMMs at the
     latent sizes of 480p, 720p and a 1080p tile (3 latent frames); error against a float32 run, a few block
     configurations of the kernel."""
-    from infvsr_core.fast_vae import _blocked_attention
     from infvsr_core.kernels import mid_attention as module
+    from infvsr_core.vae.fast_blocks import _blocked_attention
 
     torch.manual_seed(0)
     print("\n== VAE mid attention (3 frames, head dim 384): kernel vs blocked GEMMs (bf16)")

@@ -1,8 +1,9 @@
-"""GPU check of the host offload's pinned pool: values through churned histories, reuse, copy rates (device run);
-`--tiles`: the deferred tile uploads give the same frames."""
+"""GPU check of the host memory's pinned pool (memory/host.py, pinned.py): values through churned histories,
+reuse, copy rates (device run); `--tiles`: the deferred tile uploads give the same frames."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infvsr_core.offload import HostOffload  # noqa: E402
+from infvsr_core.memory import HostMemory  # noqa: E402
 
 
 def rate(gib: float, seconds: float) -> str:
@@ -24,15 +25,15 @@ def main() -> None:
     # A 720p-like decoder history: 2-frame caches of 96..384 channels, ~4 GiB in all.
     shapes = [(1, 96, 2, 720, 1280)] * 8 + [(1, 192, 2, 360, 640)] * 8 + [(1, 384, 2, 180, 320)] * 10
     for pin in (True, False):
-        offload = HostOffload(pin_memory=pin)
+        host_memory = HostMemory(pin_memory=pin)
         values = [torch.randn(s, device=device, dtype=torch.bfloat16).contiguous(memory_format=cl3) for s in shapes]
         gib = sum(v.numel() * 2 for v in values) / 2**30
-        host = offload.to_host(values)
+        host = host_memory.to_host(values)
         downs, ups = [], []
         for _ in range(4):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            back = offload.to_device(host, device).settle()
+            back = host_memory.to_device(host, device).settle()
             torch.cuda.synchronize()
             ups.append(time.perf_counter() - t0)
             assert all(torch.equal(b, v) for b, v in zip(back, values, strict=True)), "upload mismatch"
@@ -43,33 +44,33 @@ def main() -> None:
                 a = a @ a.T / 8192
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            host = offload.to_host(values)
+            host = host_memory.to_host(values)
             host.ready.synchronize()
             downs.append(time.perf_counter() - t0)
             assert all(h.is_pinned() == pin for h in host), "pinned state"
-        check = offload.to_device(host, device).settle()
+        check = host_memory.to_device(host, device).settle()
         ok = all(torch.equal(c, v) for c, v in zip(check, values, strict=True))
         print(
             f"pin={pin}: {gib:.2f} GiB history, values {'ok' if ok else 'WRONG'}; upload {rate(gib, min(ups))}, "
-            f"download {rate(gib, min(downs))} (best of 4); pool used {offload.pool.used_bytes / 2**30:.2f} GiB, "
-            f"free {offload.pool.free_bytes / 2**30:.2f} GiB"
+            f"download {rate(gib, min(downs))} (best of 4); pool used {host_memory.pool.used_bytes / 2**30:.2f} GiB, "
+            f"free {host_memory.pool.free_bytes / 2**30:.2f} GiB"
         )
         del host, check, values, back
-        print(f"  trimmed {offload.trim() / 2**30:.2f} GiB")
+        print(f"  trimmed {host_memory.trim() / 2**30:.2f} GiB")
     fetch_check(device)
 
 
 def fetch_check(device: torch.device) -> None:
-    """A chunk's output frames to host memory: HostOffload.fetch (page-locked staging, then a host copy) against
+    """A chunk's output frames to host memory: HostMemory.fetch (page-locked staging, then a host copy) against
     CUDA's own copy into pageable memory, each right after GPU work (as at the end of a chunk)."""
-    offload = HostOffload()
+    host_memory = HostMemory()
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     for label, shape in (("720p", (12, 720, 1280, 3)), ("1080p", (12, 1080, 1920, 3))):
         frames = torch.rand(shape, device=device)
         gib = frames.numel() * 4 / 2**30
         times: dict[str, list[float]] = {"fetch": [], "to(cpu)": []}
         for _ in range(4):
-            for name, fn in (("fetch", offload.fetch), ("to(cpu)", lambda t: t.to("cpu"))):
+            for name, fn in (("fetch", host_memory.fetch), ("to(cpu)", lambda t: t.to("cpu"))):
                 for _ in range(5):
                     a = a @ a.T / 8192  # queued work ahead of the copy
                 torch.cuda.synchronize()
@@ -82,22 +83,22 @@ def fetch_check(device: torch.device) -> None:
         print(
             f"{label} output ({gib:.2f} GiB float32): fetch {1000 * min(times['fetch']):.1f} ms, "
             f"to(cpu) {1000 * min(times['to(cpu)']):.1f} ms (best of 4); values equal, pageable; staging kept "
-            f"{offload.host_memory()[1] / 2**20:.0f} MiB"
+            f"{host_memory.host_memory()[1] / 2**20:.0f} MiB"
         )
         host_copies(frames)
     fetch_later_check(device, a)
 
 
 def fetch_later_check(device: torch.device, a: torch.Tensor) -> None:
-    """HostOffload.fetch_later, as a deferred push uses it: the frames are dropped at once and their block is
+    """HostMemory.fetch_later, as a deferred push uses it: the frames are dropped at once and their block is
     taken by the next chunk's work (written over) while the copy runs on its side stream; the copy must still
     bring the frames' own values. Then the time the compute stream spends on the copy (none: it is beside)."""
-    offload = HostOffload()
+    host_memory = HostMemory()
     for shape in ((12, 720, 1280, 3), (12, 1080, 1920, 3)):
         for _ in range(3):
             frames = torch.rand(shape, device=device) * 2
             expected = frames.clone()
-            pending = offload.fetch_later(frames)
+            pending = host_memory.fetch_later(frames)
             del frames
             junk = torch.empty(shape, device=device).fill_(-1.0)  # the freed block, if the allocator gives it
             for _ in range(3):
@@ -109,7 +110,7 @@ def fetch_later_check(device: torch.device, a: torch.Tensor) -> None:
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        pending = offload.fetch_later(frames)
+        pending = host_memory.fetch_later(frames)
         for _ in range(5):
             a = a @ a.T / 8192
         end.record()
@@ -165,11 +166,11 @@ def tile_defer_check(size: str = "1080p", device: str = "cuda", **pipeline: obje
     same = torch.equal(outs[True], outs[False])
     diff = (outs[True].float() - outs[False].float()).abs().max().item()
     print(f"{size} state, tiled: deferred full-resolution uploads vs whole prefetch: bit-equal {same}, max diff {diff}")
-    from infvsr_core import fast_vae
-
-    fast_vae.PIECE_UPSAMPLER = False  # the upsampler on all frames at once: other conv calls, same arithmetic
+    pieces = pipe.vae.fast_options
+    # The upsampler on all frames at once: other conv calls, same arithmetic.
+    pipe.vae.fast_options = dataclasses.replace(pieces, piece_upsampler=False)
     whole, _ = run_stream(pipe, clip, 4)
-    fast_vae.PIECE_UPSAMPLER = True
+    pipe.vae.fast_options = pieces
     diff = (outs[True].float() - whole.float()).abs().max().item()
     print(f"  upsampler in pieces vs on all frames: bit-equal {torch.equal(outs[True], whole)}, max diff {diff}")
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pipeline import SIZES, random_pipeline, synthetic_clip  # noqa: E402
 
-from infvsr_core.schedule import TIMESTEP, prepare_chunk  # noqa: E402
+from infvsr_core.schedule import prepare_chunk  # noqa: E402
 
 
 @torch.inference_mode()
@@ -38,13 +38,12 @@ def main() -> int:
     first, _ = prepare_chunk(clip[:9], 4, True, device=device, dtype=pipe.dtype)
     video, _ = prepare_chunk(clip[9:21], 4, False, device=device, dtype=pipe.dtype)
     prompt = pipe.extract_prompt(clip[0])
-    timestep = torch.full((1,), TIMESTEP)
     enc_history, dec_history = pipe.vae.new_history(), pipe.vae.new_history()
     pipe.vae.encode_chunk(first, enc_history)
     latents_first = pipe.vae.encode_chunk(first, dec_history)
     pipe.vae.decode_chunk(latents_first, dec_history)
     latents = pipe.vae.encode_chunk(video, enc_history)
-    _, cache = pipe._run_dit(latents_first, prompt, timestep, 0, None)
+    _, cache = pipe.dit_step(latents_first, prompt, 0, None)
     state = {"cache": cache}
 
     def encode():
@@ -54,7 +53,7 @@ def main() -> int:
         pipe.vae.decode_chunk(latents, dec_history)
 
     def dit():
-        _, state["cache"] = pipe._run_dit(latents, prompt, timestep, 3, state["cache"])
+        _, state["cache"] = pipe.dit_step(latents, prompt, 3, state["cache"])
 
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
 

@@ -1,4 +1,4 @@
-"""GPU check of the history spill (spill.py): the same frames with and without it, and what it costs (device run).
+"""GPU check of the history spill (memory/spill.py): the same frames with and without it, and its cost (device run).
 
     python bench/check_spill.py --size 1080p --host-memory 4 --chunks 4 [--spill-dir /tmp/spill]
 

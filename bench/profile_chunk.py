@@ -4,14 +4,15 @@
     python bench/profile_chunk.py --size 720p --deferred 3   # where the host waits between deferred pushes
 
 Builds the full-size pipeline from random weights in the published formats
-(as bench_pipeline.py), streams three chunks to warm up (torch.compile,
+(as bench_pipeline.py), pushes three chunks to warm up (torch.compile,
 cuDNN's algorithm search, the DiT's CUDA graph capture), times each stage of
 chunks 4-5 (synchronized wall time: the GPU's time plus whatever the host
-adds, launch overhead included), then runs the sixth chunk's stages one at a
-time, each under its own profiler, and prints per stage: the GPU time by
-kernel class (convolution, GEMM, attention, Triton, copy, other elementwise)
-with the top kernels, and the memory allocated at the stage's start and its
-peak.
+adds, launch overhead included), then pushes the sixth chunk with its encode,
+DiT and decode stages each under its own profiler, and prints per stage: the
+GPU time by kernel class (convolution, GEMM, attention, Triton, copy, other
+elementwise) with the top kernels, and the memory allocated at the stage's
+start and its peak. The stages are the pipeline's own, seen through its
+public `stage_hook` (and the VAE's `call_hook` for --tiles).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,8 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pipeline import SIZES, random_pipeline, synthetic_clip  # noqa: E402
 
-from infvsr_core.schedule import TIMESTEP, finish_frames, one_step_restore, prepare_chunk  # noqa: E402
-
 CLASSES = [
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn.*(mha|attn)", re.I)),
     ("conv", re.compile(r"conv|implicit|sm90_xmma_fprop|xmma_fprop|fprop|cudnn", re.I)),
@@ -39,6 +40,10 @@ CLASSES = [
     ("triton", re.compile(r"^triton|_rms_|_bias_", re.I)),
     ("copy", re.compile(r"copy|cat|Memcpy|Memset|fill", re.I)),
 ]
+
+
+PROFILED_STAGES = ("encode", "dit", "decode")
+"""The pipeline's stages (`InfVSRPipeline.stage_hook` names) profiled kernel by kernel in the last chunk."""
 
 
 def kernel_class(name: str) -> str:
@@ -74,8 +79,9 @@ def _copy_sources(label: str, events) -> None:
         print(f"   {ms:8.2f} ms {count:5d}x  {line}")
 
 
-def profiled(label: str, top: int, fn, copies: bool = False):
-    """Run fn() under the profiler; print its kernels by class and the stage's memory."""
+@contextmanager
+def profiled(label: str, top: int, copies: bool = False) -> Iterator[None]:
+    """Run the body under the profiler; print its kernels by class and the stage's memory."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -83,7 +89,7 @@ def profiled(label: str, top: int, fn, copies: bool = False):
     torch.cuda.reset_peak_memory_stats()
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if copies else [])
     with profile(activities=activities, with_stack=copies) as prof:
-        result = fn()
+        yield
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     if copies:
@@ -103,7 +109,6 @@ def profiled(label: str, top: int, fn, copies: bool = False):
     print("   " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])))
     for name, (ms, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"   {ms:8.2f} ms {count:5d}x  [{kernel_class(name)}] {name[:150]}")
-    return result
 
 
 def _busy(intervals: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
@@ -284,82 +289,61 @@ def main() -> int:
         return whole_push(pipe, height, width, args)
     if args.deferred:
         return deferred_pushes(pipe, height, width, args)
-    clip = synthetic_clip(9 + 12 * 5, height, width, device)
-    history, cache, position = pipe.vae.new_history(), None, 0
-    prompt = pipe.extract_prompt(clip[0])
-    timestep = torch.full((1,), TIMESTEP)
-    start = 0
+    clip = synthetic_clip(9 + 12 * 5, height, width, torch.device("cpu"))
+    session = pipe.new_session(args.scale)
     walls: dict[str, list[float]] = defaultdict(list)
-
     calls: dict[tuple[str, tuple[int, ...]], list[float]] = defaultdict(list)
     recording = [False]
-    if args.tiles:
-        with_cache = pipe.vae._with_cache
 
-        def timed_call(owner, attr, run):
-            if not recording[0]:
-                return with_cache(owner, attr, run)
-            torch.cuda.synchronize()
-            begin = time.perf_counter()
-            out = with_cache(owner, attr, run)
-            torch.cuda.synchronize()
-            calls[attr, tuple(out.shape[-2:])].append(1000 * (time.perf_counter() - begin))
-            return out
-
-        pipe.vae._with_cache = timed_call
-
-    def timed(label: str, fn):
+    @contextmanager
+    def timed(label: str) -> Iterator[None]:
+        """The pipeline's stage hook for the warm chunks: each stage's synchronized wall time."""
         torch.cuda.synchronize()
         begin = time.perf_counter()
-        result = fn()
+        yield
         torch.cuda.synchronize()
         walls[label].append(1000 * (time.perf_counter() - begin))
-        return result
 
-    for index, size in enumerate((9, 12, 12, 12, 12, 12)):
-        last = index == 5
-        recording[0] = index in (3, 4)
-        video, true_size = prepare_chunk(
-            clip[start : start + size], args.scale, index == 0, device=device, dtype=pipe.dtype
-        )
-        start += size
+    @contextmanager
+    def timed_call(name: str, size: tuple[int, int]) -> Iterator[None]:
+        """The VAE's call hook (--tiles): each encoder/decoder call's (each tile's) synchronized wall time."""
+        if not recording[0]:
+            yield
+            return
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        yield
+        torch.cuda.synchronize()
+        calls[name, size].append(1000 * (time.perf_counter() - begin))
 
-        def encode(video=video):
-            return pipe.vae.encode_chunk(video, history)
+    def last_chunk(label: str):
+        """The stage hook for the last chunk: the three large stages each under its own profiler."""
+        return profiled(label, args.top, args.copies) if label in PROFILED_STAGES else timed(label)
 
-        latents = profiled("encode", args.top, encode, args.copies) if last else timed("encode", encode)
-        del video
-        pipe._prefetch_decoder(history)
-
-        def dit(latents=latents, cache=cache, position=position):
-            return pipe._run_dit(latents, prompt, timestep, position, cache)
-
-        if last:
-            prediction, cache = profiled("dit", args.top, dit, args.copies)
-        else:
-            prediction, cache = timed("dit", dit)
-        position += latents.shape[2]
-        restored = one_step_restore(latents, prediction)
-        del prediction, latents
-
-        def decode(restored=restored, true_size=true_size):
-            return finish_frames(pipe.vae.decode_chunk(restored, history), true_size)
-
-        out = profiled("decode", args.top, decode, args.copies) if last else timed("decode", decode)
-        del out, restored
+    if args.tiles:
+        pipe.vae.call_hook = timed_call
+    start = 0
+    try:
+        for index, size in enumerate((9, 12, 12, 12, 12, 12)):
+            recording[0] = index in (3, 4)
+            pipe.stage_hook = last_chunk if index == 5 else timed
+            pipe.push(session, clip[start : start + size])
+            start += size
+    finally:
+        pipe.stage_hook = None
+        pipe.vae.call_hook = None
     print("\nwall time per stage, synchronized, chunks 4-5 (unprofiled):")
     for label, values in walls.items():
-        print(f"   {label}: " + " / ".join(f"{v:.1f}" for v in values[3:]) + " ms")
+        if values[3:5]:
+            print(f"   {label}: " + " / ".join(f"{v:.1f}" for v in values[3:5]) + " ms")
     if calls:
-        print("\nVAE calls (the cache's history, output height x width), synchronized, chunks 4-5, ms per call:")
-        for (attr, shape), values in sorted(calls.items()):
-            print(f"   {attr} {shape[0]}x{shape[1]}: {len(values)} calls, mean {sum(values) / len(values):.1f}")
-    print(
-        f"\nstate: VAE history {gib(history.nbytes()):.2f} GiB, KV cache "
-        f"{gib(sum(t.numel() * t.element_size() for t in cache.keys + cache.values)):.2f} GiB"
-    )
+        print("\nVAE calls (encode or decode, input height x width), synchronized, chunks 4-5, ms per call:")
+        for (name, shape), values in sorted(calls.items()):
+            print(f"   {name} {shape[0]}x{shape[1]}: {len(values)} calls, mean {sum(values) / len(values):.1f}")
+    scene = session.scene
+    kv_bytes = sum(t.numel() * t.element_size() for t in [*scene.kv_cache.keys, *scene.kv_cache.values])
+    print(f"\nstate: VAE history {gib(scene.vae_history.nbytes()):.2f} GiB, KV cache {gib(kv_bytes):.2f} GiB")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

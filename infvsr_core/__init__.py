@@ -18,7 +18,7 @@ _EXPORTS = {
     "InfVSRPipeline": "pipeline",
     "InfVSRSession": "session",
     "SceneState": "session",
-    "SceneStream": "stream",
+    "SceneStream": "scene_stream",
     "WeightFileError": "weights",
 }
 

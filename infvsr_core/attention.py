@@ -23,8 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-# On CUDA, cuDNN's attention first: on the H100 it takes 2.27 ms where PyTorch's
-# default pick (flash) takes 3.91 ms for a 720p chunk (10,800 queries, 21,600 keys).
+# On CUDA, cuDNN's attention first: it is faster than PyTorch's default pick (flash) on the DiT's shapes
+# (bench/check_attention.py).
 # Backends that refuse a shape fall through to the next one in this order.
 CUDA_SDPA_PRIORITY: list[SDPBackend] = [
     SDPBackend.CUDNN_ATTENTION,
@@ -54,8 +54,8 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 # FlashAttention-3's Python modules, first found wins: the official build (`flash_attn_3`, Hopper only) and the
-# forward-only wheel `fa3_fwd`. On the H100 it runs the DiT's attention faster than cuDNN's kernel
-# (bench/RESULTS.md, round 7). Neither is a dependency: "auto" uses one when it is installed.
+# forward-only wheel `fa3_fwd`. On Hopper it runs the DiT's attention faster than cuDNN's kernel
+# (bench/RESULTS.md). Neither is a dependency: "auto" uses one when it is installed.
 FLASH3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")
 # FA3's kernels exist for Hopper (compute capability 9.x); the forward-only wheel has no fp16 kernels.
 FLASH3_DTYPES = (torch.bfloat16,)

@@ -33,6 +33,7 @@ CODECS = ("auto", *WRITER_CODECS)
 ATTENTION_CHOICES = ("auto", "flash3", "math", "sdpa")
 """Known backend names: the parser offers them without importing torch; `main` then refuses those this machine lacks."""
 OFFLOAD_MODES = ("none", "histories", "state", "all")
+"""--offload: `memory.OFFLOAD_MODES`, named here without importing torch (`OffloadPolicy` says what each keeps)."""
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -83,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--offload",
         choices=OFFLOAD_MODES,
         default="none",
-        help="keep stream state in host memory between uses: same output, less GPU memory, somewhat slower. "
-        "histories = the VAE's causal histories; state = also the DiT's KV cache; all = also the DiT's weights "
-        "(low VRAM). README.md's speed table gives each mode's memory and speed. On a small card, set "
+        help="keep stream state in host memory between uses: same output, less GPU memory, somewhat slower; each "
+        "mode keeps more there than the one before (all = low VRAM). What each keeps: OffloadPolicy in "
+        "infvsr_core/memory/policy.py; each mode's memory and speed: README.md's speed table. On a small card, set "
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
     )
     up.add_argument(

@@ -25,14 +25,15 @@ from torch import nn
 
 from .attention import attention
 from .graphs import BlockGraphs
-from .offload import to_device_async
+from .memory.host import ManagedCache
+from .memory.transfer import to_device_async
 from .rope import apply_rope, rope_cos_sin
 from .weights import WeightFileError, require
 
 HEAD_DIM = 128
-# Largest chunk (tokens) whose blocks `cuda_graphs=None` replays as a CUDA graph. On an H100 a 480p chunk
-# (4,680 tokens) is 8.5 % faster end to end for +0.8 GiB; at 720p (10,800) the GPU, not the launches, sets
-# the pace: +0.3 % for +1.9 GiB (bench/RESULTS.md round 5).
+# Largest chunk (tokens) whose blocks `cuda_graphs=None` replays as a CUDA graph: small chunks (480p) are bound
+# by kernel launches, which a graph removes; larger ones are bound by the GPU, where a graph only costs memory
+# (bench/RESULTS.md has the measurements).
 GRAPH_MAX_TOKENS = 8192
 _WHAT = "the InfVSR DiT checkpoint (InfVSR.ckpt)"
 
@@ -148,8 +149,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return _rms_norm_op(x, self.weight, self.eps)
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -395,7 +395,7 @@ class CausalWanDiT(nn.Module):
         With `release_cache`, each layer's entries of `kv_cache` are set to
         None as soon as the layer has used them (the caller hands the cache
         over): the old and the new cache then never coexist in full, which
-        saves a whole cache of memory (2 GiB at 720p, 18 GiB at 4K). `keep` is
+        saves a whole cache of memory. `keep` is
         applied to each new key/value tensor as its layer finishes (e.g. a
         download to host memory); the returned cache holds what it returns.
         `graph`: a steady chunk may run its blocks as a CUDA graph (when
@@ -463,8 +463,9 @@ class CausalWanDiT(nn.Module):
         if not self.graphs.serves(x.device):
             return None
         past_k, past_v = kv_cache.keys, kv_cache.values
-        # Plain lists only: an ArrivingCache's entries may still be in flight (its iteration does not wait).
-        if type(past_k) is not list or type(past_v) is not list:
+        # Plain lists of device tensors only: a ManagedCache's entries may be in host memory or still in flight
+        # (an ArrivingCache's iteration does not wait).
+        if not all(isinstance(p, list) and not isinstance(p, ManagedCache) for p in (past_k, past_v)):
             return None
         want = (x.shape[0], x.shape[1], self.config.num_heads, self.config.head_dim)
         if any(t is None or tuple(t.shape) != want or t.device != x.device for t in (*past_k, *past_v)):

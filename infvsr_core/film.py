@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import torch
 
 from .errors import DamagedVideoError, UsageError
-from .memory_plan import check_fits
+from .memory.plan import check_fits
 from .pipeline import InfVSRPipeline
+from .scene_stream import SceneStream
 from .schedule import CHUNK_FRAMES
-from .stream import SceneStream
 
 
 class FrameWriter(Protocol):

@@ -55,7 +55,7 @@ def write_demo_clip(path: str | os.PathLike, frames: int = 30, width: int = 64, 
     """A small synthetic moving clip (h264, 24 fps) to try the command line on."""
     from fractions import Fraction
 
-    from .video_io import VideoWriter
+    from .io import VideoWriter
 
     t = torch.arange(frames, dtype=torch.float32)[:, None, None]
     y = torch.arange(height, dtype=torch.float32)[None, :, None]

@@ -1,8 +1,8 @@
 """The DiT's 30 blocks replayed as one CUDA graph for a steady chunk shape.
 
-Why: at 480p a chunk's DiT kernels take ~40 ms on an H100 but its ~900
-launches (Linear, cuDNN attention, fused elementwise ops, each behind Python)
-take ~110 ms of host time, so the GPU waits on the CPU. A CUDA graph replays
+Why: at small frame sizes (480p) a chunk's DiT kernels take less GPU time
+than the host needs to launch them (Linear, cuDNN attention, fused
+elementwise ops, each behind Python), so the GPU waits on the CPU. A CUDA graph replays
 all of them in one launch. Steady chunks all have the same shapes (3 latent
 frames after 3 cached ones), so one capture serves a whole stream.
 

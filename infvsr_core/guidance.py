@@ -91,11 +91,6 @@ class SwinConfig:
         """Effective window: Swin stops partitioning once the grid fits in one window."""
         return min(self.window_size, self.resolution(stage))
 
-    @property
-    def num_tokens(self) -> int:
-        """Output tokens: the mean token plus the last stage's grid (1 + 144 at 384)."""
-        return 1 + self.resolution(self.num_layers - 1) ** 2
-
     @classmethod
     def from_state_dict(
         cls, state: Mapping[str, torch.Tensor], *, path: str | os.PathLike | None = None, img_size: int = 384

@@ -143,11 +143,11 @@ def load_pipeline(
 
     Each file is checked (keys and shapes against the architecture inferred from
     it) before anything is built, and every error names the file. `offload`
-    ("none", "histories", "state", "all"; see `InfVSRPipeline`) keeps state in
-    host memory between uses; `low_vram=True` is `offload="all"`. `vae_seams`
+    ("none", "histories", "state", "all"; see `memory.OffloadPolicy`) keeps state
+    in host memory between uses; `low_vram=True` is `offload="all"`. `vae_seams`
     ("release" or "smooth", see `vae.SEAMS`) sets how tiled frames are blended.
     `spill_dir` with `host_memory_gib`: offloaded VAE histories past that much
-    host memory go to files there (spill.py; 4K tiles need ~93 GiB otherwise).
+    host memory go to files there (memory/spill.py), for 4K tiles whose histories outgrow host memory.
     """
     device = torch.device(device) if device is not None else _autodetect_device()
     dtype = parse_dtype(dtype, device)

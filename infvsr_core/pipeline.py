@@ -10,20 +10,27 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Literal
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 
 from .dit import CausalWanDiT, KVCache
 from .errors import UsageError
 from .guidance import VisualGuidance
-from .offload import HostCache, HostOffload, ModuleOffload, PendingFetch, WindowedUpload
+from .memory.host import HostCache, HostMemory, PendingFetch
+from .memory.kv import WindowedUpload
+from .memory.modules import ModuleOffload
+from .memory.policy import OffloadMode, OffloadPolicy
 from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
 from .session import InfVSRSession, SceneState
-from .vae import StreamingVAE
+from .vae import StreamingVAE, VAEHistory
 
-Offload = Literal["none", "histories", "state", "all"]
-OFFLOAD_MODES: tuple[str, ...] = ("none", "histories", "state", "all")
+StageHook = Callable[[str], AbstractContextManager[Any]]
+"""`InfVSRPipeline.stage_hook`: given a stage's name, the context its work runs in."""
+STAGES: tuple[str, ...] = ("prompt", "prepare", "encode", "dit", "decode", "finish", "output")
+"""A chunk's stages in order, by the names `stage_hook` receives ("prompt" only where a reference is taken)."""
 
 FRAME_RANGE: tuple[float, float] = (-0.5, 1.5)
 """Frame values let through; beyond them frames are refused (see `check_frame_values`).
@@ -41,22 +48,17 @@ FRAMES_EXPECTED = "expected (T, H, W, 3) float frames in [0, 1]"
 class InfVSRPipeline:
     """InfVSR inference over the published networks, streamed chunk by chunk.
 
-    `offload` keeps state off the accelerator between uses, in host memory
-    (pinned, with asynchronous copies on side streams; the results are bit for
-    bit the same):
+    `policy` (an `OffloadPolicy`; `offload` is its mode name) says which state
+    and weights live in host memory between uses, for less device memory and
+    the same frames: `OffloadPolicy` describes the modes.
 
-    - "none": everything stays on the device (fastest, most memory);
-    - "histories": the VAE's causal histories (the largest state: ~6.5 GiB at
-      720p), the encoder's while the DiT and decoder run and vice versa, and
-      per tile when tiled; the decoder's upload overlaps the DiT;
-    - "state": also the DiT's rolling KV cache (1.9 GiB at 720p, 17 GiB at 4K),
-      streamed through the DiT a layer at a time, and the visual guidance's
-      weights outside prompt extraction;
-    - "all" (low-VRAM): also the DiT's weights outside the DiT, and no
-      prefetching ahead, so only the running stage's state is on the device.
-
-    With histories offloaded, the VAE's full-resolution stages also run a few
-    frames at a time (`StreamingVAE.piece_frames`), for a lower peak.
+    `stage_hook` (None by default) is for measurements (bench/): when set, each
+    stage of a chunk (`STAGES`) runs inside `with stage_hook(name):`, so the
+    caller can time it (synchronizing the device on entry and exit), profile it
+    or read its peak memory, through `push` and the other public calls.
+    `output_staging` (True): frames for a CPU `output_device` come back through
+    a page-locked block, beside the next chunk's work; False: CUDA's own copy
+    (an A/B for measurements).
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class InfVSRPipeline:
         dtype: torch.dtype = torch.float32,
         output_device: torch.device | str = "cpu",
         model_id: str | None = None,
-        offload: Offload | None = None,
+        offload: OffloadMode | None = None,
     ) -> None:
         self.dit = dit.eval().requires_grad_(False)
         self.vae = vae
@@ -78,66 +80,89 @@ class InfVSRPipeline:
         self.dtype = dtype
         self.output_device = torch.device(output_device)
         self.model_id = model_id or uuid.uuid4().hex
-        self._host = HostOffload()
-        self._dit_weights = ModuleOffload(self.dit, self._host)
-        self._guidance_weights = ModuleOffload(self.guidance, self._host)
-        self._offload = "none"
+        self.stage_hook: StageHook | None = None
+        self.output_staging = True
+        self._host_memory = HostMemory()
+        self._dit_weights = ModuleOffload(self.dit, self._host_memory)
+        self._guidance_weights = ModuleOffload(self.guidance, self._host_memory)
+        self._policy = OffloadPolicy()
         # None: as the VAE was built (its history_device), nothing else offloaded.
         self.offload = offload or ("none" if vae.history_device is None else "histories")
 
-    # -- offload --------------------------------------------------------------------------------
+    # -- memory policy ----------------------------------------------------------------------------
     @property
-    def offload(self) -> str:
-        return self._offload
+    def policy(self) -> OffloadPolicy:
+        """What lives in host memory between uses; setting it moves the weights and tells the VAE."""
+        return self._policy
 
-    @offload.setter
-    def offload(self, mode: str) -> None:
-        if mode not in OFFLOAD_MODES:
-            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
-        self.vae.history_device = None if mode == "none" else "cpu"
-        self.vae.prefetch = mode != "all"
-        self.vae.lean = mode == "all"
-        for weights, offloaded in ((self._dit_weights, ("all",)), (self._guidance_weights, ("state", "all"))):
-            if mode in offloaded:
+    @policy.setter
+    def policy(self, policy: OffloadPolicy) -> None:
+        self._apply_policy_to_vae(policy)
+        self._host_memory.pin_memory = policy.pinned
+        for weights, on_host in (
+            (self._dit_weights, policy.dit_weights_on_host),
+            (self._guidance_weights, policy.guidance_weights_on_host),
+        ):
+            if on_host:
                 weights.to_host()
             else:
                 weights.to_device(self.device)
         self.dit.graphs.clear()
-        self._offload = mode
+        self._policy = policy
 
-    def _prefetch_decoder(self, history) -> None:
-        """Start the decoder history's upload under the DiT, where nothing else needs the copy engine.
+    def _apply_policy_to_vae(self, policy: OffloadPolicy) -> None:
+        self.vae.history_device = "cpu" if policy.vae_histories_on_host else None
+        self.vae.prefetch = policy.prefetch
+        self.vae.lean = policy.lean
 
-        Not with the KV cache streamed ("state", "all"): its per-layer uploads would
-        queue behind the history's gigabytes and stall every layer. The history then
-        comes in at decode time, entry by entry as the decoder reaches them.
-        """
-        if self.offload == "histories":
-            self.vae.prefetch_decoder(history)
+    @property
+    def offload(self) -> str:
+        """The offload mode's name (`OffloadPolicy.from_mode`); setting it sets `policy`."""
+        return self._policy.mode
 
-    def _stream_kv(self, kv_cache: KVCache | None) -> KVCache | None:
-        """An offloaded KV cache as layer-by-layer uploads ("state", "all"), the first layer's queued now: called
-        before the encoder, so the DiT's first layer does not wait for it (the encoder's work is queued ahead of
-        any upload issued after it). The old cache is consumed: each layer's host block is free once queued."""
-        if kv_cache is None or not isinstance(kv_cache.keys, HostCache) or self.offload not in ("state", "all"):
+    @offload.setter
+    def offload(self, mode: str) -> None:
+        self.policy = OffloadPolicy.from_mode(mode)
+
+    def _stream_kv_cache(self, kv_cache: KVCache | None) -> KVCache | None:
+        """An offloaded KV cache as layer-by-layer uploads, the first layer's queued now: called before the
+        encoder, so the DiT's first layer does not wait for it (the encoder's work is queued ahead of any upload
+        issued after it). The old cache is consumed: each layer's host block is free once queued."""
+        if kv_cache is None or not isinstance(kv_cache.keys, HostCache) or not self._policy.kv_cache_on_host:
             return kv_cache
-        kv_cache = kv_cache.map(lambda layers: WindowedUpload(layers, self._host, self.device, consume=True))
+        kv_cache = kv_cache.map(lambda layers: WindowedUpload(layers, self._host_memory, self.device, consume=True))
         for layers in (kv_cache.keys, kv_cache.values):
             layers.start(1)
         return kv_cache
 
-    def _run_dit(self, latents, prompt, timestep, time_offset: int, kv_cache: KVCache | None):
-        """One DiT step; the old cache is released layer by layer as the new one is built.
+    @torch.inference_mode()
+    def dit_step(
+        self,
+        latents: torch.Tensor,
+        prompt: torch.Tensor,
+        time_offset: int,
+        kv_cache: KVCache | None,
+        *,
+        decoder_history: VAEHistory | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """One DiT step on a chunk's latents: the prediction, and the KV cache the next chunk reads.
 
-        With the KV cache offloaded ("state", "all"), it streams through the DiT:
-        each layer's old keys/values are uploaded one layer ahead and its new
-        ones downloaded as soon as they exist, so the device never holds more
-        than a few layers of either cache (the whole cache is 18 GiB at 4K).
+        `kv_cache` is consumed (each layer released as the new one is built), and the policy's moves are made:
+        an offloaded KV cache streams through the DiT (each layer's old keys/values uploaded one layer ahead,
+        its new ones downloaded as soon as they exist, so the device holds a few layers of either cache, never
+        a whole one), offloaded DiT weights come in for the step, and `decoder_history`'s upload starts under
+        the DiT where the policy prefetches it. `push` runs it between the VAE's encode and decode; it is
+        public so that a measurement can run the DiT alone (bench/).
         """
-        streamed = self.offload in ("state", "all")
-        kv_cache = self._stream_kv(kv_cache)
+        policy = self._policy
+        if decoder_history is not None and policy.prefetch_decoder_under_dit:
+            self.vae.prefetch_decoder(decoder_history)
+        # On the CPU: the DiT embeds it there (float64), and reading a GPU tensor would wait for the encoder.
+        timestep = torch.full((latents.shape[0],), TIMESTEP, dtype=torch.float32)
+        streamed = policy.kv_cache_on_host
+        kv_cache = self._stream_kv_cache(kv_cache)
         if kv_cache is not None and isinstance(kv_cache.keys, HostCache):  # offloading was switched off since
-            kv_cache = kv_cache.map(lambda layers: self._host.to_device(layers, self.device))
+            kv_cache = kv_cache.map(lambda layers: self._host_memory.to_device(layers, self.device))
         with self._dit_weights.on_device(self.device):
             prediction, cache = self.dit(
                 latents,
@@ -146,13 +171,11 @@ class InfVSRPipeline:
                 time_offset=time_offset,
                 kv_cache=kv_cache,
                 release_cache=True,
-                keep=self._host.download if streamed else None,
-                # CUDA graphs keep a KV cache's worth of static buffers: for the fast mode only (at 1080p,
-                # "histories" would pass 24 GiB), where the DiT's launches are what the GPU waits on (480p).
-                graph=self.offload == "none",
+                keep=self._host_memory.download if streamed else None,
+                graph=policy.dit_cuda_graphs,
             )
         if streamed:
-            cache = cache.map(lambda layers: self._host.host_list(layers, self.device))
+            cache = cache.map(lambda layers: self._host_memory.host_list(layers, self.device))
         return prediction, cache
 
     # -- visual guidance -------------------------------------------------------------------------
@@ -205,7 +228,7 @@ class InfVSRPipeline:
         frames = self._check_frames(session, frames)
         session.pending = frames if session.pending is None else torch.cat([session.pending, frames])
         session.frames_in += int(frames.shape[0])
-        return self._hand_out(session, self._run_chunks(session, final=False), hold_last=defer)
+        return self._hand_out(session, self._upscale_pending_chunks(session, final=False), hold_last=defer)
 
     def collect(self, session: InfVSRSession) -> torch.Tensor:
         """The frames a deferred `push` held back (none if there are none).
@@ -224,7 +247,7 @@ class InfVSRPipeline:
         reference frame.
         """
         self._check_session(session)
-        result = self._hand_out(session, self._run_chunks(session, final=True))
+        result = self._hand_out(session, self._upscale_pending_chunks(session, final=True))
         session.scene = None
         if not session.prompt_fixed:
             session.prompt = None
@@ -233,7 +256,7 @@ class InfVSRPipeline:
     def close(self, session: InfVSRSession) -> torch.Tensor:
         """End of stream: upscale the remaining frames as a padded final chunk."""
         self._check_session(session)
-        result = self._hand_out(session, self._run_chunks(session, final=True))
+        result = self._hand_out(session, self._upscale_pending_chunks(session, final=True))
         session.closed = True
         self.trim_host_memory()
         return result
@@ -245,11 +268,11 @@ class InfVSRPipeline:
 
     def trim_host_memory(self) -> int:
         """Give back the page-locked host blocks no state holds any more (after a stream ends); bytes freed."""
-        return self._host.trim() + self.vae.trim_host_memory()
+        return self._host_memory.trim() + self.vae.trim_host_memory()
 
     def host_memory(self) -> tuple[int, int]:
         """(bytes of host state held now, bytes of page-locked blocks kept for reuse)."""
-        (held, kept), (vae_held, vae_kept) = self._host.host_memory(), self.vae.host_memory()
+        (held, kept), (vae_held, vae_kept) = self._host_memory.host_memory(), self.vae.host_memory()
         return held + vae_held, kept + vae_kept
 
     def refresh_prompt(self, session: InfVSRSession, frame: torch.Tensor, index: int | None = None) -> None:
@@ -265,7 +288,7 @@ class InfVSRPipeline:
         return torch.cat([self.push(session, frames), self.close(session)])
 
     # -- internals ------------------------------------------------------------------------------
-    def _run_chunks(self, session: InfVSRSession, final: bool) -> list[PendingFetch]:
+    def _upscale_pending_chunks(self, session: InfVSRSession, final: bool) -> list[PendingFetch]:
         """Upscale every whole chunk pending (with `final`, the rest too, padded); the frames of the chunks held
         back before, then of these, in order. Each chunk's frames are waited for once the next chunk is queued
         (the device goes on with it meanwhile); the last chunk's are not waited for here.
@@ -274,7 +297,8 @@ class InfVSRPipeline:
         fetches = list(session.held)
         try:
             while session.pending_frames and (final or session.pending_frames >= session.next_chunk_length):
-                fetches.append(self._take_chunk(session, min(session.pending_frames, session.next_chunk_length)))
+                frames = self._pop_chunk_frames(session, min(session.pending_frames, session.next_chunk_length))
+                fetches.append(self._upscale_one_chunk(session, frames))
                 for earlier in fetches[:-1]:
                     earlier.wait()
         except BaseException:
@@ -288,15 +312,19 @@ class InfVSRPipeline:
         session.held = fetches[-1:] if hold_last else []
         return self._join(session, [f.wait() for f in fetches[: len(fetches) - len(session.held)]])
 
-    def _take_chunk(self, session: InfVSRSession, count: int) -> PendingFetch:
+    @staticmethod
+    def _pop_chunk_frames(session: InfVSRSession, count: int) -> torch.Tensor:
+        """The first `count` pending frames, taken off the session's queue."""
         assert session.pending is not None
         chunk, rest = session.pending[:count], session.pending[count:]
         session.pending = rest if rest.shape[0] else None
-        return self._upscale_chunk(session, chunk)
+        return chunk
 
-    def _upscale_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> PendingFetch:
+    def _upscale_one_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> PendingFetch:
+        """`_run_chunk_stages`, marking the session interrupted when it fails (its caches are then incomplete)
+        and adding what to change to an out-of-memory error."""
         try:
-            return self._run_chunk(session, frames)
+            return self._run_chunk_stages(session, frames)
         except torch.OutOfMemoryError as e:
             session.interrupted = "out of device memory"
             self.dit.graphs.clear()
@@ -309,20 +337,21 @@ class InfVSRPipeline:
     def _memory_advice(self, frames: torch.Tensor) -> str:
         """What to change after running out of device memory (the same type is re-raised, for ComfyUI)."""
         height, width = int(frames.shape[1]), int(frames.shape[2])  # a chunk: (T, H, W, 3), checked on entry
-        # "histories" is not suggested: "state" needs less memory and was as fast or faster where measured (1080p:
-        # 14.4 GiB at 8.0 fps against 23.5 GiB at 7.3; bench/RESULTS.md rounds 6 and 9).
-        lighter = [mode for mode in ("state", "all") if OFFLOAD_MODES.index(mode) > OFFLOAD_MODES.index(self.offload)]
+        lighter = self._policy.lighter_mode()
         hint = (
-            f"try offload={lighter[0]!r} (same output; measured on an H100: 720p needs ~15 GiB with 'none', "
-            "~9.6 GiB with 'state', ~6.9 GiB with 'all'; 1080p ~38 / ~15 / ~8.1 GiB with 'none' / 'state' / 'all'; "
-            "4K ~16 GiB with 'state')"
+            f"try offload={lighter!r} (same output; the README's speed table gives each mode's GPU memory)"
             if lighter
             else "this is already the lowest-memory mode: use a smaller input or a GPU with more memory"
         )
         return f"InfVSR ran out of GPU memory on {height}x{width} input frames with offload={self.offload!r}: {hint}."
 
+    def _stage(self, name: str) -> AbstractContextManager[Any]:
+        """The context a chunk's stage runs in: `stage_hook`'s, when one is set."""
+        return nullcontext() if self.stage_hook is None else self.stage_hook(name)
+
     @torch.inference_mode()
-    def _run_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> PendingFetch:
+    def _run_chunk_stages(self, session: InfVSRSession, frames: torch.Tensor) -> PendingFetch:
+        """One chunk through the stages (`STAGES`): the session's caches advance, its frames are on their way."""
         started = time.perf_counter()
         first = session.scene is None
         if first:
@@ -331,37 +360,49 @@ class InfVSRPipeline:
         scene = session.scene
         assert scene is not None and chunk_length(first) >= frames.shape[0]
         if session.prompt is None:
-            session.prompt = self._extract_prompt(frames[0])
+            with self._stage("prompt"):
+                session.prompt = self._extract_prompt(frames[0])
             session.reference_index = session.frames_out
-        video, true_size = prepare_chunk(frames, session.scale, first, device=self.device, dtype=self.dtype)
-        # The DiT consumes the old cache layer by layer: from here the scene holds the new one or nothing.
-        kv_cache, scene.kv_cache = self._stream_kv(scene.kv_cache), None
-        latents = self.vae.encode_chunk(video, scene.vae_history)
-        del video
-        self._prefetch_decoder(scene.vae_history)
-        # On the CPU: the DiT embeds it there (float64), and reading a GPU tensor would wait for the encoder.
-        timestep = torch.full((latents.shape[0],), TIMESTEP, dtype=torch.float32)
-        prediction, scene.kv_cache = self._run_dit(latents, session.prompt, timestep, scene.latent_frames, kv_cache)
-        del kv_cache
+        with self._stage("prepare"):
+            video, true_size = prepare_chunk(frames, session.scale, first, device=self.device, dtype=self.dtype)
+        with self._stage("encode"):
+            # The DiT consumes the old cache layer by layer: from here the scene holds the new one or nothing.
+            kv_cache, scene.kv_cache = self._stream_kv_cache(scene.kv_cache), None
+            latents = self.vae.encode_chunk(video, scene.vae_history)
+            del video
+        with self._stage("dit"):
+            prediction, scene.kv_cache = self.dit_step(
+                latents, session.prompt, scene.latent_frames, kv_cache, decoder_history=scene.vae_history
+            )
+            del kv_cache
         scene.latent_frames += latents.shape[2]
-        restored = one_step_restore(latents, prediction)
-        del prediction, latents
-        decoded = self.vae.decode_chunk(restored, scene.vae_history)
-        out = self._to_output(finish_frames(decoded, true_size))
+        with self._stage("decode"):
+            restored = one_step_restore(latents, prediction)
+            del prediction, latents
+            decoded = self.vae.decode_chunk(restored, scene.vae_history)
+        with self._stage("finish"):
+            finished = finish_frames(decoded, true_size)
+        with self._stage("output"):
+            out = self._output_fetch(finished)
         scene.frames += int(frames.shape[0])
         session.frames_out += int(frames.shape[0])
         session.stats["last_chunk_seconds"] = time.perf_counter() - started
         return out
 
-    def _to_output(self, frames: torch.Tensor) -> PendingFetch:
-        """The chunk's frames on their way to the output device (waited for by whoever takes them)."""
-        if self.output_device.type == "cpu":
-            return self._host.fetch_later(frames)
+    def _output_fetch(self, frames: torch.Tensor) -> PendingFetch:
+        """The chunk's frames on their way to the output device (waited for by whoever takes them).
+
+        To host memory through a page-locked block, on a side stream beside the next chunk's work
+        (`HostMemory.fetch_later`); with `output_staging` False, CUDA's own copy into pageable memory instead
+        (an A/B for measurements: it holds the host until the copy is done).
+        """
+        if self.output_device.type == "cpu" and self.output_staging:
+            return self._host_memory.fetch_later(frames)
         return PendingFetch(frames.to(self.output_device), None)
 
     def _join(self, session: InfVSRSession, outputs: list[torch.Tensor]) -> torch.Tensor:
         if len(outputs) == 1:
-            return outputs[0]  # a chunk's frames as they are: a copy of a 1080p chunk is 300 MB
+            return outputs[0]  # a chunk's frames as they are: a copy of large frames costs host time and memory
         return torch.cat(outputs) if outputs else self.empty_output(session)
 
     def empty_output(self, session: InfVSRSession, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .offload import to_device_async
+from .memory.transfer import to_device_async
 
 THETA = 10000.0
 

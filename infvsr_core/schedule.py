@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .offload import to_device_async
+from .memory.transfer import to_device_async
 
 FIRST_CHUNK_FRAMES = 9
 """Low-resolution frames in a scene's first chunk (1 + 4 + 4 -> 3 latent frames)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .dit import KVCache
-from .offload import PendingFetch, copy_cache
+from .memory.host import PendingFetch, copy_cache
 from .schedule import chunk_length
 from .vae import VAEHistory
 
@@ -71,11 +71,6 @@ class InfVSRSession:
     def next_chunk_length(self) -> int:
         """Frames the next chunk takes: 9 at the start of a scene, 12 after."""
         return chunk_length(self.scene is None)
-
-    @property
-    def next_index(self) -> int:
-        """Stream index of the first frame not yet upscaled."""
-        return self.frames_out
 
     def fork(self) -> InfVSRSession:
         """An independent copy of the stream state (for callers that must not see a session change,

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import comfy
-from ._core import SEAMS, WEIGHT_FILES, WeightFileError, loader
+from ._core import SEAMS, WEIGHT_FILES, WeightFileError, loader, memory
 from ._core import attention as attention_module
-from ._core import pipeline as pipeline_module
 from .common import check_model
 from .types import GUIDANCE_TYPE, MODEL_TYPE, DAPEGuidance, InfVSRModel
 
 CATEGORY = "InfVSR"
 
-ROLE_INPUTS = {"dit": "dit", "vae": "vae", "ram": "ram", "dape": "dape"}
 WEIGHTS_LOCATIONS = ("gpu", "offload to cpu when idle")
+"""The `weights` choices: where the weights stay while no InfVSR node runs (`InfVSRModel.idle_weights_on_cpu`).
+Saved workflows hold these values: they stay as they are."""
 
 
 def _choices(role: str) -> list[str]:
@@ -54,28 +53,13 @@ def resolve_weight(role: str, name: str) -> Path:
     )
 
 
-_STATE_OFFLOAD_MODES: tuple[str, ...] = tuple(getattr(pipeline_module, "OFFLOAD_MODES", ()))
-if _STATE_OFFLOAD_MODES and "offload" not in inspect.signature(loader.load_pipeline).parameters:
-    _STATE_OFFLOAD_MODES = ()
-
-
 def _state_offload_input() -> dict[str, Any]:
-    """The core's host offload of the stream state, when this core has it."""
-    if not _STATE_OFFLOAD_MODES:
-        return {}
-    return {"state_offload": (list(_STATE_OFFLOAD_MODES), {
+    """The core's offload modes (`OffloadPolicy`): which stream state lives in host memory between uses."""
+    return {"state_offload": (list(memory.OFFLOAD_MODES), {
         "default": "none",
-        "tooltip": "Keep stream state in host memory between uses (same results, less VRAM): histories = VAE "
-        "histories, state = also the KV cache and the guidance weights, all = also the DiT weights (low VRAM). "
-        "H100 with FlashAttention-3, 720p: none 15.3 GiB / 25.8 fps, state 9.5 GiB / 20.1 fps, all 6.8 GiB / 17.8 "
-        "fps; 1080p: none 37.6 GiB / 8.4 fps, state 14.4 GiB / 8.0 fps; 4K: state 15.7 GiB / 1.2 fps with ~93 GiB "
-        "of system RAM."})}
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return loader.parse_dtype(dtype, device)
+        "tooltip": "Keep stream state in host memory between uses: same results, less VRAM, each mode keeping "
+        "more there than the one before (all = low VRAM). What each mode keeps where: OffloadPolicy in "
+        "infvsr_core/memory/policy.py; each mode's memory and speed: the README's speed table."})}
 
 
 class LoadInfVSRModel:
@@ -122,7 +106,7 @@ class LoadInfVSRModel:
                     "default": 0.0, "min": 0.0, "max": 4096.0, "step": 1.0,
                     "tooltip": "With state_offload: system RAM for the offloaded VAE histories (0 = no cap). Past "
                     "it they go to files in ComfyUI's temp folder, deleted as they are read back: same output, "
-                    "slower by the disk's time. Tiled 4K needs ~93 GiB otherwise."}),
+                    "slower by the disk's time (for 4K, whose histories outgrow most hosts' RAM)."}),
             },
         }
 
@@ -145,14 +129,14 @@ class LoadInfVSRModel:
         paths = {role: resolve_weight(role, name) for role, name in (("dit", dit), ("vae", vae), ("ram", ram),
                                                                         ("dape", dape))}
         device = comfy.compute_device()
-        torch_dtype = resolve_dtype(dtype, device)
-        offload = weights != "gpu" and device.type != "cpu"
+        torch_dtype = loader.parse_dtype(dtype, device)
+        idle_weights_on_cpu = weights != "gpu" and device.type != "cpu"
         if attention not in attention_module.ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; available: "
                              f"{', '.join(sorted(attention_module.ATTENTION_BACKENDS))}")
-        if not offload:
+        if not idle_weights_on_cpu:
             comfy.free_device_memory(sum(p.stat().st_size for p in paths.values()) * 2, device)
-        extra = {"offload": state_offload} if _STATE_OFFLOAD_MODES and state_offload != "none" else {}
+        extra = {"offload": state_offload} if state_offload != "none" else {}
         if host_memory_gib > 0:
             if not extra:
                 raise ValueError("host_memory_gib caps the offloaded state: set state_offload (histories, state or "
@@ -160,12 +144,13 @@ class LoadInfVSRModel:
             extra.update(spill_dir=comfy.temp_directory() / "infvsr-spill", host_memory_gib=host_memory_gib)
         pipe = loader.load_pipeline(
             dit=paths["dit"], vae=paths["vae"], ram=paths["ram"], dape=paths["dape"],
-            device="cpu" if offload else device, dtype=torch_dtype, vae_tiling=vae_tiling, vae_seams=vae_seams,
+            device="cpu" if idle_weights_on_cpu else device, dtype=torch_dtype, vae_tiling=vae_tiling,
+            vae_seams=vae_seams,
             **extra,
         )
         pipe.device = device  # inputs go to the compute device; weights follow in InfVSRModel.active()
         pipe.dit.attention_backend = attention
-        return (InfVSRModel(pipe, device, offload, paths, attention),)
+        return (InfVSRModel(pipe, device, idle_weights_on_cpu, paths, attention),)
 
 
 FRAME_CHOICES = ("first", "middle", "index")

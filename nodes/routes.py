@@ -29,8 +29,8 @@ def register_routes() -> None:
             body = await request.json()
         except ValueError:
             body = {}
-        session = str(body.get("session") or "")
-        if not session:
-            return web.json_response({"error": "give the stream's session name"}, status=400)
-        stopped = REGISTRY.request_stop(session)
-        return web.json_response({"session": session, "stopping": stopped})
+        stream_name = str(body.get("stream_name") or "")
+        if not stream_name:
+            return web.json_response({"error": "give the stream's name (stream_name)"}, status=400)
+        stopped = REGISTRY.request_stop(stream_name)
+        return web.json_response({"stream_name": stream_name, "stopping": stopped})

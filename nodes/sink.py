@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -23,32 +22,12 @@ import torch.nn.functional as F
 
 from . import audio as audio_io
 from . import comfy
-from ._core import BackgroundWriter, VideoWriter, video_io
+from ._core import FORMATS, BackgroundWriter, VideoWriter, unfinished_outputs
 from .common import FILE_FORMAT_TOOLTIP
 from .paths import next_output_path
 from .shutdown import OPEN_OUTPUTS
 
 log = logging.getLogger("infvsr")
-
-
-@dataclass(frozen=True)
-class OutputFormat:
-    codec: str
-    extension: str  # "" for an image-sequence folder
-    mime: str
-    prores_profile: str = "hq"
-    uses_crf: bool = False
-    browser_playable: bool = False
-
-
-FORMATS: dict[str, OutputFormat] = {
-    "h264-mp4": OutputFormat("h264", "mp4", "video/mp4", uses_crf=True, browser_playable=True),
-    "h265-mp4": OutputFormat("h265", "mp4", "video/mp4", uses_crf=True),
-    "prores-422hq-mov": OutputFormat("prores", "mov", "video/quicktime", prores_profile="hq"),
-    "prores-4444-mov": OutputFormat("prores", "mov", "video/quicktime", prores_profile="4444"),
-    "ffv1-mkv": OutputFormat("ffv1", "mkv", "video/x-matroska"),
-    "png-sequence": OutputFormat("png", "", "image/png"),
-}
 
 
 def output_inputs() -> dict[str, tuple]:
@@ -83,7 +62,7 @@ def free_output_path(output_dir: Path, prefix: str, extension: str) -> tuple[Pat
     """
     path, subfolder, filename = next_output_path(output_dir, prefix, extension)
     suffix = f".{extension}" if extension else ""
-    while video_io.unfinished_outputs(path):
+    while unfinished_outputs(path):
         match = re.fullmatch(r"(?P<stem>.+)_(?P<n>\d+)", filename[: len(filename) - len(suffix)])
         if match is None:  # not a name next_output_path makes: nothing to count up
             break
@@ -134,15 +113,10 @@ class VideoSink:
         audio_from, audio_start = None, 0.0
         if audio is not None and self.format.codec != "png":
             source = audio_io.audio_source(audio)
-            container = "mp4" if self.format.extension == "mp4" else self.format.extension
-            if source is not None:
+            if source is not None:  # the writer copies its audio, or re-encodes what the container cannot hold
                 audio_from, audio_start = source["path"], float(source.get("start") or 0.0)
-                codec = audio_io.source_audio_codec(Path(audio_from))
-                if container == "mp4" and codec not in audio_io.MP4_AUDIO_CODECS:
-                    self._temp_audio = audio_io.transcode_to_m4a(Path(audio_from), comfy.temp_directory())
-                    audio_from = str(self._temp_audio)
             else:
-                self._temp_audio = audio_io.write_audio_file(audio, comfy.temp_directory(), container)
+                self._temp_audio = audio_io.write_audio_file(audio, comfy.temp_directory(), self.format.container)
                 audio_from = str(self._temp_audio)
         self.has_audio = audio_from is not None
         self.preview_name = f"infvsr_preview_{self.path.stem}_{id(self):x}.png"
@@ -173,12 +147,12 @@ class VideoSink:
     def frames_written(self) -> int:
         return self.writer.frames_written
 
-    def write(self, frames: torch.Tensor) -> None:
-        """Append (T, H, W, 3) frames in [0, 1]; T may be 0."""
+    def write(self, frames: torch.Tensor, timestamps: list[float] | None = None) -> None:
+        """Append (T, H, W, 3) frames in [0, 1]; T may be 0. `timestamps` (seconds) keep a variable frame rate."""
         if frames.shape[0] == 0:
             return
         with self._lock:
-            self.writer.write(frames)
+            self.writer.write(frames, timestamps=timestamps)
         self._last_frame = frames[-1].detach().cpu()
         self._write_preview()
 

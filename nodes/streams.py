@@ -1,6 +1,6 @@
 """Streams that span queue runs: one chunk of a video per run, state kept server-side.
 
-A stream is opened by the InfVSRVideoStream node under a session name. The
+A stream is opened by the InfVSRVideoStream node under a stream name. The
 registry keeps what must survive between runs: the open reader (and the next
 chunk, read ahead so the last run is known), each chunk node's core session
 (the cache) and each combine node's open writer. While a chunk is not the
@@ -37,7 +37,7 @@ import torch
 
 from . import audio as audio_io
 from . import comfy
-from ._core import VideoReader
+from ._core import VideoReader, frames_to_read
 from .sink import VideoSink
 from .types import StreamCache
 
@@ -148,7 +148,7 @@ class StreamHandle:
     """INFVSR_STREAM: which stream and which chunk of it this run carries."""
 
     stream_id: str
-    session: str
+    stream_name: str
     chunk: int
     """1-based index of this run's chunk."""
     chunks: int | None
@@ -160,7 +160,7 @@ class StreamHandle:
 
 @dataclass(eq=False)
 class Stream:
-    session: str
+    stream_name: str
     stream_id: str
     loader_node: str
     source: Path
@@ -213,7 +213,7 @@ class Stream:
         if self.running and self.frames_total is not None and fps > 0:
             eta = max(0.0, (self.frames_total - done) / fps)
         return {
-            "session": self.session,
+            "stream_name": self.stream_name,
             "stream_id": self.stream_id,
             "node": self.loader_node,
             "state": self.state,
@@ -238,7 +238,7 @@ class StreamEnded(RuntimeError):
 
 
 class StreamRegistry:
-    """All streams of this server, by session name (one running stream per name)."""
+    """All streams of this server, by stream name (one running stream per name)."""
 
     def __init__(self, backend: QueueBackend | None = None) -> None:
         self.backend = backend or QueueBackend()
@@ -259,9 +259,9 @@ class StreamRegistry:
             raise TypeError(f"stream must come from an InfVSR Video Stream node, got {type(handle).__name__}")
         stream = self.by_id(handle.stream_id)
         if stream is None:
-            raise StreamEnded(f"InfVSR stream '{handle.session}' is gone (the server restarted or it was replaced)")
+            raise StreamEnded(f"InfVSR stream '{handle.stream_name}' is gone (the server restarted or it was replaced)")
         if not stream.running:
-            raise StreamEnded(f"InfVSR stream '{handle.session}' has already ended ({stream.state})")
+            raise StreamEnded(f"InfVSR stream '{handle.stream_name}' has already ended ({stream.state})")
         return stream
 
     def summary(self) -> list[dict[str, Any]]:
@@ -270,7 +270,7 @@ class StreamRegistry:
 
     # -- the loader's step ---------------------------------------------------------------------------
 
-    def begin_run(self, session: str, node_id: str, marker: str | None, open_stream: Any) -> Stream | None:
+    def begin_run(self, stream_name: str, node_id: str, marker: str | None, open_stream: Any) -> Stream | None:
         """The stream this run continues (marker) or a new one (`open_stream()`); None means: do nothing.
 
         A continuation whose stream has ended, or whose previous run failed or
@@ -292,11 +292,11 @@ class StreamRegistry:
                     return None
                 stream.continuation = None
             else:
-                old = self.streams.get(session)
+                old = self.streams.get(stream_name)
                 if old is not None and old.running:
-                    self.finish(old, "stopped", "replaced by a new run of the same session")
+                    self.finish(old, "stopped", "replaced by a new run of the same stream name")
                 stream = open_stream()
-                self.streams[session] = stream
+                self.streams[stream_name] = stream
             stream.last_prompt_id = self.backend.current_prompt_id()
             stream.loader_node = node_id
         self._ensure_watchdog()
@@ -315,7 +315,7 @@ class StreamRegistry:
                 raise
             if chunk is None:
                 self.finish(stream, "done", "the video has no more frames")
-                raise StreamEnded(f"InfVSR stream '{stream.session}': {stream.source.name} has no frames left")
+                raise StreamEnded(f"InfVSR stream '{stream.stream_name}': {stream.source.name} has no frames left")
             stream.chunk += 1
             stream.frames_read += len(chunk)
             is_last = stream.lookahead is None
@@ -370,7 +370,7 @@ class StreamRegistry:
             stream.continuation = None
             stream.state, stream.message = state, message
             stream.ended = time.monotonic()
-        log.info("InfVSR stream '%s' %s%s", stream.session, state, f": {message}" if message else "")
+        log.info("InfVSR stream '%s' %s%s", stream.stream_name, state, f": {message}" if message else "")
         self.notify(stream)
 
     def fail(self, stream: Stream, error: BaseException) -> None:
@@ -380,10 +380,10 @@ class StreamRegistry:
         else:
             self.finish(stream, "error", f"{type(error).__name__}: {error}")
 
-    def request_stop(self, session: str) -> bool:
+    def request_stop(self, stream_name: str) -> bool:
         """Stop after the chunk in progress (or now, if none is running)."""
         with self.lock:
-            stream = self.streams.get(session)
+            stream = self.streams.get(stream_name)
             if stream is None or not stream.running:
                 return False
             stream.stop_requested = True
@@ -445,7 +445,7 @@ class StreamRegistry:
 
 
 def open_stream(
-    session: str,
+    stream_name: str,
     node_id: str,
     source: Path,
     frames_per_run: int,
@@ -455,13 +455,9 @@ def open_stream(
     """A new stream over `source` (nothing decoded yet beyond the first frame for probing)."""
     reader = VideoReader(source, start=start_frame, max_frames=max_frames)
     info = reader.info
-    total = info.frame_count
-    if total is not None:
-        total = max(0, total - start_frame)
-        if max_frames is not None:
-            total = min(total, max_frames)
+    total = frames_to_read(info.frame_count, start_frame, max_frames)
     stream = Stream(
-        session=session,
+        stream_name=stream_name,
         stream_id=uuid.uuid4().hex[:16],
         loader_node=node_id,
         source=source,

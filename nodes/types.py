@@ -34,14 +34,17 @@ def _module_bytes(module: torch.nn.Module) -> int:
 class InfVSRModel:
     """A loaded pipeline plus where its weights live between runs.
 
-    With `offload` the networks sit on the CPU while no InfVSR node runs and
-    move to `device` for the duration of a node (`with model.active():`), so an
-    idle InfVSR graph leaves the GPU to the other models of the workflow.
+    With `idle_weights_on_cpu` (the loader's `weights` choice) the networks sit
+    on the CPU while no InfVSR node runs and move to `device` for the duration
+    of a node (`with model.active():`), so an idle InfVSR graph leaves the GPU
+    to the other models of the workflow. Not to be confused with the core's
+    offload policy (`pipeline.policy`), which moves stream state and weights
+    while a node runs.
     """
 
     pipeline: InfVSRPipeline
     device: torch.device
-    offload: bool
+    idle_weights_on_cpu: bool
     files: dict[str, Path]
     attention: str
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -52,11 +55,11 @@ class InfVSRModel:
         return self.pipeline.model_id
 
     def modules(self) -> list[torch.nn.Module]:
-        """The networks this handle moves; those the core's own offload keeps in host memory are the core's to move
-        (the DiT with "all", the visual guidance with "state" and "all")."""
-        mode = getattr(self.pipeline, "offload", "none")
-        dit = [] if mode == "all" else [self.pipeline.dit]
-        guidance = [] if mode in ("state", "all") else [self.pipeline.guidance]
+        """The networks this handle moves; those the core's offload policy keeps in host memory are the core's to
+        move (`OffloadPolicy.dit_weights_on_host`, `guidance_weights_on_host`)."""
+        policy = self.pipeline.policy
+        dit = [] if policy.dit_weights_on_host else [self.pipeline.dit]
+        guidance = [] if policy.guidance_weights_on_host else [self.pipeline.guidance]
         return [*dit, self.pipeline.vae.vae, *guidance]
 
     def weight_bytes(self) -> int:
@@ -68,9 +71,9 @@ class InfVSRModel:
 
     @contextmanager
     def active(self) -> Iterator[InfVSRPipeline]:
-        """The pipeline with its weights on the compute device; offloaded again afterwards if asked."""
+        """The pipeline with its weights on the compute device (back on the CPU after, with `idle_weights_on_cpu`)."""
         with self._lock:
-            if self.offload and self._depth == 0 and self.device.type != "cpu":
+            if self.idle_weights_on_cpu and self._depth == 0 and self.device.type != "cpu":
                 comfy.free_device_memory(int(self.weight_bytes() * 1.3), self.device)
                 self._move(self.device)
             self._depth += 1
@@ -78,15 +81,11 @@ class InfVSRModel:
                 yield self.pipeline
             finally:
                 self._depth -= 1
-                if self.offload and self._depth == 0 and self.device.type != "cpu":
+                if self.idle_weights_on_cpu and self._depth == 0 and self.device.type != "cpu":
                     # The DiT's CUDA graphs read the weights where they were: their buffers go with them.
                     self.pipeline.release_graphs()
                     self._move(torch.device("cpu"))
                     comfy.empty_cache()
-
-    def describe(self) -> str:
-        where = "offloaded to CPU when idle" if self.offload else f"kept on {self.device}"
-        return f"InfVSR {self.pipeline.dtype} on {self.device} ({where}), attention {self.attention}"
 
 
 @dataclass(frozen=True, eq=False)

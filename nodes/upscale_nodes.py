@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import comfy
-from ._core import InfVSRPipeline, VideoReader, scene_stream_class
+from ._core import Film, FilmProgress, InfVSRPipeline, VideoReader
 from .audio import SOURCE_KEY
 from .common import (
     check_guidance,
@@ -61,16 +60,6 @@ def advance(
     if outputs:
         return torch.cat(outputs)
     return pipe.empty_output(session, (int(frames.shape[1]), int(frames.shape[2])))
-
-
-def _keep_held(sink: VideoSink, collect: Callable[[], torch.Tensor]) -> None:
-    """Write the chunk a deferred push held back (it completed before the error or Cancel), if it can be had."""
-    try:
-        held = collect()
-        if held.shape[0]:
-            sink.write(held)
-    except Exception:  # noqa: BLE001 - the frames already written are kept whatever this fails on
-        pass
 
 
 def _compatible(cache: StreamCache, model: InfVSRModel, guidance: DAPEGuidance, scale: int) -> None:
@@ -196,6 +185,34 @@ class InfVSRChunkUpscale:
             return advance(pipe, cache, frames, final, on_chunk)
 
 
+class FileReport:
+    """The file node's progress: ComfyUI's bar and progress hooks (where Cancel is noticed) and the web event."""
+
+    def __init__(self, node: str, source_name: str, film: Film, read_frames: int) -> None:
+        self.node, self.source_name, self.film = node, source_name, film
+        self.chunks = chunk_count(film.frames_total, read_frames)
+        self.bar = comfy.ProgressBar(film.frames_total or 1)
+        self.last: FilmProgress | None = None
+
+    def progress(self, progress: FilmProgress) -> None:
+        self.last = progress
+        self.bar.update_absolute(progress.frames_done, progress.frames_total)
+        comfy.report_progress(comfy.Progress(self.node, progress.frames_done, progress.frames_total))
+        self.send()
+
+    def send(self, state: str = "running", message: str = "") -> None:
+        last, sink = self.last, self.film.writer
+        eta = last.eta if last is not None and state == "running" else None
+        comfy.send_event(EVENT, {
+            "kind": "file", "node": self.node, "stream_name": None, "state": state, "message": message,
+            "source": self.source_name, "chunk": last.chunks_done if last else 0, "chunks": self.chunks,
+            "frames_done": self.film.frames_written, "frames_total": self.film.frames_total,
+            "fps": round(last.fps, 3) if last else 0.0, "eta": None if eta is None else round(eta, 1),
+            "elapsed": round(last.seconds, 2) if last else 0.0,
+            "outputs": [sink.preview()] if sink is not None else [],
+        })
+
+
 class InfVSRUpscaleVideoFile:
     """Upscales a whole video file to a video file in one run, holding a few chunks at a time."""
 
@@ -261,76 +278,35 @@ class InfVSRUpscaleVideoFile:
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
         source = resolve_source(video, video_input)
-        scale, read_frames = int(scale), int(read_frames)
         node = str(unique_id) if unique_id is not None else "file"
-        reader = VideoReader(source, start=start_frame, max_frames=max_frames or None)
-        info = reader.info
-        total = info.frame_count
-        if total is not None:
-            total = max(0, total - start_frame)
-            total = min(total, max_frames) if max_frames else total
-        chunks = chunk_count(total, read_frames)
-        fps = float(info.fps)
-        sink: VideoSink | None = None
-        started = time.monotonic()
-        progress = {"chunk": 0, "frames_done": 0}
-        bar = comfy.ProgressBar(total or 1)
 
-        def report(state: str = "running", message: str = "") -> None:
-            elapsed = time.monotonic() - started
-            done = progress["frames_done"]
-            rate = done / elapsed if elapsed > 0.5 and done else 0.0
-            eta = (total - done) / rate if total is not None and rate > 0 and state == "running" else None
-            comfy.send_event(EVENT, {
-                "kind": "file", "node": node, "session": None, "state": state, "message": message,
-                "source": source.name, "chunk": progress["chunk"], "chunks": chunks,
-                "frames_done": done, "frames_total": total, "fps": round(rate, 3),
-                "eta": None if eta is None else round(eta, 1), "elapsed": round(elapsed, 2),
-                "outputs": [sink.preview()] if sink is not None else [],
-            })
+        def open_sink(first: Any) -> VideoSink:
+            audio = None
+            if keep_audio and reader.info.has_audio:
+                audio = {SOURCE_KEY: {"path": str(source), "start": first.pts_seconds[0]}}
+            return VideoSink(filename_prefix, format, float(reader.info.fps), crf, audio)
 
-        def write(out: torch.Tensor) -> None:
-            if out.shape[0] == 0:
-                return
-            assert sink is not None
-            sink.write(out)
-            progress["frames_done"] += int(out.shape[0])
-            bar.update_absolute(progress["frames_done"], total)
-            comfy.report_progress(comfy.Progress(node, progress["frames_done"], total, progress["chunk"], chunks))
-            report()
-
-        try:
-            with model.active() as pipe:
-                session = pipe.new_session(scale, prompt=guidance.prompt if guidance is not None else None)
-                # Without detection the scene stream is exactly the session's push/close (one scene).
-                driver = scene_stream_class()(pipe, session, detect_scenes=detect_scenes)
-                for chunk in reader.read_chunks(read_frames):
-                    progress["chunk"] += 1
-                    if sink is None:
-                        audio = None
-                        if keep_audio and info.has_audio:
-                            audio = {SOURCE_KEY: {"path": str(source), "start": chunk.pts_seconds[0]}}
-                        sink = VideoSink(filename_prefix, format, fps, crf, audio)
-                    frames = chunk.frames
-                    for begin in range(0, int(frames.shape[0]), 12):  # Cancel is honoured every core chunk
-                        piece = frames[begin : begin + 12]
-                        # Deferred: a chunk's frames come back while the next one computes (close() has the rest).
-                        write(driver.push(piece, defer=True))
-                    del frames, chunk
-                if sink is None:
-                    raise ValueError(f"{source.name} has no frames to upscale (start_frame {start_frame})")
-                write(driver.close())
-            path = sink.close()
-        except BaseException as e:
-            if sink is not None and not sink.closed:
-                _keep_held(sink, driver.collect)
-                sink.finalize_partial()
-            interrupted = isinstance(e, comfy.InterruptProcessingException)
-            report("interrupted" if interrupted else "error", "cancelled" if interrupted else str(e))
-            raise
-        finally:
-            reader.close()
-        report("done")
+        with VideoReader(source, start=start_frame, max_frames=max_frames or None) as reader, model.active() as pipe:
+            film = Film(
+                pipe,
+                reader,
+                open_sink,
+                scale=int(scale),
+                detect_scenes=detect_scenes,
+                prompt=guidance.prompt if guidance is not None else None,
+                read_frames=int(read_frames),
+            )
+            report = FileReport(node, source.name, film, int(read_frames))
+            film.on_progress = report.progress
+            try:
+                result = film.run()
+            except BaseException as e:
+                interrupted = isinstance(e, comfy.InterruptProcessingException)
+                report.send("interrupted" if interrupted else "error", "cancelled" if interrupted else str(e))
+                raise
+        report.send("done")
+        sink = film.writer
+        path = result.path
         return {
             "ui": {"infvsr_video": [sink.preview()]},
             "result": (str(path), comfy.video_from_file(path) if FORMATS[format].codec != "png" else None),

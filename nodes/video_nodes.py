@@ -88,7 +88,7 @@ class InfVSRVideoStream:
 
     DESCRIPTION = (
         "Each queue run outputs the next frames_per_run frames. The stream's state (open reader, chunk caches, "
-        "open writers) stays on the server under the session name, and the next run is queued automatically "
+        "open writers) stays on the server under the stream name, and the next run is queued automatically "
         "until the last chunk. Connect its stream output to InfVSR Chunk Upscale and InfVSR Video Combine."
     )
     CATEGORY = CATEGORY
@@ -104,7 +104,7 @@ class InfVSRVideoStream:
                 "frames_per_run": ("INT", {"default": 12, "min": 1, "max": 100000,
                                            "tooltip": "Frames per queue run. The run's upscaled frames are held in "
                                            "memory: at 4x from 1080p, each frame is ~100 MB."}),
-                "session": ("STRING", {"default": "infvsr",
+                "stream_name": ("STRING", {"default": "infvsr",
                                        "tooltip": "Name of the stream on the server (one running stream per name)."}),
             },
             "optional": {
@@ -127,7 +127,7 @@ class InfVSRVideoStream:
         self,
         video: str,
         frames_per_run: int = 12,
-        session: str = "infvsr",
+        stream_name: str = "infvsr",
         video_input: Any = None,
         start_frame: int = 0,
         max_frames: int = 0,
@@ -135,7 +135,7 @@ class InfVSRVideoStream:
         unique_id: str | None = None,
     ) -> Any:
         node = str(unique_id) if unique_id is not None else "stream"
-        session = session.strip() or "infvsr"
+        stream_name = stream_name.strip() or "infvsr"
         marker = None
         if isinstance(prompt, dict):
             marker = (prompt.get(node) or {}).get("inputs", {}).get(MARKER_KEY)
@@ -144,9 +144,9 @@ class InfVSRVideoStream:
 
         def new_stream() -> Any:
             source = resolve_source(video, video_input)
-            return open_stream(session, node, source, frames_per_run, start_frame, max_frames or None)
+            return open_stream(stream_name, node, source, frames_per_run, start_frame, max_frames or None)
 
-        stream = REGISTRY.begin_run(session, node, marker, new_stream)
+        stream = REGISTRY.begin_run(stream_name, node, marker, new_stream)
         if stream is None:  # a queued continuation of a stream that has ended: do nothing, quietly
             blocked = comfy.execution_blocker()
             return tuple(blocked for _ in self.RETURN_TYPES)
@@ -155,7 +155,7 @@ class InfVSRVideoStream:
         fps = stream.fps
         frames = chunk.frames
         handle = StreamHandle(
-            stream_id=stream.stream_id, session=session, chunk=stream.chunk, chunks=stream.chunks_total,
+            stream_id=stream.stream_id, stream_name=stream_name, chunk=stream.chunk, chunks=stream.chunks_total,
             first_frame=chunk.index, frames=len(chunk), is_last=is_last, fps=fps,
         )
         audio = chunk_audio(stream, stream.source, chunk.pts_seconds[0], len(chunk), fps)

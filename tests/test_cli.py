@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from infvsr_core import cli
-from infvsr_core.stream import SceneStream
+from infvsr_core.scene_stream import SceneStream
 from tests.conftest import make_clip
 
 
@@ -67,6 +67,13 @@ def test_offload_gives_the_same_file(small_clip, tiny_models, tmp_path):
         assert cli.main([*args, "--offload", mode, "--codec", "ffv1", "--quiet", "--no-audio"]) == 0
         outs.append(read(out)[0])
     assert len(outs[0]) == 24 and all((a == b).all() for a, b in zip(*outs, strict=True))
+
+
+def test_offload_choices_are_the_policys_modes():
+    """The parser names the modes without importing torch; they are the memory policy's, in its order."""
+    from infvsr_core.memory import OFFLOAD_MODES
+
+    assert cli.OFFLOAD_MODES == OFFLOAD_MODES
 
 
 def test_attention_option_selects_the_kernel(small_clip, tiny_models, tmp_path, monkeypatch, capsys):
@@ -225,7 +232,7 @@ def test_variable_frame_rate_timing_is_kept(tiny_models, tmp_path):
 def test_disk_full_leaves_nothing_under_the_final_name(small_clip, tiny_models, tmp_path, monkeypatch, capsys):
     import errno
 
-    from infvsr_core.video_io import VideoWriter
+    from infvsr_core.io import VideoWriter
 
     real_write, calls = VideoWriter.write, []
 

@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from infvsr_core import memory_plan
+from infvsr_core.memory import plan as memory_plan
 from tests.conftest import make_clip
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -64,7 +64,7 @@ def _http(url: str, data: dict | None = None, timeout: float = 30) -> tuple[int,
 
 
 def _write_input_video(path: Path, temp: Path) -> None:
-    from infvsr_core.video_io import VideoWriter
+    from infvsr_core.io import VideoWriter
     from nodes.audio import write_audio_file
     from tests.conftest import make_clip
 
@@ -178,7 +178,7 @@ def submit(server, workflow: dict, api: dict) -> str:
 
 
 def probe(path: Path) -> tuple[int, int, int, bool]:
-    from infvsr_core.video_io import VideoReader
+    from infvsr_core.io import VideoReader
 
     with VideoReader(path) as reader:
         count = sum(len(c) for c in reader.read_chunks(64))
@@ -231,12 +231,12 @@ def test_workflow_runs_through_the_http_api(server, object_info, name):
     if name == "infvsr_stream_4x":  # one queue press; the prompt re-queued itself until the video ended
         per_run = next(v["inputs"]["frames_per_run"] for v in api.values() if v["class_type"] == "InfVSRVideoStream")
         runs = [h for h in history.values() if any(n.get("class_type") == "InfVSRVideoStream"
-                                                   and n["inputs"].get("session") == "infvsr-stream"
+                                                   and n["inputs"].get("stream_name") == "infvsr-stream"
                                                    for n in h["prompt"][2].values())]
         assert len(runs) == math.ceil(FRAMES / per_run) > 1
         assert all(h["status"]["status_str"] == "success" for h in runs)
         _, streams = _http(server["url"] + "/infvsr/streams")
-        (stream,) = [s for s in streams["streams"] if s["session"] == "infvsr-stream"]
+        (stream,) = [s for s in streams["streams"] if s["stream_name"] == "infvsr-stream"]
         assert stream["state"] == "done" and stream["chunks"] == len(runs) and stream["frames_done"] == FRAMES
     combine = [n for n, v in api.items() if v["class_type"] in ("InfVSRVideoCombine", "InfVSRUpscaleVideoFile")]
     ui = history[first]["outputs"] if name != "infvsr_stream_4x" else {}
@@ -244,29 +244,29 @@ def test_workflow_runs_through_the_http_api(server, object_info, name):
         assert ui[node_id]["infvsr_video"][0]["finished"]
 
 
-def _start_small_stream(server, session: str, prefix: str) -> None:
+def _start_small_stream(server, stream_name: str, prefix: str) -> None:
     """The streaming workflow, 6 frames per run (10 runs), waiting until two runs wrote frames (9 of them)."""
     workflow = json.loads((ROOT / "workflows" / "infvsr_stream_4x.json").read_text())
     api = to_api(workflow)
     loader = next(n for n, v in api.items() if v["class_type"] == "InfVSRVideoStream")
     combine = next(n for n, v in api.items() if v["class_type"] == "InfVSRVideoCombine")
-    api[loader]["inputs"].update(frames_per_run=6, session=session)
+    api[loader]["inputs"].update(frames_per_run=6, stream_name=stream_name)
     api[combine]["inputs"]["filename_prefix"] = prefix
     submit(server, workflow, api)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         _, streams = _http(server["url"] + "/infvsr/streams")
-        mine = [s for s in streams["streams"] if s["session"] == session]
+        mine = [s for s in streams["streams"] if s["stream_name"] == stream_name]
         if mine and mine[0]["chunk"] >= 3:
             return
         time.sleep(0.05)
-    pytest.fail(f"stream {session} did not start")
+    pytest.fail(f"stream {stream_name} did not start")
 
 
-def _check_ended_stream(server, session: str, prefix: str, early_state: str) -> None:
+def _check_ended_stream(server, stream_name: str, prefix: str, early_state: str) -> None:
     wait_idle(server)
     _, streams = _http(server["url"] + "/infvsr/streams")
-    (stream,) = [s for s in streams["streams"] if s["session"] == session]
+    (stream,) = [s for s in streams["streams"] if s["stream_name"] == stream_name]
     assert stream["state"] in (early_state, "done"), stream  # "done" only if the last chunk won the race
     (output,) = (server["run"] / "output").glob(prefix + "_*.mp4")
     count, width, height, audio = probe(output)
@@ -279,8 +279,8 @@ def _check_ended_stream(server, session: str, prefix: str, early_state: str) -> 
 
 def test_stream_stop_leaves_a_playable_file(server):
     _start_small_stream(server, "stop-test", "InfVSR/stopped")
-    status, reply = _http(server["url"] + "/infvsr/streams/stop", {"session": "stop-test"})
-    assert status == 200 and reply["session"] == "stop-test"
+    status, reply = _http(server["url"] + "/infvsr/streams/stop", {"stream_name": "stop-test"})
+    assert status == 200 and reply["stream_name"] == "stop-test"
     _check_ended_stream(server, "stop-test", "InfVSR/stopped", "stopped")
 
 

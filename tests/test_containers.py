@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from infvsr_core.video_io import VideoReader
+from infvsr_core.io import VideoReader
 from tests.conftest import make_clip
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResample
 
-import infvsr_core.fast_vae as fast_vae_module
-from infvsr_core.fast_vae import _Cursor as Cursor
-from infvsr_core.fast_vae import fast_decoder, fast_encoder, prepare_channels_last
+import infvsr_core.vae.fast_blocks as blocks_module
+import infvsr_core.vae.fast_forward as forward_module
 from infvsr_core.kernels.norm_silu import rms_norm_rows, rms_norm_rows_reference
-from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict
+from infvsr_core.vae import TINY_VAE_BASE_DIM, FastForwardOptions, StreamingVAE, build_vae, random_vae_state_dict
+from infvsr_core.vae.fast_blocks import Cursor
+from infvsr_core.vae.fast_forward import fast_decoder, fast_encoder, prepare_channels_last
 
 from .conftest import smooth_vae_clip
 
@@ -43,8 +44,8 @@ def test_encoder_and_decoder_match_diffusers_call_by_call(vae, clip, pad_rgb, mo
     full-resolution resblocks' convs with padded outputs (the tiny VAE's 8 as 16, as 96 is computed as 128),
     read back as channel slices by the norm and the bias + residual pass.
     """
-    monkeypatch.setattr(fast_vae_module, "PAD_OFF_CUDA", pad_rgb)
-    monkeypatch.setattr(fast_vae_module, "PADDED_OUT", {TINY_VAE_BASE_DIM: 2 * TINY_VAE_BASE_DIM})
+    options = FastForwardOptions(pad_off_cuda=pad_rgb)
+    monkeypatch.setattr(blocks_module, "PADDED_OUT", {TINY_VAE_BASE_DIM: 2 * TINY_VAE_BASE_DIM})
     fast_vae = copy.deepcopy(vae)
     prepare_channels_last(fast_vae)
     n_enc = len(StreamingVAE(vae).new_history().encoder_cache)
@@ -53,7 +54,7 @@ def test_encoder_and_decoder_match_diffusers_call_by_call(vae, clip, pad_rgb, mo
     for start, stop in ((0, 1), (1, 5), (5, 9), (9, 13)):
         piece = clip[:, :, start:stop]
         ref = vae.encoder(piece, feat_cache=plain_cache, feat_idx=[0])
-        out = fast_encoder(fast_vae, piece, fast_cache)
+        out = fast_encoder(fast_vae, piece, fast_cache, options=options)
         assert out.shape == ref.shape and max_err(out, ref) < TOL
         latents.append(ref)
         for a, b in zip(fast_cache, plain_cache, strict=True):
@@ -65,7 +66,7 @@ def test_encoder_and_decoder_match_diffusers_call_by_call(vae, clip, pad_rgb, mo
     plain_cache, fast_cache = [None] * n_dec, [None] * n_dec
     for i in range(z.shape[2]):
         ref = vae.decoder(z[:, :, i : i + 1], feat_cache=plain_cache, feat_idx=[0], first_chunk=i == 0)
-        out = fast_decoder(fast_vae, z[:, :, i : i + 1], fast_cache)
+        out = fast_decoder(fast_vae, z[:, :, i : i + 1], fast_cache, options=options)
         assert out.shape == ref.shape and max_err(out, ref) < TOL
         for a, b in zip(fast_cache, plain_cache, strict=True):
             assert (a == b) if isinstance(b, str) else (a is None and b is None) or max_err(a, b) < TOL
@@ -86,7 +87,7 @@ def test_streaming_vae_fast_flag(vae, clip):
 
 
 def test_fast_is_off_on_cpu_by_default(vae):
-    assert not StreamingVAE(vae)._use_fast(torch.device("cpu"))
+    assert not StreamingVAE(vae)._plan(torch.device("cpu"), 0, tiled=False).fast
 
 
 @pytest.mark.parametrize("silu", [True, False])
@@ -127,7 +128,7 @@ def test_subpixel_upsampler_matches_nearest_then_conv(size, bias):
     x = torch.randn(3, 6, *size, generator=gen).contiguous(memory_format=torch.channels_last)
     up = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest-exact")
     ref = torch.nn.functional.conv2d(up, conv.weight, conv.bias, padding=1)
-    out = fast_vae_module._subpixel_conv(conv, x)
+    out = blocks_module._subpixel_conv(conv, x)
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
     assert max_err(out, ref) < 1e-5
 
@@ -142,7 +143,7 @@ def test_subpixel_upsampler_bfloat16():
     x = torch.randn(2, 8, 5, 7, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     up = torch.nn.functional.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact")
     ref = torch.nn.functional.conv2d(up, conv.weight.float(), conv.bias.float(), padding=1)
-    out = fast_vae_module._subpixel_conv(conv, x)
+    out = blocks_module._subpixel_conv(conv, x)
     assert out.dtype == torch.bfloat16 and max_err(out.float(), ref) < 2e-2
 
 
@@ -154,13 +155,14 @@ def test_upsample_layer_matches_diffusers(mode, kernel):
     if kernel != 3:
         layer.resample[1] = torch.nn.Conv2d(6, 3, kernel, padding=kernel // 2)
     _randomized(layer, seed=kernel)
-    assert fast_vae_module._is_subpixel(layer.resample[1]) == (kernel == 3)
+    assert blocks_module._is_subpixel(layer.resample[1]) == (kernel == 3)
     gen = torch.Generator().manual_seed(2)
     plain_cache, fast_cache = [None], [None]
     for frames in (1, 2, 1):
         x = torch.randn(1, 6, frames, 5, 7, generator=gen)
         ref = layer(x, feat_cache=plain_cache, feat_idx=[0])
-        out = fast_vae_module._upsample(layer, x.contiguous(memory_format=torch.channels_last_3d), Cursor(fast_cache))
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        out = blocks_module.upsample(layer, x, Cursor(fast_cache), FastForwardOptions())
         assert out.shape == ref.shape and max_err(out, ref) < TOL
         assert type(fast_cache[0]) is type(plain_cache[0])
 
@@ -173,14 +175,14 @@ def test_blocked_attention_matches_one_block_and_diffusers(monkeypatch):
     x = torch.randn(1, channels, frames, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
         ref = block(x)
-        assert fast_vae_module._attention_blocks(frames, tokens) == (frames, tokens)
-        whole = fast_vae_module._attention(block, x.clone())
+        assert blocks_module._attention_blocks(frames, tokens) == (frames, tokens)
+        whole = blocks_module.attention(block, x.clone(), FastForwardOptions())
         assert max_err(whole, ref) < TOL
         for budget in (4 * tokens * 8, 4 * tokens * tokens * 2):
-            monkeypatch.setattr(fast_vae_module, "ATTENTION_SCORE_BYTES", budget)
-            n_frames, rows = fast_vae_module._attention_blocks(frames, tokens)
+            monkeypatch.setattr(blocks_module, "ATTENTION_SCORE_BYTES", budget)
+            n_frames, rows = blocks_module._attention_blocks(frames, tokens)
             assert n_frames < frames or rows < tokens  # more than one block
-            blocked = fast_vae_module._attention(block, x.clone())
+            blocked = blocks_module.attention(block, x.clone(), FastForwardOptions())
             assert max_err(blocked, whole) < 1e-6 and max_err(blocked, ref) < TOL
 
 
@@ -190,40 +192,41 @@ def test_full_res_pieces_equal_one_call(vae, clip, pieces, pad_rgb, monkeypatch)
 
     Call sizes include a first call of 3 frames (no history yet) and odd piece counts.
     """
-    monkeypatch.setattr(fast_vae_module, "PAD_OFF_CUDA", pad_rgb)
+    options = FastForwardOptions(pad_off_cuda=pad_rgb)
     fast_vae = copy.deepcopy(vae)
     prepare_channels_last(fast_vae)
     history = StreamingVAE(vae).new_history()
     seen: list[int] = []
-    rgb_in, causal = fast_vae_module._rgb_in, fast_vae_module._causal
+    rgb_in, causal = forward_module.rgb_in_conv, forward_module.causal_conv
 
-    def spy_in(conv, x, cursor):
+    def spy_in(conv, x, cursor, options):
         seen.append(x.shape[2])
-        return rgb_in(conv, x, cursor)
+        return rgb_in(conv, x, cursor, options)
 
-    def spy_out(conv, x, cursor, norm):
+    def spy_out(conv, x, cursor, norm, options):
         if conv is fast_vae.decoder.conv_out:  # the RGB head, at full resolution
             seen.append(x.shape[2])
-        return causal(conv, x, cursor, norm)
+        return causal(conv, x, cursor, norm, options)
 
     upsampled: list[int] = []  # frames per call of the decoder's spatial-only upsampler
-    upsample = fast_vae_module._upsample
+    upsample = forward_module.upsample
 
-    def spy_up(layer, x, cursor):
+    def spy_up(layer, x, cursor, options):
         if layer.mode == "upsample2d":
             upsampled.append(x.shape[2])
-        return upsample(layer, x, cursor)
+        return upsample(layer, x, cursor, options)
 
-    monkeypatch.setattr(fast_vae_module, "_rgb_in", spy_in)
-    monkeypatch.setattr(fast_vae_module, "_causal", spy_out)
-    monkeypatch.setattr(fast_vae_module, "_upsample", spy_up)
+    monkeypatch.setattr(forward_module, "rgb_in_conv", spy_in)
+    monkeypatch.setattr(forward_module, "causal_conv", spy_out)
+    monkeypatch.setattr(forward_module, "upsample", spy_up)
 
     def run(frames: int | None) -> tuple[list[torch.Tensor], list, list]:
         enc_cache, dec_cache = [None] * len(history.encoder_cache), [None] * len(history.decoder_cache)
-        outs = [fast_encoder(fast_vae, clip[:, :, a:b], enc_cache, frames) for a, b in ((0, 3), (3, 8), (8, 13))]
+        spans = ((0, 3), (3, 8), (8, 13))
+        outs = [fast_encoder(fast_vae, clip[:, :, a:b], enc_cache, frames, options) for a, b in spans]
         z = fast_vae.post_quant_conv(fast_vae.quant_conv(torch.cat(outs, 2))[:, :16])
         spans = ((0, 1), (1, 2), (2, z.shape[2]))
-        outs += [fast_decoder(fast_vae, z[:, :, a:b], dec_cache, frames) for a, b in spans]
+        outs += [fast_decoder(fast_vae, z[:, :, a:b], dec_cache, frames, options) for a, b in spans]
         return outs, enc_cache, dec_cache
 
     whole = run(None)
@@ -263,14 +266,14 @@ def test_norm_and_bias_passes_read_channel_slices():
 
     y = torch.randn(1, 16, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)[:, :12]
     h = torch.randn(1, 12, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
-    x = fast_vae_module._add_bias(y, bias, h)
+    x = blocks_module._add_bias(y, bias, h)
     assert x.is_contiguous(memory_format=torch.channels_last_3d) and x.shape == y.shape
     assert torch.allclose(x, y + bias.view(1, -1, 1, 1, 1) + h, atol=1e-6)
 
 
 def test_attention_scores_are_float32_products():
     """Half-precision q, k: the scores are the float32 products (never rounded to bf16 before the softmax)."""
-    from infvsr_core.fast_vae import _scores
+    from infvsr_core.vae.fast_blocks import _scores
 
     gen = torch.Generator().manual_seed(0)
     q = (8 * torch.randn(3, 7, 16, generator=gen)).to(torch.bfloat16)
@@ -286,21 +289,21 @@ def test_attention_scores_are_float32_products():
 @pytest.fixture
 def vae_calls(monkeypatch) -> list[tuple[str, int]]:
     """(encoder or decoder, input frames) of every fast-forward call StreamingVAE makes, in order."""
-    import infvsr_core.vae as vae_module
+    import infvsr_core.vae.stream as stream_module
 
     calls: list[tuple[str, int]] = []
-    enc, dec = vae_module.fast_encoder, vae_module.fast_decoder
+    enc, dec = stream_module.fast_encoder, stream_module.fast_decoder
 
-    def spy_enc(v, x, cache, pieces=None):
+    def spy_enc(v, x, cache, pieces=None, options=FastForwardOptions()):
         calls.append(("enc", x.shape[2]))
-        return enc(v, x, cache, pieces)
+        return enc(v, x, cache, pieces, options)
 
-    def spy_dec(v, x, cache, pieces=None):
+    def spy_dec(v, x, cache, pieces=None, options=FastForwardOptions()):
         calls.append(("dec", x.shape[2]))
-        return dec(v, x, cache, pieces)
+        return dec(v, x, cache, pieces, options)
 
-    monkeypatch.setattr(vae_module, "fast_encoder", spy_enc)
-    monkeypatch.setattr(vae_module, "fast_decoder", spy_dec)
+    monkeypatch.setattr(stream_module, "fast_encoder", spy_enc)
+    monkeypatch.setattr(stream_module, "fast_decoder", spy_dec)
     return calls
 
 
@@ -386,7 +389,7 @@ def test_new_cache_entry_reuses_an_uploaded_entry_only(vae, use_norm):
     entries = {}
     for label, cache in (("resident", [past]), ("upload", ArrivingCache([past]))):
         cursor = Cursor(cache)
-        full = fast_vae_module._stage(conv, x, cursor, norm)
+        full = blocks_module._stage(conv, x, cursor, norm)
         assert torch.equal(full[:, :, :2], kept)  # the old entry was read before being overwritten
         entries[label] = (cache[0], full[:, :, -2:].clone())
         if label == "resident":
@@ -397,7 +400,7 @@ def test_new_cache_entry_reuses_an_uploaded_entry_only(vae, use_norm):
 
     upload = ArrivingCache([past])
     fork = copy_cache(upload)
-    fast_vae_module._stage(conv, x, Cursor(upload), norm)
+    blocks_module._stage(conv, x, Cursor(upload), norm)
     assert upload[0] is not past and fork[0] is past and torch.equal(past, entries["upload"][1])
     for new, tail in entries.values():
         assert torch.equal(new, tail)

@@ -160,7 +160,7 @@ def test_failed_capture_falls_back_to_the_loop() -> None:
 
 def test_cache_still_arriving_runs_the_loop() -> None:
     """A cache being uploaded (ArrivingCache: offloading just switched off) is not copied into a graph unwaited."""
-    from infvsr_core.offload import ArrivingCache
+    from infvsr_core.memory import ArrivingCache
 
     recorder = Recorder()
     graphed, plain = _model(recorder), _model(None)

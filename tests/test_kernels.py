@@ -166,8 +166,8 @@ def test_bias_add_rows_into_a_bordered_buffer(dtype):
 def test_mid_attention_matches_a_float64_softmax(dtype, frames, tokens, channels):
     """The VAE's single-head attention per frame: token counts off the kernel's blocks (37, 70, 33 against 32/64),
     channels in three slices with padding (16, 40) or none (48); the kernel where it runs, else the blocked GEMMs."""
-    from infvsr_core.fast_vae import _blocked_attention
     from infvsr_core.kernels.mid_attention import mid_attention, mid_attention_usable
+    from infvsr_core.vae.fast_blocks import _blocked_attention
 
     gen = torch.Generator().manual_seed(10)
     qkv = (2 * torch.randn(frames, tokens, 3 * channels, generator=gen)).to(dtype)

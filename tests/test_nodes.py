@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nodes
-from infvsr_core.video_io import VideoReader, VideoWriter
+from infvsr_core.io import VideoReader, VideoWriter
 from infvsr_core.weights import WeightFileError
 from nodes import comfy, streams
 from nodes.audio import SOURCE_KEY, write_audio_file
@@ -215,7 +215,7 @@ def test_classic_node_api(name):
 
 
 def test_model_node_loads_the_four_files(model, tiny_pipeline):
-    assert model.device.type == "cpu" and not model.offload and model.attention == "auto"
+    assert model.device.type == "cpu" and not model.idle_weights_on_cpu and model.attention == "auto"
     assert model.model_id == tiny_pipeline.model_id  # the same files and dtype: the same model identity
     choices = nodes.LoadInfVSRModel.INPUT_TYPES()["required"]
     assert choices["dit"][0][0] == "InfVSR.ckpt" and choices["vae"][0][0] == "Wan2.1_VAE.pth"

@@ -12,7 +12,7 @@ import torch
 
 from infvsr_core.loader import load_pipeline
 from infvsr_core.offload import ArrivingCache, HostCache, HostOffload, PinnedPool, WindowedUpload, copy_cache
-from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict
+from infvsr_core.vae import TINY_VAE_BASE_DIM, CallPlan, StreamingVAE, build_vae, random_vae_state_dict
 
 from .conftest import make_clip, smooth_vae_clip
 
@@ -181,25 +181,31 @@ def test_full_resolution_pieces_follow_the_offload(vae):
     """'auto': 4-frame pieces (diffusers' call size) under whole-chunk calls when the histories stay resident,
     whole calls without them, 2-frame pieces when offloading (memory); tiles: whole-chunk calls unless lean, in
     4-frame pieces when offloading, unsplit otherwise."""
-    from infvsr_core.fast_vae import FULL_RES_FRAMES
-    from infvsr_core.vae import WHOLE_CHUNK_PIXELS
+    from infvsr_core.vae import FULL_RES_FRAMES, WHOLE_CHUNK_PIXELS
+
+    def plan(sv: StreamingVAE, pixels: int = 0, tiled: bool = False):
+        return sv._plan(torch.device("cuda"), pixels, tiled)  # the fast forward's choices (CUDA's default)
 
     tile = 1024 * 1024  # a release tile: larger than WHOLE_CHUNK_PIXELS
-    assert StreamingVAE(vae)._pieces() == 4
-    assert StreamingVAE(vae)._pieces(WHOLE_CHUNK_PIXELS + 1) is None  # large frames: diffusers' calls, unsplit
-    assert StreamingVAE(vae, whole_chunks=True)._pieces(WHOLE_CHUNK_PIXELS + 1) == 4
-    assert StreamingVAE(vae, whole_chunks=False)._pieces() is None
-    assert StreamingVAE(vae, history_device="cpu")._pieces() == FULL_RES_FRAMES
-    assert StreamingVAE(vae, history_device="cpu", piece_frames=None)._pieces() is None
-    assert StreamingVAE(vae, piece_frames=1)._pieces() == 1
+    assert plan(StreamingVAE(vae)).piece_frames == 4
+    assert plan(StreamingVAE(vae), WHOLE_CHUNK_PIXELS + 1).piece_frames is None  # large frames: diffusers' calls
+    assert plan(StreamingVAE(vae, whole_chunks=True), WHOLE_CHUNK_PIXELS + 1).piece_frames == 4
+    assert plan(StreamingVAE(vae, whole_chunks=False)).piece_frames is None
+    assert plan(StreamingVAE(vae, history_device="cpu")).piece_frames == FULL_RES_FRAMES
+    assert plan(StreamingVAE(vae, history_device="cpu", piece_frames=None)).piece_frames is None
+    assert plan(StreamingVAE(vae, piece_frames=1)).piece_frames == 1
     # Tiles.
-    assert StreamingVAE(vae)._whole(tile, tiled=True) and StreamingVAE(vae)._pieces(tile, tiled=True) is None
+    resident = plan(StreamingVAE(vae), tile, tiled=True)
+    assert resident.whole_chunks and resident.piece_frames is None
     offloaded = StreamingVAE(vae, history_device="cpu")
-    assert offloaded._whole(tile, tiled=True) and offloaded._pieces(tile, tiled=True) == 4
-    assert not offloaded._whole(tile) and offloaded._pieces(tile) == FULL_RES_FRAMES  # untiled: as before
-    lean = StreamingVAE(vae, history_device="cpu", lean=True)
-    assert not lean._whole(tile, tiled=True) and lean._pieces(tile, tiled=True) == FULL_RES_FRAMES
-    assert not StreamingVAE(vae, whole_chunks=False)._whole(tile, tiled=True)
+    assert plan(offloaded, tile, tiled=True).whole_chunks and plan(offloaded, tile, tiled=True).piece_frames == 4
+    untiled = plan(offloaded, tile)
+    assert not untiled.whole_chunks and untiled.piece_frames == FULL_RES_FRAMES  # untiled: as before
+    lean = plan(StreamingVAE(vae, history_device="cpu", lean=True), tile, tiled=True)
+    assert not lean.whole_chunks and lean.piece_frames == FULL_RES_FRAMES
+    assert not plan(StreamingVAE(vae, whole_chunks=False), tile, tiled=True).whole_chunks
+    # Diffusers' forward (the CPU's default) keeps its own calls.
+    assert plan(StreamingVAE(vae, fast=False)) == CallPlan(fast=False, whole_chunks=False, piece_frames=None)
 
 
 def test_pipeline_offload_modes_set_the_vae_calls(tiny_pipeline):

@@ -123,11 +123,48 @@ def test_a_failed_chunk_keeps_the_held_one_for_collect(tiny_pipeline, clip, one_
     assert torch.equal(tiny_pipeline.collect(session), one_shot[:9])
 
 
+def test_stage_hook_wraps_every_stage_in_order_and_changes_nothing(tiny_pipeline, clip, one_shot):
+    """The public measurement hook (bench/): each chunk's stages run inside it, by name, in `STAGES` order
+    ("prompt" where a reference frame is taken); the frames are the same with it."""
+    from contextlib import contextmanager
+
+    from infvsr_core.pipeline import STAGES
+
+    seen = []
+
+    @contextmanager
+    def hook(name):
+        seen.append(("enter", name))
+        yield
+        seen.append(("exit", name))
+
+    tiny_pipeline.stage_hook = hook
+    try:
+        out = tiny_pipeline.upscale(clip[:21], scale=4)
+    finally:
+        tiny_pipeline.stage_hook = None
+    assert torch.equal(out, one_shot[:21])
+    names = [name for kind, name in seen if kind == "enter"]
+    assert names == list(STAGES) + [s for s in STAGES if s != "prompt"]  # two chunks, one reference frame
+    assert seen[::2] == [("enter", n) for n in names] and seen[1::2] == [("exit", n) for n in names]
+
+
+def test_dit_step_is_the_pipelines_dit_stage(tiny_pipeline, clip):
+    """`dit_step` (public for measurements) gives what a push computes: the release loop's DiT call."""
+    prompt = tiny_pipeline.extract_prompt(clip[0])
+    video, _ = prepare_chunk(clip[:9], 4, True, device="cpu", dtype=torch.float32)
+    latents = tiny_pipeline.vae.encode_chunk(video, tiny_pipeline.vae.new_history())
+    prediction, cache = tiny_pipeline.dit_step(latents, prompt, 0, None)
+    expected, expected_cache = tiny_pipeline.dit(latents, prompt, torch.full((1,), TIMESTEP), time_offset=0)
+    assert torch.equal(prediction, expected) and cache.latent_frames == expected_cache.latent_frames
+    assert all(torch.equal(a, b) for a, b in zip(cache.keys, expected_cache.keys, strict=True))
+
+
 def test_one_push_of_many_chunks_waits_each_chunk_after_queueing_the_next(tiny_pipeline, clip, monkeypatch):
     """A chunk's frames are waited for only once the next chunk is queued (the device then has work meanwhile)."""
-    from infvsr_core.offload import PendingFetch
+    from infvsr_core.memory import PendingFetch
 
-    events, real_run, real_wait = [], type(tiny_pipeline)._run_chunk, PendingFetch.wait
+    events, real_run, real_wait = [], type(tiny_pipeline)._run_chunk_stages, PendingFetch.wait
 
     def run(self, session, frames):
         events.append(f"run {session.frames_out}")
@@ -139,7 +176,7 @@ def test_one_push_of_many_chunks_waits_each_chunk_after_queueing_the_next(tiny_p
         self._seen = True
         return real_wait(self)
 
-    monkeypatch.setattr(type(tiny_pipeline), "_run_chunk", run)
+    monkeypatch.setattr(type(tiny_pipeline), "_run_chunk_stages", run)
     monkeypatch.setattr(PendingFetch, "wait", wait)
     session = tiny_pipeline.new_session()
     tiny_pipeline.push(session, clip[:33])
@@ -385,7 +422,7 @@ def test_reference_frames_are_checked(tiny_pipeline, clip):
 
 
 def test_scene_stream_refuses_bad_frames(tiny_pipeline, clip):
-    from infvsr_core.stream import SceneStream
+    from infvsr_core.scene_stream import SceneStream
 
     stream = SceneStream(tiny_pipeline, scale=2, detect_scenes=False)
     with pytest.raises(ValueError, match="looks like 0-255 values"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from infvsr_core.io import VideoReader
 from infvsr_core.scenes import ContentDetector, frame_score, reference_changed, rgb_to_hsv_opencv
-from infvsr_core.video_io import VideoReader
 
 scenedetect = pytest.importorskip("scenedetect")
 cv2 = pytest.importorskip("cv2")

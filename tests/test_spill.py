@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from infvsr_core.offload import HostCache, SpilledCache
-from infvsr_core.spill import SpillError
+from infvsr_core.errors import SpillError
+from infvsr_core.memory import HostCache, SpilledCache
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict
 
 from .conftest import smooth_vae_clip

@@ -289,13 +289,13 @@ def test_tiled_streaming_matches_per_tile_reference(vae, size, stride, margin, c
 @pytest.mark.parametrize(("size", "stride", "margin"), [(128, 110, 0), (128, 96, 8), (128, 80, 16), (9, 4, 2)])
 def test_blend_weights_cover_every_pixel(size, stride, margin):
     """Weights sum above zero everywhere (1080p, 4K and odd tiny frames); the margin's pixels weigh 0."""
-    from infvsr_core.vae import _tile_weights
+    from infvsr_core.vae.tiles import tile_weights
 
     for frame in ((135, 240), (270, 480), (17, 23)):
         total = torch.zeros(frame)
         for region in tile_regions(*frame, size, stride):
             top, bottom, left, right = region
-            weights = _tile_weights(region, frame, size - stride, 1, torch.device("cpu"), margin)[0, 0, 0]
+            weights = tile_weights(region, frame, size - stride, 1, torch.device("cpu"), margin)[0, 0, 0]
             assert torch.equal(weights, _reference_weights(region, frame, size - stride, 1, margin))
             if margin and left > 0:
                 assert not weights[:, :margin].any()

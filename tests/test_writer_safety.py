@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from infvsr_core.video_io import VideoError, VideoReader, VideoWriter, unfinished_outputs
+from infvsr_core.io import VideoError, VideoReader, VideoWriter, unfinished_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
-LOGGER = "infvsr_core.video_io"
+LOGGER = "infvsr_core.io.outputs"  # the stale temporaries are removed there
 
 
 def frames_of(seed: int, count: int, height: int = 48, width: int = 64) -> torch.Tensor:
@@ -122,7 +122,7 @@ CHILD_WRITER = """
 import sys, time
 from pathlib import Path
 import torch
-from infvsr_core.video_io import VideoError, VideoWriter
+from infvsr_core.io import VideoError, VideoWriter
 
 out, seed, count, overwrite, ready, go = sys.argv[1:]
 writer = VideoWriter(out, 25, codec="ffv1", overwrite=overwrite == "1")
@@ -279,7 +279,7 @@ def test_stale_temporaries_of_killed_runs_are_removed_and_live_ones_kept(
 CHILD_FULL_DISK = """
 import resource, signal, sys
 import torch
-from infvsr_core.video_io import BackgroundWriter, VideoError, VideoWriter
+from infvsr_core.io import BackgroundWriter, VideoError, VideoWriter
 
 mode, out, limit, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 g = torch.Generator().manual_seed(0)

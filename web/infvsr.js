@@ -59,11 +59,11 @@ function addStatusWidget(node) {
 
 function addStopButton(node) {
   const widget = node.addWidget("button", "stop stream", null, async () => {
-    const session = node.widgets?.find((w) => w.name === "session")?.value ?? "infvsr";
+    const streamName = node.widgets?.find((w) => w.name === "stream_name")?.value ?? "infvsr";
     try {
-      const res = await api.fetchApi("/infvsr/streams/stop", { method: "POST", body: JSON.stringify({ session }) });
+      const res = await api.fetchApi("/infvsr/streams/stop", { method: "POST", body: JSON.stringify({ stream_name: streamName }) });
       const data = await res.json();
-      node.infvsrStatus?.set([data.stopping ? `stopping '${session}' after this chunk…` : `no running stream '${session}'`]);
+      node.infvsrStatus?.set([data.stopping ? `stopping '${streamName}' after this chunk…` : `no running stream '${streamName}'`]);
     } catch (err) {
       console.warn("InfVSR: stop failed", err);
     }
@@ -130,7 +130,7 @@ function showProgress(node, p) {
   if (!node?.infvsrStatus || !p) return;
   const of = p.chunks ? `${p.chunk} of ${p.chunks}` : `${p.chunk}`;
   const frames = p.frames_total ? `${p.frames_done}/${p.frames_total} frames` : `${p.frames_done} frames`;
-  const lines = [`${p.session ? `stream '${p.session}' · ` : ""}${p.state}${p.message ? `: ${p.message}` : ""}`,
+  const lines = [`${p.stream_name ? `stream '${p.stream_name}' · ` : ""}${p.state}${p.message ? `: ${p.message}` : ""}`,
     `chunk ${of} · ${frames}`,
     `${p.fps ? p.fps.toFixed(2) : "–"} fps · ETA ${p.state === "running" ? formatSeconds(p.eta) : "–"}`];
   if (p.state_bytes) lines.push(`cache state ${formatBytes(p.state_bytes)}`);
@@ -203,8 +203,8 @@ async function showKnownStreams() {
     const { streams } = await res.json();
     for (const s of streams || []) {
       const node = findNode(s.node);
-      const session = node?.widgets?.find((w) => w.name === "session")?.value;
-      if (node?.comfyClass === "InfVSRVideoStream" && session === s.session) showProgress(node, s);
+      const streamName = node?.widgets?.find((w) => w.name === "stream_name")?.value;
+      if (node?.comfyClass === "InfVSRVideoStream" && streamName === s.stream_name) showProgress(node, s);
     }
   } catch (err) {
     console.warn("InfVSR: could not read the stream list", err);

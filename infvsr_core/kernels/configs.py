@@ -1,7 +1,7 @@
 """Block configurations tried in order, per kernel and shape: the first that launches is kept.
 
 Why: how large a Triton block a GPU takes depends on its shared memory (an
-H100 has 227 KB, consumer cards ~100), and a launch that does not fit fails
+Hopper has more than most consumer cards), and a launch that does not fit fails
 at compile time, before anything runs. Trying the fastest configuration
 first and falling back keeps one code path for every GPU; a shape that no
 configuration fits is remembered, and its caller takes its own plain path

@@ -2,9 +2,8 @@
 
 Why: no fused attention kernel takes a head dim of 384 (FlashAttention and
 cuDNN stop at 256, SDPA falls back to a slow one), and blocked GEMMs
-(`fast_vae._blocked_attention`, the path without Triton) write float32 scores
-to memory (830 MB per 720p frame), run a float32 softmax over them, a cast, a
-second GEMM: 7.2 ms a 720p call against 2.9 here. Here one
+(`vae.fast_blocks._blocked_attention`, the path without Triton) write float32 scores
+to memory, run a float32 softmax over them, a cast, a second GEMM. Here one
 program keeps a block of queries and walks the keys with the online softmax:
 the scores stay in registers, in float32, and only the output is written.
 The head dim goes in three slices (Triton blocks are powers of two), each
@@ -87,8 +86,8 @@ def mid_attention_usable(qkv: torch.Tensor) -> bool:
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) to try in order, by the inputs' element size: the first that the GPU's shared
-# memory takes is kept (on an H100, 64 x 32 with 3 stages was the fastest that fit: 64 x 64 or 128 x 32 with 3
-# stages need 245-390 KB, over its 227; bench/check_kernels.py --sections mid).
+# memory takes is kept (fastest measured first, larger blocks do not fit Hopper's shared memory;
+# bench/check_kernels.py --sections mid).
 CONFIGS = {2: ((64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1)), 4: ((32, 32, 4, 2), (16, 16, 4, 1))}
 _chosen: dict[tuple, int] = {}  # (device, dtype, C) -> index into CONFIGS; -1: none ran (blocked GEMMs from then on)
 _failures: list[str] = []

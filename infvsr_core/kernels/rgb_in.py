@@ -1,9 +1,8 @@
 """The VAE's RGB-in conv (3 -> 96, 3x3x3, causal time already staged) as one Triton kernel.
 
-Why: cuDNN has no good kernel for 3 input channels. Padded to 16 channels it
-still took 7.8 ms per 12 frames at 720p on an H100 (the Triton kernel: 1.7 ms;
-bench/check_kernels.py --sections few), for a conv that is mostly writing
-its 96-channel output. Here each pixel's 27 taps x 3 inputs are gathered into
+Why: cuDNN has no good kernel for 3 input channels; padded to 16 channels it
+stays several times slower than this kernel (bench/check_kernels.py --sections
+few), for a conv that is mostly writing its 96-channel output. Here each pixel's 27 taps x 3 inputs are gathered into
 one row of K <= 128 (an implicit im2col, zero-padded borders) and multiplied
 by the packed (K, outputs) weight in one tensor-core product with float32
 accumulators; the bias is added before the single rounding.
@@ -11,7 +10,7 @@ accumulators; the bias is added before the single rounding.
 It reads the staged causal-conv buffer (B, C, T + 2, H, W) (the 2 cached
 frames in front) in any layout with adjacent channels. Without Triton (CPU)
 the same result comes from `F.conv3d`. (A kernel for the RGB head, 96 -> 3,
-was measured too: at 11.7 ms against cuDNN's 7.9 it was not kept.)
+was measured too and lost to cuDNN: not kept.)
 """
 
 from __future__ import annotations

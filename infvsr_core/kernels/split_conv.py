@@ -5,8 +5,7 @@ do not exist), and every conv's output then makes one or two more passes
 through memory (its bias, the residual add, the next RMS norm + SiLU into the
 next conv's staged buffer). Here one program computes a row of pixels x
 exactly 192 outputs, as two tensor-core products (128 + 64) sharing each
-input tile: 8.4 vs 10.0 ms at 360x640 x 12 frames on an H100, 9.6 vs 11.3 on
-a 1080p tile's 512x512 (bench/check_conv.py, RESULTS.md round 12); used for
+input tile (bench/check_conv.py; bench/RESULTS.md has the figures); used for
 rows that fill its 128-pixel blocks (elsewhere cuDNN was as fast or faster). Holding a
 pixel's channels whole, the epilogue adds the bias and the residual, or, for
 a resblock's first conv, writes the next norm + SiLU straight into the next
@@ -35,20 +34,20 @@ except ImportError:  # pragma: no cover - depends on the install
 CL3 = torch.channels_last_3d
 # Output channels -> the two products' widths (powers of two, as Triton's blocks are).
 SPLITS = {192: (128, 64)}
-# (BLOCK_M pixels, stages, warps) tried in order; the first that the GPU takes is kept per shape. On an H100,
-# 128 pixels x K 64 with 4 stages and 4 warps was the fastest for 192 channels (bench/check_conv.py).
+# (BLOCK_M pixels, stages, warps) tried in order, fastest measured first (bench/check_conv.py); the first that the
+# GPU takes is kept per shape.
 CONFIGS = ((128, 4, 4), (128, 3, 4), (64, 2, 4))
 # Measured on Hopper (sm90) only; elsewhere cuDNN keeps these convs.
 CAPABILITY = (9, 0)
 # Rows of a multiple of this many pixels only: where the last block of a row is partly empty the kernel lost to
-# cuDNN (480p's 416-pixel rows: 4.42 vs 4.32 ms; a 1080p edge tile's 80: 2.21 vs 1.73).
+# cuDNN (480p's rows, 1080p's edge tiles).
 ROW_MULTIPLE = 128
 
 
 if triton is not None:
 
     @triton.jit
-    def row_block(W, H, BLOCK_M: tl.constexpr):
+    def _row_block(W, H, BLOCK_M: tl.constexpr):
         """(w0, h, t): this program's BLOCK_M pixels from w0 on, in row h of frame t (program id 0)."""
         pid = tl.program_id(0)
         tiles_w = tl.cdiv(W, BLOCK_M)
@@ -64,7 +63,7 @@ if triton is not None:
         HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        w0, h, t = row_block(W, H, BLOCK_M)
+        w0, h, t = _row_block(W, H, BLOCK_M)
         KC: tl.constexpr = C // BLOCK_K
         acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)

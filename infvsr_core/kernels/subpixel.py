@@ -2,9 +2,9 @@
 
 Why: the decoder computes nearest 2x + 3x3 conv as one 2x2 conv at low
 resolution whose 4 x C outputs are the four phases of each output pixel
-(fast_vae._subpixel_conv). Writing each phase with a strided PyTorch add
-(every other pixel of every other row) ran at a fraction of memory speed
-(~18 ms per 1080p chunk on an H100). Here each program writes whole output
+(vae/fast_blocks.py: _subpixel_conv). Writing each phase with a strided PyTorch add
+(every other pixel of every other row) ran at a fraction of memory speed.
+Here each program writes whole output
 rows, reading each pixel's phase from its row of the low-resolution map.
 """
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import OutOfMemoryPlan
+from ..errors import OutOfMemoryPlan
 
 GIB = 1024**3
 
@@ -46,7 +46,7 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 
 
 def stream_need(pipe, height: int, width: int, spill: bool = False) -> MemoryNeed:
-    """The state of a stream whose output frames are `height` x `width`, placed as `pipe.offload` places it."""
+    """The state of a stream whose output frames are `height` x `width`, placed as `pipe.policy` places it."""
     size = _dtype_bytes(pipe.dtype)
     pixels = height * width
     base_dim = int(pipe.vae.vae.config.base_dim)
@@ -56,9 +56,10 @@ def stream_need(pipe, height: int, width: int, spill: bool = False) -> MemoryNee
     output = OUTPUT_CHUNK_FRAMES * pixels * 3 * 4  # one chunk of float32 frames handed to the caller
     if pipe.device.type == "cpu":
         return MemoryNeed(0, histories + kv_cache + output, histories, kv_cache)
-    on_device = {"none": histories + kv_cache, "histories": kv_cache, "state": 0, "all": 0}[pipe.offload]
+    policy = pipe.policy
+    on_device = (0 if policy.vae_histories_on_host else histories) + (0 if policy.kv_cache_on_host else kv_cache)
     on_host = histories + kv_cache - on_device
-    if spill and pipe.offload != "none":
+    if spill and policy.vae_histories_on_host:
         on_host -= histories  # what does not fit the host budget goes to the spill folder
     return MemoryNeed(on_device, on_host + output, histories, kv_cache)
 
@@ -112,7 +113,7 @@ def check_fits(pipe, input_height: int, input_width: int, scale: int) -> None:
         hints.append("a smaller --scale")
     if pipe.device.type == "cuda" and device_free is not None and need.device > device_free:
         hints.append("--offload state or all (stream state in host memory)")
-    if pipe.offload != "none" and not spill:
+    if pipe.policy.vae_histories_on_host and not spill:
         hints.append("--spill-dir with --host-memory (histories on disk)")
     raise OutOfMemoryPlan(
         f"a {input_width}x{input_height} input at --scale {scale} gives {width}x{height} frames whose stream state "

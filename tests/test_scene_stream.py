@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infvsr_core.stream import SceneStream
+from infvsr_core.scene_stream import SceneStream
 from tests.conftest import DATA, make_clip
 
 

@@ -1,42 +1,20 @@
-"""A fast forward of diffusers' Wan2.1 VAE encoder and decoder, over the same parameters and feat_cache.
+"""The layers of the fast VAE forward (fast_forward.py), channels-last, over diffusers' Wan2.1 modules.
 
-Why: the VAE is most of an InfVSR chunk's time, and most of that is not its
-convolutions. diffusers' causal conv concatenates the 2-frame cache to the
-full-resolution input and then pads every dim (two full copies per conv), its
-RMS norm makes several float32 passes, and everything runs NCDHW, which is
-cuDNN's slower layout for these shapes. This forward
-
-- keeps activations channels_last_3d (cuDNN's faster 3D-conv layout),
-- writes norm + SiLU (one fused kernel) straight into a buffer that already
-  holds the 2 cached frames in front, and lets conv3d do the spatial zero
-  padding itself (no cat, no F.pad of the activation),
-- runs the downsampler's conv2d per frame in channels_last without the
-  float32 round trip, and the upsampler's nearest 2x + 3x3 conv2d as one 2x2
-  conv at low resolution (sub-pixel form: no 4x-sized upsampled copy, and
-  4/9 of the multiply-adds),
-- computes the mid block's single-head attention (head dim = channels, 384)
-  with a flash-style Triton kernel (kernels/mid_attention.py; elsewhere as two
-  matmuls and a float32 softmax over blocks of queries): SDPA has no fast
-  kernel for that head dim and falls back to a slow one,
-- on Hopper, runs the 192-channel causal convs as one Triton kernel each
-  (kernels/split_conv.py: exactly 192 outputs, where cuDNN computes 256),
-  whose epilogue adds bias and residual or writes the next norm + SiLU
-  straight into the next conv's staged buffer,
-- runs the full-resolution stages (the encoder's first level, the decoder's
-  last block and head) on a few frames at a time, which bounds peak memory
-  (their activations are the largest) without changing the result.
-
-The `feat_cache` lists have exactly diffusers' meaning and order (one entry
-per causal conv, "Rep" for a temporal upsampler's first call, the same
-1- or 2-frame tensors), so a VAEHistory is interchangeable between the two
-paths. Only Wan2.1's architecture (no residual down/up blocks) is supported.
+Why these are not diffusers' forwards: its causal conv concatenates the
+2-frame cache to the input and pads every dim (two full copies per conv), its
+RMS norm makes several float32 passes, and it runs NCDHW. Here a causal conv
+reads one staged buffer [zero pad | cached frames | norm + SiLU of x] that the
+previous pass writes directly (`stage`), conv3d pads space itself, and bias,
+residual and the next norm are fused into as few passes as the kernels allow.
+Every function keeps diffusers' `feat_cache` entries exactly (`Cursor`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanAttentionBlock,
     WanCausalConv3d,
@@ -46,50 +24,33 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
-from .kernels.mid_attention import mid_attention, mid_attention_usable
-from .kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
-from .kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
-from .kernels.split_conv import pack_split, split_conv, split_conv_usable
-from .kernels.subpixel import interleave
+from ..kernels.mid_attention import mid_attention, mid_attention_usable
+from ..kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
+from ..kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
+from ..kernels.split_conv import pack_split, split_conv, split_conv_usable
+from ..kernels.subpixel import interleave
+
+if TYPE_CHECKING:
+    from .fast_forward import FastForwardOptions
 
 CACHE_T = 2  # frames of history each causal 3x3x3 (or 3x1x1) conv keeps
 CL3 = torch.channels_last_3d
 CL2 = torch.channels_last
-# cuDNN has no fast channels-last kernel for 3 channels (RGB in, RGB out): the
-# first and last convs get zero channels up to this many (exact: zeros add nothing).
-# In (where Triton is missing; kernels/rgb_in.py otherwise): 16 input channels run 1.7x faster than 8 on an
-# H100 (2.1 vs 3.5 ms for 12 frames at 480p; bench/check_kernels.py --sections rgb); out: 8, 16 and 32 are alike.
+# cuDNN has no fast channels-last kernel for 3 channels (RGB in, RGB out): the first and last convs get zero
+# channels up to this many (exact: zeros add nothing). In (where Triton is missing; kernels/rgb_in.py otherwise):
+# 16 input channels are faster than 8; out: 8, 16 and 32 are alike (bench/check_kernels.py --sections rgb).
 PADDED_RGB = 8
 PADDED_RGB_IN = 16
-# Output channels a causal conv computes with zero kernels appended: cuDNN runs a 96 -> 96 3x3x3 conv at ~365
-# TFLOP/s on an H100, 96 -> 128 at 493-538 useful (5.08 vs 3.72 ms, 4 frames at 720p; check_kernels --sections
-# split): its tiles are 64 or 128 outputs wide. The result is read as a channel slice (no copy).
+# Output channels a causal conv computes with zero kernels appended: cuDNN's tiles are 64 or 128 outputs wide,
+# so 96 -> 128 takes less time than 96 -> 96 (bench/check_kernels.py --sections split). The result is read as a
+# channel slice (no copy).
 PADDED_OUT = {96: 128}
-PAD_OFF_CUDA = False  # tests set this to exercise the padded convs on the CPU
-# Let cuDNN time its algorithms once per shape (streamed chunks repeat a few shapes).
-CUDNN_BENCHMARK = True
-# Most bytes one block of the mid attention's scores may take, counted as float32: 1080p latents have
-# 32,400 tokens per frame, whose full score matrix would be 4 GB; queries go in blocks that fit this.
+# Most bytes one block of the mid attention's scores may take, counted as float32: the full score matrix grows
+# with the square of a frame's tokens (32,400 for 1080p latents); queries go in blocks that fit this.
 ATTENTION_SCORE_BYTES = 256 * 2**20
-# The mid attention through the flash-style Triton kernel (kernels/mid_attention.py) where Triton runs; off: the
-# blocked GEMMs above on every device.
-MID_ATTENTION_KERNEL = True
-# The 192-channel causal convs with their epilogues through the Triton kernel (kernels/split_conv.py) where it
-# runs (Hopper); off: cuDNN and the separate passes.
-SPLIT_CONV = True
-# Frames per piece of the full-resolution stages when splitting (StreamingVAE.piece_frames): their causal
-# caches carry the history between pieces exactly, so smaller pieces only lower the peak memory.
-FULL_RES_FRAMES = 2
-# The decoder's spatial-only upsampler before its full-resolution block runs on those pieces too (`_decoder`).
-PIECE_UPSAMPLER = True
 
 
-def supports_fast_forward(vae: AutoencoderKLWan) -> bool:
-    """Whether `vae` has the Wan2.1 layout this forward reproduces."""
-    return not bool(getattr(vae.config, "is_residual", False)) and getattr(vae.config, "patch_size", None) is None
-
-
-def _to_cl3(x: torch.Tensor) -> torch.Tensor:
+def to_cl3(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=CL3)
 
 
@@ -116,7 +77,7 @@ def _add_bias(
 ) -> torch.Tensor:
     """y + bias [+ residual], one fused pass when both are channels-last: in place, or into a new compact tensor
     when y is a channel slice of a conv computed with padded outputs (`_padded_out_conv`), or into `out` (a
-    channels-last view, e.g. the inside of a zero-bordered buffer: `_bordered`) when given."""
+    channels-last view, e.g. the inside of a zero-bordered buffer: `zero_bordered`) when given."""
     rows = _channel_rows(y)
     res_rows = None if residual is None else _channel_rows(residual)
     fused = rows is not None and (residual is None or res_rows is not None)
@@ -140,7 +101,7 @@ def _add_bias(
     return result
 
 
-def _bordered(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+def zero_bordered(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """A (B, C, T, H+1, W+1) channels-last buffer whose last row and column are zero: a downsampler's
     ZeroPad2d((0, 1, 0, 1)) input, which the previous layer writes inside (no padding copy)."""
     b, c, t, h, w = shape
@@ -175,7 +136,7 @@ def _norm(
     return target
 
 
-class _Cursor:
+class Cursor:
     """Walks a feat_cache list in diffusers' order (its `feat_idx`).
 
     `writable`: the list's tensors are its own (an offloaded history's upload, `ArrivingCache.private`), so a new
@@ -185,6 +146,8 @@ class _Cursor:
     def __init__(self, cache: list) -> None:
         self.cache = cache
         self.index = 0
+        # TODO(memory refactor): `private` is offload.ArrivingCache's flag (cleared by offload.copy_cache); read by
+        # name so that any list type may carry it. Give the memory package a public way to ask this.
         self.writable = bool(getattr(cache, "private", False))
 
     def peek(self):
@@ -198,7 +161,7 @@ class _Cursor:
 def _stage(
     conv: WanCausalConv3d,
     x: torch.Tensor,
-    cursor: _Cursor,
+    cursor: Cursor,
     norm: WanRMS_norm | None,
     pre_bias: torch.Tensor | None = None,
     channels: int | None = None,
@@ -229,7 +192,7 @@ def _stage(
 
 
 def _open_stage(
-    conv: WanCausalConv3d, shape: tuple[int, ...], like: torch.Tensor, cursor: _Cursor, channels: int | None = None
+    conv: WanCausalConv3d, shape: tuple[int, ...], like: torch.Tensor, cursor: Cursor, channels: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """A staged buffer for an act of `shape`, its zero pad and cached frames written, act's frames not yet.
 
@@ -257,8 +220,8 @@ def _open_stage(
     if t >= CACHE_T:
         # The new entry goes into the old one's storage where that is this call's own (after the copy above, in
         # stream order): an offloaded tile's history then lives in the blocks its upload took, not in fresh ones
-        # scattered among the activations, which fragmented the allocator's pool (retries under a memory cap:
-        # RESULTS round 7).
+        # scattered among the activations, which fragmented the allocator's pool (allocation retries under a
+        # memory cap).
         entry = (b, c, CACHE_T, h, w)
         new = past if cursor.writable and _fits(past, like, entry) else None
         if new is None:
@@ -310,26 +273,33 @@ def _conv(conv: WanCausalConv3d, buf: torch.Tensor, weight: torch.Tensor | None 
     return F.conv3d(buf, conv.weight if weight is None else weight, None, conv.stride, (0, pad_h, pad_w))
 
 
-def _causal(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor, norm: WanRMS_norm | None) -> torch.Tensor:
+def causal_conv(
+    conv: WanCausalConv3d, x: torch.Tensor, cursor: Cursor, norm: WanRMS_norm | None, options: FastForwardOptions
+) -> torch.Tensor:
+    """diffusers' causal conv of act(x) (norm + SiLU when `norm` is given), with its cache entry; channels-last."""
     buf = _stage(conv, x, cursor, norm)
     del x
-    return _add_bias(_padded_out_conv(conv, buf), conv.bias)
+    return _add_bias(_padded_out_conv(conv, buf, options), conv.bias)
 
 
-def _padded_out_conv(conv: WanCausalConv3d, buf: torch.Tensor) -> torch.Tensor:
+def _padded_out_conv(conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions) -> torch.Tensor:
     """The causal conv without its bias, computed with PADDED_OUT outputs when that is faster (PADDED_RGB when it
     has fewer: the RGB head); its real channels, a slice of the padded ones that the next pass reads in place."""
     out = conv.out_channels
     wide = None
-    if buf.is_cuda or PAD_OFF_CUDA:
+    if buf.is_cuda or options.pad_off_cuda:
         wide = PADDED_OUT.get(out, PADDED_RGB if out < PADDED_RGB else None)
     if wide is None:
         return _conv(conv, buf)
     return _conv(conv, buf, _padded(conv, None, wide))[:, :out]
 
 
-def _resblock(
-    block: WanResidualBlock, x: torch.Tensor, cursor: _Cursor, out: torch.Tensor | None = None
+def resblock(
+    block: WanResidualBlock,
+    x: torch.Tensor,
+    cursor: Cursor,
+    options: FastForwardOptions,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x + h in one pass at the end: conv2's bias, the shortcut's bias and the residual add share it (written into
     `out` when given). 192-channel convs on Hopper run as one Triton kernel each (kernels/split_conv.py): conv1
@@ -343,7 +313,11 @@ def _resblock(
         bias = bias.float() + shortcut.bias.float()
     buf = _stage(block.conv1, x, cursor, block.norm1)
     del x
-    if _split(block.conv1, buf) and buf.shape[2] >= 2 * CACHE_T and not isinstance(block.norm2.bias, torch.Tensor):
+    if (
+        _split(block.conv1, buf, options)
+        and buf.shape[2] >= 2 * CACHE_T
+        and not isinstance(block.norm2.bias, torch.Tensor)
+    ):
         b, _, frames, height, width = buf.shape
         shape = (b, block.conv1.out_channels, frames - CACHE_T, height, width)
         staged, new, _ = _open_stage(block.conv2, shape, buf, cursor)
@@ -351,23 +325,23 @@ def _resblock(
         conv1, norm2 = block.conv1, block.norm2
         gamma = (norm2.gamma.reshape(-1).float() * norm2.scale).contiguous()
         if split_conv(buf, _split_weight(conv1), conv1.bias.float(), gamma=gamma, act=act, tail=new) is None:
-            _norm(norm2, _padded_out_conv(conv1, buf), silu=True, out=act, pre_bias=conv1.bias, tail=new)
+            _norm(norm2, _padded_out_conv(conv1, buf, options), silu=True, out=act, pre_bias=conv1.bias, tail=new)
         cursor.put(new)
         buf = staged
     else:
-        y = _padded_out_conv(block.conv1, buf)
+        y = _padded_out_conv(block.conv1, buf, options)
         del buf
         buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias)
         del y
-    if _split(block.conv2, buf):
+    if _split(block.conv2, buf, options):
         result = split_conv(buf, _split_weight(block.conv2), bias.float(), h, out=out)
         if result is not None:
             return result
-    return _add_bias(_padded_out_conv(block.conv2, buf), bias, h, out)
+    return _add_bias(_padded_out_conv(block.conv2, buf, options), bias, h, out)
 
 
-def _split(conv: WanCausalConv3d, buf: torch.Tensor) -> bool:
-    return SPLIT_CONV and split_conv_usable(conv, buf)
+def _split(conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions) -> bool:
+    return options.split_conv and split_conv_usable(conv, buf)
 
 
 def _split_weight(conv: WanCausalConv3d) -> torch.Tensor:
@@ -399,6 +373,7 @@ def _scores(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Te
     return torch.baddbmm(empty, queries.float(), keys.float(), beta=0.0, alpha=scale)
 
 
+# Not a switch: remembers that this torch's baddbmm refused out_dtype, so that it is not tried (and raised) again.
 _NO_OUT_DTYPE: list[bool] = []
 
 
@@ -421,12 +396,13 @@ def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return out
 
 
-def _attention(block: WanAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+def attention(block: WanAttentionBlock, x: torch.Tensor, options: FastForwardOptions) -> torch.Tensor:
     """The mid block's single-head attention over each frame's pixels, in token layout (no NCHW copies).
 
     Not SDPA, whose only kernel for a head dim of 384 is slow: the flash-style
-    Triton kernel (kernels/mid_attention.py) where Triton runs, else explicit
-    matmuls (`_blocked_attention`). Either way the scores stay float32 as in
+    Triton kernel (kernels/mid_attention.py) where Triton runs and
+    `options.mid_attention_kernel` allows, else explicit matmuls
+    (`_blocked_attention`). Either way the scores stay float32 as in
     SDPA's kernels (bf16 scores would round logits of ~50 by ~0.1, i.e. move
     attention weights by ~10 %) and the probabilities go to v's dtype for the
     second product.
@@ -438,7 +414,7 @@ def _attention(block: WanAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     qkv = F.linear(normed.view(n, hw, c), block.to_qkv.weight.reshape(3 * c, c), block.to_qkv.bias)
     del normed
     scale = c**-0.5  # SDPA's default
-    out = mid_attention(qkv, scale) if MID_ATTENTION_KERNEL and mid_attention_usable(qkv) else None
+    out = mid_attention(qkv, scale) if options.mid_attention_kernel and mid_attention_usable(qkv) else None
     if out is None:
         out = _blocked_attention(*qkv.chunk(3, dim=-1), scale)
     del qkv
@@ -454,18 +430,18 @@ def _per_frame(x: torch.Tensor) -> torch.Tensor:
 
 
 def _from_frames(y: torch.Tensor, b: int, t: int) -> torch.Tensor:
-    return _to_cl3(y.unflatten(0, (b, t)).permute(0, 2, 1, 3, 4))
+    return to_cl3(y.unflatten(0, (b, t)).permute(0, 2, 1, 3, 4))
 
 
-def _downsample(
-    layer: WanResample, x: torch.Tensor, cursor: _Cursor, bordered: torch.Tensor | None = None
+def downsample(
+    layer: WanResample, x: torch.Tensor, cursor: Cursor, bordered: torch.Tensor | None = None
 ) -> torch.Tensor:
     """ZeroPad2d((0, 1, 0, 1)) + stride-2 conv2d per frame; then, for downsample3d, the causal time conv.
 
-    `bordered`: a `_bordered` buffer already holding x inside (else x is copied into a new one)."""
+    `bordered`: a `zero_bordered` buffer already holding x inside (else x is copied into a new one)."""
     b, c, t, h, w = x.shape
     if bordered is None:
-        bordered = _bordered(x.shape, x)
+        bordered = zero_bordered(x.shape, x)
         bordered[:, :, :, :h, :w].copy_(x)
     del x
     padded = _per_frame(bordered)
@@ -530,14 +506,14 @@ def _subpixel_conv(conv: nn.Conv2d, frames: torch.Tensor) -> torch.Tensor:
     return interleave(y, conv.bias, conv.out_channels)
 
 
-def _upsample(layer: WanResample, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
+def upsample(layer: WanResample, x: torch.Tensor, cursor: Cursor, options: FastForwardOptions) -> torch.Tensor:
     """(upsample3d: causal time conv doubling the frames, then) nearest-exact 2x and conv2d per frame."""
     if layer.mode == "upsample3d":
         if cursor.peek() is None:
             cursor.put("Rep")  # a scene's first latent frame: no temporal upsampling
         else:
             b, c, t, h, w = x.shape
-            y = _causal(layer.time_conv, x, cursor, None)  # (B, 2C, T, H, W)
+            y = causal_conv(layer.time_conv, x, cursor, None, options)  # (B, 2C, T, H, W)
             # channel half j becomes frame 2i + j: (B, T, H, W, 2, C) -> (B, T, 2, H, W, C)
             y = y.permute(0, 2, 3, 4, 1).view(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
             x = y.permute(0, 4, 1, 2, 3)
@@ -556,167 +532,13 @@ def _upsample(layer: WanResample, x: torch.Tensor, cursor: _Cursor) -> torch.Ten
     return _from_frames(y, b, t)
 
 
-def _mid(mid: nn.Module, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
-    x = _resblock(mid.resnets[0], x, cursor)
-    for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
-        x = _attention(attn, x)
-        x = _resblock(resnet, x, cursor)
-    return x
-
-
-def prepare_channels_last(vae: AutoencoderKLWan) -> None:
-    """Store the VAE's conv kernels channels-last, in place (same values; the plain path accepts them too).
-
-    In place rather than a second copy, so the fast path costs no extra weight memory.
-    """
-    for module in vae.modules():
-        if isinstance(module, nn.Conv3d) and not module.weight.is_contiguous(memory_format=CL3):
-            module.weight.data = module.weight.data.contiguous(memory_format=CL3)
-        elif isinstance(module, nn.Conv2d) and not module.weight.is_contiguous(memory_format=CL2):
-            module.weight.data = module.weight.data.contiguous(memory_format=CL2)
-
-
-class _CudnnBenchmark:
-    """cuDNN's algorithm search on, for the duration of a fast forward (restored after)."""
-
-    def __enter__(self) -> None:
-        self.saved = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = self.saved or CUDNN_BENCHMARK
-
-    def __exit__(self, *exc) -> None:
-        torch.backends.cudnn.benchmark = self.saved
-
-
-def _rgb_in(conv: WanCausalConv3d, x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
-    """The encoder's first conv (RGB input): the Triton kernel for few inputs (5x faster than cuDNN at 720p), else
+def rgb_in_conv(conv: WanCausalConv3d, x: torch.Tensor, cursor: Cursor, options: FastForwardOptions) -> torch.Tensor:
+    """The encoder's first conv (RGB input): the Triton kernel for few inputs (cuDNN is slow on 3 channels), else
     cuDNN with the input channels zero-padded."""
     if few_in_fits(conv.weight) and triton_usable(x):
         buf = _stage(conv, x, cursor, None)
         return few_in_conv(buf, conv.weight, _derived(conv, "_infvsr_few_in", pack_few_in), conv.bias)
-    pad = PADDED_RGB_IN if (x.is_cuda or PAD_OFF_CUDA) and x.shape[1] < PADDED_RGB_IN else None
+    pad = PADDED_RGB_IN if (x.is_cuda or options.pad_off_cuda) and x.shape[1] < PADDED_RGB_IN else None
     buf = _stage(conv, x, cursor, None, channels=pad)
     weight = None if pad is None else _padded(conv, pad, None)
     return _add_bias(_conv(conv, buf, weight), conv.bias)
-
-
-def fast_encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None = None) -> torch.Tensor:
-    """Same as `vae.encoder(x, feat_cache=cache, feat_idx=[0])`; output channels_last_3d.
-
-    `piece_frames`: run the full-resolution stage that many frames at a time
-    (lower peak memory, a little slower); None runs every stage on all frames.
-    """
-    with _CudnnBenchmark():
-        return _encoder(vae, x, cache, piece_frames)
-
-
-def fast_decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None = None) -> torch.Tensor:
-    """Same as `vae.decoder(x, feat_cache=cache, feat_idx=[0])` for Wan2.1; output channels_last_3d.
-
-    `piece_frames` as for `fast_encoder`.
-    """
-    with _CudnnBenchmark():
-        return _decoder(vae, x, cache, piece_frames)
-
-
-def _in_pieces(x: torch.Tensor, cursor: _Cursor, run, step: int | None) -> torch.Tensor:
-    """run(x) on pieces of at most `step` frames (None: all at once), concatenated in time (channels_last_3d).
-
-    Every piece walks the same cache entries (the cursor goes back for each):
-    a piece's causal convs read the history the previous piece stored, so the
-    result and the final cache equal one call on all frames. `run` must keep
-    the frame count (no temporal resampling inside).
-    """
-    t = x.shape[2]
-    if step is None or t <= step:
-        return run(x)
-    step = max(1, step)
-    start = cursor.index
-    out = None
-    for i in range(0, t, step):
-        cursor.index = start
-        y = run(x[:, :, i : i + step])
-        if out is None:
-            out = torch.empty((*y.shape[:2], t, *y.shape[3:]), dtype=y.dtype, device=y.device, memory_format=CL3)
-        out[:, :, i : i + step].copy_(y)
-        del y
-    return out
-
-
-def _full_res_layers(layers: list[nn.Module]) -> int:
-    """How many leading encoder down_blocks may run in pieces: up to and including the first downsample2d.
-
-    Those act per frame apart from their causal convs' caches. A downsample3d
-    ends the split part before it: its cache and stride-2 time conv depend on
-    how the frames are grouped into calls.
-    """
-    for i, layer in enumerate(layers):
-        if isinstance(layer, WanResample):
-            return i + 1 if layer.mode == "downsample2d" else i
-    return len(layers)
-
-
-def _down_layers(layers: list[nn.Module], x: torch.Tensor, cursor: _Cursor) -> torch.Tensor:
-    bordered = None
-    for i, layer in enumerate(layers):
-        if isinstance(layer, WanResidualBlock):
-            following = layers[i + 1] if i + 1 < len(layers) else None
-            if isinstance(following, WanResample) and following.mode.startswith("downsample"):
-                b, _, t, h, w = x.shape  # the downsampler's zero border: written around the block's output
-                bordered = _bordered((b, layer.conv2.out_channels, t, h, w), x)
-                x = _resblock(layer, x, cursor, out=bordered[:, :, :, :h, :w])
-            else:
-                x = _resblock(layer, x, cursor)
-        elif isinstance(layer, WanResample):
-            x = _downsample(layer, x, cursor, bordered)
-            bordered = None
-        elif isinstance(layer, WanAttentionBlock):  # per frame (over its pixels), not over time
-            x = _attention(layer, x)
-        else:
-            raise TypeError(f"unsupported encoder layer {type(layer).__name__}")
-    return x
-
-
-def _encoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None) -> torch.Tensor:
-    encoder = vae.encoder
-    cursor = _Cursor(cache)
-    layers = list(encoder.down_blocks)
-    split = _full_res_layers(layers)
-
-    def full_res(piece: torch.Tensor) -> torch.Tensor:
-        return _down_layers(layers[:split], _rgb_in(encoder.conv_in, piece, cursor), cursor)
-
-    x = _in_pieces(x, cursor, full_res, piece_frames)
-    x = _down_layers(layers[split:], x, cursor)
-    x = _mid(encoder.mid_block, x, cursor)
-    return _causal(encoder.conv_out, x, cursor, encoder.norm_out)
-
-
-def _up_block(block: nn.Module, x: torch.Tensor, cursor: _Cursor, upsample: bool = True) -> torch.Tensor:
-    for resnet in block.resnets:
-        x = _resblock(resnet, x, cursor)
-    if block.upsamplers is not None and upsample:
-        x = _upsample(block.upsamplers[0], x, cursor)
-    return x
-
-
-def _decoder(vae: AutoencoderKLWan, x: torch.Tensor, cache: list, piece_frames: int | None) -> torch.Tensor:
-    decoder = vae.decoder
-    cursor = _Cursor(cache)
-    x = _causal(decoder.conv_in, _to_cl3(x), cursor, None)
-    x = _mid(decoder.mid_block, x, cursor)
-    *body, last = decoder.up_blocks
-    # The last block (no upsampler) and the head run at full resolution: in pieces, with the spatial upsampler
-    # before them (per frame, no cache), so that its full-resolution output never exists for all frames at once
-    # (2.3 GB for a 1080p tile's chunk, a block the allocator under a memory cap had to make room for).
-    pieces = last.upsamplers is None and piece_frames is not None
-    before = body[-1].upsamplers[0] if body and body[-1].upsamplers is not None else None
-    per_piece_up = before if pieces and PIECE_UPSAMPLER and before is not None and before.mode == "upsample2d" else None
-    for block in body:
-        x = _up_block(block, x, cursor, upsample=per_piece_up is None or block is not body[-1])
-
-    def tail(piece: torch.Tensor) -> torch.Tensor:
-        if per_piece_up is not None:
-            piece = _upsample(per_piece_up, piece, cursor)
-        return _causal(decoder.conv_out, _up_block(last, piece, cursor), cursor, decoder.norm_out)
-
-    return _in_pieces(x, cursor, tail, piece_frames) if last.upsamplers is None else tail(x)
