@@ -10,9 +10,9 @@ import torch
 from . import comfy
 from ._core import VideoReader
 from .common import check_images, input_videos, resolve_source, validate_video_name
+from .prompt_queue import MARKER_KEY
 from .sink import VideoSink, output_inputs
 from .streams import (
-    MARKER_KEY,
     REGISTRY,
     StreamHandle,
     chunk_audio,

@@ -20,7 +20,8 @@ from infvsr_core.weights import WeightFileError
 from nodes import comfy, streams
 from nodes.audio import SOURCE_KEY, write_audio_file
 from nodes.paths import UnsafePathError, next_output_path
-from nodes.streams import MARKER_KEY, REGISTRY, QueueBackend
+from nodes.prompt_queue import MARKER_KEY, QueueBackend
+from nodes.streams import REGISTRY
 from nodes.types import DAPEGuidance, fork_session
 from tests.conftest import make_clip
 
