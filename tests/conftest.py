@@ -54,3 +54,18 @@ def smooth_vae_clip(frames: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     low = torch.rand(1, 3, frames, 8, 12, generator=gen) * 2 - 1
     return torch.nn.functional.interpolate(low, size=(frames, 32, 48), mode="trilinear")
+
+
+@pytest.fixture(scope="module")
+def bikes() -> torch.Tensor:
+    """The first 24 frames of the cut clip (640x272), read once for the io tests."""
+    from infvsr_core.io import VideoReader
+    from tests.io_media import BIKES
+
+    with VideoReader(BIKES, max_frames=24) as reader:
+        return reader.read_all().frames
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("io")

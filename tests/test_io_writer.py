@@ -16,18 +16,6 @@ from tests.io_media import BIKES, psnr
 pytestmark = pytest.mark.skipif(not BIKES.exists(), reason="shared test clips are missing")
 
 
-@pytest.fixture(scope="module")
-def bikes() -> torch.Tensor:
-    """The first 24 frames of the cut clip (640x272), read once for the writer tests."""
-    with VideoReader(BIKES, max_frames=24) as reader:
-        return reader.read_all().frames
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("io")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Formats
 # ---------------------------------------------------------------------------------------------------------------
