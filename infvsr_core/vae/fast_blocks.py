@@ -11,7 +11,7 @@ Every function keeps diffusers' `feat_cache` entries exactly (`Cursor`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,7 @@ from ..kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
 from ..kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
 from ..kernels.split_conv import pack_split, split_conv, split_conv_usable
 from ..kernels.subpixel import interleave
-
-if TYPE_CHECKING:
-    from .fast_forward import FastForwardOptions
+from ..memory.host import ArrivingCache
 
 CACHE_T = 2  # frames of history each causal 3x3x3 (or 3x1x1) conv keeps
 CL3 = torch.channels_last_3d
@@ -48,6 +46,31 @@ PADDED_OUT = {96: 128}
 # Most bytes one block of the mid attention's scores may take, counted as float32: the full score matrix grows
 # with the square of a frame's tokens (32,400 for 1080p latents); queries go in blocks that fit this.
 ATTENTION_SCORE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class FastForwardOptions:
+    """The fast forward's switches, passed explicitly to every call (`StreamingVAE.fast_options`).
+
+    The defaults are the product's; the others exist for the tests (which run
+    the GPU's code paths on the CPU) and for the benchmarks' A/B comparisons.
+    """
+
+    # The 192-channel causal convs with their epilogues through the Triton kernel (kernels/split_conv.py) where it
+    # runs (Hopper); off: cuDNN and the separate passes.
+    split_conv: bool = True
+    # The mid attention through the flash-style Triton kernel (kernels/mid_attention.py) where Triton runs; off:
+    # blocked GEMMs with a float32 softmax on every device.
+    mid_attention_kernel: bool = True
+    # When the full-resolution stages run in pieces, the decoder's spatial-only upsampler before them runs on those
+    # pieces too, so its full-resolution output never exists for all frames at once; off: on all frames (other
+    # conv calls, same arithmetic).
+    piece_upsampler: bool = True
+    # The zero-padded convs (RGB in and out, PADDED_OUT widths) off CUDA too, where nothing gains from them: lets
+    # the CPU tests run the code the GPU runs.
+    pad_off_cuda: bool = False
+    # cuDNN times its algorithms once per shape during the forward (streamed chunks repeat a few shapes).
+    cudnn_benchmark: bool = True
 
 
 def to_cl3(x: torch.Tensor) -> torch.Tensor:
@@ -139,16 +162,14 @@ def _norm(
 class Cursor:
     """Walks a feat_cache list in diffusers' order (its `feat_idx`).
 
-    `writable`: the list's tensors are its own (an offloaded history's upload, `ArrivingCache.private`), so a new
-    entry may be written into the storage of the entry it replaces. Resident histories share their tensors with
-    forked sessions (`VAEHistory.fork`) and are never written into."""
+    `writable`: the list's tensors are its own (an offloaded history's upload: `ArrivingCache.owns_entries`), so a
+    new entry may be written into the storage of the entry it replaces. Resident histories share their tensors
+    with forked sessions (`VAEHistory.fork`) and are never written into."""
 
     def __init__(self, cache: list) -> None:
         self.cache = cache
         self.index = 0
-        # TODO(memory refactor): `private` is offload.ArrivingCache's flag (cleared by offload.copy_cache); read by
-        # name so that any list type may carry it. Give the memory package a public way to ask this.
-        self.writable = bool(getattr(cache, "private", False))
+        self.writable = isinstance(cache, ArrivingCache) and cache.owns_entries
 
     def peek(self):
         return self.cache[self.index]

@@ -36,7 +36,6 @@ paths. Only Wan2.1's architecture (no residual down/up blocks) is supported.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -47,6 +46,7 @@ from .fast_blocks import (
     CL2,
     CL3,
     Cursor,
+    FastForwardOptions,
     attention,
     causal_conv,
     downsample,
@@ -56,31 +56,6 @@ from .fast_blocks import (
     upsample,
     zero_bordered,
 )
-
-
-@dataclass(frozen=True)
-class FastForwardOptions:
-    """The fast forward's switches, passed explicitly to every call (`StreamingVAE.fast_options`).
-
-    The defaults are the product's; the others exist for the tests (which run
-    the GPU's code paths on the CPU) and for the benchmarks' A/B comparisons.
-    """
-
-    # The 192-channel causal convs with their epilogues through the Triton kernel (kernels/split_conv.py) where it
-    # runs (Hopper); off: cuDNN and the separate passes.
-    split_conv: bool = True
-    # The mid attention through the flash-style Triton kernel (kernels/mid_attention.py) where Triton runs; off:
-    # blocked GEMMs with a float32 softmax on every device.
-    mid_attention_kernel: bool = True
-    # When the full-resolution stages run in pieces, the decoder's spatial-only upsampler before them runs on those
-    # pieces too, so its full-resolution output never exists for all frames at once; off: on all frames (other
-    # conv calls, same arithmetic).
-    piece_upsampler: bool = True
-    # The zero-padded convs (RGB in and out, PADDED_OUT widths) off CUDA too, where nothing gains from them: lets
-    # the CPU tests run the code the GPU runs.
-    pad_off_cuda: bool = False
-    # cuDNN times its algorithms once per shape during the forward (streamed chunks repeat a few shapes).
-    cudnn_benchmark: bool = True
 
 
 def supports_fast_forward(vae: AutoencoderKLWan) -> bool:
