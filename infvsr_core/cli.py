@@ -226,61 +226,19 @@ def check_output(args: argparse.Namespace) -> None:
 
 def upscale_command(args: argparse.Namespace) -> int:
     """The `upscale` command: checks first, then the film loop, then one line saying what was written."""
-    from .errors import UsageError
-
-    if args.scale < 1:
-        raise UsageError(f"--scale must be >= 1, got {args.scale}")
-    if args.start < 0 or (args.frames is not None and args.frames < 1):
-        raise UsageError("--start must be >= 0 and --frames >= 1")
-    if (args.spill_dir is None) != (args.host_memory is None):
-        raise UsageError("--spill-dir and --host-memory go together")
-    if args.spill_dir is not None and args.offload == "none":
-        raise UsageError("--spill-dir needs --offload histories, state or all (with 'none' nothing is offloaded)")
+    check_arguments(args)
     check_output(args)  # before the input is decoded and several GB of weights load
 
     from tqdm import tqdm
 
     from .film import Film, FilmProgress
-    from .io import BackgroundWriter, VideoReader, VideoWriter
-    from .loader import load_pipeline
+    from .io import VideoReader
 
-    codec = args.codec
-    if codec == "auto":
-        codec = "png" if args.output.suffix == "" or args.output.is_dir() else "h264"
     with VideoReader(args.input, start=args.start, max_frames=args.frames, fps=args.fps) as reader:
-        info = reader.info
-        pipe = load_pipeline(
-            args.models,
-            device=args.device,
-            dtype=args.dtype,
-            offload=args.offload,
-            vae_seams=args.seams,
-            spill_dir=args.spill_dir,
-            host_memory_gib=args.host_memory,
-        )
-        pipe.dit.attention_backend = args.attention
-        audio = info.has_audio and not args.no_audio and codec != "png" and not info.is_image_sequence
-
-        def open_writer(first) -> BackgroundWriter:
-            # Encoding runs on a worker thread, under the next chunk's GPU work.
-            return BackgroundWriter(
-                VideoWriter(
-                    args.output,
-                    info.fps,
-                    codec=codec,
-                    crf=args.crf,
-                    pix_fmt=args.pix_fmt,
-                    prores_profile=args.prores_profile,
-                    audio_from=args.input if audio else None,
-                    audio_start=first.pts_seconds[0] if audio else 0.0,
-                    overwrite=args.overwrite,
-                )
-            )
-
         film = Film(
-            pipe,
+            _load_pipeline(args),
             reader,
-            open_writer,
+            _writer_factory(args, reader.info),
             scale=args.scale,
             detect_scenes=not args.no_scene_detect,
             scene_threshold=args.scene_threshold,
@@ -293,19 +251,17 @@ def upscale_command(args: argparse.Namespace) -> int:
             bar.update(progress.frames_done - bar.n)
 
         film.on_progress = show
-
         try:
             result = film.run()
         except KeyboardInterrupt as stop:
-            bar.close()
             print(f"{_stop_word(stop)}: {_kept(film)}", file=sys.stderr)
             return 128 + getattr(stop, "signum", signal.SIGINT)
         except Exception as error:
-            bar.close()
             if not film.kept:
                 raise
             return _report_error(error, args, f"; {_kept(film)}")
-        bar.close()
+        finally:
+            bar.close()
     if result.damage is not None:
         print(
             f"error: {result.damage}; kept the {result.frames} frames before it in {result.path} "
@@ -320,3 +276,61 @@ def upscale_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Option values that cannot work together, refused before anything is opened."""
+    from .errors import UsageError
+
+    if args.scale < 1:
+        raise UsageError(f"--scale must be >= 1, got {args.scale}")
+    if args.start < 0 or (args.frames is not None and args.frames < 1):
+        raise UsageError("--start must be >= 0 and --frames >= 1")
+    if (args.spill_dir is None) != (args.host_memory is None):
+        raise UsageError("--spill-dir and --host-memory go together")
+    if args.spill_dir is not None and args.offload == "none":
+        raise UsageError("--spill-dir needs --offload histories, state or all (with 'none' nothing is offloaded)")
+
+
+def _load_pipeline(args: argparse.Namespace):
+    from .loader import load_pipeline
+
+    pipe = load_pipeline(
+        args.models,
+        device=args.device,
+        dtype=args.dtype,
+        offload=args.offload,
+        vae_seams=args.seams,
+        spill_dir=args.spill_dir,
+        host_memory_gib=args.host_memory,
+    )
+    pipe.dit.attention_backend = args.attention
+    return pipe
+
+
+def _writer_factory(args: argparse.Namespace, info):
+    """The film loop opens the writer on its first chunk: the audio is cut from that chunk's first timestamp."""
+    from .io import BackgroundWriter, VideoWriter
+
+    codec = args.codec
+    if codec == "auto":
+        codec = "png" if args.output.suffix == "" or args.output.is_dir() else "h264"
+    audio = info.has_audio and not args.no_audio and codec != "png" and not info.is_image_sequence
+
+    def open_writer(first) -> BackgroundWriter:
+        # Encoding runs on a worker thread, under the next chunk's GPU work.
+        return BackgroundWriter(
+            VideoWriter(
+                args.output,
+                info.fps,
+                codec=codec,
+                crf=args.crf,
+                pix_fmt=args.pix_fmt,
+                prores_profile=args.prores_profile,
+                audio_from=args.input if audio else None,
+                audio_start=first.pts_seconds[0] if audio else 0.0,
+                overwrite=args.overwrite,
+            )
+        )
+
+    return open_writer
