@@ -24,7 +24,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -264,6 +264,68 @@ def deferred_pushes(pipe, height: int, width: int, args) -> int:
     return 0
 
 
+@contextmanager
+def synchronized_ms(into: list[float]) -> Iterator[None]:
+    """The body's synchronized wall time, in ms, appended to `into`."""
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    yield
+    torch.cuda.synchronize()
+    into.append(1000 * (time.perf_counter() - begin))
+
+
+class StageTimer:
+    """Synchronized wall times (ms) of the pipeline's stages (`stage`, its `stage_hook`) and, while `recording`,
+    of the VAE's calls (`call`, its `call_hook`: each tile's, when tiled)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, list[float]] = defaultdict(list)
+        self.calls: dict[tuple[str, tuple[int, int]], list[float]] = defaultdict(list)
+        self.recording = False
+
+    def stage(self, label: str) -> AbstractContextManager[None]:
+        return synchronized_ms(self.stages[label])
+
+    def call(self, name: str, size: tuple[int, int]) -> AbstractContextManager[None]:
+        return synchronized_ms(self.calls[name, size]) if self.recording else nullcontext()
+
+
+def staged_chunks(pipe, height: int, width: int, args) -> int:
+    """Six chunks pushed with a `StageTimer` as the stage hook (and the VAE's call hook, with --tiles); the
+    last chunk's encode, DiT and decode each under its own profiler. Prints the times of chunks 4-5."""
+    clip = synthetic_clip(9 + 12 * 5, height, width, torch.device("cpu"))
+    session = pipe.new_session(args.scale)
+    timer = StageTimer()
+
+    def last_chunk(label: str) -> AbstractContextManager[None]:
+        return profiled(label, args.top, args.copies) if label in PROFILED_STAGES else timer.stage(label)
+
+    if args.tiles:
+        pipe.vae.call_hook = timer.call
+    start = 0
+    try:
+        for index, size in enumerate((9, 12, 12, 12, 12, 12)):
+            timer.recording = index in (3, 4)
+            pipe.stage_hook = last_chunk if index == 5 else timer.stage
+            pipe.push(session, clip[start : start + size])
+            start += size
+    finally:
+        pipe.stage_hook = None
+        pipe.vae.call_hook = None
+    print("\nwall time per stage, synchronized, chunks 4-5 (unprofiled):")
+    for label, values in timer.stages.items():
+        if values[3:5]:
+            print(f"   {label}: " + " / ".join(f"{v:.1f}" for v in values[3:5]) + " ms")
+    if timer.calls:
+        print("\nVAE calls (encode or decode, input height x width), synchronized, chunks 4-5, ms per call:")
+        for (name, shape), values in sorted(timer.calls.items()):
+            print(f"   {name} {shape[0]}x{shape[1]}: {len(values)} calls, mean {sum(values) / len(values):.1f}")
+    scene = session.scene
+    kv_bytes = sum(t.numel() * t.element_size() for t in [*scene.kv_cache.keys, *scene.kv_cache.values])
+    print(f"\nstate: VAE history {gib(scene.vae_history.nbytes()):.2f} GiB, KV cache {gib(kv_bytes):.2f} GiB")
+    return 0
+
+
 @torch.inference_mode()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,61 +351,8 @@ def main() -> int:
         return whole_push(pipe, height, width, args)
     if args.deferred:
         return deferred_pushes(pipe, height, width, args)
-    clip = synthetic_clip(9 + 12 * 5, height, width, torch.device("cpu"))
-    session = pipe.new_session(args.scale)
-    walls: dict[str, list[float]] = defaultdict(list)
-    calls: dict[tuple[str, tuple[int, ...]], list[float]] = defaultdict(list)
-    recording = [False]
+    return staged_chunks(pipe, height, width, args)
 
-    @contextmanager
-    def timed(label: str) -> Iterator[None]:
-        """The pipeline's stage hook for the warm chunks: each stage's synchronized wall time."""
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
-        yield
-        torch.cuda.synchronize()
-        walls[label].append(1000 * (time.perf_counter() - begin))
-
-    @contextmanager
-    def timed_call(name: str, size: tuple[int, int]) -> Iterator[None]:
-        """The VAE's call hook (--tiles): each encoder/decoder call's (each tile's) synchronized wall time."""
-        if not recording[0]:
-            yield
-            return
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
-        yield
-        torch.cuda.synchronize()
-        calls[name, size].append(1000 * (time.perf_counter() - begin))
-
-    def last_chunk(label: str):
-        """The stage hook for the last chunk: the three large stages each under its own profiler."""
-        return profiled(label, args.top, args.copies) if label in PROFILED_STAGES else timed(label)
-
-    if args.tiles:
-        pipe.vae.call_hook = timed_call
-    start = 0
-    try:
-        for index, size in enumerate((9, 12, 12, 12, 12, 12)):
-            recording[0] = index in (3, 4)
-            pipe.stage_hook = last_chunk if index == 5 else timed
-            pipe.push(session, clip[start : start + size])
-            start += size
-    finally:
-        pipe.stage_hook = None
-        pipe.vae.call_hook = None
-    print("\nwall time per stage, synchronized, chunks 4-5 (unprofiled):")
-    for label, values in walls.items():
-        if values[3:5]:
-            print(f"   {label}: " + " / ".join(f"{v:.1f}" for v in values[3:5]) + " ms")
-    if calls:
-        print("\nVAE calls (encode or decode, input height x width), synchronized, chunks 4-5, ms per call:")
-        for (name, shape), values in sorted(calls.items()):
-            print(f"   {name} {shape[0]}x{shape[1]}: {len(values)} calls, mean {sum(values) / len(values):.1f}")
-    scene = session.scene
-    kv_bytes = sum(t.numel() * t.element_size() for t in [*scene.kv_cache.keys, *scene.kv_cache.values])
-    print(f"\nstate: VAE history {gib(scene.vae_history.nbytes()):.2f} GiB, KV cache {gib(kv_bytes):.2f} GiB")
-    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

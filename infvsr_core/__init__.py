@@ -1,6 +1,7 @@
 """InfVSR streaming video super-resolution: a pure-PyTorch core.
 
-`load_pipeline(models_dir)` loads the four published files; a pipeline's
+`load_pipeline(models_dir)` loads the four published files (from `models_dir`, else the
+local Hugging Face cache; `download_weights` fetches them on request); a pipeline's
 `new_session()` starts a stream that `push`, `cut` and `close` advance.
 Names are resolved lazily so that `import infvsr_core` stays cheap.
 """
@@ -12,9 +13,10 @@ from typing import Any
 
 _EXPORTS = {
     "load_pipeline": "loader",
-    "find_weight_file": "loader",
-    "default_models_dir": "loader",
-    "WEIGHT_FILES": "loader",
+    "find_weight_file": "weight_files",
+    "default_models_dir": "weight_files",
+    "WEIGHT_FILES": "weight_files",
+    "download_weights": "download",
     "InfVSRPipeline": "pipeline",
     "InfVSRSession": "session",
     "SceneState": "session",

@@ -1,6 +1,7 @@
 """Command line: upscale a whole film, streaming, in constant memory.
 
     python -m infvsr_core upscale INPUT -o OUTPUT [options]
+    python -m infvsr_core download [--models DIR] [--only dit,vae,ram,dape]
 
 Frames are decoded, upscaled and encoded chunk by chunk; the output appears
 under its final name only when complete. Ctrl-C and SIGTERM (kill, docker stop,
@@ -126,7 +127,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--quiet", action="store_true", help="no progress bar")
     up.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    _add_download_parser(commands)
     return parser
+
+
+def _add_download_parser(commands: argparse._SubParsersAction) -> None:
+    """The `download` command's options (the table of files is data in weight_files, which needs no torch)."""
+    from .weight_files import WEIGHT_FILES
+
+    table = "; ".join(f"{role}: {spec.hub_files[0].label}" for role, spec in WEIGHT_FILES.items())
+    down = commands.add_parser(
+        "download",
+        help="fetch the missing weight files from Hugging Face into the models folder",
+        description="Put the four weight files into the models folder: files already there are skipped; files in "
+        "the local Hugging Face cache are hard-linked (else copied) with no network; the rest are downloaded with "
+        f"huggingface_hub (an interrupted download resumes). Sources: {table}. INFVSR_HF_REPO and "
+        "INFVSR_DAPE_HF_REPO replace the InfVSR and DAPE repositories; HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE "
+        "and HF_TOKEN are huggingface_hub's.",
+    )
+    down.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder to put the files in (default: $INFVSR_MODELS, else models/infvsr of the ComfyUI tree this is "
+        "installed in, else ./models/infvsr, else ~/.cache/infvsr)",
+    )
+    down.add_argument(
+        "--only",
+        type=_roles,
+        default=None,
+        metavar="ROLES",
+        help=f"comma-separated subset of {','.join(WEIGHT_FILES)} (default: all four)",
+    )
+    down.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+
+
+def _roles(text: str) -> list[str]:
+    """`--only`: known roles, comma-separated, each once."""
+    from .weight_files import WEIGHT_FILES
+
+    roles = [r.strip().lower() for r in text.split(",") if r.strip()]
+    unknown = [r for r in roles if r not in WEIGHT_FILES]
+    if unknown or not roles:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown) or 'nothing'}: choose from {', '.join(WEIGHT_FILES)}, comma-separated"
+        )
+    return list(dict.fromkeys(roles))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.command == "download":
+            return download_command(args)
         _check_attention_installed(parser, args.attention)
         return upscale_command(args)
     except KeyboardInterrupt as stop:
@@ -275,6 +324,22 @@ def upscale_command(args: argparse.Namespace) -> int:
             f"{result.frames / max(result.seconds, 1e-9):.2f} fps",
             file=sys.stderr,
         )
+    return 0
+
+
+def download_command(args: argparse.Namespace) -> int:
+    """The `download` command: one line per file (its source and size), then where the files are."""
+    from .download import download_weights
+    from .weight_files import default_models_dir
+
+    folder = args.models if args.models is not None else default_models_dir()
+    try:
+        done = download_weights(folder, args.only, report=print)
+    except KeyboardInterrupt as stop:
+        print(f"{_stop_word(stop)}: an unfinished download resumes when this command runs again", file=sys.stderr)
+        return 128 + getattr(stop, "signum", signal.SIGINT)
+    fetched = sum(f.how != "present" for f in done)
+    print(f"{len(done)} file(s) in {folder}: {fetched} placed now, {len(done) - fetched} already there")
     return 0
 
 

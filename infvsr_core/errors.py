@@ -29,6 +29,11 @@ class WeightFileError(InfVSRError, ValueError):
     """A weight file is missing, unreadable, or does not hold what was expected."""
 
 
+class DownloadError(InfVSRError, OSError):
+    """A weight file could not be fetched: the network is unreachable (or offline mode is on), the repository or
+    file is not found, or access is refused; the message names the file and its repository."""
+
+
 class SpillError(InfVSRError, OSError):
     """A history could not be written to or read from the spill folder (disk full, folder removed...)."""
 

@@ -1,11 +1,15 @@
-"""Find and load the four published InfVSR weight files into an `InfVSRPipeline`."""
+"""Find and load the four published InfVSR weight files into an `InfVSRPipeline`.
+
+The table of the files and the search (folders, then the Hugging Face cache) live in `weight_files`,
+which needs no torch; their names are re-exported here.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -14,93 +18,10 @@ from .dit import CausalWanDiT, DiTConfig
 from .guidance import build_guidance
 from .pipeline import InfVSRPipeline
 from .vae import StreamingVAE, build_vae
+from .weight_files import WEIGHT_FILES, default_models_dir, find_weight_file
+from .weight_files import WEIGHT_SUFFIXES as WEIGHT_SUFFIXES  # re-exported: the nodes list files by it
+from .weight_files import WeightFile as WeightFile  # re-exported, as before the table moved to weight_files
 from .weights import WeightFileError, load_checked, read_state_dict, state_dict_problems
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One published file: its name, what it is, and where users get it."""
-
-    role: str
-    filename: str
-    description: str
-    source: str
-    unwrap: tuple[str, ...] = ()
-
-    @property
-    def stem(self) -> str:
-        return Path(self.filename).stem
-
-
-WEIGHT_FILES: dict[str, WeightFile] = {
-    "dit": WeightFile(
-        "dit",
-        "InfVSR.ckpt",
-        "the InfVSR causal DiT checkpoint (plain state dict, bf16)",
-        "the InfVSR authors' release (github.com/Kai-Liu001/InfVSR, 'pretrained models')",
-    ),
-    "vae": WeightFile(
-        "vae",
-        "Wan2.1_VAE.pth",
-        "the original Wan2.1 causal 3D VAE state dict",
-        "Wan-AI/Wan2.1-T2V-1.3B on Hugging Face (also in the InfVSR release)",
-        unwrap=("model_state", "state_dict"),
-    ),
-    "ram": WeightFile(
-        "ram",
-        "ram_swin_large_14m.pth",
-        "the RAM tagging model ({'model': state dict}); its Swin-L visual encoder and image_proj are used",
-        "xinyu1205/recognize_anything_model on Hugging Face (also in the InfVSR release)",
-        unwrap=("model",),
-    ),
-    "dape": WeightFile(
-        "dape",
-        "DAPE.pth",
-        "the DAPE LoRA for RAM's Swin qkv layers",
-        "the SeeSR release (DAPE.pth; also in the InfVSR release)",
-    ),
-}
-
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
-
-
-def default_models_dir(package_file: str | os.PathLike | None = None) -> Path:
-    """`$INFVSR_MODELS`, else ComfyUI's `models/infvsr` when installed in a ComfyUI tree (found from
-    `package_file`, this module by default), else `./models/infvsr` if it exists, else `~/.cache/infvsr`."""
-    env = os.environ.get("INFVSR_MODELS")
-    if env:
-        return Path(env).expanduser()
-    here = Path(package_file or __file__).resolve()
-    for parent in here.parents:
-        if parent.name == "custom_nodes":
-            return parent.parent / "models" / "infvsr"
-    cwd_models = Path.cwd() / "models" / "infvsr"
-    if cwd_models.is_dir():
-        return cwd_models
-    return Path.home() / ".cache" / "infvsr"
-
-
-def find_weight_file(role: str, folders: list[Path] | Path) -> Path:
-    """The file for `role` in the first folder that has it (any of the accepted suffixes).
-
-    Raises `WeightFileError` naming the file, every folder searched and where it is published.
-    """
-    spec = WEIGHT_FILES[role]
-    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
-    folders = [Path(f) for f in folders]
-    for folder in folders:
-        exact = folder / spec.filename
-        if exact.is_file():
-            return exact
-        for suffix in WEIGHT_SUFFIXES:
-            candidate = folder / (spec.stem + suffix)
-            if candidate.is_file():
-                return candidate
-    searched = ", ".join(f"'{f.resolve()}'" for f in folders) or "(no folder given)"
-    raise WeightFileError(
-        f"missing weight file '{spec.filename}' ({spec.description}); searched {searched}; "
-        f"download it from {spec.source} and put it in one of those folders"
-    )
 
 
 def _autodetect_device() -> torch.device:
@@ -140,6 +61,10 @@ def load_pipeline(
     host_memory_gib: float | None = None,
 ) -> InfVSRPipeline:
     """Load the four published files (explicit paths win over `models_dir` look-up).
+
+    A file not in `models_dir` (default: `default_models_dir()`) is taken from the local Hugging Face cache
+    when a repository that publishes it is cached there (`weight_files.find_weight_file`); nothing is
+    downloaded: `python -m infvsr_core download` (`download.download_weights`) does that on request.
 
     Each file is checked (keys and shapes against the architecture inferred from
     it) before anything is built, and every error names the file. `offload`

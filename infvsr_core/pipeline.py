@@ -49,8 +49,8 @@ class InfVSRPipeline:
     """InfVSR inference over the published networks, streamed chunk by chunk.
 
     `policy` (an `OffloadPolicy`; `offload` is its mode name) says which state
-    and weights live in host memory between uses, for less device memory and
-    the same frames: `OffloadPolicy` describes the modes.
+    and weights live in host memory between uses, for less device memory:
+    `OffloadPolicy` describes the modes.
 
     `stage_hook` (None by default) is for measurements (bench/): when set, each
     stage of a chunk (`STAGES`) runs inside `with stage_hook(name):`, so the
@@ -85,7 +85,6 @@ class InfVSRPipeline:
         self._host_memory = HostMemory()
         self._dit_weights = ModuleOffload(self.dit, self._host_memory)
         self._guidance_weights = ModuleOffload(self.guidance, self._host_memory)
-        self._policy = OffloadPolicy()
         # None: as the VAE was built (its history_device), nothing else offloaded.
         self.offload = offload or ("none" if vae.history_device is None else "histories")
 
@@ -97,7 +96,7 @@ class InfVSRPipeline:
 
     @policy.setter
     def policy(self, policy: OffloadPolicy) -> None:
-        self._apply_policy_to_vae(policy)
+        self.vae.policy = policy
         self._host_memory.pin_memory = policy.pinned
         for weights, on_host in (
             (self._dit_weights, policy.dit_weights_on_host),
@@ -109,11 +108,6 @@ class InfVSRPipeline:
                 weights.to_device(self.device)
         self.dit.graphs.clear()
         self._policy = policy
-
-    def _apply_policy_to_vae(self, policy: OffloadPolicy) -> None:
-        self.vae.history_device = "cpu" if policy.vae_histories_on_host else None
-        self.vae.prefetch = policy.prefetch
-        self.vae.lean = policy.lean
 
     @property
     def offload(self) -> str:

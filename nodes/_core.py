@@ -11,6 +11,7 @@ from __future__ import annotations
 
 if __package__ and "." in __package__:
     from ..infvsr_core import attention, loader, memory
+    from ..infvsr_core.download import download_weights
     from ..infvsr_core.errors import VideoError, WeightFileError
     from ..infvsr_core.film import Film, FilmProgress, frames_to_read
     from ..infvsr_core.io import BackgroundWriter, VideoReader, VideoWriter, probe, unfinished_outputs
@@ -20,8 +21,10 @@ if __package__ and "." in __package__:
     from ..infvsr_core.pipeline import InfVSRPipeline
     from ..infvsr_core.session import InfVSRSession, SceneState
     from ..infvsr_core.vae import SEAMS
+    from ..infvsr_core.vae.fast_blocks import release_derived
 else:
     from infvsr_core import attention, loader, memory
+    from infvsr_core.download import download_weights
     from infvsr_core.errors import VideoError, WeightFileError
     from infvsr_core.film import Film, FilmProgress, frames_to_read
     from infvsr_core.io import BackgroundWriter, VideoReader, VideoWriter, probe, unfinished_outputs
@@ -31,3 +34,4 @@ else:
     from infvsr_core.pipeline import InfVSRPipeline
     from infvsr_core.session import InfVSRSession, SceneState
     from infvsr_core.vae import SEAMS
+    from infvsr_core.vae.fast_blocks import release_derived

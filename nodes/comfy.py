@@ -1,7 +1,7 @@
 """Everything the nodes need from ComfyUI, with stand-ins so the nodes also run without it.
 
-ComfyUI's modules (`folder_paths`, `comfy.model_management`, `comfy.utils`,
-`server`, `comfy_execution`, `comfy_api`) are imported when present. Without
+ComfyUI's modules (`folder_paths`, `comfy.model_management`, `comfy.model_patcher`,
+`comfy.utils`, `server`, `comfy_execution`, `comfy_api`) are imported when present. Without
 them (tests, scripts) the folders come from `set_directories()` or the
 `INFVSR_OUTPUT_DIR` / `INFVSR_INPUT_DIR` / `INFVSR_TEMP_DIR` variables, the
 interrupt is a local exception class that tests raise from a progress hook,
@@ -35,6 +35,7 @@ def _optional_import(name: str) -> Any:
 
 folder_paths = _optional_import("folder_paths")
 model_management = _optional_import("comfy.model_management")
+model_patcher = _optional_import("comfy.model_patcher")
 comfy_utils = _optional_import("comfy.utils")
 _server = _optional_import("server")
 PromptServer = getattr(_server, "PromptServer", None) if _server is not None else None
@@ -223,6 +224,16 @@ def free_device_memory(nbytes: int, device: torch.device) -> None:
         model_management.free_memory(nbytes, device)
     except Exception as e:  # noqa: BLE001 - freeing is an optimisation, never a failure
         log.debug("free_memory failed: %s", e)
+
+
+def manages_models() -> bool:
+    """Whether ComfyUI's model manager is there to hold our networks (`comfy_memory`): inside ComfyUI."""
+    return (
+        model_patcher is not None
+        and hasattr(model_patcher, "ModelPatcher")
+        and hasattr(model_management, "load_models_gpu")
+        and hasattr(model_management, "current_loaded_models")
+    )
 
 
 def empty_cache() -> None:

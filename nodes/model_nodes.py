@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import comfy
-from ._core import SEAMS, WEIGHT_FILES, WeightFileError, loader, memory
+from ._core import SEAMS, WEIGHT_FILES, WeightFileError, download_weights, loader, memory
 from ._core import attention as attention_module
 from .common import check_model
 from .types import GUIDANCE_TYPE, MODEL_TYPE, DAPEGuidance, InfVSRModel
@@ -20,37 +20,82 @@ WEIGHTS_LOCATIONS = ("gpu", "offload to cpu when idle")
 Saved workflows hold these values: they stay as they are."""
 
 
+def _kinds(role: str) -> tuple[str, ...]:
+    """The ComfyUI model folder kinds a slot lists: models/infvsr, and models/vae for the VAE."""
+    return (comfy.MODEL_FOLDER, "vae") if role == "vae" else (comfy.MODEL_FOLDER,)
+
+
+def claimed_by(name: str) -> str | None:
+    """The slot whose published stem a listed file carries (InfVSR, Wan2.1_VAE, ram_swin_large_14m, DAPE; any
+    suffix, any subfolder, any case), or None for a file named otherwise."""
+    stem = Path(name).stem.casefold()
+    return next((role for role, spec in WEIGHT_FILES.items() if spec.stem.casefold() == stem), None)
+
+
 def _choices(role: str) -> list[str]:
-    """The published file name first (so a fresh install shows what to download), then what is there."""
-    kinds = (comfy.MODEL_FOLDER, "vae") if role == "vae" else (comfy.MODEL_FOLDER,)
+    """The published file name first (a fresh install shows what to get; saved workflows stay valid), then the
+    files named for this slot, then the files no slot claims by name, so renamed files still appear; never a
+    file named for another slot."""
     default = WEIGHT_FILES[role].filename
-    found = comfy.list_model_files(kinds)
-    stem = Path(default).stem
-    preferred = [n for n in found if Path(n).stem == stem and n != default]
-    return [default, *preferred, *[n for n in found if n != default and n not in preferred]]
+    found = [n for n in comfy.list_model_files(_kinds(role)) if n != default]
+    return [default, *[n for n in found if claimed_by(n) == role], *[n for n in found if claimed_by(n) is None]]
+
+
+def _slot_tooltip(role: str, what: str) -> str:
+    """The slot's tooltip: what the file is, which files the list shows, and the Hugging Face cache fallback."""
+    spec = WEIGHT_FILES[role]
+    repos = " or ".join(h.repo_id for h in spec.hub_files)
+    return (
+        f"{what} Lists the files named {spec.stem} (any suffix or subfolder) and the files whose name no other "
+        f"slot claims (renamed files). A {spec.stem} choice that is in no model folder is taken from the Hugging "
+        f"Face cache ({repos}) when it is there; download_missing fetches it when it is in neither."
+    )
 
 
 def _searched(role: str) -> list[Path]:
-    kinds = (comfy.MODEL_FOLDER, "vae") if role == "vae" else (comfy.MODEL_FOLDER,)
-    return [folder for kind in kinds for folder in comfy.model_folders(kind)]
+    return [folder for kind in _kinds(role) for folder in comfy.model_folders(kind)]
 
 
 def resolve_weight(role: str, name: str) -> Path:
-    """The file picked for `role`; a missing one raises naming the file, the folders and its source."""
-    kinds = (comfy.MODEL_FOLDER, "vae") if role == "vae" else (comfy.MODEL_FOLDER,)
-    for kind in kinds:
+    """The file picked for `role`: from the model folders; a name of the published file (its stem) also from
+    the Hugging Face cache. A missing one raises naming the file, where it was looked for and its source."""
+    for kind in _kinds(role):
         path = comfy.resolve_model_file(kind, name)
         if path is not None:
             return path
     spec = WEIGHT_FILES[role]
     folders = _searched(role)
-    if name == spec.filename:  # the published name: also accept the other suffixes (.safetensors, ...)
-        return loader.find_weight_file(role, folders)
+    if claimed_by(name) == role:  # the published file under any accepted name: the folders, then the HF cache
+        try:
+            return loader.find_weight_file(role, folders)
+        except WeightFileError as exc:
+            raise WeightFileError(f"{exc}; or switch on this node's download_missing") from None
     searched = ", ".join(f"'{f}'" for f in folders) or "(no model folder is registered)"
     raise WeightFileError(
         f"missing weight file '{name}' for {spec.description}; searched {searched}; "
         f"the published file is '{spec.filename}' from {spec.source}"
     )
+
+
+def fetch_missing(choices: dict[str, str]) -> list[str]:
+    """`download_missing`: fetch the published files that are in no model folder and not in the Hugging Face cache
+    into models/infvsr, through the core's `download_weights` (as `python -m infvsr_core download`); returns the
+    roles fetched. A renamed file that is missing cannot be fetched: loading reports it."""
+    missing = []
+    for role, name in choices.items():
+        if claimed_by(name) != role:
+            continue
+        try:
+            resolve_weight(role, name)
+        except WeightFileError:
+            missing.append(role)
+    if missing:
+        folders = comfy.model_folders(comfy.MODEL_FOLDER)
+        if not folders:
+            raise WeightFileError("download_missing: no models/infvsr folder is registered, so there is nowhere to "
+                                  "put the downloaded files")
+        download_weights(folders[0], missing, report=comfy.log.info)
+    return missing
 
 
 def _state_offload_input() -> dict[str, Any]:
@@ -67,7 +112,8 @@ class LoadInfVSRModel:
 
     DESCRIPTION = (
         "Loads InfVSR (causal DiT, Wan2.1 VAE, RAM Swin-L with DAPE) from models/infvsr/ "
-        "(the VAE may also sit in models/vae/)."
+        "(the VAE may also sit in models/vae/), else from the Hugging Face cache; download_missing fetches "
+        "missing files into models/infvsr/."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (MODEL_TYPE,)
@@ -79,10 +125,14 @@ class LoadInfVSRModel:
         backends = attention_module.backend_names()
         return {
             "required": {
-                "dit": (_choices("dit"), {"tooltip": "InfVSR.ckpt: the fine-tuned causal DiT (models/infvsr)."}),
-                "vae": (_choices("vae"), {"tooltip": "Wan2.1_VAE.pth (models/infvsr or models/vae)."}),
-                "ram": (_choices("ram"), {"tooltip": "ram_swin_large_14m.pth: RAM (its Swin-L reads the reference)."}),
-                "dape": (_choices("dape"), {"tooltip": "DAPE.pth: the LoRA merged into RAM's attention."}),
+                "dit": (_choices("dit"), {"tooltip": _slot_tooltip(
+                    "dit", "InfVSR.ckpt: the fine-tuned causal DiT (models/infvsr).")}),
+                "vae": (_choices("vae"), {"tooltip": _slot_tooltip(
+                    "vae", "Wan2.1_VAE.pth (models/infvsr or models/vae).")}),
+                "ram": (_choices("ram"), {"tooltip": _slot_tooltip(
+                    "ram", "ram_swin_large_14m.pth: RAM (its Swin-L reads the reference).")}),
+                "dape": (_choices("dape"), {"tooltip": _slot_tooltip(
+                    "dape", "DAPE.pth: the LoRA merged into RAM's attention.")}),
                 "dtype": (["auto", "bf16", "fp16", "fp32"], {
                     "default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU."}),
                 "attention": (backends, {
@@ -107,6 +157,12 @@ class LoadInfVSRModel:
                     "tooltip": "With state_offload: system RAM for the offloaded VAE histories (0 = no cap). Past "
                     "it they go to files in ComfyUI's temp folder, deleted as they are read back: same output, "
                     "slower by the disk's time (for 4K, whose histories outgrow most hosts' RAM)."}),
+                "download_missing": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Off: never uses the network. On: a slot set to its published file (InfVSR.ckpt, "
+                    "...) whose file is in no model folder and not in the Hugging Face cache is downloaded from "
+                    "Hugging Face into models/infvsr first (GBs; an interrupted download resumes), as "
+                    "`python -m infvsr_core download` does."}),
             },
         }
 
@@ -123,11 +179,14 @@ class LoadInfVSRModel:
         state_offload: str = "none",
         vae_seams: str = "release",
         host_memory_gib: float = 0.0,
+        download_missing: bool = False,
     ) -> tuple[InfVSRModel]:
         if weights not in WEIGHTS_LOCATIONS:
             raise ValueError(f"weights must be one of {WEIGHTS_LOCATIONS}, got {weights!r}")
-        paths = {role: resolve_weight(role, name) for role, name in (("dit", dit), ("vae", vae), ("ram", ram),
-                                                                        ("dape", dape))}
+        choices = {"dit": dit, "vae": vae, "ram": ram, "dape": dape}
+        if download_missing:
+            fetch_missing(choices)
+        paths = {role: resolve_weight(role, name) for role, name in choices.items()}
         device = comfy.compute_device()
         torch_dtype = loader.parse_dtype(dtype, device)
         idle_weights_on_cpu = weights != "gpu" and device.type != "cpu"

@@ -20,6 +20,16 @@ def _triton_never_fell_back():
     assert not norm_silu._TRITON_BROKEN, norm_silu._TRITON_BROKEN
 
 
+@pytest.fixture(autouse=True)
+def _no_real_hugging_face_cache(monkeypatch, tmp_path_factory):
+    """Weight look-ups fall back to the Hugging Face cache: point it at an empty folder, so a developer's own
+    cached weights never change what a test finds, and keep huggingface_hub offline."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "empty-hf-hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("INFVSR_HF_REPO", "INFVSR_DAPE_HF_REPO"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """The four files in the published formats, tiny configuration, fixed seed."""

@@ -292,6 +292,126 @@ def test_cancel_leaves_a_playable_file(server):
     _check_ended_stream(server, "cancel-test", "InfVSR/cancelled", "interrupted")
 
 
+def _memory(server) -> dict:
+    status, report = _http(server["url"] + "/infvsr/memory")
+    assert status == 200, report
+    return report
+
+
+def _infvsr_models(report: dict) -> list[dict]:
+    """The InfVSR models of a memory report whose three networks ComfyUI holds (or held) as its models."""
+    return [m for m in report["models"] if {n["role"] for n in m["networks"]} == {"dit", "vae", "guidance"}]
+
+
+def _loads(model: dict) -> int:
+    """How many times ComfyUI loaded a model's least loaded network."""
+    return min(n["loads"] for n in model["networks"])
+
+
+def _unloads(model: dict) -> int:
+    """How many times ComfyUI unloaded a model's least unloaded network."""
+    return min(n["unloads"] for n in model["networks"])
+
+
+def _unload_models(server) -> dict:
+    """The UI's "Unload Models" (POST /free), then the memory report once ComfyUI's worker has acted on it."""
+    status, _ = _http(server["url"] + "/free", {"unload_models": True})
+    assert status == 200
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        report = _memory(server)
+        if not any(entry["infvsr"] for entry in report["loaded"]):
+            return report
+        time.sleep(0.2)
+    pytest.fail(f"ComfyUI still holds InfVSR's networks after Unload Models: {_memory(server)}")
+
+
+def _run_stream(server, stream_name: str, prefix: str, frames_per_run: int = 12, during=None) -> Path:
+    """The streaming workflow to its end (one chunk per queue run); `during(chunk)` is called once after a run
+    finished while more are to come. The output file."""
+    workflow = json.loads((ROOT / "workflows" / "infvsr_stream_4x.json").read_text())
+    api = to_api(workflow)
+    loader = next(n for n, v in api.items() if v["class_type"] == "InfVSRVideoStream")
+    combine = next(n for n, v in api.items() if v["class_type"] == "InfVSRVideoCombine")
+    api[loader]["inputs"].update(frames_per_run=frames_per_run, stream_name=stream_name)
+    api[combine]["inputs"]["filename_prefix"] = prefix
+    submit(server, workflow, api)
+    if during is not None:
+        deadline = time.monotonic() + 120
+        while True:
+            _, streams = _http(server["url"] + "/infvsr/streams")
+            mine = [s for s in streams["streams"] if s["stream_name"] == stream_name]
+            if mine and mine[0]["state"] == "running" and mine[0]["frames_done"] >= frames_per_run:
+                during(mine[0]["chunk"])
+                break
+            assert time.monotonic() < deadline and not (mine and mine[0]["state"] != "running"), mine
+            time.sleep(0.02)
+    wait_idle(server)
+    _, streams = _http(server["url"] + "/infvsr/streams")
+    (stream,) = [s for s in streams["streams"] if s["stream_name"] == stream_name]
+    assert stream["state"] == "done" and stream["frames_done"] == FRAMES, stream
+    (output,) = (server["run"] / "output").glob(prefix + "_*.mp4")
+    return output
+
+
+def _frames(path: Path) -> torch.Tensor:
+    from infvsr_core.io import VideoReader
+
+    with VideoReader(path) as reader:
+        return torch.cat(list(reader.read_chunks(64)))
+
+
+def test_comfyui_holds_the_networks_and_unload_models_releases_them(server):
+    """InfVSR's DiT, VAE and visual guidance are models of ComfyUI's model manager: listed while loaded, unloaded
+    (weights on the offload device) by the UI's "Unload Models", loaded back by the next run."""
+    _run_stream(server, "memory-held", "InfVSR/memory_held")
+    report = _memory(server)
+    assert report["managed"] and report["device"] == "cpu"  # --cpu: ComfyUI's load device is the CPU
+    listed = {entry["class"] for entry in report["loaded"] if entry["infvsr"]}
+    assert {"InfVSRDiT", "InfVSRVAE", "InfVSRGuidance"} <= listed, report
+    assert all(entry["loaded_bytes"] == entry["bytes"] > 0 for entry in report["loaded"] if entry["infvsr"])
+    loaded = [m for m in _infvsr_models(report) if all(n["loaded"] for n in m["networks"])]
+    assert loaded, report
+
+    report = _unload_models(server)
+    after = {m["model_id"]: m for m in report["models"]}
+    for model in loaded:
+        for network in after[model["model_id"]]["networks"]:
+            assert not network["loaded"] and network["unloads"] >= 1, network
+            assert network["weights_device"] == after[model["model_id"]]["offload_device"] == "cpu"
+
+    _run_stream(server, "memory-reloaded", "InfVSR/memory_reloaded")
+    report = _memory(server)
+    again = [m for m in report["models"] if m["model_id"] in after and all(n["loaded"] for n in m["networks"])]
+    assert again and all(n["loads"] >= 2 for m in again for n in m["networks"]), report
+
+
+def test_stream_continues_bit_identically_across_an_eviction(server):
+    """Unload Models between two queue runs of a stream: its state (KV cache, VAE histories) stays, its weights
+    go and come back, and the file equals the one of a run without the eviction, frame for frame."""
+    reference = _run_stream(server, "evict-reference", "InfVSR/evict_reference")
+    before = {m["model_id"]: m for m in _infvsr_models(_memory(server))}
+    evicted_at: list[int] = []
+
+    def evict(chunk: int) -> None:
+        """Unload Models while the stream runs: ComfyUI acts on it between two of its runs."""
+        evicted_at.append(chunk)
+        status, _ = _http(server["url"] + "/free", {"unload_models": True})
+        assert status == 200
+        deadline = time.monotonic() + 60
+        while not any(_unloads(m) > _unloads(before[m["model_id"]])
+                      for m in _infvsr_models(_memory(server)) if m["model_id"] in before):
+            assert time.monotonic() < deadline, "ComfyUI did not unload InfVSR's networks"
+            time.sleep(0.05)
+
+    evicted = _run_stream(server, "evict-run", "InfVSR/evict_run", during=evict)
+    assert evicted_at and evicted_at[0] < math.ceil(FRAMES / 12)
+    reloaded = [m for m in _infvsr_models(_memory(server)) if m["model_id"] in before
+                and _loads(m) > _loads(before[m["model_id"]]) and _unloads(m) > _unloads(before[m["model_id"]])]
+    assert reloaded, "the stream's later runs did not load the evicted networks back"
+    assert torch.equal(_frames(evicted), _frames(reference))
+
+
 def _frontend_available() -> bool:
     node_modules = Path(os.environ.get("HARNESS_NODE", "/tmp/comfy-harness-node")) / "node_modules" / "playwright-core"
     return (HARNESS / "screenshot.mjs").is_file() and shutil.which("node") is not None and node_modules.is_dir() and (

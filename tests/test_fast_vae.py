@@ -375,9 +375,10 @@ def test_tiles_take_whole_chunk_calls_when_offloading_unless_lean(vae, vae_calls
 
 @pytest.mark.parametrize("use_norm", [True, False])
 def test_new_cache_entry_reuses_an_uploaded_entry_only(vae, use_norm):
-    """An offloaded history's upload (ArrivingCache, private) takes the conv's new cache entry in its own storage;
-    a resident list's tensors (shared with forked sessions) are never written into. Same values either way."""
-    from infvsr_core.offload import ArrivingCache
+    """An offloaded history's upload (an ArrivingCache: `owns_entries`) takes the conv's new cache entry in its own
+    storage; a resident list's tensors (shared with forked sessions) are never written into. Same values either
+    way."""
+    from infvsr_core.memory import ArrivingCache
 
     block = vae.decoder.up_blocks[-1].resnets[0]
     conv, norm = block.conv1, (block.norm1 if use_norm else None)
@@ -396,7 +397,7 @@ def test_new_cache_entry_reuses_an_uploaded_entry_only(vae, use_norm):
             assert cache[0] is not past and torch.equal(past, kept)
     assert entries["upload"][0] is past  # written in place
     # Once a fork shares an upload's tensors (VAEHistory.fork: copy_cache), the upload is no longer written into.
-    from infvsr_core.offload import copy_cache
+    from infvsr_core.memory import copy_cache
 
     upload = ArrivingCache([past])
     fork = copy_cache(upload)

@@ -228,7 +228,7 @@ def test_model_node_seams_choice_sets_the_tiling(model):
     optional = nodes.LoadInfVSRModel.INPUT_TYPES()["optional"]
     assert optional["vae_seams"][0] == ["release", "smooth"] and optional["vae_seams"][1]["default"] == "release"
     # appended last: saved workflows' widget values keep their positions
-    assert list(optional)[-2:] == ["vae_seams", "host_memory_gib"]
+    assert list(optional)[-3:] == ["vae_seams", "host_memory_gib", "download_missing"]
     (smooth,) = nodes.LoadInfVSRModel().load(*FILES, dtype="fp32", vae_seams="smooth")
     vae = smooth.pipeline.vae
     assert (vae.tile_size, vae.tile_stride, vae.tile_margin) == (128, 80, 16)
@@ -250,6 +250,20 @@ def test_core_state_offload_gives_the_same_frames(model, guidance):
     second = node.upscale(offloaded, guidance, clip[10:], 4, cache=first["result"][1])
     expected = node.upscale(model, guidance, clip, 4)["result"][0]
     assert torch.equal(torch.cat([first["result"][0], second["result"][0]]), expected)
+
+
+def test_model_moves_only_the_weights_the_core_policy_leaves_on_the_device(model):
+    """The idle-weights move (`weights`) leaves the networks the core's offload policy keeps in host memory to
+    the core: the DiT with "all", the visual guidance with "state" and "all"."""
+    pipe = model.pipeline
+    try:
+        for mode in ("none", "histories", "state", "all"):
+            pipe.offload = mode
+            moved = model.modules()
+            assert (pipe.dit in moved) == (not pipe.policy.dit_weights_on_host) == (mode != "all")
+            assert (pipe.guidance in moved) == (mode in ("none", "histories")) and pipe.vae.vae in moved
+    finally:
+        pipe.offload = "none"
 
 
 def test_host_memory_cap_spills_to_the_temp_folder(model, guidance, dirs):

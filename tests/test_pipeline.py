@@ -149,6 +149,28 @@ def test_stage_hook_wraps_every_stage_in_order_and_changes_nothing(tiny_pipeline
     assert seen[::2] == [("enter", n) for n in names] and seen[1::2] == [("exit", n) for n in names]
 
 
+def test_vae_call_hook_sees_each_encoder_and_decoder_call(tiny_pipeline, clip, one_shot):
+    """The VAE's measurement hook (bench/profile_chunk.py --tiles): one encode and one decode call per chunk when
+    untiled, each named with its input's size; the frames are the same with it."""
+    from contextlib import contextmanager
+
+    calls = []
+
+    @contextmanager
+    def hook(name, size):
+        calls.append((name, size))
+        yield
+
+    tiny_pipeline.vae.call_hook = hook
+    try:
+        out = tiny_pipeline.upscale(clip[:21], scale=4)
+    finally:
+        tiny_pipeline.vae.call_hook = None
+    assert torch.equal(out, one_shot[:21])
+    height, width = (-(-n * 4 // 16) * 16 for n in clip.shape[1:3])  # the padded output frame
+    assert calls == [("encode", (height, width)), ("decode", (height // 8, width // 8))] * 2
+
+
 def test_dit_step_is_the_pipelines_dit_stage(tiny_pipeline, clip):
     """`dit_step` (public for measurements) gives what a push computes: the release loop's DiT call."""
     prompt = tiny_pipeline.extract_prompt(clip[0])

@@ -1,4 +1,4 @@
-"""Offloaded VAE histories spilled to a folder past a host memory budget (spill.py), on the CPU, tiny VAE."""
+"""Offloaded VAE histories spilled to a folder past a host memory budget (memory/spill.py), on the CPU, tiny VAE."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_spilled_cache_must_be_read_back_first(vae, tmp_path):
     sv.set_spill(tmp_path, 0.0)
     spilled = sv.spill.write(HostCache([torch.ones(3), None, "Rep", torch.zeros(2, dtype=torch.bfloat16)]))
     with pytest.raises(TypeError, match="read back"):
-        sv._offload.to_device(spilled, torch.device("cpu"))
+        sv._host_memory.to_device(spilled, torch.device("cpu"))
     back = sv.spill.read(spilled)
     assert isinstance(back, HostCache) and back[1] is None and back[2] == "Rep"
     assert torch.equal(back[0], torch.ones(3)) and back[3].dtype == torch.bfloat16

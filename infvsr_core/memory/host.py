@@ -84,8 +84,6 @@ class ArrivingCache(ManagedCache, list):
         keeps an offloaded history in the blocks its upload took. False once `share` handed them out."""
         return self._owns_entries
 
-    private = property(lambda self: self._owns_entries)  # TEMPORARY(memory refactor): until vae/ reads owns_entries
-
     def share(self) -> list:
         """A plain list of the entries (every copy queued and waited for), sharing its tensors with this list,
         which from then on is never written into."""

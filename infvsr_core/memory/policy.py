@@ -24,8 +24,10 @@ class OffloadPolicy:
     offload modes.
 
     Host memory is page-locked on CUDA and copies run on side streams, waited for
-    per tensor where it is read, so they overlap the compute; the frames are bit
-    for bit those of "none" in every mode.
+    per tensor where it is read, so they overlap the compute. Moving state gives
+    bit for bit the same frames; on the GPU the modes also group the VAE's calls
+    differently and only "none" replays CUDA graphs (`StreamingVAE._plan`,
+    `dit_cuda_graphs`): the same arithmetic, so last-bit differences at most.
 
     - "none": everything stays on the device (the fastest, the most memory); the
       DiT may replay its blocks as CUDA graphs.

@@ -259,6 +259,10 @@ def _fits(past: torch.Tensor | None, x: torch.Tensor, shape: tuple[int, ...]) ->
     return past.is_contiguous(memory_format=CL3)
 
 
+_DERIVED_NAMES: set[str] = set()
+"""The attribute names `_derived` caches under (for `release_derived`)."""
+
+
 def _derived(conv: nn.Module, name: str, build, *args):
     """build(conv.weight, *args), cached on the module as `name` until the weight is replaced or changed.
 
@@ -268,9 +272,26 @@ def _derived(conv: nn.Module, name: str, build, *args):
     key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device, *args)
     cached = getattr(conv, name, None)
     if cached is None or cached[0] != key:
+        _DERIVED_NAMES.add(name)
         cached = (key, build(w, *args))
         setattr(conv, name, cached)
     return cached[1]
+
+
+def release_derived(module: nn.Module) -> int:
+    """Drop every weight `_derived` cached on `module` or its submodules; the bytes dropped.
+
+    Why: the cache is a plain attribute, so it stays where it was built when the weights move (`module.to()`
+    moves parameters and buffers only). Its key makes a moved weight rebuild it, but the old copy would hold
+    device memory until then: whoever moves the VAE's weights off the device (ComfyUI evicting it) calls this.
+    """
+    dropped = 0
+    for sub in module.modules():
+        for name in _DERIVED_NAMES:
+            cached = sub.__dict__.pop(name, None)
+            if cached is not None:
+                dropped += cached[1].numel() * cached[1].element_size()
+    return dropped
 
 
 def _padded(conv: nn.Conv3d, in_channels: int | None, out_channels: int | None) -> torch.Tensor:

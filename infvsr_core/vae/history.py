@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..offload import copy_cache
+from ..memory.host import copy_cache
 from .tiles import TileRegion
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,8 +17,9 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-from ..offload import HostOffload, SpilledCache
-from ..spill import DiskSpill
+from ..memory.host import HostMemory, SpilledCache
+from ..memory.policy import OffloadPolicy
+from ..memory.spill import DiskSpill
 from .fast_forward import FastForwardOptions, fast_decoder, fast_encoder, prepare_channels_last, supports_fast_forward
 from .history import TileHistory, VAEHistory, full_resolution_start
 from .tiles import SEAMS, tile_regions, tile_weights
@@ -31,6 +33,8 @@ WHOLE_CHUNK_PIXELS = 600_000
 FULL_RES_FRAMES = 2
 
 Tiling = Literal["auto", "always", "never"]
+CallHook = Callable[[str, tuple[int, int]], AbstractContextManager[Any]]
+"""`StreamingVAE.call_hook`: given "encode" or "decode" and the call's input (height, width), its context."""
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,11 @@ class StreamingVAE:
     survive across its chunks, so a scene streamed in chunks gives exactly the
     whole-clip result while memory stays constant. On top of that: spatial
     tiling of large frames as in the release (tiles.py), histories kept in
-    host memory between uses (`history_device`), and on CUDA a faster forward
-    over the same weights and caches (fast_forward.py); `_plan` decides how
-    each call runs.
+    host memory between uses (`policy`), and on CUDA a faster forward over the
+    same weights and caches (fast_forward.py); `_plan` decides how each call
+    runs. `call_hook` (None by default) is for measurements (bench/): each
+    encoder or decoder call over a chunk (a tile's, when tiled) runs inside
+    `with call_hook("encode" or "decode", (height, width) of its input):`.
     """
 
     def __init__(
@@ -106,13 +112,14 @@ class StreamingVAE:
         its own histories, blended over the overlaps (tiles.py); `tile_margin` > 0 (not the release's) gives each
         tile's outermost latent pixels on inner edges zero weight, for smoother seams (`set_seams`).
 
-        Host offload: `history_device="cpu"` keeps the histories in host memory (pinned on CUDA) between uses, as
+        Host memory: `history_device="cpu"` keeps the histories in host memory (pinned on CUDA) between uses, as
         the release does with tiles: the encoder's while the DiT and the decoder run and vice versa, and every
         tile's but the one being processed. Copies run on side streams and are waited for per cache entry; with
         `prefetch`, the next tile's history is uploaded while the current tile runs (`_blend`) and the pipeline
         starts the decoder's early (`prefetch_decoder`). The values are bit for bit those of the resident path.
+        These three settings make the VAE's first `policy`; a pipeline replaces it with its own.
 
-        `fast` (None: on CUDA), `lean` (the smallest calls: the pipeline's low-VRAM offload "all"),
+        `fast` (None: on CUDA), `lean` (the smallest calls: the low-VRAM policy's),
         `piece_frames` and `whole_chunks` (fast forward only): see `_plan`. `fast_options`: the fast forward's
         switches, read at every call (the benchmarks replace them between runs).
         """
@@ -126,15 +133,19 @@ class StreamingVAE:
         self.threshold_axes = threshold_axes
         self.fast = fast
         self.fast_options = fast_options
-        self.history_device = history_device
-        self.prefetch = prefetch
-        self.lean = lean
         self.piece_frames = piece_frames
         self.whole_chunks = whole_chunks
         self.spill: DiskSpill | None = None
         # The next tile's decoder history is prefetched without its full-resolution entries (`_prefetch`).
         self.defer_full_res = True
-        self._offload = HostOffload()
+        self.call_hook: CallHook | None = None
+        self._host_memory = HostMemory()
+        self.policy = OffloadPolicy(
+            mode="none" if history_device is None else "histories",
+            vae_histories_on_host=history_device is not None,
+            prefetch=prefetch,
+            lean=lean,
+        )
         self.z_dim = int(vae.config.z_dim)
         self._encoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
         self._decoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
@@ -145,6 +156,32 @@ class StreamingVAE:
         self._stats_on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- state
+
+    @property
+    def policy(self) -> OffloadPolicy:
+        """Where the histories live between uses and how they move: the VAE reads `vae_histories_on_host`,
+        `prefetch`, `lean` and `pinned` (`OffloadPolicy`). `InfVSRPipeline.policy` sets it to the pipeline's."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: OffloadPolicy) -> None:
+        self._host_memory.pin_memory = policy.pinned
+        self._policy = policy
+
+    @property
+    def history_device(self) -> Literal["cpu"] | None:
+        """Where the histories live between uses: "cpu" (host memory) or None (the VAE's device); see `policy`."""
+        return "cpu" if self._policy.vae_histories_on_host else None
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether uploads are queued ahead of their use (`policy.prefetch`)."""
+        return self._policy.prefetch
+
+    @property
+    def lean(self) -> bool:
+        """Whether the calls are the smallest (`policy.lean`)."""
+        return self._policy.lean
 
     def set_seams(self, name: str) -> None:
         """Tile stride and margin from `SEAMS` by name; takes effect for scenes started after."""
@@ -214,12 +251,12 @@ class StreamingVAE:
         if self.whole_chunks != "auto":
             whole = bool(self.whole_chunks)
         elif tiled:
-            whole = not self.lean
+            whole = not self._policy.lean
         else:
-            whole = self.history_device is None and pixels <= WHOLE_CHUNK_PIXELS
+            whole = not self._policy.vae_histories_on_host and pixels <= WHOLE_CHUNK_PIXELS
         if self.piece_frames != "auto":
             pieces = self.piece_frames
-        elif self.history_device is not None:
+        elif self._policy.vae_histories_on_host:
             pieces = TEMPORAL_FACTOR if tiled and whole else FULL_RES_FRAMES
         else:
             pieces = TEMPORAL_FACTOR if whole and not tiled else None
@@ -234,13 +271,13 @@ class StreamingVAE:
         if isinstance(cache, SpilledCache):
             cache = cache.spill.read(cache)
         # A cache left in host memory is brought back even if offloading was switched off since.
-        cache = self._offload.to_device(cache, self._params()[0])
+        cache = self._host_memory.to_device(cache, self._params()[0])
         setattr(owner, attr, cache)
         out = run(cache)
-        if self.history_device is not None:
-            host = self._offload.to_host(cache)
+        if self._policy.vae_histories_on_host:
+            host = self._host_memory.to_host(cache)
             del cache
-            if self.spill is not None and self._offload.host_memory()[0] > self.spill.budget:
+            if self.spill is not None and self._host_memory.host_memory()[0] > self.spill.budget:
                 host = self.spill.write(host)
             setattr(owner, attr, host)
         return out
@@ -255,11 +292,12 @@ class StreamingVAE:
             cache.spill.read_ahead(cache)  # the disk is the slow part: the upload waits for its turn
         else:
             count = full_resolution_start(cache) if ahead else None
-            setattr(owner, attr, self._offload.to_device(cache, self._params()[0], count))
+            setattr(owner, attr, self._host_memory.to_device(cache, self._params()[0], count))
 
     def set_spill(self, folder: str | os.PathLike | None, host_budget_gib: float | None = None) -> None:
         """Cap the host memory of offloaded histories at `host_budget_gib`, spilling the rest to files in `folder`
-        (spill.py); None turns it off for what is offloaded next. Needs `history_device="cpu"` to matter."""
+        (memory/spill.py); None turns it off for what is offloaded next. Needs the histories in host memory
+        (`policy.vae_histories_on_host`) to matter."""
         if folder is None:
             self.spill = None
             return
@@ -272,7 +310,7 @@ class StreamingVAE:
 
         A no-op unless offloading with `prefetch` on. Call it before work that the copies can overlap (the DiT).
         """
-        if self.history_device is None or not self.prefetch:
+        if not (self._policy.vae_histories_on_host and self._policy.prefetch):
             return
         if history.tiles is None:
             self._prefetch(history, "decoder_cache")
@@ -281,11 +319,11 @@ class StreamingVAE:
 
     def host_memory(self) -> tuple[int, int]:
         """(bytes of offloaded history in host memory, bytes of page-locked blocks kept for reuse)."""
-        return self._offload.host_memory()
+        return self._host_memory.host_memory()
 
     def trim_host_memory(self) -> int:
-        """Free the offload's unused page-locked host blocks (see `HostOffload.trim`); bytes freed."""
-        return self._offload.trim()
+        """Free the unused page-locked host blocks (see `HostMemory.trim`); bytes freed."""
+        return self._host_memory.trim()
 
     def _stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The latent mean and 1/std on `device` in `dtype` (uploaded once: an upload would wait for the GPU)."""
@@ -387,8 +425,16 @@ class StreamingVAE:
     def _run(self, value: torch.Tensor, history: VAEHistory, attr: str, run: Any, pixels_in: bool) -> torch.Tensor:
         """run(value, cache) with the history's `attr` cache, or per tile (blended) when the scene is tiled."""
         if history.tiles is None:
-            return self._with_cache(history, attr, lambda cache: run(value, cache))
+            return self._call(history, attr, value, lambda cache: run(value, cache))
         return self._blend(value, history, attr, run, pixels_in)
+
+    def _call(self, owner: Any, attr: str, value: torch.Tensor, run: Callable[[list], torch.Tensor]) -> torch.Tensor:
+        """`_with_cache(owner, attr, run)` on input `value`, inside `call_hook`'s context when one is set."""
+        if self.call_hook is None:
+            return self._with_cache(owner, attr, run)
+        name = "encode" if attr == "encoder_cache" else "decode"
+        with self.call_hook(name, (int(value.shape[-2]), int(value.shape[-1]))):
+            return self._with_cache(owner, attr, run)
 
     def _blend(self, value: torch.Tensor, history: VAEHistory, attr: str, run: Any, pixels_in: bool) -> torch.Tensor:
         """Run `run(tile_input, tile_cache)` per tile (its `attr` cache) and blend the outputs (float32 sums)."""
@@ -405,10 +451,10 @@ class StreamingVAE:
         for index, (region, tile) in enumerate(tiles):
             top, bottom, left, right = region
             piece = value[..., top * in_factor : bottom * in_factor, left * in_factor : right * in_factor]
-            if self.prefetch and self.history_device is not None and index + 1 < len(tiles):
+            if self._policy.prefetch and self._policy.vae_histories_on_host and index + 1 < len(tiles):
                 self._prefetch(tile, attr)  # this tile's upload is queued before the next one's
                 self._prefetch(tiles[index + 1][1], attr, ahead=attr == "decoder_cache" and self.defer_full_res)
-            out = self._with_cache(tile, attr, lambda cache: run(piece, cache))  # noqa: B023
+            out = self._call(tile, attr, piece, lambda cache: run(piece, cache))  # noqa: B023
             if total is None:
                 total = out.new_zeros(
                     (*out.shape[:3], latent_frame[0] * out_factor, latent_frame[1] * out_factor), dtype=torch.float32

@@ -1,4 +1,5 @@
-"""Host offload of the causal state (VAE histories, KV cache, DiT weights): bit for bit the resident path.
+"""The memory package (infvsr_core/memory/): the offload policy, and state and weights in host memory between
+uses (VAE histories, KV cache, DiT weights), bit for bit the resident path.
 
 On the CPU the "host copy" is just another tensor, so these tests run the
 offload code path (HostCache / ArrivingCache lists, per-tile moves, prefetch,
@@ -11,7 +12,17 @@ import pytest
 import torch
 
 from infvsr_core.loader import load_pipeline
-from infvsr_core.offload import ArrivingCache, HostCache, HostOffload, PinnedPool, WindowedUpload, copy_cache
+from infvsr_core.memory import (
+    OFFLOAD_MODES,
+    ArrivingCache,
+    HostCache,
+    HostMemory,
+    ManagedCache,
+    OffloadPolicy,
+    PinnedPool,
+    WindowedUpload,
+    copy_cache,
+)
 from infvsr_core.vae import TINY_VAE_BASE_DIM, CallPlan, StreamingVAE, build_vae, random_vae_state_dict
 
 from .conftest import make_clip, smooth_vae_clip
@@ -67,16 +78,16 @@ def test_histories_in_host_memory_are_bit_identical(vae, clip, fast, whole, tile
 def test_host_offload_lists(vae):
     sv = StreamingVAE(vae, history_device="cpu")
     tensors = [torch.randn(2, 3), None, "Rep", torch.randn(4).to(torch.bfloat16)]
-    host = sv._offload.to_host(tensors)
+    host = sv._host_memory.to_host(tensors)
     assert isinstance(host, HostCache) and host[1] is None and host[2] == "Rep"
     assert host[0] is not tensors[0] and torch.equal(host[0], tensors[0]) and host[3].dtype == torch.bfloat16
-    assert sv._offload.to_host(host) is host  # already there
-    back = sv._offload.to_device(host, torch.device("cpu"))
+    assert sv._host_memory.to_host(host) is host  # already there
+    back = sv._host_memory.to_device(host, torch.device("cpu"))
     assert isinstance(back, ArrivingCache) and torch.equal(back[3], tensors[3]) and back[0] is not host[0]
     plain = [torch.ones(1)]
-    assert sv._offload.to_device(plain, torch.device("cpu")) is plain  # not offloaded: left as it is
+    assert sv._host_memory.to_device(plain, torch.device("cpu")) is plain  # not offloaded: left as it is
     channels_last = torch.randn(1, 4, 2, 3, 5).contiguous(memory_format=torch.channels_last_3d)
-    assert sv._offload.to_host([channels_last])[0].stride() == channels_last.stride()
+    assert sv._host_memory.to_host([channels_last])[0].stride() == channels_last.stride()
     with pytest.raises(ValueError, match="history_device"):
         StreamingVAE(vae, history_device="cuda")
 
@@ -134,10 +145,10 @@ def test_low_vram_loader_option(tiny_models):
 
 
 def test_windowed_upload_reads_a_host_list_entry_by_entry():
-    offload = HostOffload()
+    host_memory = HostMemory()
     layers = [torch.randn(3, 4) for _ in range(4)]
-    host = offload.to_host(layers)
-    window = WindowedUpload(host, offload, torch.device("cpu"), ahead=1)
+    host = host_memory.to_host(layers)
+    window = WindowedUpload(host, host_memory, torch.device("cpu"), ahead=1)
     assert len(window) == 4
     first = window[0]
     assert torch.equal(first, layers[0]) and first is not host[0]
@@ -153,27 +164,27 @@ def test_windowed_upload_reads_a_host_list_entry_by_entry():
 
 def test_consuming_windowed_upload_frees_each_host_entry_once_queued():
     """A KV cache being replaced: each layer's pinned block is free for a new layer as soon as it is uploaded."""
-    offload = HostOffload()
+    host_memory = HostMemory()
     layers = [torch.randn(3, 4) for _ in range(4)]
-    host = offload.to_host(layers)
+    host = host_memory.to_host(layers)
     forked = copy_cache(host)  # a forked session's list keeps its own references
-    window = WindowedUpload(host, offload, torch.device("cpu"), ahead=1, consume=True)
+    window = WindowedUpload(host, host_memory, torch.device("cpu"), ahead=1, consume=True)
     assert torch.equal(window[0], layers[0])
     assert host[0] is None and host[1] is None and host[2] is not None  # entry 1 was queued one ahead
-    assert offload.pool.free_bytes == 0  # the fork still holds both blocks
+    assert host_memory.pool.free_bytes == 0  # the fork still holds both blocks
     del forked
-    assert offload.pool.free_bytes == 2 * 12 * 4
+    assert host_memory.pool.free_bytes == 2 * 12 * 4
     assert all(torch.equal(window[i], layers[i]) for i in (1, 2, 3)) and all(h is None for h in host)
-    assert offload.pool.used_bytes == 0
+    assert host_memory.pool.used_bytes == 0
 
 
 def test_download_and_host_list():
-    offload = HostOffload()
+    host_memory = HostMemory()
     tensors = [torch.randn(5), torch.randn(2, 2)]
-    host = offload.host_list([offload.download(t) for t in tensors], torch.device("cpu"))
+    host = host_memory.host_list([host_memory.download(t) for t in tensors], torch.device("cpu"))
     assert isinstance(host, HostCache) and host.ready is None
     assert all(h is not t and torch.equal(h, t) for h, t in zip(host, tensors, strict=True))
-    back, event = offload.upload(host[0], torch.device("cpu"))
+    back, event = host_memory.upload(host[0], torch.device("cpu"))
     assert event is None and torch.equal(back, tensors[0]) and back is not host[0]
 
 
@@ -246,16 +257,16 @@ def test_pinned_pool_hands_out_exact_tensors_and_reuses_released_blocks():
 
 def test_host_offload_keeps_reusing_the_same_blocks_chunk_after_chunk():
     """A history replaced every chunk: the pool settles at the live state plus one released set."""
-    offload = HostOffload()
-    history = offload.to_host([torch.randn(2, 3), torch.randn(4)])
+    host_memory = HostMemory()
+    history = host_memory.to_host([torch.randn(2, 3), torch.randn(4)])
     for step in range(5):
-        values = [t + step for t in offload.to_device(history, torch.device("cpu")).settle()]
-        history = offload.to_host(values)
+        values = [t + step for t in host_memory.to_device(history, torch.device("cpu")).settle()]
+        history = host_memory.to_host(values)
         assert all(torch.equal(h, v) for h, v in zip(history, values, strict=True))
-    assert offload.pool.used_bytes == (6 + 4) * 4 and offload.pool.free_bytes <= (6 + 4) * 4
+    assert host_memory.pool.used_bytes == (6 + 4) * 4 and host_memory.pool.free_bytes <= (6 + 4) * 4
     del history, values
-    assert offload.trim() == (6 + 4) * 4 * 2
-    assert offload.pool.free_bytes == 0 and offload.pool.used_bytes == 0
+    assert host_memory.trim() == (6 + 4) * 4 * 2
+    assert host_memory.pool.free_bytes == 0 and host_memory.pool.used_bytes == 0
 
 
 def test_pinned_pool_out_of_host_memory_is_a_clear_error():
@@ -268,7 +279,7 @@ def test_pinned_pool_out_of_host_memory_is_a_clear_error():
 
 
 def test_to_device_async_keeps_values_and_cpu_tensors():
-    from infvsr_core.offload import to_device_async
+    from infvsr_core.memory import to_device_async
 
     t = torch.randn(3, 4, dtype=torch.float64)
     assert to_device_async(t, "cpu") is t
@@ -278,9 +289,9 @@ def test_to_device_async_keeps_values_and_cpu_tensors():
 def test_windowed_upload_start_queues_the_first_entries_now():
     """The pipeline queues the KV cache's first layer before the encoder: `start(n)` uploads entries 0..n-1 at once
     (a consuming window frees their host entries), and reading them later gives the same values."""
-    offload = HostOffload()
+    host_memory = HostMemory()
     layers = [torch.randn(3, 4) for _ in range(3)]
-    window = WindowedUpload(offload.to_host(layers), offload, torch.device("cpu"), consume=True)
+    window = WindowedUpload(host_memory.to_host(layers), host_memory, torch.device("cpu"), consume=True)
     window.start(1)
     assert set(window._items) == {0} and window.host[0] is None and window.host[1] is not None
     window.start(10)  # no further than the list
@@ -289,24 +300,24 @@ def test_windowed_upload_start_queues_the_first_entries_now():
 
 
 def test_partial_upload_queues_the_rest_when_given_again_or_read():
-    offload = HostOffload()
+    host_memory = HostMemory()
     values = [torch.randn(2, 3), None, torch.randn(4), "Rep", torch.randn(5)]
-    host = offload.to_host(values)
+    host = host_memory.to_host(values)
     cpu = torch.device("cpu")
-    partial = offload.to_device(host, cpu, count=2)
+    partial = host_memory.to_device(host, cpu, count=2)
     assert isinstance(partial, ArrivingCache) and partial.pending is not None and partial.pending[2] == [2, 4]
     assert list.__getitem__(partial, 2) is host[2]  # still the host tensor: its upload is not queued yet
     assert list.__getitem__(partial, 0) is not host[0] and torch.equal(list.__getitem__(partial, 0), values[0])
-    assert offload.to_device(partial, cpu) is partial and partial.pending is None  # the rest queued now
+    assert host_memory.to_device(partial, cpu) is partial and partial.pending is None  # the rest queued now
     settled = partial.settle()
     assert settled[1] is None and settled[3] == "Rep"
     for i in (0, 2, 4):
         assert settled[i] is not host[i] and torch.equal(settled[i], values[i])
-    read = offload.to_device(host, cpu, count=1)
+    read = host_memory.to_device(host, cpu, count=1)
     assert torch.equal(read[4], values[4]) and read.pending is None  # a read never sees a host tensor
-    forked = copy_cache(offload.to_device(host, cpu, count=0))
+    forked = copy_cache(host_memory.to_device(host, cpu, count=0))
     assert all(t is not h for t, h in zip(forked, host, strict=True) if isinstance(t, torch.Tensor))
-    assert offload.to_device(host, cpu, count=len(host)).pending is None  # nothing left for later
+    assert host_memory.to_device(host, cpu, count=len(host)).pending is None  # nothing left for later
 
 
 def test_next_tile_decoder_history_comes_without_its_full_resolution_entries(vae, clip, monkeypatch):
@@ -341,3 +352,62 @@ def test_next_tile_decoder_history_comes_without_its_full_resolution_entries(vae
     assert all(tile[i].shape[-2] * tile[i].shape[-1] == largest for i in deferred)  # only full-resolution ones
     tensors = [i for i, t in enumerate(tile) if isinstance(t, torch.Tensor)]
     assert deferred == tensors[tensors.index(deferred[0]) :]  # the decoder's last entries
+
+
+def test_offload_policy_from_each_mode_keeps_more_in_host_memory():
+    """Each mode keeps what the one before keeps, and more; only "all" is lean and never uploads ahead."""
+    policies = [OffloadPolicy.from_mode(mode) for mode in OFFLOAD_MODES]
+    assert [p.mode for p in policies] == ["none", "histories", "state", "all"]
+    fields = ("vae_histories_on_host", "kv_cache_on_host", "guidance_weights_on_host", "dit_weights_on_host")
+    table = [tuple(getattr(p, f) for f in fields) for p in policies]
+    assert table == [
+        (False, False, False, False),
+        (True, False, False, False),
+        (True, True, True, False),
+        (True, True, True, True),
+    ]
+    assert [p.prefetch for p in policies] == [True, True, True, False]
+    assert [p.lean for p in policies] == [False, False, False, True]
+    assert all(p.pinned for p in policies)
+    assert [p.dit_cuda_graphs for p in policies] == [True, False, False, False]
+    assert [p.prefetch_decoder_under_dit for p in policies] == [False, True, False, False]
+    assert [p.lighter_mode() for p in policies] == ["state", "state", "all", None]
+    assert OffloadPolicy() == OffloadPolicy.from_mode("none")
+    with pytest.raises(ValueError, match="offload must be one of none, histories, state, all, got 'everything'"):
+        OffloadPolicy.from_mode("everything")
+
+
+def test_pipeline_hands_its_policy_to_the_vae(tiny_pipeline):
+    """One policy object: the pipeline's is the VAE's, and its pinning reaches both host memories."""
+    import dataclasses
+
+    before = tiny_pipeline.policy
+    try:
+        pageable = dataclasses.replace(OffloadPolicy.from_mode("state"), pinned=False)
+        tiny_pipeline.policy = pageable
+        assert tiny_pipeline.offload == "state" and tiny_pipeline.vae.policy is pageable
+        assert tiny_pipeline.vae.history_device == "cpu"
+        assert not tiny_pipeline._host_memory.pin_memory and not tiny_pipeline.vae._host_memory.pin_memory
+        tiny_pipeline.offload = "none"
+        assert tiny_pipeline.vae.policy == OffloadPolicy.from_mode("none")
+        assert tiny_pipeline.vae.history_device is None and tiny_pipeline._host_memory.pin_memory
+    finally:
+        tiny_pipeline.policy = before
+
+
+def test_managed_caches_say_they_are_not_plain_device_lists():
+    """The DiT's CUDA graphs take plain lists only: every list type of the memory package is a ManagedCache."""
+    host_memory = HostMemory()
+    host = host_memory.to_host([torch.randn(2)])
+    arriving = host_memory.to_device(host, torch.device("cpu"))
+    window = WindowedUpload(host, host_memory, torch.device("cpu"))
+    assert all(isinstance(c, ManagedCache) for c in (host, arriving, window))
+    assert not isinstance([torch.randn(2)], ManagedCache)
+
+
+def test_an_upload_owns_its_entries_until_shared():
+    """The fast VAE forward may write into an upload's entries (its own copies), never once a copy shares them."""
+    upload = HostMemory().to_device(HostCache([torch.randn(2)]), torch.device("cpu"))
+    assert isinstance(upload, ArrivingCache) and upload.owns_entries
+    shared = copy_cache(upload)
+    assert not upload.owns_entries and type(shared) is list and shared[0] is upload[0]
