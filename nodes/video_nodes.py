@@ -112,7 +112,7 @@ class InfVSRVideoStream:
                 "start_frame": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
                 "max_frames": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "0 = to the end."}),
             },
-            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
+            "hidden": {"queued_prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -131,14 +131,14 @@ class InfVSRVideoStream:
         video_input: Any = None,
         start_frame: int = 0,
         max_frames: int = 0,
-        prompt: dict | None = None,
+        queued_prompt: dict | None = None,
         unique_id: str | None = None,
     ) -> Any:
         node = str(unique_id) if unique_id is not None else "stream"
         stream_name = stream_name.strip() or "infvsr"
         marker = None
-        if isinstance(prompt, dict):
-            marker = (prompt.get(node) or {}).get("inputs", {}).get(MARKER_KEY)
+        if isinstance(queued_prompt, dict):  # ComfyUI's PROMPT: the graph this run was queued with
+            marker = (queued_prompt.get(node) or {}).get("inputs", {}).get(MARKER_KEY)
         if not REGISTRY.backend.live:
             install_comfy_backend()
 

@@ -149,7 +149,7 @@ def run_stream_graph(queue, model, guidance, *, frames_per_run: int, fmt: str = 
     results = []
     while True:
         try:
-            out = loader.next_chunk("clip.mp4", frames_per_run, "test", prompt=prompt, unique_id="1")
+            out = loader.next_chunk("clip.mp4", frames_per_run, "test", queued_prompt=prompt, unique_id="1")
             if isinstance(out, tuple) and isinstance(out[0], comfy.Blocked):
                 results.append("blocked")
             else:
@@ -538,7 +538,7 @@ def dirs_output(stream) -> Path:
 def test_stream_stop_button_ends_after_the_chunk(queue, model, guidance, source):
     loader = nodes.InfVSRVideoStream()
     queue.current = "run0"
-    out = loader.next_chunk("clip.mp4", 12, "test", prompt={"1": {"inputs": {}}}, unique_id="1")
+    out = loader.next_chunk("clip.mp4", 12, "test", queued_prompt={"1": {"inputs": {}}}, unique_id="1")
     frames, audio, fps, _info, handle = out["result"]
     assert handle.chunk == 1 and not handle.is_last and len(queue.pending) == 1
     assert REGISTRY.request_stop("test")  # while run 0 is still executing
@@ -556,13 +556,14 @@ def test_stream_run_failing_elsewhere_is_finalized(queue, model, guidance, sourc
     """A run that fails outside the InfVSR nodes: the queued continuation finds it and closes the file."""
     loader = nodes.InfVSRVideoStream()
     queue.current = "run0"
-    frames, audio, fps, _info, handle = loader.next_chunk("clip.mp4", 20, "test", prompt={}, unique_id="1")["result"]
+    run = loader.next_chunk("clip.mp4", 20, "test", queued_prompt={}, unique_id="1")
+    frames, audio, fps, _info, handle = run["result"]
     up = nodes.InfVSRChunkUpscale().upscale(model, guidance, frames, 4, stream=handle, unique_id="2")
     nodes.InfVSRVideoCombine().combine(up["result"][0], fps, "s/fail", "h264-mp4", 18, stream=handle, unique_id="3")
     queue.done["run0"] = "error"  # e.g. a preview node after the combine raised
     prompt_id, node_id, marker = queue.pending.pop(0)
     queue.current = prompt_id
-    blocked = loader.next_chunk("clip.mp4", 20, "test", prompt={node_id: {"inputs": {MARKER_KEY: marker}}},
+    blocked = loader.next_chunk("clip.mp4", 20, "test", queued_prompt={node_id: {"inputs": {MARKER_KEY: marker}}},
                                 unique_id="1")
     assert isinstance(blocked[0], comfy.Blocked)
     stream = REGISTRY.streams["test"]
@@ -577,7 +578,8 @@ def test_stream_cancel_landing_on_the_next_run_before_its_loader_is_an_interrupt
     stopped by its queue being cleared."""
     loader = nodes.InfVSRVideoStream()
     queue.current = "run0"
-    frames, audio, fps, _info, handle = loader.next_chunk("clip.mp4", 10, "test", prompt={}, unique_id="1")["result"]
+    run = loader.next_chunk("clip.mp4", 10, "test", queued_prompt={}, unique_id="1")
+    frames, audio, fps, _info, handle = run["result"]
     queue.done["run0"] = "success"
     prompt_id, _, _ = queue.pending.pop(0)
     queue.current = None
@@ -590,15 +592,15 @@ def test_stream_cancel_landing_on_the_next_run_before_its_loader_is_an_interrupt
 def test_new_run_replaces_a_running_stream_and_orphans_are_polled(queue, model, guidance, source):
     loader = nodes.InfVSRVideoStream()
     queue.current = "run0"
-    first = loader.next_chunk("clip.mp4", 10, "test", prompt={}, unique_id="1")["result"][4]
+    first = loader.next_chunk("clip.mp4", 10, "test", queued_prompt={}, unique_id="1")["result"][4]
     queue.done["run0"], queue.current = "success", None
     queue.pending.clear()  # the user cleared the queue: nothing will continue the stream
     REGISTRY.poll()
     assert REGISTRY.by_id(first.stream_id).state == "stopped"
     queue.current = "run9"
-    second = loader.next_chunk("clip.mp4", 10, "test", prompt={}, unique_id="1")["result"][4]
+    second = loader.next_chunk("clip.mp4", 10, "test", queued_prompt={}, unique_id="1")["result"][4]
     assert second.stream_id != first.stream_id and second.chunk == 1
-    third = loader.next_chunk("clip.mp4", 10, "test", prompt={}, unique_id="1")["result"][4]
+    third = loader.next_chunk("clip.mp4", 10, "test", queued_prompt={}, unique_id="1")["result"][4]
     assert REGISTRY.by_id(second.stream_id) is None and third.chunk == 1  # a fresh queue press restarts
 
 

@@ -152,10 +152,6 @@ class PendingFetch:
         self._host = host
         self._done = done
 
-    @property
-    def frames(self) -> int:
-        return int(self._host.shape[0]) if self._host.ndim else 0
-
     def wait(self) -> torch.Tensor:
         """The host copy (pageable: the page-locked block goes back to the pool for the next fetch)."""
         if self._done is not None:
@@ -179,7 +175,7 @@ class HostMemory:
 
     def __init__(self, pin_memory: bool = True) -> None:
         self.pool = PinnedPool(pin=pin_memory)
-        self._staging = PinnedPool()  # `fetch`'s blocks, each waited for before it goes back to the pool
+        self._staging = PinnedPool()  # `fetch_later`'s blocks, each waited for before it goes back to the pool
         self._streams: dict[tuple[torch.device, str], Any] = {}
 
     @property
@@ -217,17 +213,10 @@ class HostMemory:
                 tensor.record_stream(side)
         return host
 
-    def fetch(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A pageable host copy of `tensor` (a chunk's output frames, for the caller to keep), waited for.
-
-        From CUDA, through a page-locked block and then one host copy: CUDA's own copy into fresh pageable
-        memory holds the host, and leaves the GPU idle, several times longer (bench/RESULTS.md). `fetch_later`
-        is the same copy, waited for when its result is wanted.
-        """
-        return self.fetch_later(tensor).wait()
-
     def fetch_later(self, tensor: torch.Tensor) -> PendingFetch:
-        """`fetch` of `tensor`, queued now and waited for by `PendingFetch.wait`.
+        """A pageable host copy of `tensor` (a chunk's output frames), queued now and waited for by
+        `PendingFetch.wait`. From CUDA it goes through a page-locked block and then one host copy: CUDA's own copy
+        into fresh pageable memory holds the host, and leaves the GPU idle, far longer (bench/RESULTS.md).
 
         The copy runs on its own side stream, after the work queued so far (which produces the tensor), beside
         the next chunk's work rather than ahead of it on the compute stream, and not behind the offloaded
