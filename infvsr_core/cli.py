@@ -34,7 +34,9 @@ CODECS = ("auto", *WRITER_CODECS)
 ATTENTION_CHOICES = ("auto", "flash3", "math", "sdpa")
 """Known backend names: the parser offers them without importing torch; `main` then refuses those this machine lacks."""
 OFFLOAD_MODES = ("none", "histories", "state", "all")
-"""--offload: `memory.OFFLOAD_MODES`, named here without importing torch (`OffloadPolicy` says what each keeps)."""
+"""`memory.OFFLOAD_MODES`, named here without importing torch (`OffloadPolicy` says what each keeps)."""
+OFFLOAD_CHOICES = ("auto", *OFFLOAD_MODES)
+"""--offload: `memory.OFFLOAD_CHOICES` ("auto" picks the fastest mode that fits the GPU, `memory.plan`)."""
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -83,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--offload",
-        choices=OFFLOAD_MODES,
-        default="none",
-        help="keep stream state in host memory between uses: same output, less GPU memory, somewhat slower; each "
+        choices=OFFLOAD_CHOICES,
+        default="auto",
+        help="auto (default): the fastest mode that fits the GPU's free memory, chosen at the first chunk and "
+        "stepped down (the chunk redone) if the GPU runs out of memory anyway; or keep stream state in host memory "
+        "between uses: same output, less GPU memory, somewhat slower; each "
         "mode keeps more there than the one before (all = low VRAM). What each keeps: OffloadPolicy in "
         "infvsr_core/memory/policy.py; each mode's memory and speed: README.md's speed table. On a small card, set "
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
@@ -370,6 +374,8 @@ def _load_pipeline(args: argparse.Namespace):
         host_memory_gib=args.host_memory,
     )
     pipe.dit.attention_backend = args.attention
+    if not args.quiet:
+        pipe.on_plan = lambda line: print(f"memory plan: {line}", file=sys.stderr)
     return pipe
 
 

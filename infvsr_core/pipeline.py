@@ -7,6 +7,7 @@ stream can be resumed from its session object.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -22,10 +23,13 @@ from .guidance import VisualGuidance
 from .memory.host import HostCache, HostMemory, PendingFetch
 from .memory.kv import WindowedUpload
 from .memory.modules import ModuleOffload
-from .memory.policy import OffloadMode, OffloadPolicy
+from .memory.plan import choose_mode
+from .memory.policy import AUTO_MODE, OffloadMode, OffloadPolicy
 from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
 from .session import InfVSRSession, SceneState
 from .vae import StreamingVAE, VAEHistory
+
+log = logging.getLogger(__name__)
 
 StageHook = Callable[[str], AbstractContextManager[Any]]
 """`InfVSRPipeline.stage_hook`: given a stage's name, the context its work runs in."""
@@ -85,6 +89,9 @@ class InfVSRPipeline:
         self._host_memory = HostMemory()
         self._dit_weights = ModuleOffload(self.dit, self._host_memory)
         self._guidance_weights = ModuleOffload(self.guidance, self._host_memory)
+        self.on_plan: Callable[[str], None] = lambda line: log.info("InfVSR memory plan: %s", line)
+        """Told each choice of offload="auto" (at a frame size's first chunk, and at every step down)."""
+        self._planned_size: tuple[int, int] | None = None
         # None: as the VAE was built (its history_device), nothing else offloaded.
         self.offload = offload or ("none" if vae.history_device is None else "histories")
 
@@ -111,12 +118,17 @@ class InfVSRPipeline:
 
     @property
     def offload(self) -> str:
-        """The offload mode's name (`OffloadPolicy.from_mode`); setting it sets `policy`."""
+        """The offload mode's name (`OffloadPolicy.from_mode`); setting it sets `policy`. "auto" picks the
+        fastest mode that fits at a frame size's first chunk (`memory.plan.choose_mode`) and steps down to the
+        next lighter mode when the device runs out of memory anyway, redoing the chunk; reading it then gives
+        the mode in use, and `auto_offload` says that the choice is automatic."""
         return self._policy.mode
 
     @offload.setter
     def offload(self, mode: str) -> None:
-        self.policy = OffloadPolicy.from_mode(mode)
+        self.auto_offload = mode == AUTO_MODE
+        self._planned_size = None
+        self.policy = OffloadPolicy.from_mode("none" if self.auto_offload else mode)
 
     def _stream_kv_cache(self, kv_cache: KVCache | None) -> KVCache | None:
         """An offloaded KV cache as layer-by-layer uploads, the first layer's queued now: called before the
@@ -316,17 +328,42 @@ class InfVSRPipeline:
 
     def _upscale_one_chunk(self, session: InfVSRSession, frames: torch.Tensor) -> PendingFetch:
         """`_run_chunk_stages`, marking the session interrupted when it fails (its caches are then incomplete)
-        and adding what to change to an out-of-memory error."""
-        try:
-            return self._run_chunk_stages(session, frames)
-        except torch.OutOfMemoryError as e:
-            session.interrupted = "out of device memory"
-            self.dit.graphs.clear()
-            raise torch.OutOfMemoryError(f"{e}\n{self._memory_advice(frames)}") from e
-        except BaseException as e:
-            # The caches were being replaced entry by entry: they now mix two chunks.
-            session.interrupted = f"{type(e).__name__}: {e}".strip().rstrip(":")
-            raise
+        and adding what to change to an out-of-memory error. With `auto_offload`, the mode is planned at a frame
+        size's first chunk, and a chunk that runs out of device memory is redone from a copy of the session taken
+        before it, in the next lighter mode (no frame lost or repeated)."""
+        if self.auto_offload:
+            self._plan_for(session, frames)
+        while True:
+            lighter = self._policy.lighter_mode() if self.auto_offload else None
+            before = session.fork() if lighter is not None else None
+            try:
+                return self._run_chunk_stages(session, frames)
+            except torch.OutOfMemoryError as e:
+                self.dit.graphs.clear()
+                if before is None:
+                    session.interrupted = "out of device memory"
+                    raise torch.OutOfMemoryError(f"{e}\n{self._memory_advice(frames)}") from e
+                for name in before.__dataclass_fields__:
+                    setattr(session, name, getattr(before, name))
+                previous, self.policy = self.offload, OffloadPolicy.from_mode(lighter)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.on_plan(f"out of GPU memory with offload={previous!r}: redoing the chunk with {lighter!r}")
+            except BaseException as e:
+                # The caches were being replaced entry by entry: they now mix two chunks.
+                session.interrupted = f"{type(e).__name__}: {e}".strip().rstrip(":")
+                raise
+
+    def _plan_for(self, session: InfVSRSession, frames: torch.Tensor) -> None:
+        """offload="auto": choose the mode for this output size once (it stays until the size changes)."""
+        size = (int(frames.shape[1]) * session.scale, int(frames.shape[2]) * session.scale)
+        if size == self._planned_size or self.device.type != "cuda":
+            return  # off CUDA every mode keeps everything in the same memory: "none", as set
+        mode, why = choose_mode(self, *size)
+        self._planned_size = size
+        if mode != self.offload:
+            self.policy = OffloadPolicy.from_mode(mode)
+        self.on_plan(f"offload={mode!r}: {why}")
 
     def _memory_advice(self, frames: torch.Tensor) -> str:
         """What to change after running out of device memory (the same type is re-raised, for ComfyUI)."""

@@ -100,9 +100,12 @@ def fetch_missing(choices: dict[str, str]) -> list[str]:
 
 def _state_offload_input() -> dict[str, Any]:
     """The core's offload modes (`OffloadPolicy`): which stream state lives in host memory between uses."""
-    return {"state_offload": (list(memory.OFFLOAD_MODES), {
-        "default": "none",
-        "tooltip": "Keep stream state in host memory between uses: same results, less VRAM, each mode keeping "
+    return {"state_offload": (list(memory.OFFLOAD_CHOICES), {
+        "default": "auto",
+        "tooltip": "auto: the fastest mode that fits the GPU's free memory (after ComfyUI freed what it could), "
+        "chosen at a frame size's first chunk and stepped down if the GPU runs out of memory anyway (the chunk is "
+        "redone: no frame lost). Or keep stream state in host memory between uses: same results, less VRAM, each "
+        "mode keeping "
         "more there than the one before (all = low VRAM). What each mode keeps where: OffloadPolicy in "
         "infvsr_core/memory/policy.py; each mode's memory and speed: the README's speed table."})}
 
@@ -176,7 +179,7 @@ class LoadInfVSRModel:
         attention: str = "auto",
         weights: str = "gpu",
         vae_tiling: str = "auto",
-        state_offload: str = "none",
+        state_offload: str = "auto",
         vae_seams: str = "release",
         host_memory_gib: float = 0.0,
         download_missing: bool = False,
@@ -193,7 +196,9 @@ class LoadInfVSRModel:
         if attention not in attention_module.ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; available: "
                              f"{', '.join(sorted(attention_module.ATTENTION_BACKENDS))}")
-        if not idle_weights_on_cpu:
+        # Inside ComfyUI its model manager puts the weights on the device when a node needs them (InfVSRModel).
+        load_on_cpu = idle_weights_on_cpu or comfy.manages_models()
+        if not load_on_cpu:
             comfy.free_device_memory(sum(p.stat().st_size for p in paths.values()) * 2, device)
         extra = {"offload": state_offload} if state_offload != "none" else {}
         if host_memory_gib > 0:
@@ -203,7 +208,7 @@ class LoadInfVSRModel:
             extra.update(spill_dir=comfy.temp_directory() / "infvsr-spill", host_memory_gib=host_memory_gib)
         pipe = loader.load_pipeline(
             dit=paths["dit"], vae=paths["vae"], ram=paths["ram"], dape=paths["dape"],
-            device="cpu" if idle_weights_on_cpu else device, dtype=torch_dtype, vae_tiling=vae_tiling,
+            device="cpu" if load_on_cpu else device, dtype=torch_dtype, vae_tiling=vae_tiling,
             vae_seams=vae_seams,
             **extra,
         )

@@ -18,11 +18,13 @@ from .kv import WindowedUpload
 from .modules import ModuleOffload
 from .pinned import PinnedPool
 from .plan import MemoryNeed, available_memory, check_fits, stream_need
-from .policy import OFFLOAD_MODES, OffloadMode, OffloadPolicy
+from .policy import AUTO_MODE, OFFLOAD_CHOICES, OFFLOAD_MODES, OffloadMode, OffloadPolicy
 from .spill import DiskSpill
 from .transfer import to_device_async
 
 __all__ = [
+    "AUTO_MODE",
+    "OFFLOAD_CHOICES",
     "OFFLOAD_MODES",
     "ArrivingCache",
     "DiskSpill",

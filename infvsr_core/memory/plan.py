@@ -119,3 +119,64 @@ def check_fits(pipe, input_height: int, input_width: int, scale: int) -> None:
         f"a {input_width}x{input_height} input at --scale {scale} gives {width}x{height} frames whose stream state "
         f"alone needs at least {' and '.join(short)}; what would fit: {'; '.join(hints)}"
     )
+
+
+# Working memory of a chunk beyond its state (activations, cuDNN workspaces, the allocator's slack), per pixel of
+# the frame or tile the VAE runs on, per channel of the VAE's base width, per byte of the dtype (calibrated, with
+# the margin below, so that the bench's measured peaks fall under the estimate; see bench/RESULTS.md).
+ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 24
+PLAN_MARGIN = 1.25
+AUTO_ORDER = ("none", "state", "all")
+"""Modes `auto` considers, fastest first ("histories" is never faster than "state" where measured)."""
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def device_need(pipe, height: int, width: int, mode: str) -> int:
+    """Estimated peak device memory of a stream of `height` x `width` output frames in offload `mode`."""
+    from .policy import OffloadPolicy
+
+    policy = OffloadPolicy.from_mode(mode)
+    size = _dtype_bytes(pipe.dtype)
+    pixels = height * width
+    base_dim = int(pipe.vae.vae.config.base_dim)
+    vae = pipe.vae
+    tiled = vae.wants_tiling(height, width)
+    overlap = (vae.tile_size / vae.tile_stride) ** 2 if tiled else 1.0
+    histories = HISTORY_BYTES_PER_PIXEL_CHANNEL * base_dim * size * pixels * overlap
+    config = pipe.dit.config
+    kv_cache = 2 * config.num_layers * config.dim * size * LATENT_FRAMES_PER_CHUNK * math.ceil(pixels / TOKEN_PIXELS)
+    tile_pixels = (vae.tile_size * 8) ** 2 if tiled else pixels
+    activations = ACTIVATION_BYTES_PER_PIXEL_CHANNEL * base_dim * size * min(pixels, tile_pixels)
+    weights = _module_bytes(pipe.vae.vae)
+    weights += 0 if policy.dit_weights_on_host else _module_bytes(pipe.dit)
+    weights += 0 if policy.guidance_weights_on_host else _module_bytes(pipe.guidance)
+    state = (0 if policy.vae_histories_on_host else histories) + (0 if policy.kv_cache_on_host else kv_cache)
+    return int(PLAN_MARGIN * (weights + state + activations))
+
+
+def pick_mode(needs: dict[str, int], free: int) -> str | None:
+    """The first mode of `AUTO_ORDER` whose need fits `free` bytes (None: none fits)."""
+    return next((mode for mode in AUTO_ORDER if needs[mode] <= free), None)
+
+
+def choose_mode(pipe, height: int, width: int, free: int | None = None) -> tuple[str, str]:
+    """The fastest offload mode whose estimated peak fits the device, and one line saying why.
+
+    `free` is the device memory the stream may use (default: what the device has free now, plus what
+    PyTorch's cache already holds, the pipeline's weights included, since all of it is the stream's to use)."""
+    if free is None:
+        if pipe.device.type != "cuda":
+            return "none", "not a GPU: every mode keeps everything in the same memory"
+        free_now, _total = torch.cuda.mem_get_info(pipe.device)
+        free = int(free_now) + int(torch.cuda.memory_reserved(pipe.device))
+    needs = {mode: device_need(pipe, height, width, mode) for mode in AUTO_ORDER}
+    mode = pick_mode(needs, free)
+    if mode is None:
+        return AUTO_ORDER[-1], (
+            f"{width}x{height} output needs about {needs[AUTO_ORDER[-1]] / GIB:.1f} GiB even with offload='all', "
+            f"{free / GIB:.1f} GiB available: trying anyway"
+        )
+    return mode, f"{width}x{height} output needs about {needs[mode] / GIB:.1f} GiB, {free / GIB:.1f} GiB available"

@@ -15,6 +15,10 @@ from typing import Literal
 
 OffloadMode = Literal["none", "histories", "state", "all"]
 OFFLOAD_MODES: tuple[OffloadMode, ...] = ("none", "histories", "state", "all")
+AUTO_MODE = "auto"
+"""Not a policy but a choice of one: the pipeline picks the fastest mode that fits (`memory.plan.choose_mode`)."""
+OFFLOAD_CHOICES: tuple[str, ...] = (AUTO_MODE, *OFFLOAD_MODES)
+"""What the command line and the loader node offer."""
 """The modes from the most device memory to the least; each keeps in host memory what the one before keeps."""
 
 
