@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from . import comfy
-from ._core import InfVSRPipeline, InfVSRSession
+from . import comfy, comfy_memory
+from ._core import InfVSRPipeline, InfVSRSession, release_derived
+from .comfy_memory import ComfyWeights
 
 MODEL_TYPE = "INFVSR_MODEL"
 GUIDANCE_TYPE = "INFVSR_GUIDANCE"
@@ -34,12 +35,13 @@ def _module_bytes(module: torch.nn.Module) -> int:
 class InfVSRModel:
     """A loaded pipeline plus where its weights live between runs.
 
-    With `idle_weights_on_cpu` (the loader's `weights` choice) the networks sit
-    on the CPU while no InfVSR node runs and move to `device` for the duration
-    of a node (`with model.active():`), so an idle InfVSR graph leaves the GPU
-    to the other models of the workflow. Not to be confused with the core's
-    offload policy (`pipeline.policy`), which moves stream state and weights
-    while a node runs.
+    Inside ComfyUI the networks are models of ComfyUI's model manager (`comfy_memory.ComfyWeights`): each node
+    has them loaded for its work (`with model.active(...):`), so ComfyUI first unloads other models to make
+    room, and it may unload ours when another model needs the room or on "Unload Models"; the next node loads
+    them back. With `idle_weights_on_cpu` (the loader's `weights` choice) they are unloaded to the CPU after
+    every node, so an idle InfVSR graph leaves the GPU to the other models of the workflow; outside ComfyUI this
+    handle moves them itself for that. Not to be confused with the core's offload policy (`pipeline.policy`),
+    which moves stream state and weights while a node runs.
     """
 
     pipeline: InfVSRPipeline
@@ -49,6 +51,12 @@ class InfVSRModel:
     attention: str
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _depth: int = 0
+    _comfy: ComfyWeights | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if comfy.manages_models():
+            offload = comfy_memory.offload_device(self.idle_weights_on_cpu)
+            self._comfy = ComfyWeights(self.pipeline, self.device, offload)
 
     @property
     def model_id(self) -> str:
@@ -70,22 +78,47 @@ class InfVSRModel:
             module.to(device)
 
     @contextmanager
-    def active(self) -> Iterator[InfVSRPipeline]:
-        """The pipeline with its weights on the compute device (back on the CPU after, with `idle_weights_on_cpu`)."""
+    def active(
+        self, input_size: tuple[int, int] | None = None, scale: int = 1, new_stream: bool = True
+    ) -> Iterator[InfVSRPipeline]:
+        """The pipeline with its weights on the compute device (back on the CPU after, with `idle_weights_on_cpu`).
+
+        `input_size` (the input frames' height, width), `scale` and `new_stream` (whether the work starts a
+        stream, whose state it will allocate) size the memory ComfyUI makes room for besides the weights
+        (`comfy_memory.working_memory`); None: ComfyUI's minimum.
+        """
         with self._lock:
-            if self.idle_weights_on_cpu and self._depth == 0 and self.device.type != "cpu":
-                comfy.free_device_memory(int(self.weight_bytes() * 1.3), self.device)
-                self._move(self.device)
+            outermost = self._depth == 0
+            if outermost:
+                self._acquire(input_size, scale, new_stream)
             self._depth += 1
             try:
                 yield self.pipeline
             finally:
                 self._depth -= 1
-                if self.idle_weights_on_cpu and self._depth == 0 and self.device.type != "cpu":
-                    # The DiT's CUDA graphs read the weights where they were: their buffers go with them.
-                    self.pipeline.release_graphs()
-                    self._move(torch.device("cpu"))
-                    comfy.empty_cache()
+                if outermost:
+                    self._release()
+
+    def _acquire(self, input_size: tuple[int, int] | None, scale: int, new_stream: bool) -> None:
+        if self._comfy is not None:
+            need = comfy_memory.working_memory(self.pipeline, input_size, scale, new_stream)
+            self._comfy.load(self.modules(), need)
+        elif self.idle_weights_on_cpu and self.device.type != "cpu":
+            comfy.free_device_memory(int(self.weight_bytes() * 1.3), self.device)
+            self._move(self.device)
+
+    def _release(self) -> None:
+        if not self.idle_weights_on_cpu or self.device.type == "cpu":
+            return
+        if self._comfy is not None:
+            self._comfy.unload()  # the patchers drop what was built on the weights' addresses
+            return
+        # Built on the weights' addresses: the DiT's CUDA graphs (with their buffers) and the fast VAE's derived
+        # weights (plain attributes, which `.to()` would leave on the device).
+        self.pipeline.release_graphs()
+        release_derived(self.pipeline.vae.vae)
+        self._move(torch.device("cpu"))
+        comfy.empty_cache()
 
 
 @dataclass(frozen=True, eq=False)

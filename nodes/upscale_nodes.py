@@ -181,7 +181,9 @@ class InfVSRChunkUpscale:
             if notify is not None:
                 notify()
 
-        with model.active() as pipe:
+        session = cache.session
+        size = (int(frames.shape[1]), int(frames.shape[2])) if frames.shape[0] else session.input_size
+        with model.active(size, session.scale, new_stream=session.scene is None) as pipe:
             return advance(pipe, cache, frames, final, on_chunk)
 
 
@@ -286,7 +288,10 @@ class InfVSRUpscaleVideoFile:
                 audio = {SOURCE_KEY: {"path": str(source), "start": first.pts_seconds[0]}}
             return VideoSink(filename_prefix, format, float(reader.info.fps), crf, audio)
 
-        with VideoReader(source, start=start_frame, max_frames=max_frames or None) as reader, model.active() as pipe:
+        with (
+            VideoReader(source, start=start_frame, max_frames=max_frames or None) as reader,
+            model.active((reader.info.height, reader.info.width), int(scale)) as pipe,
+        ):
             film = Film(
                 pipe,
                 reader,

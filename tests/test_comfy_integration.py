@@ -358,7 +358,7 @@ def _frames(path: Path) -> torch.Tensor:
     from infvsr_core.io import VideoReader
 
     with VideoReader(path) as reader:
-        return torch.cat(list(reader.read_chunks(64)))
+        return reader.read_all().frames
 
 
 def test_comfyui_holds_the_networks_and_unload_models_releases_them(server):
