@@ -329,20 +329,12 @@ class VideoReader:
             except av.error.EOFError:
                 break
             except av.error.FFmpegError as e:
-                if self.strict:
-                    raise DamagedVideoError(
-                        f"video file {self.path} is truncated or corrupt: demuxing failed after frame {index} ({e})"
-                    ) from e
-                log.warning("%s: demuxing failed after frame %d (%s); stopping there", self.path, index, e)
+                self._damage(f"demuxing failed after frame {index}", e, "stopping there")
                 break
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as e:
-                if self.strict:
-                    raise DamagedVideoError(
-                        f"video file {self.path} is truncated or corrupt: decoding failed at frame {index} ({e})"
-                    ) from e
-                log.warning("%s: skipping an undecodable packet at frame %d (%s)", self.path, index, e)
+                self._damage(f"decoding failed at frame {index}", e, "skipping the packet")
                 continue
             for frame in frames:
                 t = float(frame.pts * tb) if frame.pts is not None and tb is not None else None
@@ -358,6 +350,12 @@ class VideoReader:
                     return
         if limit is None:
             self._check_complete(container, stream, index, last, step)
+
+    def _damage(self, what: str, error: Exception, then: str) -> None:
+        """A damaged stream: raise (strict), or warn and go on as `then` says."""
+        if self.strict:
+            raise DamagedVideoError(f"video file {self.path} is truncated or corrupt: {what} ({error})") from error
+        log.warning("%s: %s (%s); %s", self.path, what, error, then)
 
     def _check_complete(self, container: Any, stream: Any, count: int, last: float | None, step: float) -> None:
         """Raise when the stream's own length says frames are missing at the end (a cut-off download)."""
