@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stepped down (the chunk redone) if the GPU runs out of memory anyway; or keep stream state in host memory "
         "between uses: same output, less GPU memory, somewhat slower; each "
         "mode keeps more there than the one before (all = low VRAM). What each keeps: OffloadPolicy in "
-        "infvsr_core/memory/policy.py; each mode's memory and speed: README.md's speed table. On a small card, set "
-        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        "infvsr_core/memory/policy.py; each mode's memory and speed: README.md's speed table. "
+        "The command line runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless that variable is set",
     )
     up.add_argument(
         "--spill-dir",
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, _raise_stopped)
     except ValueError:  # not the main thread: leave signals to whoever owns them
         handlers = {}
+    # Before torch is imported: a growable allocator keeps a tight GPU from failing on fragmentation (offloaded
+    # modes allocate and free blocks of many sizes). A value the user set wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = None
     try:
         parser = build_parser()

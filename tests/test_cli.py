@@ -249,3 +249,22 @@ def test_disk_full_leaves_nothing_under_the_final_name(small_clip, tiny_models, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0]
     assert list(tmp_path.iterdir()) == []  # no final file, no temp file
+
+
+def test_the_allocator_setting_is_made_before_torch_loads_and_a_users_wins(tmp_path):
+    """The command line sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for its own process only when the
+    user has not set it (torch reads it at its first CUDA allocation)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; from infvsr_core import cli; "
+        "cli.main(['upscale', 'missing.mp4', '-o', sys.argv[1]]); print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    )
+    out = tmp_path / "o.mp4"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "expandable_segments:True", done.stderr
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "max_split_size_mb:128", done.stderr
