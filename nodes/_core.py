@@ -15,6 +15,7 @@ if __package__ and "." in __package__:
     from ..infvsr_core.errors import VideoError, WeightFileError
     from ..infvsr_core.film import Film, FilmProgress, frames_to_read
     from ..infvsr_core.io import BackgroundWriter, VideoReader, VideoWriter, probe, unfinished_outputs
+    from ..infvsr_core.io.outputs import remove_stale_temps
     from ..infvsr_core.io import audio as core_audio
     from ..infvsr_core.io.formats import FORMATS
     from ..infvsr_core.loader import WEIGHT_FILES, WEIGHT_SUFFIXES
@@ -28,6 +29,7 @@ else:
     from infvsr_core.errors import VideoError, WeightFileError
     from infvsr_core.film import Film, FilmProgress, frames_to_read
     from infvsr_core.io import BackgroundWriter, VideoReader, VideoWriter, probe, unfinished_outputs
+    from infvsr_core.io.outputs import remove_stale_temps
     from infvsr_core.io import audio as core_audio
     from infvsr_core.io.formats import FORMATS
     from infvsr_core.loader import WEIGHT_FILES, WEIGHT_SUFFIXES

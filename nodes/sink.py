@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import audio as audio_io
 from . import comfy
-from ._core import FORMATS, BackgroundWriter, VideoWriter, unfinished_outputs
+from ._core import FORMATS, BackgroundWriter, VideoWriter, remove_stale_temps, unfinished_outputs
 from .common import FILE_FORMAT_TOOLTIP
 from .paths import next_output_path
 from .shutdown import OPEN_OUTPUTS
@@ -58,17 +58,18 @@ def free_output_path(output_dir: Path, prefix: str, extension: str) -> tuple[Pat
 
     Each core writer fills a temporary of its own (`.name.<pid>-<host>-<random>.partial.ext`), which the counter
     scan does not read as `name`: two saves with one prefix (two nodes, or a sink kept open across queue runs)
-    would otherwise pick the same name, and the second to finish would find it taken.
+    would otherwise pick the same name, and the second to finish would find it taken. Temporaries of runs that
+    were killed (their process is gone) are removed on the way.
     """
     path, subfolder, filename = next_output_path(output_dir, prefix, extension)
     suffix = f".{extension}" if extension else ""
-    while unfinished_outputs(path):
+    while True:
+        remove_stale_temps(path)  # a killed run's temporary goes (said in the log): the folder never collects them
         match = re.fullmatch(r"(?P<stem>.+)_(?P<n>\d+)", filename[: len(filename) - len(suffix)])
-        if match is None:  # not a name next_output_path makes: nothing to count up
-            break
+        if not unfinished_outputs(path) or match is None:  # free, or not a name next_output_path makes
+            return path, subfolder, filename
         filename = f"{match['stem']}_{int(match['n']) + 1:05d}{suffix}"
         path = path.with_name(filename)
-    return path, subfolder, filename
 
 
 def _png_bytes(frame: torch.Tensor) -> bytes:

@@ -207,6 +207,30 @@ def test_sink_names_skip_an_output_another_writer_is_still_filling(tmp_path: Pat
     png.abort()
 
 
+def test_the_node_output_folder_does_not_collect_killed_runs_temporaries(tmp_path: Path) -> None:
+    """A save with a prefix whose next name has a killed run's temporary takes that name and removes the
+    temporary; a live run's temporary still moves the counter on."""
+    from nodes.sink import free_output_path
+
+    probe_writer = VideoWriter(tmp_path / "probe.mp4", 25)
+    host = probe_writer.temp_path.name.split(".")[2].split("-")[1]
+    probe_writer.abort()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".clip_00001.{int(ended.stdout)}-{host}-0badc0de.partial.mp4"
+    dead.write_bytes(b"half a video")
+    path, _, name = free_output_path(tmp_path, "clip", "mp4")
+    assert name == "clip_00001.mp4" and not dead.exists()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = tmp_path / f".clip_00001.{sleeper.pid}-{host}-00c0ffee.partial.mp4"
+        live.write_bytes(b"being written")
+        assert free_output_path(tmp_path, "clip", "mp4")[2] == "clip_00002.mp4" and live.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What killed runs leave behind
 # ---------------------------------------------------------------------------------------------------------------
