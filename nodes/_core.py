@@ -15,9 +15,9 @@ if __package__ and "." in __package__:
     from ..infvsr_core.errors import VideoError, WeightFileError
     from ..infvsr_core.film import Film, FilmProgress, frames_to_read
     from ..infvsr_core.io import BackgroundWriter, VideoReader, VideoWriter, probe, unfinished_outputs
-    from ..infvsr_core.io.outputs import remove_stale_temps
     from ..infvsr_core.io import audio as core_audio
     from ..infvsr_core.io.formats import FORMATS
+    from ..infvsr_core.io.outputs import remove_stale_temps
     from ..infvsr_core.loader import WEIGHT_FILES, WEIGHT_SUFFIXES
     from ..infvsr_core.pipeline import InfVSRPipeline
     from ..infvsr_core.session import InfVSRSession, SceneState
@@ -29,9 +29,9 @@ else:
     from infvsr_core.errors import VideoError, WeightFileError
     from infvsr_core.film import Film, FilmProgress, frames_to_read
     from infvsr_core.io import BackgroundWriter, VideoReader, VideoWriter, probe, unfinished_outputs
-    from infvsr_core.io.outputs import remove_stale_temps
     from infvsr_core.io import audio as core_audio
     from infvsr_core.io.formats import FORMATS
+    from infvsr_core.io.outputs import remove_stale_temps
     from infvsr_core.loader import WEIGHT_FILES, WEIGHT_SUFFIXES
     from infvsr_core.pipeline import InfVSRPipeline
     from infvsr_core.session import InfVSRSession, SceneState

@@ -48,6 +48,16 @@ def weights_device(network: torch.nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one ("cuda" and "cuda:0" are, for the current device 0)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.index == b.index or a.index is None or b.index is None
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def _placement(network: torch.nn.Module) -> tuple[tuple[str, int], ...]:
     """Where every weight of a network lies: any move (ComfyUI's, or anyone's `.to()`) changes it."""
     return tuple((str(t.device), t.data_ptr()) for t in (*network.parameters(), *network.buffers()))
@@ -228,8 +238,28 @@ class ComfyWeights:
                     role = patcher.model.role
                     self.loads[role] = self.loads.get(role, 0) + 1
             mm.load_models_gpu(patchers, memory_required=max(0, int(memory_required)), force_full_load=True)
+            for patcher in patchers:
+                network = patcher.model.network
+                if any(not _same_device(t.device, self.load_device) for t in network.parameters()):
+                    # --novram loads no weight even with force_full_load; our modules compute with all of them.
+                    log.warning("InfVSR: ComfyUI left %s's weights off %s: moving them there",
+                                type(patcher.model).__name__, self.load_device)
+                    network.to(self.load_device)
             for role in self._patchers:
                 self._sync(role)
+
+    def follow(self, networks: Iterable[torch.nn.Module]) -> None:
+        """After a node: ComfyUI's list follows the networks on the device now, where the work changed the offload
+        policy (offload="auto" picks a mode per frame size, a lighter one after running out of memory), whose
+        weight moves are the core's own."""
+        networks = list(networks)
+        with self._lock:
+            if set(self.loaded_roles()) == {self._role(n) for n in networks}:
+                return
+            try:
+                self.load(networks)
+            except Exception as e:  # noqa: BLE001 - bookkeeping after the work: never replaces the work's outcome
+                log.warning("InfVSR: updating ComfyUI's loaded models after a change of offload mode: %s", e)
 
     def unload(self) -> int:
         """Take our networks out of ComfyUI's list, their weights to the offload device (the loader's "offload to

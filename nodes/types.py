@@ -108,10 +108,13 @@ class InfVSRModel:
             self._move(self.device)
 
     def _release(self) -> None:
-        if not self.idle_weights_on_cpu or self.device.type == "cpu":
-            return
         if self._comfy is not None:
-            self._comfy.unload()  # the patchers drop what was built on the weights' addresses
+            if self.idle_weights_on_cpu:
+                self._comfy.unload()  # the patchers drop what was built on the weights' addresses
+            else:
+                self._comfy.follow(self.modules())
+            return
+        if not self.idle_weights_on_cpu or self.device.type == "cpu":
             return
         # Built on the weights' addresses: the DiT's CUDA graphs (with their buffers) and the fast VAE's derived
         # weights (plain attributes, which `.to()` would leave on the device).

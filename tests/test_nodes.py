@@ -269,7 +269,7 @@ def test_model_moves_only_the_weights_the_core_policy_leaves_on_the_device(model
 def test_host_memory_cap_spills_to_the_temp_folder(model, guidance, dirs):
     """host_memory_gib with a state offload: histories past the cap go to files under ComfyUI's temp folder."""
     with pytest.raises(ValueError, match="set state_offload"):
-        nodes.LoadInfVSRModel().load(*FILES, dtype="fp32", host_memory_gib=1.0)
+        nodes.LoadInfVSRModel().load(*FILES, dtype="fp32", state_offload="none", host_memory_gib=1.0)
     (capped,) = nodes.LoadInfVSRModel().load(*FILES, dtype="fp32", state_offload="state", host_memory_gib=1e-6)
     spill = capped.pipeline.vae.spill
     assert spill is not None and spill.folder.parent == dirs["temp"] / "infvsr-spill"
