@@ -36,11 +36,6 @@ from ._core import InfVSRPipeline, memory, release_derived
 
 log = logging.getLogger("infvsr")
 
-TRANSIENT_BYTES_PER_PIXEL = 1536
-"""A chunk's working memory beyond the stream's state, per output pixel and byte of the dtype: the
-activations of the VAE and the DiT (bench/RESULTS.md reads about 2.5 GiB of transients at 1280x720 in bf16).
-ComfyUI frees this much besides the weights before the work starts."""
-
 
 def weights_device(network: torch.nn.Module) -> torch.device:
     """Where a network's weights are (its first parameter's device; the CPU for one without parameters)."""
@@ -171,7 +166,7 @@ def working_memory(pipe: InfVSRPipeline, input_size: tuple[int, int] | None, sca
     height, width = int(input_size[0]) * scale, int(input_size[1]) * scale
     spill = getattr(pipe.vae, "spill", None) is not None
     state = memory.stream_need(pipe, height, width, spill).device if new_stream else 0
-    return state + TRANSIENT_BYTES_PER_PIXEL * pipe.dtype.itemsize * height * width
+    return state + memory.activation_bytes(pipe, height, width)
 
 
 _ALL: weakref.WeakSet[ComfyWeights] = weakref.WeakSet()

@@ -17,7 +17,7 @@ from .host import ArrivingCache, HostCache, HostMemory, ManagedCache, PendingFet
 from .kv import WindowedUpload
 from .modules import ModuleOffload
 from .pinned import PinnedPool
-from .plan import MemoryNeed, available_memory, check_fits, stream_need
+from .plan import MemoryNeed, activation_bytes, available_memory, check_fits, stream_need
 from .policy import AUTO_MODE, OFFLOAD_CHOICES, OFFLOAD_MODES, OffloadMode, OffloadPolicy
 from .spill import DiskSpill
 from .transfer import to_device_async
@@ -42,6 +42,7 @@ __all__ = [
     "available_memory",
     "check_fits",
     "copy_cache",
+    "activation_bytes",
     "stream_need",
     "to_device_async",
 ]

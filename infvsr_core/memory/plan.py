@@ -134,6 +134,15 @@ def _module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
+def activation_bytes(pipe, height: int, width: int) -> int:
+    """A chunk's working memory beyond the stream's state (activations of the frame, or of one tile)."""
+    vae = pipe.vae
+    pixels = height * width
+    tile_pixels = (vae.tile_size * 8) ** 2 if vae.wants_tiling(height, width) else pixels
+    base_dim = int(vae.vae.config.base_dim)
+    return ACTIVATION_BYTES_PER_PIXEL_CHANNEL * base_dim * _dtype_bytes(pipe.dtype) * min(pixels, tile_pixels)
+
+
 def device_need(pipe, height: int, width: int, mode: str) -> int:
     """Estimated peak device memory of a stream of `height` x `width` output frames in offload `mode`."""
     from .policy import OffloadPolicy
@@ -148,8 +157,7 @@ def device_need(pipe, height: int, width: int, mode: str) -> int:
     histories = HISTORY_BYTES_PER_PIXEL_CHANNEL * base_dim * size * pixels * overlap
     config = pipe.dit.config
     kv_cache = 2 * config.num_layers * config.dim * size * LATENT_FRAMES_PER_CHUNK * math.ceil(pixels / TOKEN_PIXELS)
-    tile_pixels = (vae.tile_size * 8) ** 2 if tiled else pixels
-    activations = ACTIVATION_BYTES_PER_PIXEL_CHANNEL * base_dim * size * min(pixels, tile_pixels)
+    activations = activation_bytes(pipe, height, width)
     weights = _module_bytes(pipe.vae.vae)
     weights += 0 if policy.dit_weights_on_host else _module_bytes(pipe.dit)
     weights += 0 if policy.guidance_weights_on_host else _module_bytes(pipe.guidance)
