@@ -114,7 +114,7 @@ def test_spill_dir_gives_the_same_file(small_clip, tiny_models, tmp_path, capsys
     out = str(tmp_path / "x.mkv")
     assert cli.main([*base, "-o", out, "--spill-dir", str(tmp_path)]) == 1
     assert "--spill-dir and --host-memory go together" in capsys.readouterr().err
-    assert cli.main([*base, "-o", out, "--spill-dir", str(tmp_path), "--host-memory", "1"]) == 1
+    assert cli.main([*base, "-o", out, "--offload", "none", "--spill-dir", str(tmp_path), "--host-memory", "1"]) == 1
     assert "needs --offload" in capsys.readouterr().err
 
 
