@@ -102,7 +102,7 @@ def test_ctrl_c_while_starting_is_one_line(small_video, tiny_models, tmp_path):
     proc = subprocess.Popen(
         command(small_video, tmp_path / "o.mp4", tiny_models), cwd=ROOT, stderr=subprocess.PIPE, text=True
     )
-    time.sleep(0.6)  # inside the imports (torch, diffusers) or the weight loading
+    time.sleep(1.0)  # inside the imports (torch, diffusers) or the weight loading
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err

@@ -152,6 +152,11 @@ class PendingFetch:
         self._host = host
         self._done = done
 
+    @property
+    def frames(self) -> int:
+        """How many frames the copy holds (its first dimension)."""
+        return int(self._host.shape[0]) if self._host.ndim else 0
+
     def wait(self) -> torch.Tensor:
         """The host copy (pageable: the page-locked block goes back to the pool for the next fetch)."""
         if self._done is not None:
