@@ -45,19 +45,31 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def stream_need(pipe, height: int, width: int, spill: bool = False) -> MemoryNeed:
-    """The state of a stream whose output frames are `height` x `width`, placed as `pipe.policy` places it."""
+def _state_bytes(pipe, height: int, width: int, tile_overlap: float = 1.0) -> tuple[int, int]:
+    """(VAE histories, KV cache) of a stream of `height` x `width` output frames, in bytes; `tile_overlap` scales
+    the histories for tiles that overlap (each tile keeps its own)."""
     size = _dtype_bytes(pipe.dtype)
     pixels = height * width
     base_dim = int(pipe.vae.vae.config.base_dim)
-    histories = HISTORY_BYTES_PER_PIXEL_CHANNEL * base_dim * size * pixels
+    histories = int(HISTORY_BYTES_PER_PIXEL_CHANNEL * base_dim * size * pixels * tile_overlap)
     config = pipe.dit.config
     kv_cache = 2 * config.num_layers * config.dim * size * LATENT_FRAMES_PER_CHUNK * math.ceil(pixels / TOKEN_PIXELS)
-    output = OUTPUT_CHUNK_FRAMES * pixels * 3 * 4  # one chunk of float32 frames handed to the caller
+    return histories, kv_cache
+
+
+def _state_on_device(policy, histories: int, kv_cache: int) -> int:
+    """The part of a stream's state that `policy` keeps on the compute device."""
+    return (0 if policy.vae_histories_on_host else histories) + (0 if policy.kv_cache_on_host else kv_cache)
+
+
+def stream_need(pipe, height: int, width: int, spill: bool = False) -> MemoryNeed:
+    """The state of a stream whose output frames are `height` x `width`, placed as `pipe.policy` places it."""
+    histories, kv_cache = _state_bytes(pipe, height, width)
+    output = OUTPUT_CHUNK_FRAMES * height * width * 3 * 4  # one chunk of float32 frames handed to the caller
     if pipe.device.type == "cpu":
         return MemoryNeed(0, histories + kv_cache + output, histories, kv_cache)
     policy = pipe.policy
-    on_device = (0 if policy.vae_histories_on_host else histories) + (0 if policy.kv_cache_on_host else kv_cache)
+    on_device = _state_on_device(policy, histories, kv_cache)
     on_host = histories + kv_cache - on_device
     if spill and policy.vae_histories_on_host:
         on_host -= histories  # what does not fit the host budget goes to the spill folder
@@ -148,21 +160,14 @@ def device_need(pipe, height: int, width: int, mode: str) -> int:
     from .policy import OffloadPolicy
 
     policy = OffloadPolicy.from_mode(mode)
-    size = _dtype_bytes(pipe.dtype)
-    pixels = height * width
-    base_dim = int(pipe.vae.vae.config.base_dim)
     vae = pipe.vae
-    tiled = vae.wants_tiling(height, width)
-    overlap = (vae.tile_size / vae.tile_stride) ** 2 if tiled else 1.0
-    histories = HISTORY_BYTES_PER_PIXEL_CHANNEL * base_dim * size * pixels * overlap
-    config = pipe.dit.config
-    kv_cache = 2 * config.num_layers * config.dim * size * LATENT_FRAMES_PER_CHUNK * math.ceil(pixels / TOKEN_PIXELS)
-    activations = activation_bytes(pipe, height, width)
-    weights = _module_bytes(pipe.vae.vae)
+    overlap = (vae.tile_size / vae.tile_stride) ** 2 if vae.wants_tiling(height, width) else 1.0
+    histories, kv_cache = _state_bytes(pipe, height, width, overlap)
+    weights = _module_bytes(vae.vae)
     weights += 0 if policy.dit_weights_on_host else _module_bytes(pipe.dit)
     weights += 0 if policy.guidance_weights_on_host else _module_bytes(pipe.guidance)
-    state = (0 if policy.vae_histories_on_host else histories) + (0 if policy.kv_cache_on_host else kv_cache)
-    return int(PLAN_MARGIN * (weights + state + activations))
+    state = _state_on_device(policy, histories, kv_cache)
+    return int(PLAN_MARGIN * (weights + state + activation_bytes(pipe, height, width)))
 
 
 def pick_mode(needs: dict[str, int], free: int) -> str | None:
