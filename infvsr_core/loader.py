@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .dit import CausalWanDiT, DiTConfig
+from .errors import UsageError
 from .guidance import build_guidance
 from .pipeline import InfVSRPipeline
 from .vae import StreamingVAE, build_vae
@@ -71,8 +72,9 @@ def load_pipeline(
     ("none", "histories", "state", "all"; see `memory.OffloadPolicy`) keeps state
     in host memory between uses; `low_vram=True` is `offload="all"`. `vae_seams`
     ("release" or "smooth", see `vae.SEAMS`) sets how tiled frames are blended.
-    `spill_dir` with `host_memory_gib`: offloaded VAE histories past that much
-    host memory go to files there (memory/spill.py), for 4K tiles whose histories outgrow host memory.
+    Offloaded VAE histories that host memory cannot hold go to files (memory/spill.py) in `spill_dir`
+    (default: the system's temporary folder), past a budget taken from the available memory
+    (`memory.plan.plan_spill`), or past `host_memory_gib` when given.
     """
     device = torch.device(device) if device is not None else _autodetect_device()
     dtype = parse_dtype(dtype, device)
@@ -110,9 +112,11 @@ def load_pipeline(
 
     streaming_vae = StreamingVAE(vae_model, tiling=vae_tiling)
     streaming_vae.set_seams(vae_seams)
-    if spill_dir is not None:
+    if host_memory_gib is not None:
+        if spill_dir is None:
+            raise UsageError("host_memory_gib caps the offloaded histories: give the spill_dir they go to past it")
         streaming_vae.set_spill(spill_dir, host_memory_gib)
-    return InfVSRPipeline(
+    pipe = InfVSRPipeline(
         dit_model,
         streaming_vae,
         guidance,
@@ -122,6 +126,8 @@ def load_pipeline(
         model_id=_model_id(paths, dtype),
         offload="all" if low_vram else (offload or "none"),
     )
+    pipe.spill_dir = Path(spill_dir) if spill_dir is not None else None
+    return pipe
 
 
 def _dit_config(state: dict[str, torch.Tensor], path: Path) -> DiTConfig:

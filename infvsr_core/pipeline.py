@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from .guidance import VisualGuidance
 from .memory.host import HostCache, HostMemory, PendingFetch
 from .memory.kv import WindowedUpload
 from .memory.modules import ModuleOffload
-from .memory.plan import choose_mode
+from .memory.plan import choose_mode, plan_spill
 from .memory.policy import AUTO_MODE, OffloadMode, OffloadPolicy
 from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
 from .session import InfVSRSession, SceneState
@@ -92,6 +94,9 @@ class InfVSRPipeline:
         self.on_plan: Callable[[str], None] = lambda line: log.info("InfVSR memory plan: %s", line)
         """Told each choice of offload="auto" (at a frame size's first chunk, and at every step down)."""
         self._planned_size: tuple[int, int] | None = None
+        self.spill_dir: Path | None = None
+        """Where offloaded VAE histories go when host memory cannot hold them (`memory.plan.plan_spill`); None:
+        the system's temporary folder (TMPDIR). An explicit cap (`vae.set_spill`) takes precedence."""
         # None: as the VAE was built (its history_device), nothing else offloaded.
         self.offload = offload or ("none" if vae.history_device is None else "histories")
 
@@ -331,8 +336,7 @@ class InfVSRPipeline:
         and adding what to change to an out-of-memory error. With `auto_offload`, the mode is planned at a frame
         size's first chunk, and a chunk that runs out of device memory is redone from a copy of the session taken
         before it, in the next lighter mode (no frame lost or repeated)."""
-        if self.auto_offload:
-            self._plan_for(session, frames)
+        self._plan_for(session, frames)
         while True:
             lighter = self._policy.lighter_mode() if self.auto_offload else None
             before = session.fork() if lighter is not None else None
@@ -349,21 +353,41 @@ class InfVSRPipeline:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.on_plan(f"out of GPU memory with offload={previous!r}: redoing the chunk with {lighter!r}")
+                self._plan_host(self._output_size(session, frames))
             except BaseException as e:
                 # The caches were being replaced entry by entry: they now mix two chunks.
                 session.interrupted = f"{type(e).__name__}: {e}".strip().rstrip(":")
                 raise
 
+    @staticmethod
+    def _output_size(session: InfVSRSession, frames: torch.Tensor) -> tuple[int, int]:
+        return int(frames.shape[1]) * session.scale, int(frames.shape[2]) * session.scale
+
     def _plan_for(self, session: InfVSRSession, frames: torch.Tensor) -> None:
-        """offload="auto": choose the mode for this output size once (it stays until the size changes)."""
-        size = (int(frames.shape[1]) * session.scale, int(frames.shape[2]) * session.scale)
-        if size == self._planned_size or self.device.type != "cuda":
-            return  # off CUDA every mode keeps everything in the same memory: "none", as set
-        mode, why = choose_mode(self, *size)
+        """Once per output size (until it changes): offload="auto" chooses the mode, and offloaded histories
+        that host memory cannot hold are given a spill folder."""
+        size = self._output_size(session, frames)
+        if size == self._planned_size:
+            return
         self._planned_size = size
-        if mode != self.offload:
-            self.policy = OffloadPolicy.from_mode(mode)
-        self.on_plan(f"offload={mode!r}: {why}")
+        # Off CUDA every mode keeps everything in the same memory: auto stays at "none", as set.
+        if self.auto_offload and self.device.type == "cuda":
+            mode, why = choose_mode(self, *size)
+            if mode != self.offload:
+                self.policy = OffloadPolicy.from_mode(mode)
+            self.on_plan(f"offload={mode!r}: {why}")
+        self._plan_host(size)
+
+    def _plan_host(self, size: tuple[int, int]) -> None:
+        """Offloaded histories past what host memory can hold go to disk rather than exhaust it (the OS would
+        kill the process, losing the run)."""
+        spill = plan_spill(self, *size)
+        if spill is None:
+            return
+        budget, why = spill
+        folder = Path(self.spill_dir) if self.spill_dir is not None else Path(tempfile.gettempdir())
+        self.vae.set_spill(folder, budget / 2**30)
+        self.on_plan(f"{why} (in {folder})")
 
     def _memory_advice(self, frames: torch.Tensor) -> str:
         """What to change after running out of device memory (the same type is re-raised, for ComfyUI)."""

@@ -157,9 +157,10 @@ class LoadInfVSRModel:
                     "run no more than the tile centres do) for ~1.5x the VAE time and memory."}),
                 "host_memory_gib": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 4096.0, "step": 1.0,
-                    "tooltip": "With state_offload: system RAM for the offloaded VAE histories (0 = no cap). Past "
-                    "it they go to files in ComfyUI's temp folder, deleted as they are read back: same output, "
-                    "slower by the disk's time (for 4K, whose histories outgrow most hosts' RAM)."}),
+                    "tooltip": "With state_offload: system RAM for the offloaded VAE histories (0 = chosen from "
+                    "the RAM available when a video starts). Past it they go to files in ComfyUI's temp folder, "
+                    "deleted as they are read back: same output, slower by the disk's time (for 4K, whose "
+                    "histories outgrow most hosts' RAM)."}),
                 "download_missing": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Off: never uses the network. On: a slot set to its published file (InfVSR.ckpt, "
@@ -201,11 +202,12 @@ class LoadInfVSRModel:
         if not load_on_cpu:
             comfy.free_device_memory(sum(p.stat().st_size for p in paths.values()) * 2, device)
         extra = {"offload": state_offload} if state_offload != "none" else {}
+        if host_memory_gib > 0 and not extra:
+            raise ValueError("host_memory_gib caps the offloaded state: set state_offload (auto, histories, state "
+                             "or all) too, or leave it at 0")
+        extra["spill_dir"] = comfy.temp_directory() / "infvsr-spill"
         if host_memory_gib > 0:
-            if not extra:
-                raise ValueError("host_memory_gib caps the offloaded state: set state_offload (histories, state or "
-                                 "all) too, or leave it at 0")
-            extra.update(spill_dir=comfy.temp_directory() / "infvsr-spill", host_memory_gib=host_memory_gib)
+            extra["host_memory_gib"] = host_memory_gib
         pipe = loader.load_pipeline(
             dit=paths["dit"], vae=paths["vae"], ram=paths["ram"], dape=paths["dape"],
             device="cpu" if load_on_cpu else device, dtype=torch_dtype, vae_tiling=vae_tiling,

@@ -92,3 +92,40 @@ def test_without_auto_the_error_goes_on_with_advice(pipe):
     with pytest.raises(torch.OutOfMemoryError, match="try offload='state'"):
         pipe.push(session, make_clip(21, 12, 20, seed=4))
     assert session.interrupted == "out of device memory"
+
+
+def test_spill_budget_keeps_what_fits():
+    gib = plan.GIB
+    assert plan.spill_budget(1 * gib, 10 * gib) is None
+    budget = plan.spill_budget(9 * gib, 10 * gib)
+    assert budget is not None and 0 < budget < 9 * gib and budget <= 10 * gib
+
+
+def test_histories_that_outgrow_host_memory_go_to_disk(pipe, tmp_path, monkeypatch):
+    """Offloaded histories larger than the host can hold are spilled (the run's frames unchanged), and said.
+    The machine's available memory is set low (the one figure read from the OS) so that the tiny model's
+    histories do not fit; the spill itself is real: files in the folder, read back."""
+    clip = make_clip(40, 12, 20, seed=5)
+    pipe.offload = "state"
+    reference = run(pipe, clip)
+
+    pipe.offload = "state"  # a new plan for the next stream
+    pipe.spill_dir = tmp_path
+    lines: list[str] = []
+    pipe.on_plan = lines.append
+    monkeypatch.setattr(plan, "_host_available", lambda: 1 << 20)
+    assert plan.check_fits(pipe, 12, 20, 4) is None  # a host too small for the histories is not refused
+    out = run(pipe, clip)
+    assert torch.equal(out, reference)
+    assert pipe.vae.spill is not None and pipe.vae.spill.spilled_bytes > 0
+    assert pipe.vae.spill.folder.parent == tmp_path
+    assert len(lines) == 1 and "go to disk" in lines[0] and str(tmp_path) in lines[0]
+
+
+def test_histories_that_fit_stay_in_host_memory(pipe, tmp_path):
+    pipe.offload = "state"
+    pipe.spill_dir = tmp_path
+    lines: list[str] = []
+    pipe.on_plan = lines.append
+    run(pipe, make_clip(21, 12, 20, seed=5))
+    assert pipe.vae.spill is None and lines == []

@@ -62,17 +62,25 @@ def _state_on_device(policy, histories: int, kv_cache: int) -> int:
     return (0 if policy.vae_histories_on_host else histories) + (0 if policy.kv_cache_on_host else kv_cache)
 
 
+def _planned_policy(pipe):
+    """The policy a stream will run with: offload="auto" may go as far as its lightest mode, so a size is judged
+    by that mode (the plan picks a faster one at the first chunk when it fits)."""
+    from .policy import OffloadPolicy
+
+    return OffloadPolicy.from_mode(AUTO_ORDER[-1]) if getattr(pipe, "auto_offload", False) else pipe.policy
+
+
 def stream_need(pipe, height: int, width: int, spill: bool = False) -> MemoryNeed:
-    """The state of a stream whose output frames are `height` x `width`, placed as `pipe.policy` places it."""
+    """The state of a stream whose output frames are `height` x `width`, placed as the pipeline will place it
+    (`_planned_policy`); `spill`: offloaded histories may go to disk (a spill folder is set, or will be)."""
     histories, kv_cache = _state_bytes(pipe, height, width)
     output = OUTPUT_CHUNK_FRAMES * height * width * 3 * 4  # one chunk of float32 frames handed to the caller
+    policy = _planned_policy(pipe)
+    spilled = histories if spill and policy.vae_histories_on_host else 0
     if pipe.device.type == "cpu":
-        return MemoryNeed(0, histories + kv_cache + output, histories, kv_cache)
-    policy = pipe.policy
+        return MemoryNeed(0, histories + kv_cache + output - spilled, histories, kv_cache)
     on_device = _state_on_device(policy, histories, kv_cache)
-    on_host = histories + kv_cache - on_device
-    if spill and policy.vae_histories_on_host:
-        on_host -= histories  # what does not fit the host budget goes to the spill folder
+    on_host = histories + kv_cache - on_device - spilled  # what does not fit the host budget goes to disk
     return MemoryNeed(on_device, on_host + output, histories, kv_cache)
 
 
@@ -101,7 +109,8 @@ def _host_available() -> int:
 
 def check_fits(pipe, input_height: int, input_width: int, scale: int) -> None:
     """Raise OutOfMemoryPlan with what would fit when a stream of this input size cannot fit this machine."""
-    spill = getattr(pipe.vae, "spill", None) is not None
+    # Offloaded histories that outgrow host memory go to disk (`spill_budget`), so only the rest must fit there.
+    spill = getattr(pipe.vae, "spill", None) is not None or _planned_policy(pipe).vae_histories_on_host
     height, width = input_height * scale, input_width * scale
     need = stream_need(pipe, height, width, spill)
     device_free, host_free = available_memory(pipe.device)
@@ -125,8 +134,6 @@ def check_fits(pipe, input_height: int, input_width: int, scale: int) -> None:
         hints.append("a smaller --scale")
     if pipe.device.type == "cuda" and device_free is not None and need.device > device_free:
         hints.append("--offload state or all (stream state in host memory)")
-    if pipe.policy.vae_histories_on_host and not spill:
-        hints.append("--spill-dir with --host-memory (histories on disk)")
     raise OutOfMemoryPlan(
         f"a {input_width}x{input_height} input at --scale {scale} gives {width}x{height} frames whose stream state "
         f"alone needs at least {' and '.join(short)}; what would fit: {'; '.join(hints)}"
@@ -193,3 +200,33 @@ def choose_mode(pipe, height: int, width: int, free: int | None = None) -> tuple
             f"{free / GIB:.1f} GiB available: trying anyway"
         )
     return mode, f"{width}x{height} output needs about {needs[mode] / GIB:.1f} GiB, {free / GIB:.1f} GiB available"
+
+
+# Host memory the offloaded histories may take before the rest goes to disk: a share of what is available when a
+# size's first chunk is planned, leaving room for the reader's and writer's queues, page-locked staging blocks and
+# whatever else the machine runs (ComfyUI's other models, the OS's file cache).
+HOST_SHARE = 0.6
+
+
+def spill_budget(histories: int, host_available: int) -> int | None:
+    """Bytes of offloaded histories to keep in host memory, the rest spilled to disk; None when they all fit."""
+    budget = int(HOST_SHARE * host_available)
+    return None if histories <= budget else budget
+
+
+def plan_spill(pipe, height: int, width: int) -> tuple[int, str] | None:
+    """(host budget in bytes, one line saying why) when the offloaded VAE histories of a stream of `height` x
+    `width` output frames would not fit host memory; None when they fit, are not offloaded, or a spill is set."""
+    if not pipe.policy.vae_histories_on_host or pipe.vae.spill is not None:
+        return None
+    vae = pipe.vae
+    overlap = (vae.tile_size / vae.tile_stride) ** 2 if vae.wants_tiling(height, width) else 1.0
+    histories, _kv_cache = _state_bytes(pipe, height, width, overlap)
+    _device, host = available_memory(pipe.device)
+    budget = spill_budget(histories, host)
+    if budget is None:
+        return None
+    return budget, (
+        f"{width}x{height} output's offloaded histories need about {histories / GIB:.1f} GiB of host memory, "
+        f"{host / GIB:.1f} GiB available: past {budget / GIB:.1f} GiB they go to disk"
+    )
