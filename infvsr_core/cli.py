@@ -97,11 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--spill-dir",
         type=Path,
-        help="with --offload histories/state/all: folder for the VAE histories that do not fit --host-memory "
-        "(for 4K tiles, whose histories outgrow host memory; same output, slower by the disk's time)",
+        help="folder for offloaded VAE histories that host memory cannot hold (default: the system's temporary "
+        "folder, $TMPDIR). They go there past a share of the available memory, or past --host-memory: same "
+        "output, slower by the disk's time (4K tiles' histories outgrow most hosts' memory)",
     )
     up.add_argument(
-        "--host-memory", type=float, metavar="GIB", help="host memory for offloaded VAE histories (with --spill-dir)"
+        "--host-memory",
+        type=float,
+        metavar="GIB",
+        help="host memory for offloaded VAE histories, the rest to --spill-dir (default: chosen from the "
+        "available memory)",
     )
     up.add_argument(
         "--seams",
@@ -358,10 +363,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--scale must be >= 1, got {args.scale}")
     if args.start < 0 or (args.frames is not None and args.frames < 1):
         raise UsageError("--start must be >= 0 and --frames >= 1")
-    if (args.spill_dir is None) != (args.host_memory is None):
-        raise UsageError("--spill-dir and --host-memory go together")
+    if args.host_memory is not None and args.spill_dir is None:
+        raise UsageError("--host-memory needs --spill-dir: the folder for the histories past it")
+    if args.host_memory is not None and args.host_memory < 0:
+        raise UsageError(f"--host-memory must be >= 0 GiB, got {args.host_memory}")
     if args.spill_dir is not None and args.offload == "none":
-        raise UsageError("--spill-dir needs --offload histories, state or all (with 'none' nothing is offloaded)")
+        raise UsageError("--spill-dir needs --offload auto, histories, state or all (with 'none' nothing is offloaded)")
 
 
 def _load_pipeline(args: argparse.Namespace):
