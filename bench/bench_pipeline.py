@@ -341,7 +341,11 @@ def main() -> int:
     parser.add_argument("--memory-fraction", type=float, help="torch.cuda.set_per_process_memory_fraction")
     parser.add_argument("--memory-gib", type=float, help="the same as a budget in GiB of the device's total")
     parser.add_argument(
-        "--offload", nargs="+", default=["none"], choices=["none", "histories", "state", "all"], help="one run each"
+        "--offload",
+        nargs="+",
+        default=["none"],
+        choices=["auto", "none", "histories", "state", "all"],
+        help="one run each (auto: the memory plan chooses under the cap, and steps down if it must)",
     )
     parser.add_argument("--pageable", action="store_true", help="offloaded state in pageable (not pinned) memory")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timing run")
@@ -481,7 +485,12 @@ def main() -> int:
     rows, kept = [], {}
     for size, mode in [(size, mode) for size in args.sizes for mode in args.offload]:
         # The policy of the mode (the pipeline's and the VAE's host copies pageable with --pageable).
-        pipe.policy = dataclasses.replace(OffloadPolicy.from_mode(mode), pinned=not args.pageable)
+        plan_lines: list[str] = []
+        pipe.on_plan = plan_lines.append
+        if mode == "auto":
+            pipe.offload = "auto"
+        else:
+            pipe.policy = dataclasses.replace(OffloadPolicy.from_mode(mode), pinned=not args.pageable)
         height, width = SIZES[size]
         clip = synthetic_clip(frames_total, height, width, device)
         if device.type == "cuda":
@@ -557,6 +566,8 @@ def main() -> int:
                 "offload": mode,
                 "allocator": allocator,
             }
+            if mode == "auto":
+                row["offload_chosen"], row["plan"] = pipe.offload, list(plan_lines)
             if args.defer != "off":
                 row["outputs"], row["defer"] = outputs, defer
             if attempt:  # the A/B's repeats: timings only

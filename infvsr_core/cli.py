@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
     up.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     up.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="use at most this much GPU memory (a GPU shared with other programs); --offload auto plans for it",
+    )
+    up.add_argument(
         "--attention",
         choices=ATTENTION_CHOICES,
         default="auto",
@@ -374,6 +380,10 @@ def check_arguments(args: argparse.Namespace) -> None:
 def _load_pipeline(args: argparse.Namespace):
     from .loader import load_pipeline
 
+    if args.gpu_memory is not None:
+        from .memory.plan import cap_device_memory
+
+        cap_device_memory(args.device, args.gpu_memory)
     pipe = load_pipeline(
         args.models,
         device=args.device,

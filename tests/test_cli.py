@@ -268,3 +268,11 @@ def test_the_allocator_setting_is_made_before_torch_loads_and_a_users_wins(tmp_p
     env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"
     done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env)
     assert done.stdout.strip() == "max_split_size_mb:128", done.stderr
+
+
+def test_gpu_memory_cap_needs_a_gpu(small_clip, tiny_models, tmp_path, capsys):
+    out = tmp_path / "x.mkv"
+    argv = ["upscale", str(small_clip), "-o", str(out), "--models", str(tiny_models), "--device", "cpu"]
+    assert cli.main([*argv, "--gpu-memory", "8"]) == 1
+    assert "a GPU memory cap needs a CUDA device, not cpu" in capsys.readouterr().err
+    assert not out.exists()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import OutOfMemoryPlan
+from ..errors import OutOfMemoryPlan, UsageError
 
 GIB = 1024**3
 
@@ -190,8 +190,11 @@ def choose_mode(pipe, height: int, width: int, free: int | None = None) -> tuple
     if free is None:
         if pipe.device.type != "cuda":
             return "none", "not a GPU: every mode keeps everything in the same memory"
-        free_now, _total = torch.cuda.mem_get_info(pipe.device)
+        free_now, total = torch.cuda.mem_get_info(pipe.device)
         free = int(free_now) + int(torch.cuda.memory_reserved(pipe.device))
+        # A per-process cap (torch.cuda.set_per_process_memory_fraction: a shared GPU, or a test of a smaller
+        # card) bounds what the allocator will hand out, whatever the device has free.
+        free = min(free, int(torch.cuda.get_per_process_memory_fraction(pipe.device) * total))
     needs = {mode: device_need(pipe, height, width, mode) for mode in AUTO_ORDER}
     mode = pick_mode(needs, free)
     if mode is None:
@@ -230,3 +233,15 @@ def plan_spill(pipe, height: int, width: int) -> tuple[int, str] | None:
         f"{width}x{height} output's offloaded histories need about {histories / GIB:.1f} GiB of host memory, "
         f"{host / GIB:.1f} GiB available: past {budget / GIB:.1f} GiB they go to disk"
     )
+
+
+def cap_device_memory(device: str | torch.device | None, gib: float) -> None:
+    """Let PyTorch's allocator hand out at most `gib` GiB of the GPU (`set_per_process_memory_fraction`), which
+    `choose_mode` then plans for: a GPU shared with other programs, or a smaller card's budget on a larger one."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        raise UsageError(f"a GPU memory cap needs a CUDA device, not {device}")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if not 0 < gib * GIB <= total:
+        raise UsageError(f"the GPU memory cap must be above 0 and at most the GPU's {total / GIB:.1f} GiB, not {gib}")
+    torch.cuda.set_per_process_memory_fraction(gib * GIB / total, device)
