@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infvsr_core.attention import ATTENTION_BACKENDS, flash3_installed  # noqa: E402
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
+from infvsr_core.fp8 import cast_except_fp8, quantize_dit  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
 from infvsr_core.kernels import split_conv  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
@@ -52,7 +53,13 @@ SIZES = {
 
 
 def random_pipeline(
-    device: torch.device, dtype: torch.dtype, seed: int = 0, tiny: bool = False, fast: bool | None = None, **vae_kwargs
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    tiny: bool = False,
+    fast: bool | None = None,
+    fp8: bool = False,
+    **vae_kwargs,
 ) -> InfVSRPipeline:
     """Full-size (or tiny) networks from random published-format state dicts, built like the loader does.
 
@@ -70,8 +77,10 @@ def random_pipeline(
     guidance = build_guidance(ram, random_dape_state_dict(swin, seed=seed + 3), dtype=dtype)
     dit.fuse_elementwise = fast
     dit.cuda_graphs = False if fast is False else None
+    if fp8:  # as the loader does: quantized from the full-precision weights
+        dit = cast_except_fp8(quantize_dit(dit), device, dtype)
     return InfVSRPipeline(
-        dit.to(device=device, dtype=dtype),
+        dit.to(device=device, dtype=dtype) if not fp8 else dit,
         StreamingVAE(vae.to(device), fast=fast, **vae_kwargs),
         guidance.to(device),
         device=device,
@@ -334,7 +343,7 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", default=["480p", "720p", "1080p"], choices=sorted(SIZES))
     parser.add_argument("--chunks", type=int, default=8, help="chunks per run (first chunk 9 frames, then 12)")
     parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"])
     parser.add_argument("--tiny", action="store_true", help="tiny networks (a CPU smoke run of this script)")
     parser.add_argument("--models", type=Path, help="load the four files from here instead of random weights")
     parser.add_argument("--parity", action="store_true", help="also compare against a float32 run (first 3 chunks)")
@@ -437,6 +446,7 @@ def main() -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(args.dtype, device)
+    fp8 = args.dtype == "fp8"
     if args.memory_gib and device.type == "cuda":
         args.memory_fraction = args.memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory
     if args.memory_fraction and device.type == "cuda" and not args.cap_after_warmup:
@@ -451,9 +461,10 @@ def main() -> int:
     print(f"attention {args.attention} (FlashAttention-3 installed: {flash3_installed() or 'no'})")
 
     if args.models:
-        pipe = load_pipeline(args.models, device=device, dtype=dtype, output_device=device)
+        pipe = load_pipeline(args.models, device=device, dtype=args.dtype if fp8 else dtype, output_device=device)
     else:
-        pipe = random_pipeline(device, dtype, tiny=args.tiny, fast=False if args.plain else None, tiling=args.tiling)
+        fast = False if args.plain else None
+        pipe = random_pipeline(device, dtype, tiny=args.tiny, fast=fast, fp8=fp8, tiling=args.tiling)
     if args.push_all or args.host_outputs:
         # In host memory, as the nodes and the command line get them (a multi-chunk push's outputs would also
         # pile up on the device): the timed chunks include their download.

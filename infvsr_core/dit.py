@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .fp8 import Quantized, ffn_fp8, gelu_quantize_rows, project, quantize_rows, takes_fp8
 from .graphs import BlockGraphs
 from .memory.host import ManagedCache
 from .memory.transfer import to_device_async
@@ -194,6 +195,13 @@ def _ln_affine_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
+def _ln_modulate_quantize_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_ln_modulate_op` then `fp8.quantize_rows`: the fp8 layers' input made in one pass."""
+    return quantize_rows(_ln_modulate_op(x, shift, scale, eps).reshape(-1, x.shape[-1]))
+
+
 def _gated_add_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (x.float() + y.float() * gate).to(x.dtype)
 
@@ -208,6 +216,8 @@ def _ffn_fused_op(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     accumulator instead of the rounded product, one pass less and no less exact (`bench/check_kernels.py
     --sections ffn`). Not on the CPU, where `_addmm_activation` applies the exact (erf) GELU."""
     up, _, down = ffn
+    if not isinstance(up, nn.Linear):  # fp8 layers that expand their weights (DiTBlock routes native ones)
+        return ffn(x)
     flat = x.reshape(-1, x.shape[-1])
     if x.is_cuda:
         h = torch._addmm_activation(up.bias, flat, up.weight.t(), use_gelu=True)
@@ -227,6 +237,9 @@ class _Ops:
         self.ln_affine = wrap(_ln_affine_op)
         self.gated_add = wrap(_gated_add_op)
         self.ffn = _ffn_op if compile_fn is None else _ffn_fused_op
+        self.quantize = wrap(quantize_rows)
+        self.ln_modulate_quantize = wrap(_ln_modulate_quantize_op)
+        self.gelu_quantize = wrap(gelu_quantize_rows)
 
 
 EAGER_OPS = _Ops()
@@ -274,9 +287,10 @@ class SelfAttention(_Projections):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output, this chunk's roped keys, this chunk's values)."""
         heads = (self.num_heads, -1)
-        q = ops.rms_rope(self.q(x), self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
-        k = ops.rms_rope(self.k(x), self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
-        v = self.v(x).unflatten(-1, heads)
+        q, k, v = project((self.q, self.k, self.v), x, ops.quantize)  # fp8 layers: x quantized once
+        q = ops.rms_rope(q, self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
+        k = ops.rms_rope(k, self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
+        v = v.unflatten(-1, heads)
         k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
         out = attention(q, k_all, v_all, backend)
         return self.o(out.flatten(2)), k, v
@@ -321,12 +335,23 @@ class DiTBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + t_mod.float()).chunk(6, dim=1)
         eps = self.norm1.eps
-        y, k, v = self.self_attn(ops.ln_modulate(x, shift1, scale1, eps), cos, sin, past, backend, ops)
+        y, k, v = self.self_attn(self._modulated(x, shift1, scale1, eps, ops), cos, sin, past, backend, ops)
         x = ops.gated_add(x, y, gate1)
         x = x + self.cross_attn(ops.ln_affine(x, self.norm3.weight, self.norm3.bias, eps), context, backend, ops)
-        y = ops.ffn(self.ffn, ops.ln_modulate(x, shift2, scale2, eps))
+        h = self._modulated(x, shift2, scale2, eps, ops)
+        y = ffn_fp8(self.ffn, h, ops.quantize, ops.gelu_quantize) if isinstance(h, Quantized) else ops.ffn(self.ffn, h)
         x = ops.gated_add(x, y, gate2)
         return x, k, v
+
+    def _modulated(
+        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, ops: _Ops
+    ) -> torch.Tensor | Quantized:
+        """The modulated norm the self-attention and the FFN read; quantized in the same pass when their layers
+        multiply in fp8 (fp8.py: q, k, v and the FFN are quantized together)."""
+        if takes_fp8(self.ffn[0], x):
+            values, scales = ops.ln_modulate_quantize(x, shift, scale, eps)
+            return Quantized(values, scales, x.shape, x.dtype)
+        return ops.ln_modulate(x, shift, scale, eps)
 
 
 class Head(nn.Module):
@@ -480,7 +505,7 @@ class CausalWanDiT(nn.Module):
             x.device,
             self.attention_backend,
             id(ops),
-            tuple(p.data_ptr() for p in self.blocks.parameters()),
+            tuple(t.data_ptr() for t in (*self.blocks.parameters(), *self.blocks.buffers())),
         )
         return self.graphs.run(key, self._run_blocks(ops), inputs, past_k, past_v, release)
 

@@ -25,7 +25,7 @@ from .guidance import VisualGuidance
 from .memory.host import HostCache, HostMemory, PendingFetch
 from .memory.kv import WindowedUpload
 from .memory.modules import ModuleOffload
-from .memory.plan import choose_mode, plan_spill
+from .memory.plan import choose_mode, plan_spill, use_growable_segments
 from .memory.policy import AUTO_MODE, OffloadMode, OffloadPolicy
 from .schedule import TIMESTEP, chunk_length, finish_frames, one_step_restore, prepare_chunk
 from .session import InfVSRSession, SceneState
@@ -372,6 +372,9 @@ class InfVSRPipeline:
         self._planned_size = size
         # Off CUDA every mode keeps everything in the same memory: auto stays at "none", as set.
         if self.auto_offload and self.device.type == "cuda":
+            growable = use_growable_segments()
+            if growable:
+                self.on_plan(growable)
             mode, why = choose_mode(self, *size)
             if mode != self.offload:
                 self.policy = OffloadPolicy.from_mode(mode)

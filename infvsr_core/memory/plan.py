@@ -190,11 +190,12 @@ def choose_mode(pipe, height: int, width: int, free: int | None = None) -> tuple
     if free is None:
         if pipe.device.type != "cuda":
             return "none", "not a GPU: every mode keeps everything in the same memory"
-        free_now, total = torch.cuda.mem_get_info(pipe.device)
-        free = int(free_now) + int(torch.cuda.memory_reserved(pipe.device))
+        device = _indexed(pipe.device)
+        free_now, total = torch.cuda.mem_get_info(device)
+        free = int(free_now) + int(torch.cuda.memory_reserved(device))
         # A per-process cap (torch.cuda.set_per_process_memory_fraction: a shared GPU, or a test of a smaller
         # card) bounds what the allocator will hand out, whatever the device has free.
-        free = min(free, int(torch.cuda.get_per_process_memory_fraction(pipe.device) * total))
+        free = min(free, int(torch.cuda.get_per_process_memory_fraction(device) * total))
     needs = {mode: device_need(pipe, height, width, mode) for mode in AUTO_ORDER}
     mode = pick_mode(needs, free)
     if mode is None:
@@ -235,13 +236,42 @@ def plan_spill(pipe, height: int, width: int) -> tuple[int, str] | None:
     )
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """"cuda" as the device it means (the allocator's per-device calls want an index)."""
+    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+
+
 def cap_device_memory(device: str | torch.device | None, gib: float) -> None:
     """Let PyTorch's allocator hand out at most `gib` GiB of the GPU (`set_per_process_memory_fraction`), which
     `choose_mode` then plans for: a GPU shared with other programs, or a smaller card's budget on a larger one."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
         raise UsageError(f"a GPU memory cap needs a CUDA device, not {device}")
+    device = _indexed(device)
     total = torch.cuda.get_device_properties(device).total_memory
     if not 0 < gib * GIB <= total:
         raise UsageError(f"the GPU memory cap must be above 0 and at most the GPU's {total / GIB:.1f} GiB, not {gib}")
     torch.cuda.set_per_process_memory_fraction(gib * GIB / total, device)
+
+
+_GROWABLE: list[bool] = []
+
+
+def use_growable_segments() -> str | None:
+    """Switch PyTorch's caching allocator to expandable segments, once, unless the user configured the allocator
+    (PYTORCH_CUDA_ALLOC_CONF set, or another backend such as ComfyUI's cudaMallocAsync); returns a line saying so.
+
+    Why: the offloaded modes allocate and free blocks of many sizes, and near a card's limit the default
+    allocator fails on fragmentation (GiBs reserved but unusable, measured in bench/RESULTS.md round 14) where
+    growable segments fit. The command line sets it before torch loads; inside ComfyUI, torch is loaded first,
+    so `auto` sets it at its first plan. Blocks already reserved keep their kind; new ones grow."""
+    if _GROWABLE or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or not torch.cuda.is_available():
+        return None
+    _GROWABLE.append(True)
+    try:
+        if torch.cuda.get_allocator_backend() != "native":
+            return None
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):  # a build without the switch: plan as before
+        return None
+    return "PyTorch's allocator set to expandable segments (set PYTORCH_CUDA_ALLOC_CONF to choose otherwise)"
