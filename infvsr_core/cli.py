@@ -2,6 +2,7 @@
 
     python -m infvsr_core upscale INPUT -o OUTPUT [options]
     python -m infvsr_core download [--models DIR] [--only dit,vae,ram,dape]
+    python -m infvsr_core evaluate OUTPUT --reference HR   (and --make-lr, --suite: infvsr_core/evaluate/)
 
 Frames are decoded, upscaled and encoded chunk by chunk; the output appears
 under its final name only when complete. Ctrl-C and SIGTERM (kill, docker stop,
@@ -21,13 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .exits import EXIT_DAMAGED_INPUT, EXIT_ERROR, report_damage, stop_word
 from .io.formats import CODECS as WRITER_CODECS
 from .io.formats import PRORES_PROFILES
 
-EXIT_ERROR = 1
-EXIT_DAMAGED_INPUT = 3
-"""The input was truncated or corrupt: the frames before the damage were kept (without --strict)."""
-EXIT_INTERRUPTED = 128 + signal.SIGINT
 READ_CHUNK = 12
 CODECS = ("auto", *WRITER_CODECS)
 """--codec: "auto" (png for a folder output, else h264) or one of the writer's codecs (the format table's)."""
@@ -73,8 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $INFVSR_MODELS, else models/infvsr of the ComfyUI tree this is installed in, "
         "else ./models/infvsr, else ~/.cache/infvsr)",
     )
+    up.add_argument(
+        "--dit",
+        type=Path,
+        metavar="FILE",
+        help="the DiT file to use instead of the models folder's InfVSR.ckpt (e.g. an fp8 copy from `quantize`)",
+    )
     up.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4, as trained)")
-    up.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
+    up.add_argument(
+        "--lora", type=Path, metavar="FILE", help="a DiT LoRA from `finetune` (.safetensors), merged in at load"
+    )
+    up.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32", "fp8"),
+        help="default: bf16 on cuda, fp32 on cpu. fp8: the DiT's linear layers in float8 (half their memory, "
+        "faster on GPUs with fp8 tensor cores), the rest as the default; close to bf16, not identical",
+    )
     up.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     up.add_argument(
         "--gpu-memory",
@@ -142,7 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--quiet", action="store_true", help="no progress bar")
     up.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    from .jobs.command import add_job_arguments  # torch-free, like the rest of the parser
+
+    add_job_arguments(up)
     _add_download_parser(commands)
+    from .evaluate.command import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(commands)
+    from .finetune.command import add_parser as add_finetune_parser
+
+    add_finetune_parser(commands)
     return parser
 
 
@@ -177,6 +198,17 @@ def _add_download_parser(commands: argparse._SubParsersAction) -> None:
     )
     down.add_argument("--debug", action="store_true", help="print the full traceback of an error")
 
+    quant = commands.add_parser(
+        "quantize",
+        help="write an fp8 copy of the DiT (half the size on disk and in GPU memory)",
+        description="Write the DiT's linear layers in float8 with per-channel scales (the rest unchanged) as a "
+        "safetensors file, which `upscale --dit FILE` and the loader node use in fp8 (the same model as "
+        "--dtype fp8 makes at each load, without the full-precision file).",
+    )
+    quant.add_argument("dit", type=Path, help="the DiT file (InfVSR.ckpt or a safetensors copy)")
+    quant.add_argument("-o", "--output", type=Path, required=True, help="the fp8 copy (.safetensors)")
+    quant.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+
 
 def _roles(text: str) -> list[str]:
     """`--only`: known roles, comma-separated, each once."""
@@ -208,10 +240,20 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "download":
             return download_command(args)
+        if args.command == "quantize":
+            return quantize_command(args)
+        if args.command == "evaluate":
+            from .evaluate.command import run as evaluate_command
+
+            return evaluate_command(args)
+        if args.command == "finetune":
+            from .finetune.command import run as finetune_command
+
+            return finetune_command(args)
         _check_attention_installed(parser, args.attention)
         return upscale_command(args)
     except KeyboardInterrupt as stop:
-        print(f"{_stop_word(stop)}: nothing was written", file=sys.stderr)
+        print(f"{stop_word(stop)}: nothing was written", file=sys.stderr)
         return 128 + getattr(stop, "signum", signal.SIGINT)
     except Exception as exc:  # one clear line, whatever went wrong
         return _report_error(exc, args)
@@ -231,12 +273,6 @@ def _report_error(error: Exception, args: argparse.Namespace | None, suffix: str
 
 def _kept(film) -> str:
     return f"kept the {film.frames_written} finished frames in {film.kept}" if film.kept else "nothing was written"
-
-
-def _stop_word(stop: KeyboardInterrupt) -> str:
-    """ "interrupted" for Ctrl-C, "stopped by SIGTERM" (or the signal's name) for a stop signal."""
-    signum = getattr(stop, "signum", None)
-    return "interrupted" if signum is None else f"stopped by {signal.Signals(signum).name}"
 
 
 def _check_attention_installed(parser: argparse.ArgumentParser, name: str) -> None:
@@ -295,6 +331,10 @@ def upscale_command(args: argparse.Namespace) -> int:
     """The `upscale` command: checks first, then the film loop, then one line saying what was written."""
     check_arguments(args)
     check_output(args)  # before the input is decoded and several GB of weights load
+    from .jobs.command import job_command, wants_job
+
+    if wants_job(args):  # several devices or a Ray cluster: the film job (infvsr_core/jobs)
+        return job_command(args)
 
     from tqdm import tqdm
 
@@ -321,7 +361,7 @@ def upscale_command(args: argparse.Namespace) -> int:
         try:
             result = film.run()
         except KeyboardInterrupt as stop:
-            print(f"{_stop_word(stop)}: {_kept(film)}", file=sys.stderr)
+            print(f"{stop_word(stop)}: {_kept(film)}", file=sys.stderr)
             return 128 + getattr(stop, "signum", signal.SIGINT)
         except Exception as error:
             if not film.kept:
@@ -330,12 +370,7 @@ def upscale_command(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     if result.damage is not None:
-        print(
-            f"error: {result.damage}; kept the {result.frames} frames before it in {result.path} "
-            f"(--strict keeps nothing on a damaged input)",
-            file=sys.stderr,
-        )
-        return EXIT_DAMAGED_INPUT
+        return report_damage(result)
     if not args.quiet:
         print(
             f"wrote {result.path}: {result.frames} frames, {result.scenes} scene(s), "
@@ -354,10 +389,19 @@ def download_command(args: argparse.Namespace) -> int:
     try:
         done = download_weights(folder, args.only, report=print)
     except KeyboardInterrupt as stop:
-        print(f"{_stop_word(stop)}: an unfinished download resumes when this command runs again", file=sys.stderr)
+        print(f"{stop_word(stop)}: an unfinished download resumes when this command runs again", file=sys.stderr)
         return 128 + getattr(stop, "signum", signal.SIGINT)
     fetched = sum(f.how != "present" for f in done)
     print(f"{len(done)} file(s) in {folder}: {fetched} placed now, {len(done) - fetched} already there")
+    return 0
+
+
+def quantize_command(args: argparse.Namespace) -> int:
+    """The `quantize` command: the fp8 copy of a DiT file (`loader.save_fp8_dit`)."""
+    from .loader import save_fp8_dit
+
+    path = save_fp8_dit(args.dit, args.output)
+    print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB; {args.dit.stat().st_size / 2**30:.2f} GiB before)")
     return 0
 
 
@@ -386,6 +430,8 @@ def _load_pipeline(args: argparse.Namespace):
         cap_device_memory(args.device, args.gpu_memory)
     pipe = load_pipeline(
         args.models,
+        dit=args.dit,
+        lora=args.lora,
         device=args.device,
         dtype=args.dtype,
         offload=args.offload,

@@ -95,12 +95,17 @@ class Film:
         read_frames: int = CHUNK_FRAMES,
         strict: bool = False,
         on_progress: Callable[[FilmProgress], None] | None = None,
+        detector: Any | None = None,
     ) -> None:
+        """`detector`: the scene-cut detector to use instead of a fresh one (`SceneStream`'s), e.g. a film job's
+        segment replaying the cuts of its first pass."""
         self.pipe, self.reader, self.open_writer = pipe, reader, open_writer
         self.scale, self.read_frames, self.strict = scale, read_frames, strict
         self.on_progress = on_progress
         session = pipe.new_session(scale, prompt=prompt)
-        self.stream = SceneStream(pipe, session, detect_scenes=detect_scenes, threshold=scene_threshold)
+        self.stream = SceneStream(
+            pipe, session, detect_scenes=detect_scenes, threshold=scene_threshold, detector=detector
+        )
         self.writer: FrameWriter | None = None
         self.kept: Path | None = None
         info = reader.info

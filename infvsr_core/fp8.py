@@ -18,6 +18,7 @@ speed is that of the compute dtype.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -62,9 +63,8 @@ _COMPILED_QUANTIZE: list = []
 def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows`, compiled into one pass over x on CUDA (it runs before every fp8 product)."""
     if not _COMPILED_QUANTIZE:
-        from .dit import compile_available
-
-        fn = torch.compile(quantize_rows, fullgraph=True, dynamic=False) if compile_available() else quantize_rows
+        compiles = importlib.util.find_spec("triton") is not None  # torch.compile's GPU backend
+        fn = torch.compile(quantize_rows, fullgraph=True, dynamic=False) if compiles else quantize_rows
         _COMPILED_QUANTIZE.append(fn)
     return _COMPILED_QUANTIZE[0](x)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora import merge_lora_weight
 from .weights import StateDict, WeightFileError, check_state_dict, require
 
 __all__ = [
@@ -480,10 +481,9 @@ def merge_dape(
                 f"{tuple(b.shape)}, but the qkv weight {tuple(weight.shape)} needs lora_A (2r, {in_f}) "
                 f"and lora_B ({2 * d}, r)"
             )
-        a32, b32 = a.float(), b.float()
         w = weight.float().clone()
-        w[:d] += (b32[:d] @ a32[:r]) * scaling
-        w[2 * d :] += (b32[d:] @ a32[r:]) * scaling
+        w[:d] = merge_lora_weight(w[:d], a[:r], b[:d], scaling)
+        w[2 * d :] = merge_lora_weight(w[2 * d :], a[r:], b[d:], scaling)
         merged[f"{module}.weight"] = w
     return merged
 

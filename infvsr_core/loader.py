@@ -16,7 +16,9 @@ import torch
 
 from .dit import CausalWanDiT, DiTConfig
 from .errors import UsageError
+from .fp8 import cast_except_fp8, is_fp8_state_dict, prepare_for_fp8_state, quantize_dit
 from .guidance import build_guidance
+from .lora import merge_lora, read_lora
 from .pipeline import InfVSRPipeline
 from .vae import StreamingVAE, build_vae
 from .weight_files import WEIGHT_FILES, default_models_dir, find_weight_file
@@ -30,18 +32,20 @@ def _autodetect_device() -> torch.device:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FP8 = "fp8"
+"""dtype="fp8": the DiT's linear layers in float8 (`fp8.py`), everything else in the device's default dtype."""
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """bf16 on a GPU and fp32 on the CPU unless asked otherwise."""
-    if dtype is None or dtype == "auto":
+    if dtype is None or dtype in ("auto", FP8):  # fp8 computes in the default dtype around its fp8 products
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join([*DTYPES, FP8])}") from None
 
 
 def load_pipeline(
@@ -60,6 +64,7 @@ def load_pipeline(
     low_vram: bool = False,
     spill_dir: str | os.PathLike | None = None,
     host_memory_gib: float | None = None,
+    lora: str | os.PathLike | None = None,
 ) -> InfVSRPipeline:
     """Load the four published files (explicit paths win over `models_dir` look-up).
 
@@ -75,9 +80,12 @@ def load_pipeline(
     Offloaded VAE histories that host memory cannot hold go to files (memory/spill.py) in `spill_dir`
     (default: the system's temporary folder), past a budget taken from the available memory
     (`memory.plan.plan_spill`), or past `host_memory_gib` when given.
+    `lora`: a DiT LoRA file written by `python -m infvsr_core finetune`, merged into the DiT's weights here, once
+    (`lora.merge_lora`); without it the DiT is the published one, untouched.
     """
     device = torch.device(device) if device is not None else _autodetect_device()
-    dtype = parse_dtype(dtype, device)
+    fp8 = dtype == FP8
+    dtype = parse_dtype("auto" if fp8 else dtype, device)
     if models_dir is None:
         folders = [default_models_dir()]
     elif isinstance(models_dir, (list, tuple)):
@@ -87,6 +95,7 @@ def load_pipeline(
     explicit = {"dit": dit, "vae": vae, "ram": ram, "dape": dape}
     paths = {role: Path(p) if p is not None else find_weight_file(role, folders) for role, p in explicit.items()}
 
+    adapter = read_lora(lora) if lora is not None else None  # checked before the large files are read
     states = {
         role: read_state_dict(
             paths[role],
@@ -98,11 +107,27 @@ def load_pipeline(
     }
 
     dit_config = _dit_config(states["dit"], paths["dit"])
+    fp8_file = is_fp8_state_dict(states["dit"])
+    if adapter is not None:
+        if fp8_file:
+            raise UsageError(
+                f"the LoRA '{lora}' cannot be merged into the fp8 copy '{paths['dit']}': load the full-precision "
+                "DiT with dtype fp8 instead (the LoRA is merged first, then the DiT quantized)"
+            )
+        paths["lora"] = Path(lora)
+        states["dit"] = merge_lora(states["dit"], adapter, what=f"the DiT checkpoint '{paths['dit']}'")
     with torch.device("meta"):
         dit_model = CausalWanDiT(dit_config)
     dit_model = dit_model.to_empty(device="cpu")
+    if fp8_file:
+        prepare_for_fp8_state(dit_model, torch.float32)
     load_checked(dit_model, states["dit"], what=WEIGHT_FILES["dit"].description, path=paths["dit"])
-    dit_model = dit_model.to(device=device, dtype=dtype)
+    if fp8 or fp8_file:
+        if not fp8_file:
+            quantize_dit(dit_model)  # from the file's own precision, not from a bf16 copy
+        dit_model = cast_except_fp8(dit_model, device, dtype)
+    else:
+        dit_model = dit_model.to(device=device, dtype=dtype)
 
     vae_model = build_vae(states["vae"], path=paths["vae"], dtype=dtype).to(device)
     guidance = build_guidance(
@@ -123,7 +148,7 @@ def load_pipeline(
         device=device,
         dtype=dtype,
         output_device=output_device,
-        model_id=_model_id(paths, dtype),
+        model_id=_model_id(paths, dtype, fp8 or fp8_file),
         offload="all" if low_vram else (offload or "none"),
     )
     pipe.spill_dir = Path(spill_dir) if spill_dir is not None else None
@@ -222,10 +247,47 @@ def _dit_shapes(config: DiTConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _model_id(paths: dict[str, Path], dtype: torch.dtype) -> str:
+def _model_id(paths: dict[str, Path], dtype: torch.dtype, fp8: bool = False) -> str:
     digest = hashlib.sha1()
     for role in sorted(paths):
         stat = paths[role].stat()
         digest.update(f"{paths[role].resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    digest.update(str(dtype).encode())
+    digest.update(f"{dtype}{':fp8' if fp8 else ''}".encode())
     return digest.hexdigest()[:16]
+
+
+def save_fp8_dit(dit_path: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Write an fp8 copy of a DiT file (`fp8.quantize_dit`: float8 weights with their float32 scales, the rest
+    in the file's precision) as safetensors; its size is inferred from its shapes as the original's is.
+    Loaded like the original (`load_pipeline(dit=...)`), it gives the same DiT as quantizing at load time. The
+    copy appears under its name only when complete."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    source, output = Path(dit_path), Path(output)
+    if output.suffix != ".safetensors":
+        raise UsageError(f"{output}: the fp8 copy is written as .safetensors (name it e.g. InfVSR_fp8.safetensors)")
+    if output.resolve() == source.resolve():
+        raise UsageError(f"{output}: the fp8 copy must not replace its source")
+    spec = WEIGHT_FILES["dit"]
+    state = read_state_dict(source, what=spec.description, unwrap=spec.unwrap, source=spec.source)
+    if is_fp8_state_dict(state):
+        raise UsageError(f"{source} is already an fp8 copy")
+    with torch.device("meta"):
+        model = CausalWanDiT(_dit_config(state, source))
+    model = model.to_empty(device="cpu")
+    load_checked(model, state, what=spec.description, path=source)
+    del state
+    quantized = {k: v.contiguous() for k, v in quantize_dit(model).state_dict().items()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    os.close(fd)
+    try:
+        save_file(quantized, temp, metadata={"format": "pt", "infvsr": "fp8 copy of " + source.name})
+        os.replace(temp, output)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return output
+

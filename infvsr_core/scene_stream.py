@@ -26,7 +26,10 @@ class SceneStream:
     """Feed frames in any batch sizes; get upscaled frames back in order, cut-aware.
 
     With `detect_scenes=False` this is exactly `pipeline.push`/`close` over one
-    scene (the release's `--no_scene_detection`).
+    scene (the release's `--no_scene_detection`). `detector` replaces the fresh
+    `ContentDetector` (anything with its `push`, `finish` and `safe_count`): a film job
+    replays there the cuts its first pass found (`jobs.cuts.KnownCuts`), so a segment
+    of the film is cut exactly where one run over the whole film cuts it.
     """
 
     def __init__(
@@ -39,12 +42,15 @@ class SceneStream:
         threshold: float = 27.0,
         reference_threshold: float = 27.0,
         min_scene_len: int = 15,
+        detector: ContentDetector | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.session = session if session is not None else pipeline.new_session(scale)
         self.detect_scenes = detect_scenes
         self.reference_threshold = reference_threshold
-        self.detector = ContentDetector(threshold=threshold, min_scene_len=min_scene_len) if detect_scenes else None
+        if detect_scenes and detector is None:
+            detector = ContentDetector(threshold=threshold, min_scene_len=min_scene_len)
+        self.detector = detector if detect_scenes else None
         self._held: deque[torch.Tensor] = deque()  # frames not yet given to the session
         self._cuts: deque[int] = deque()  # detected scene starts not yet reached
         self._received = 0  # frames received so far

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import comfy
+from .evaluate_nodes import InfVSREvaluate
 from .model_nodes import ExtractDAPEGuidance, LoadInfVSRModel
 from .routes import register_routes
 from .shutdown import install as install_stop_handler
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "InfVSRLoadVideoFrames": InfVSRLoadVideoFrames,
     "InfVSRVideoStream": InfVSRVideoStream,
     "InfVSRUpscaleVideoFile": InfVSRUpscaleVideoFile,
+    "InfVSREvaluate": InfVSREvaluate,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -28,6 +30,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "InfVSRLoadVideoFrames": "InfVSR Load Video Frames",
     "InfVSRVideoStream": "InfVSR Video Stream (one chunk per run)",
     "InfVSRUpscaleVideoFile": "InfVSR Upscale Video File",
+    "InfVSREvaluate": "InfVSR Evaluate",
 }
 
 comfy.register_model_folder()

@@ -13,6 +13,8 @@ if __package__ and "." in __package__:
     from ..infvsr_core import attention, loader, memory
     from ..infvsr_core.download import download_weights
     from ..infvsr_core.errors import VideoError, WeightFileError
+    from ..infvsr_core.evaluate import report as evaluation_report
+    from ..infvsr_core.evaluate.run import EvaluateOptions, evaluate
     from ..infvsr_core.film import Film, FilmProgress, frames_to_read
     from ..infvsr_core.io import BackgroundWriter, VideoReader, VideoWriter, probe, unfinished_outputs
     from ..infvsr_core.io import audio as core_audio
@@ -27,6 +29,8 @@ else:
     from infvsr_core import attention, loader, memory
     from infvsr_core.download import download_weights
     from infvsr_core.errors import VideoError, WeightFileError
+    from infvsr_core.evaluate import report as evaluation_report
+    from infvsr_core.evaluate.run import EvaluateOptions, evaluate
     from infvsr_core.film import Film, FilmProgress, frames_to_read
     from infvsr_core.io import BackgroundWriter, VideoReader, VideoWriter, probe, unfinished_outputs
     from infvsr_core.io import audio as core_audio

@@ -28,7 +28,7 @@ def _kinds(role: str) -> tuple[str, ...]:
 def claimed_by(name: str) -> str | None:
     """The slot whose published stem a listed file carries (InfVSR, Wan2.1_VAE, ram_swin_large_14m, DAPE; any
     suffix, any subfolder, any case), or None for a file named otherwise."""
-    stem = Path(name).stem.casefold()
+    stem = Path(name).stem.casefold().removesuffix("_fp8")  # an fp8 copy (`quantize`) is still its slot's file
     return next((role for role, spec in WEIGHT_FILES.items() if spec.stem.casefold() == stem), None)
 
 
@@ -37,8 +37,46 @@ def _choices(role: str) -> list[str]:
     files named for this slot, then the files no slot claims by name, so renamed files still appear; never a
     file named for another slot."""
     default = WEIGHT_FILES[role].filename
-    found = [n for n in comfy.list_model_files(_kinds(role)) if n != default]
+    found = [n for n in comfy.list_model_files(_kinds(role)) if n != default and not _in_lora_folder(n)]
     return [default, *[n for n in found if claimed_by(n) == role], *[n for n in found if claimed_by(n) is None]]
+
+
+LORA_FOLDER = "loras"
+"""The DiT LoRAs (`python -m infvsr_core finetune`) live in models/infvsr/loras."""
+NO_LORA = "none"
+
+
+def _in_lora_folder(name: str) -> bool:
+    return Path(name).parts[:1] == (LORA_FOLDER,)
+
+
+def lora_folders() -> list[Path]:
+    """models/infvsr/loras of every registered models/infvsr folder."""
+    return [folder / LORA_FOLDER for folder in comfy.model_folders(comfy.MODEL_FOLDER)]
+
+
+def lora_choices() -> list[str]:
+    """"none", then the .safetensors files of the LoRA folders (relative names, any subfolder)."""
+    names = [
+        path.relative_to(folder).as_posix()
+        for folder in lora_folders()
+        if folder.is_dir()
+        for path in sorted(folder.rglob("*.safetensors"))
+        if path.is_file()
+    ]
+    return [NO_LORA, *dict.fromkeys(names)]
+
+
+def resolve_lora(name: str) -> Path | None:
+    """The LoRA file picked (None for "none"); a name that is in no LoRA folder, or climbs out of one, raises."""
+    if name == NO_LORA:
+        return None
+    for folder in lora_folders():
+        candidate = (folder / name).resolve()
+        if candidate.is_file() and candidate.is_relative_to(folder.resolve()):
+            return candidate
+    searched = ", ".join(f"'{f}'" for f in lora_folders()) or "(no model folder is registered)"
+    raise WeightFileError(f"LoRA file '{name}' not found in {searched}")
 
 
 def _slot_tooltip(role: str, what: str) -> str:
@@ -136,8 +174,10 @@ class LoadInfVSRModel:
                     "ram", "ram_swin_large_14m.pth: RAM (its Swin-L reads the reference).")}),
                 "dape": (_choices("dape"), {"tooltip": _slot_tooltip(
                     "dape", "DAPE.pth: the LoRA merged into RAM's attention.")}),
-                "dtype": (["auto", "bf16", "fp16", "fp32"], {
-                    "default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU."}),
+                "dtype": (["auto", "bf16", "fp16", "fp32", "fp8"], {
+                    "default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU. fp8: the DiT's linear "
+                    "layers in float8 (half their memory; faster on GPUs with fp8 tensor cores: RTX 40/50, H100), "
+                    "the rest as auto; output close to bf16, not identical. An fp8 DiT file is always fp8."}),
                 "attention": (backends, {
                     "default": "auto", "tooltip": "Attention kernel of the DiT. auto: FlashAttention-3 where it is "
                     "installed (flash_attn_3 or fa3_fwd; Hopper GPUs, bf16), else PyTorch's SDPA (cuDNN first)."}),
@@ -167,6 +207,11 @@ class LoadInfVSRModel:
                     "...) whose file is in no model folder and not in the Hugging Face cache is downloaded from "
                     "Hugging Face into models/infvsr first (GBs; an interrupted download resumes), as "
                     "`python -m infvsr_core download` does."}),
+                "lora": (lora_choices(), {
+                    "default": NO_LORA,
+                    "tooltip": "A LoRA of the DiT made by `python -m infvsr_core finetune` (your footage), from "
+                    "models/infvsr/loras; merged into the DiT's weights at load (no speed cost). none: the "
+                    "published model."}),
             },
         }
 
@@ -184,6 +229,7 @@ class LoadInfVSRModel:
         vae_seams: str = "release",
         host_memory_gib: float = 0.0,
         download_missing: bool = False,
+        lora: str = NO_LORA,
     ) -> tuple[InfVSRModel]:
         if weights not in WEIGHTS_LOCATIONS:
             raise ValueError(f"weights must be one of {WEIGHTS_LOCATIONS}, got {weights!r}")
@@ -191,6 +237,7 @@ class LoadInfVSRModel:
         if download_missing:
             fetch_missing(choices)
         paths = {role: resolve_weight(role, name) for role, name in choices.items()}
+        lora_path = resolve_lora(lora)
         device = comfy.compute_device()
         torch_dtype = loader.parse_dtype(dtype, device)
         idle_weights_on_cpu = weights != "gpu" and device.type != "cpu"
@@ -210,8 +257,10 @@ class LoadInfVSRModel:
             extra["host_memory_gib"] = host_memory_gib
         pipe = loader.load_pipeline(
             dit=paths["dit"], vae=paths["vae"], ram=paths["ram"], dape=paths["dape"],
-            device="cpu" if load_on_cpu else device, dtype=torch_dtype, vae_tiling=vae_tiling,
+            device="cpu" if load_on_cpu else device, dtype=loader.FP8 if dtype == loader.FP8 else torch_dtype,
+            vae_tiling=vae_tiling,
             vae_seams=vae_seams,
+            lora=lora_path,
             **extra,
         )
         pipe.device = device  # inputs go to the compute device; weights follow in InfVSRModel.active()

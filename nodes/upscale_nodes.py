@@ -19,6 +19,7 @@ from .common import (
     resolve_source,
     validate_video_name,
 )
+from .jobs import run_file_job
 from .sink import FORMATS, VideoSink, output_inputs
 from .streams import EVENT, REGISTRY, StreamHandle
 from .types import CACHE_TYPE, GUIDANCE_TYPE, MODEL_TYPE, STREAM_TYPE, DAPEGuidance, InfVSRModel, StreamCache
@@ -249,6 +250,10 @@ class InfVSRUpscaleVideoFile:
                 "video_input": ("VIDEO", {"tooltip": "A ComfyUI VIDEO; replaces the file picked above."}),
                 "start_frame": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
                 "max_frames": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "0 = to the end."}),
+                "devices": ("STRING", {"default": "", "tooltip": "Empty: this process, the model as loaded. Several "
+                                       "GPUs of this machine (cuda:0,cuda:1,...): the film's scenes are upscaled "
+                                       "in parallel, one worker per GPU loading the model's files (needs Ray: pip "
+                                       "install ray), and joined: exactly the frames of one run."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -272,6 +277,7 @@ class InfVSRUpscaleVideoFile:
         video_input: Any = None,
         start_frame: int = 0,
         max_frames: int = 0,
+        devices: str = "",
         unique_id: str | None = None,
     ) -> dict[str, Any]:
         model = check_model(model)
@@ -281,6 +287,16 @@ class InfVSRUpscaleVideoFile:
             raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
         source = resolve_source(video, video_input)
         node = str(unique_id) if unique_id is not None else "file"
+        if devices.strip():
+            if guidance is not None:
+                raise ValueError("devices: a fixed guidance does not reach the workers; disconnect it (each scene "
+                                 "then takes its first frame) or leave devices empty")
+            path, preview = run_file_job(
+                model, source, devices, scale=int(scale), format_name=format, crf=crf, filename_prefix=filename_prefix,
+                keep_audio=keep_audio, detect_scenes=detect_scenes, start_frame=start_frame, max_frames=max_frames,
+                node=node)
+            return {"ui": {"infvsr_video": [preview]},
+                    "result": (str(path), comfy.video_from_file(path) if FORMATS[format].codec != "png" else None)}
 
         def open_sink(first: Any) -> VideoSink:
             audio = None

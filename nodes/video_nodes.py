@@ -34,8 +34,9 @@ class InfVSRLoadVideoFrames:
     """A range of frames of a video as an IMAGE batch, with its audio, fps and VideoHelperSuite info."""
 
     DESCRIPTION = (
-        "Decodes frames start_frame .. start_frame + frame_count - 1 only. Use it for a guidance reference "
-        "frame or for hand-made chunks; for a whole film use InfVSR Video Stream or InfVSR Upscale Video File."
+        "Decodes frames start_frame .. start_frame + frame_count - 1 only (frame_count 0: to the end of the clip). "
+        "Use it for a guidance reference frame or for hand-made chunks; for a whole film use InfVSR Video Stream "
+        "or InfVSR Upscale Video File."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "AUDIO", "FLOAT", "VHS_VIDEOINFO")
@@ -48,8 +49,9 @@ class InfVSRLoadVideoFrames:
             "required": {
                 "video": _video_input(),
                 "start_frame": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                "frame_count": ("INT", {"default": 48, "min": 1, "max": 100000,
-                                        "tooltip": "Frames to decode (all of them are held in memory)."}),
+                "frame_count": ("INT", {"default": 48, "min": 0, "max": 100000,
+                                        "tooltip": "Frames to decode, 0 = to the end of the clip (all of them "
+                                        "are held in memory)."}),
             },
             "optional": {"video_input": ("VIDEO", {"tooltip": "A ComfyUI VIDEO; replaces the file picked above."})},
         }
@@ -70,13 +72,13 @@ class InfVSRLoadVideoFrames:
 
     def load(self, video: str, start_frame: int = 0, frame_count: int = 48, video_input: Any = None) -> tuple:
         source = resolve_source(video, video_input)
-        with VideoReader(source, start=start_frame, max_frames=frame_count) as reader:
+        with VideoReader(source, start=start_frame, max_frames=frame_count or None) as reader:
             info = reader.info
             chunk = reader.read_all()
         if len(chunk) == 0:
             raise ValueError(
                 f"{source.name} has no frames from frame {start_frame} on"
-                + (f" (it has {info.frame_count})" if info.frame_count else "")
+                + (f" (it has {info.frame_count}): lower start_frame or pick a longer clip" if info.frame_count else "")
             )
         fps = float(info.fps)
         audio = chunk_audio(info, source, chunk.pts_seconds[0], len(chunk), fps)

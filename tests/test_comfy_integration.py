@@ -3,7 +3,9 @@
 Runs only when `COMFYUI_DIR` names a ComfyUI checkout (kept outside this repository); skipped otherwise.
 `COMFYUI_PYTHON` is the interpreter that has ComfyUI's requirements and this pack's (default: this one).
 With node, playwright-core and Chromium present (the harness in ../shared/tools/comfy_harness installs them),
-every workflow is also loaded in the real frontend and must show no missing nodes and no console errors.
+every workflow is also loaded in the real frontend and must show no missing nodes and no console errors, read
+left to right with nothing overlapping or cut, and show the web extension's status lines and previews inside
+their nodes (tests/frontend_ui_check.mjs).
 
     COMFYUI_DIR=/tmp/comfyui COMFYUI_PYTHON=/tmp/comfy-venv/bin/python python -m pytest tests/test_comfy_integration.py
 """
@@ -32,7 +34,7 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 HARNESS = Path(os.environ.get("COMFY_HARNESS", ROOT.parent / "shared" / "tools" / "comfy_harness"))
 PACK_NAME = "ComfyUI-InfVSR"
 NODES = {"LoadInfVSRModel", "ExtractDAPEGuidance", "InfVSRChunkUpscale", "InfVSRVideoCombine",
-         "InfVSRLoadVideoFrames", "InfVSRVideoStream", "InfVSRUpscaleVideoFile"}
+         "InfVSRLoadVideoFrames", "InfVSRVideoStream", "InfVSRUpscaleVideoFile", "InfVSREvaluate"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 INPUT_VIDEO = "infvsr_example.mp4"
 FRAMES, H, W = 60, 24, 32  # the example video the workflows name: 60 frames, 32x24, with audio
@@ -203,11 +205,16 @@ def test_workflows_are_served_as_templates(server):
     assert set(templates.get(PACK_NAME, [])) == names
     status, _ = _http(f"{server['url']}/api/workflow_templates/{PACK_NAME}/infvsr_stream_4x.json")
     assert status == 200
+    for name in names:  # the template browser's picture of each: NAME.jpg beside NAME.json
+        url = f"{server['url']}/api/workflow_templates/{PACK_NAME}/{name}.jpg"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
+            assert response.read(3) == b"\xff\xd8\xff"
 
 
 EXPECTED = {  # workflow -> (output prefix, frames, audio)
     "infvsr_stream_4x": ("InfVSR/stream_4x", FRAMES, True),
-    "infvsr_chained_chunks": ("InfVSR/chained_4x", 48, True),
+    "infvsr_chained_chunks": ("InfVSR/chained_4x", FRAMES, True),
     "infvsr_long_video_file": ("InfVSR/long_4x", FRAMES, True),
 }
 
@@ -242,6 +249,44 @@ def test_workflow_runs_through_the_http_api(server, object_info, name):
     ui = history[first]["outputs"] if name != "infvsr_stream_4x" else {}
     for node_id in combine if ui else []:
         assert ui[node_id]["infvsr_video"][0]["finished"]
+
+
+@pytest.fixture(scope="module")
+def demo_clips(server) -> dict[int, str]:
+    """Clips of other lengths than the one the workflows name, in the input folder: 21 frames (shorter than two
+    InfVSR chunks) and 60; no audio."""
+    from infvsr_core.fixtures import write_demo_clip
+
+    return {frames: write_demo_clip(server["run"] / "input" / f"demo_{frames}.mp4", frames, W, H).name
+            for frames in (21, 60)}
+
+
+@pytest.mark.parametrize("frames", [21, 60])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_workflow_runs_on_the_clip_the_user_picks(server, demo_clips, name, frames):
+    """What each workflow's note asks for: the clip picked in every `video` widget; nothing else changed."""
+    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    api = to_api(workflow)
+    prefix = f"InfVSR/picked_{name}_{frames}"
+    pickers = [node["inputs"] for node in api.values() if "video" in node["inputs"]]
+    assert pickers
+    for inputs in pickers:
+        inputs["video"] = demo_clips[frames]
+        if "stream_name" in inputs:
+            inputs["stream_name"] = f"picked-{frames}"
+    for node in api.values():
+        if "filename_prefix" in node["inputs"]:
+            node["inputs"]["filename_prefix"] = prefix
+    first = submit(server, workflow, api)
+    wait_idle(server)
+    _, history = _http(server["url"] + "/history?max_items=400")
+    assert history[first]["status"]["status_str"] == "success", history[first]["status"]
+    if name == "infvsr_stream_4x":
+        _, streams = _http(server["url"] + "/infvsr/streams")
+        (stream,) = [s for s in streams["streams"] if s["stream_name"] == f"picked-{frames}"]
+        assert stream["state"] == "done" and stream["frames_done"] == frames, stream
+    (output,) = (server["run"] / "output").glob(prefix + "_*.mp4")
+    assert probe(output) == (frames, 4 * W, 4 * H, False)
 
 
 def _start_small_stream(server, stream_name: str, prefix: str) -> None:
@@ -431,3 +476,43 @@ def test_workflow_loads_in_the_real_frontend(server, name, tmp_path):
     assert report["console_errors"] == [] and report["page_errors"] == [], report
     assert not [d for d in report["dialogs"] if "missing" in d.lower()]
     assert not report["http_errors"], report["http_errors"]
+
+
+def _ui_check(server, name: str, *extra: str) -> dict:
+    done = subprocess.run(
+        ["node", str(ROOT / "tests" / "frontend_ui_check.mjs"), "--server", server["url"], "--workflow",
+         str(ROOT / "workflows" / f"{name}.json"), *extra],
+        capture_output=True, text=True, timeout=420,
+    )
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and "fatal" not in report, report
+    return report
+
+
+@pytest.fixture(scope="module")
+def poster(server) -> str:
+    """A still in the input folder, for a preview shown while a stream is being written."""
+    from PIL import Image
+
+    Image.new("RGB", (4 * W, 4 * H), (200, 80, 40)).save(server["run"] / "input" / "infvsr_poster.png")
+    return "infvsr_poster.png"
+
+
+@pytest.mark.skipif(not _frontend_available(), reason="the harness's frontend check (node, Chromium) is not installed")
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_workflow_and_extension_read_well_in_the_real_frontend(server, poster, name):
+    """Laid out left to right at the frontend's own sizes, no title cut; the extension's status lines and
+    previews (with the messages the nodes send) fit their node, in readable text; input and output labelled."""
+    report = _ui_check(server, name, "--poster", poster, "--video", INPUT_VIDEO)
+    assert report["problems"] == [], report
+    assert report["widgets"]["shown"]
+
+
+@pytest.mark.skipif(not _frontend_available(), reason="the harness's frontend check (node, Chromium) is not installed")
+def test_file_workflow_run_from_the_real_frontend_shows_input_progress_and_output(server):
+    report = _ui_check(server, "infvsr_long_video_file", "--run", "--prefix", "InfVSR/from_the_page")
+    assert report["problems"] == [], report
+    assert {"InfVSRUpscaleVideoFile:infvsr_status", "InfVSRUpscaleVideoFile:infvsr_preview"} <= set(
+        report["widgets"]["shown"])
+    (output,) = (server["run"] / "output").glob("InfVSR/from_the_page_*.mp4")
+    assert probe(output) == (FRAMES, 4 * W, 4 * H, True)

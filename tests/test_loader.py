@@ -174,10 +174,11 @@ def test_not_a_safetensors_file(safetensors_models):
 
 
 class _RunsCode:
-    """Unpickling this calls print('x'): what a malicious checkpoint does with something worse."""
+    """Unpickling this runs print('x') through exec: what a malicious checkpoint does with something worse.
+    (exec, not print itself: Ray's shutdown replaces builtins.print, which other tests' jobs run.)"""
 
     def __reduce__(self):
-        return (print, ("x",))
+        return (exec, ("print('x')",))
 
 
 class _CustomModule:
@@ -188,7 +189,7 @@ class _CustomModule:
 
 
 @pytest.mark.parametrize(
-    ("payload", "named"), [(_RunsCode(), "'print'"), (_CustomModule(), f"'{_CustomModule.__module__}._CustomModule'")]
+    ("payload", "named"), [(_RunsCode(), "'exec'"), (_CustomModule(), f"'{_CustomModule.__module__}._CustomModule'")]
 )
 def test_pickle_with_code_is_refused_without_running_it(models, capfd, payload, named):
     torch.save({"visual_encoder.layers.0.blocks.0.attn.qkv.lora_A": payload}, models / "DAPE.pth")

@@ -228,7 +228,7 @@ def test_model_node_seams_choice_sets_the_tiling(model):
     optional = nodes.LoadInfVSRModel.INPUT_TYPES()["optional"]
     assert optional["vae_seams"][0] == ["release", "smooth"] and optional["vae_seams"][1]["default"] == "release"
     # appended last: saved workflows' widget values keep their positions
-    assert list(optional)[-3:] == ["vae_seams", "host_memory_gib", "download_missing"]
+    assert list(optional)[-4:] == ["vae_seams", "host_memory_gib", "download_missing", "lora"]
     (smooth,) = nodes.LoadInfVSRModel().load(*FILES, dtype="fp32", vae_seams="smooth")
     vae = smooth.pipeline.vae
     assert (vae.tile_size, vae.tile_stride, vae.tile_margin) == (128, 80, 16)

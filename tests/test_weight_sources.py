@@ -318,7 +318,8 @@ def test_node_dropdowns_list_the_files_that_fit_each_slot(comfy_models):
     assert "no other slot claims" in required["dit"][1]["tooltip"]
     assert "zzqingz/InfVSR" in required["dit"][1]["tooltip"]
     optional = nodes.LoadInfVSRModel.INPUT_TYPES()["optional"]
-    assert list(optional)[-1] == "download_missing" and optional["download_missing"][1]["default"] is False
+    assert list(optional)[-2:] == ["download_missing", "lora"]  # appended last: saved widget values keep places
+    assert optional["download_missing"][1]["default"] is False
 
 
 def test_node_published_names_fall_back_to_the_cache(hf, tiny_models, comfy_models, tiny_pipeline):

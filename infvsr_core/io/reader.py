@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+class SeekError(VideoError):
+    """A `seek` position that is not a keyframe where it was said to be: read from the first frame instead."""
+
+
 @dataclass
 class VideoInfo:
     """What a caller needs to know about a video before streaming it."""
@@ -156,7 +160,10 @@ class VideoReader:
     decoded and dropped, which keeps indices exact for variable-frame-rate video). ``fps`` is the rate of an
     image folder (default 24) or, for a video, an override of the detected rate. ``strict=False`` skips
     undecodable packets with a warning instead of raising. ``color_matrix``/``color_range`` override the
-    tags (e.g. for a mis-tagged file); ``apply_rotation=False`` returns frames as stored.
+    tags (e.g. for a mis-tagged file); ``apply_rotation=False`` returns frames as stored. ``seek=(index, pts,
+    origin_pts)`` says that frame ``index`` is a keyframe at ``pts`` and the first frame is at ``origin_pts`` (in the
+    stream's time base, as a film job's first pass found them): reading then starts at that keyframe instead of at
+    the first frame, with the same indices and timestamps; :class:`SeekError` if the keyframe is not there.
     """
 
     def __init__(
@@ -170,6 +177,7 @@ class VideoReader:
         color_matrix: str | None = None,
         color_range: str | None = None,
         apply_rotation: bool = True,
+        seek: tuple[int, int, int] | None = None,
     ) -> None:
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
@@ -179,6 +187,7 @@ class VideoReader:
         self.start, self.max_frames, self.strict = start, max_frames, strict
         self._fps_override = as_fraction(fps) if fps is not None else None
         self._matrix, self._range, self._apply_rotation = color_matrix, color_range, apply_rotation
+        self._seek = seek
         self._containers: list[Any] = []
         _check_input_path(self.path)
         self._images: list[Path] | None = None
@@ -320,6 +329,11 @@ class VideoReader:
         fps = self._fps_override or _pick_fps(stream) or Fraction(24)
         step = 1.0 / float(fps)
         index, origin, last = 0, None, None
+        keyframe = None
+        if self._seek is not None and limit is None and tb is not None:
+            index, keyframe, origin_pts = self._seek
+            origin = float(origin_pts * tb)
+            container.seek(keyframe, stream=stream, backward=True)
         packets = container.demux(stream)
         while True:
             try:
@@ -337,6 +351,12 @@ class VideoReader:
                 self._damage(f"decoding failed at frame {index}", e, "skipping the packet")
                 continue
             for frame in frames:
+                if keyframe is not None:
+                    if frame.pts is not None and frame.pts < keyframe:
+                        continue  # an open GOP's leading frames, which belong before the keyframe
+                    if frame.pts != keyframe:
+                        raise SeekError(f"{self.path}: no keyframe at pts {keyframe} (frame {index})")
+                    keyframe = None
                 t = float(frame.pts * tb) if frame.pts is not None and tb is not None else None
                 if origin is None:
                     origin = t if t is not None else 0.0

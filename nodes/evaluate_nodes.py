@@ -1,0 +1,126 @@
+"""InfVSREvaluate: an upscaled video (IMAGE batch or file) against its reference -> the plot and the summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import comfy
+from ._core import EvaluateOptions, evaluate, evaluation_report
+from .common import check_images
+from .paths import UnsafePathError, next_output_path, resolve_inside
+
+CATEGORY = "InfVSR"
+FITS = ("refuse", "resize", "crop")
+
+
+def readable_file(text: str, what: str) -> Path:
+    """A video file or frame folder inside ComfyUI's input, output or temp folder (a name relative to the input
+    folder, then the output folder, or a full path, e.g. the file node's `filename` output); never elsewhere."""
+    roots = [comfy.input_directory(), comfy.output_directory(), comfy.temp_directory()]
+    name = text.strip()
+    if Path(name).is_absolute():
+        target = Path(name).resolve()
+        if not any(target.is_relative_to(root.resolve()) for root in roots if root.exists()):
+            raise UnsafePathError(f"{what} {name!r} is outside ComfyUI's input, output and temp folders")
+        candidates = [target]
+    else:
+        candidates = [resolve_inside(root, name, what) for root in roots[:2]]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{what} {name!r} not found in ComfyUI's input or output folder")
+
+
+class InfVSREvaluate:
+    """Measures an upscaled video against its reference: PSNR, SSIM, E*warp, tOF per frame, plotted over time."""
+
+    DESCRIPTION = (
+        "Compares the upscaled frames (images, or a video file such as InfVSR Upscale Video File's filename) with "
+        "the reference (reference frames, or reference_video), frame by frame: PSNR (RGB and Y), SSIM, E*warp "
+        "(OpenCV DIS flow: not comparable with the paper's table, which uses learned flows) and tOF. Without a "
+        "reference only E*warp is measured. Outputs the plot of every metric over time (scene cuts dashed) and the "
+        "summary; save_report also writes summary.json, frames.csv and plot.png to the output folder."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("plot", "summary")
+    OUTPUT_NODE = True
+    FUNCTION = "evaluate"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "temporal": ("BOOLEAN", {"default": True, "tooltip": "E*warp and tOF (optical flow, the slow part)."}),
+                "crop_border": ("INT", {"default": 0, "min": 0, "max": 256,
+                                        "tooltip": "Pixels left out all round for PSNR / SSIM."}),
+                "fit": (list(FITS), {"default": "refuse", "tooltip": "Different frame sizes: refuse, resize the "
+                                     "output to the reference, or compare the common top-left area."}),
+                "align": ("BOOLEAN", {"default": False, "tooltip": "Different frame counts or rates: compare by "
+                                      "frame index over the shorter video."}),
+                "save_report": ("BOOLEAN", {"default": True, "tooltip": "Also write summary.json, frames.csv and "
+                                            "plot.png to the output folder."}),
+                "filename_prefix": ("STRING", {"default": "InfVSR/eval"}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "The upscaled frames."}),
+                "reference": ("IMAGE", {"tooltip": "The high-resolution original frames."}),
+                "video_path": ("STRING", {"default": "", "tooltip": "Instead of images: a video file (or frame "
+                                          "folder) in ComfyUI's input or output folder."}),
+                "reference_video": ("STRING", {"default": "", "tooltip": "Instead of reference: a video file (or "
+                                               "frame folder) in ComfyUI's input or output folder."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def evaluate(
+        self,
+        temporal: bool = True,
+        crop_border: int = 0,
+        fit: str = "refuse",
+        align: bool = False,
+        save_report: bool = True,
+        filename_prefix: str = "InfVSR/eval",
+        images: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+        video_path: str = "",
+        reference_video: str = "",
+        unique_id: str | None = None,
+    ) -> dict[str, Any]:
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+        output: Any = check_images(images) if images is not None else None
+        if output is None:
+            if not video_path.strip():
+                raise ValueError("connect the upscaled images or give a video_path")
+            output = readable_file(video_path, "video_path")
+        truth: Any = check_images(reference, "reference") if reference is not None else None
+        if truth is None and reference_video.strip():
+            truth = readable_file(reference_video, "reference_video")
+        node = str(unique_id) if unique_id is not None else "evaluate"
+        bar = comfy.ProgressBar(int(output.shape[0]) if isinstance(output, torch.Tensor) else 1)
+
+        def progress(done: int, total: int | None) -> None:
+            bar.update_absolute(done, total)
+            comfy.report_progress(comfy.Progress(node, done, total))  # Cancel is noticed here
+
+        options = EvaluateOptions(
+            temporal=bool(temporal), crop_border=int(crop_border), resize=fit == "resize", crop=fit == "crop",
+            align=bool(align),
+        )
+        result = evaluate(output, truth, options, progress)
+        summary = evaluation_report.summarize(result)
+        plot = torch.from_numpy(evaluation_report.plot_rgb(result, summary).astype(np.float32) / 255.0)[None]
+        text = evaluation_report.summary_text(summary)
+        preview = []
+        if save_report:
+            folder, subfolder, name = next_output_path(comfy.output_directory(), filename_prefix, "")
+            files = evaluation_report.write_report(result, folder)
+            preview.append({"filename": files.plot.name, "subfolder": f"{subfolder}/{name}".strip("/"),
+                            "type": "output"})
+            text += f"\nreport: {folder}"
+        return {"ui": {"images": preview, "text": [text]}, "result": (plot, text)}
