@@ -105,7 +105,9 @@ def test_ctrl_c_while_starting_is_one_line(small_video, tiny_models, tmp_path):
     time.sleep(1.0)  # inside the imports (torch, diffusers) or the weight loading
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    # 130, or ended by SIGINT itself (-2): a shell reports both as 130. Which one depends on where the start-up
+    # was (rarely, after the one line, the interpreter's exit ends by the signal); the line is what matters.
+    assert proc.returncode in (130, -signal.SIGINT) and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
 
 
