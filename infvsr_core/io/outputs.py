@@ -34,12 +34,12 @@ def _host_tag() -> str:
     return f"{zlib.crc32(socket.gethostname().encode()) & 0xFFFFFF:06x}"
 
 
-_HOST_TAG = _host_tag()
+HOST_TAG = _host_tag()
 
 
 def new_token() -> str:
     """`<pid>-<host>-<random>`: unique per writer, and tells a later run whether the owner may still be alive."""
-    return f"{os.getpid()}-{_HOST_TAG}-{secrets.token_hex(4)}"
+    return f"{os.getpid()}-{HOST_TAG}-{secrets.token_hex(4)}"
 
 
 def _temp_candidates(path: Path) -> Iterator[tuple[Path, int | None, str | None]]:
@@ -73,7 +73,7 @@ def unfinished_outputs(path: str | os.PathLike[str]) -> list[Path]:
     return sorted(temp for temp, _, _ in _temp_candidates(Path(path)))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process `pid` runs on this machine; when unsure, alive (a live writer's temp is never removed)."""
     if pid <= 0:
         return True
@@ -120,9 +120,9 @@ def _stale_reason(temp: Path, pid: int | None, host: str | None) -> str | None:
         if time.time() - _newest_mtime(temp) > _LEGACY_STALE_S:
             return "an earlier version's temporary name, no longer being written"
         return None
-    if host != _HOST_TAG:  # another machine's writer: its process id cannot be checked from here
+    if host != HOST_TAG:  # another machine's writer: its process id cannot be checked from here
         return None
-    if pid == os.getpid() or _pid_alive(pid):
+    if pid == os.getpid() or pid_alive(pid):
         return None
     return f"the run that wrote it (process {pid}) has ended"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..io.outputs import _HOST_TAG, _pid_alive, new_token
+from ..io.outputs import HOST_TAG, new_token, pid_alive
 from .segments import Segment
 
 JOB_SUFFIX = ".infvsr-job"
@@ -76,7 +76,7 @@ class JobLock:
         owner = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "host_tag": _HOST_TAG,
+            "host_tag": HOST_TAG,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         for _ in range(3):
@@ -112,9 +112,9 @@ class JobLock:
     def _stale(holder: dict[str, Any]) -> str | None:
         """Why the lock's job cannot be running any more, or None if it may be."""
         pid, tag = holder.get("pid"), holder.get("host_tag")
-        if not isinstance(pid, int) or tag != _HOST_TAG:
+        if not isinstance(pid, int) or tag != HOST_TAG:
             return None
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             return f"process {pid} has ended"
         return None
 
@@ -123,7 +123,7 @@ class JobLock:
         output = self.folder.name[: -len(JOB_SUFFIX)]
         advice = (
             "wait for it to finish or stop it"
-            if holder.get("host_tag") == _HOST_TAG
+            if holder.get("host_tag") == HOST_TAG
             else f"if that job is no longer running (another machine, which this one cannot check), delete {self.path}"
         )
         return f"another job is writing {output} ({who}): {advice}"
