@@ -27,27 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pipeline import SIZES, random_pipeline, synthetic_clip  # noqa: E402
+from check_scaled_mm import timed  # noqa: E402
 
 from infvsr_core.fp8 import QUANTIZED_LINEARS, FP8Linear, fp8_matmul_supported, project  # noqa: E402
 
 
 def layer_kind(name: str) -> str:
     return ".".join(name.split(".")[2:])  # blocks.<i>.self_attn.q -> self_attn.q
-
-
-def timed(fn, repeats: int = 5, calls: int = 20) -> float:
-    """Milliseconds per call: the median over `repeats` of `calls` back-to-back calls (the GPU stays queued, so
-    Python's launch time overlaps, as inside the DiT's CUDA graph it is absent)."""
-    times = []
-    for _ in range(repeats + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times[1:])
 
 
 def main() -> None:

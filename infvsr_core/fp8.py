@@ -121,7 +121,7 @@ class FP8Linear(nn.Module):
         read the same input (q, k, v) quantize it once. Returns (M, out_features) in `dtype`.
 
         Fast accumulation (Hopper's fp8 tensor cores promote their partial sums to float32 less often): the
-        error it adds is far below the operands' own fp8 rounding (bench/RESULTS.md, round 14)."""
+        error it adds is far below the operands' own fp8 rounding (bench/RESULTS.md, the fp8 round)."""
         values, scale = x[0], x[1]
         return torch._scaled_mm(
             values,

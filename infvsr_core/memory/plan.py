@@ -262,7 +262,7 @@ def use_growable_segments() -> str | None:
     (PYTORCH_CUDA_ALLOC_CONF set, or another backend such as ComfyUI's cudaMallocAsync); returns a line saying so.
 
     Why: the offloaded modes allocate and free blocks of many sizes, and near a card's limit the default
-    allocator fails on fragmentation (GiBs reserved but unusable, measured in bench/RESULTS.md round 14) where
+    allocator fails on fragmentation (reserved memory it cannot use, measured in bench/RESULTS.md) where
     growable segments fit. The command line sets it before torch loads; inside ComfyUI, torch is loaded first,
     so `auto` sets it at its first plan. Blocks already reserved keep their kind; new ones grow."""
     if _GROWABLE or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or not torch.cuda.is_available():
