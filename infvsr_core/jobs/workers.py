@@ -192,11 +192,9 @@ def load_worker_pipeline(load: LoadOptions, device: str) -> Any:
     from ..loader import load_pipeline
 
     if load.gpu_memory_gib is not None and device.startswith("cuda"):
-        from ..memory import plan
+        from ..memory.plan import cap_device_memory
 
-        cap = getattr(plan, "cap_device_memory", None)
-        if cap is not None:
-            cap(device, load.gpu_memory_gib)
+        cap_device_memory(device, load.gpu_memory_gib)
     files = load.file_map()
     extra = {"lora": files["lora"]} if "lora" in files else {}  # a LoRA merged at load, as --lora does
     pipe = load_pipeline(
