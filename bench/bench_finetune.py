@@ -39,6 +39,7 @@ from infvsr_core.finetune.data import find_clips, training_frames  # noqa: E402
 from infvsr_core.finetune.dmd import DMDSettings  # noqa: E402
 from infvsr_core.finetune.lora import LoRASettings  # noqa: E402
 from infvsr_core.finetune.trainer import TrainConfig, Trainer  # noqa: E402
+from infvsr_core.memory.plan import cap_device_memory  # noqa: E402
 from infvsr_core.weights import load_checked  # noqa: E402
 
 
@@ -85,8 +86,7 @@ def main() -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.cap_gib and cuda:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
+        cap_device_memory(device, args.cap_gib)
     dtype = torch.bfloat16 if cuda else torch.float32
     config = TrainConfig(
         crop=args.crop,

@@ -49,6 +49,12 @@ values or [-1, 1] values, which would otherwise run and give garbage.
 """
 
 FRAMES_EXPECTED = "expected (T, H, W, 3) float frames in [0, 1]"
+# offload="auto" can redo this many chunks after each plan (or step down) in a lighter mode. Why not every
+# chunk: a size's peak is set by its first chunks (the first without a KV cache, the second with every cache
+# full; later chunks repeat the second's shapes), and keeping a chunk redoable keeps its predecessor's cache
+# entries alive and stops uploaded histories being overwritten in place, which costs host memory and speed
+# (bench/RESULTS.md round 15).
+GUARDED_CHUNKS = 3
 
 
 class InfVSRPipeline:
@@ -94,6 +100,8 @@ class InfVSRPipeline:
         self.on_plan: Callable[[str], None] = lambda line: log.info("InfVSR memory plan: %s", line)
         """Told each choice of offload="auto" (at a frame size's first chunk, and at every step down)."""
         self._planned_size: tuple[int, int] | None = None
+        self._guarded_chunks = 0
+        """Chunks left that offload="auto" may still redo in a lighter mode (`GUARDED_CHUNKS`)."""
         self.spill_dir: Path | None = None
         """Where offloaded VAE histories go when host memory cannot hold them (`memory.plan.plan_spill`); None:
         the system's temporary folder (TMPDIR). An explicit cap (`vae.set_spill`) takes precedence."""
@@ -335,13 +343,17 @@ class InfVSRPipeline:
         """`_run_chunk_stages`, marking the session interrupted when it fails (its caches are then incomplete)
         and adding what to change to an out-of-memory error. With `auto_offload`, the mode is planned at a frame
         size's first chunk, and a chunk that runs out of device memory is redone from a copy of the session taken
-        before it, in the next lighter mode (no frame lost or repeated)."""
+        before it, in the next lighter mode (no frame lost or repeated): the first `GUARDED_CHUNKS` chunks after
+        each plan or step down."""
         self._plan_for(session, frames)
         while True:
             lighter = self._policy.lighter_mode() if self.auto_offload else None
-            before = session.fork() if lighter is not None else None
+            guarded = lighter is not None and self._guarded_chunks > 0
+            before = session.fork() if guarded else None
             try:
-                return self._run_chunk_stages(session, frames)
+                fetch = self._run_chunk_stages(session, frames)
+                self._guarded_chunks -= guarded
+                return fetch
             except torch.OutOfMemoryError as e:
                 self.dit.graphs.clear()
                 if before is None:
@@ -350,6 +362,7 @@ class InfVSRPipeline:
                 for name in before.__dataclass_fields__:
                     setattr(session, name, getattr(before, name))
                 previous, self.policy = self.offload, OffloadPolicy.from_mode(lighter)
+                self._guarded_chunks = GUARDED_CHUNKS
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.on_plan(f"out of GPU memory with offload={previous!r}: redoing the chunk with {lighter!r}")
@@ -370,6 +383,7 @@ class InfVSRPipeline:
         if size == self._planned_size:
             return
         self._planned_size = size
+        self._guarded_chunks = GUARDED_CHUNKS
         # Off CUDA every mode keeps everything in the same memory: auto stays at "none", as set.
         if self.auto_offload and self.device.type == "cuda":
             growable = use_growable_segments()
@@ -401,6 +415,11 @@ class InfVSRPipeline:
             if lighter
             else "this is already the lowest-memory mode: use a smaller input or a GPU with more memory"
         )
+        if self.auto_offload:
+            hint += (
+                f" (offload='auto' redoes only the first {GUARDED_CHUNKS} chunks of a size in a lighter mode; this "
+                "one ran out later, e.g. when another program took GPU memory)"
+            )
         return f"InfVSR ran out of GPU memory on {height}x{width} input frames with offload={self.offload!r}: {hint}."
 
     def _stage(self, name: str) -> AbstractContextManager[Any]:

@@ -12,6 +12,7 @@ import torch
 
 from infvsr_core.loader import load_pipeline
 from infvsr_core.memory import plan
+from infvsr_core.pipeline import GUARDED_CHUNKS
 from tests.conftest import make_clip
 
 
@@ -83,6 +84,21 @@ def test_out_of_memory_steps_down_and_redoes_the_chunk(pipe, tiny_models):
         "out of GPU memory with offload='state'",
     ]
     assert out.shape == reference["all"].shape and torch.equal(out, reference["all"])  # nothing lost or repeated
+
+
+def test_auto_redoes_only_a_sizes_first_chunks(pipe):
+    """Past GUARDED_CHUNKS chunks of a size the session is no longer copied before each chunk (that copy costs
+    speed and host memory), so a late out-of-memory error goes on with advice and marks the session."""
+    pipe.offload = "auto"
+    pipe.on_plan = lambda line: None
+    late = GUARDED_CHUNKS + 1
+    pipe.stage_hook = _oom_at(pipe, "decode", [late])
+    session = pipe.new_session(scale=4)
+    clip = make_clip(9 + 12 * GUARDED_CHUNKS, 12, 20, seed=4)
+    pipe.push(session, clip[: 9 + 12 * (GUARDED_CHUNKS - 1)])  # the guarded chunks, no error
+    with pytest.raises(torch.OutOfMemoryError, match="redoes only the first"):
+        pipe.push(session, clip[9 + 12 * (GUARDED_CHUNKS - 1) :])
+    assert session.interrupted == "out of device memory" and pipe.offload == "none"
 
 
 def test_without_auto_the_error_goes_on_with_advice(pipe):

@@ -145,6 +145,10 @@ def check_fits(pipe, input_height: int, input_width: int, scale: int) -> None:
 # the margin below, so that the bench's measured peaks fall under the estimate; see bench/RESULTS.md).
 ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 24
 PLAN_MARGIN = 1.25
+# Modes that keep VAE histories in host memory upload the history of the frame (or tile) being decoded, and the
+# next tile's ahead of it: this share of a frame's (tile's) history is on the device at the peak (calibrated on the
+# bench's measured `state` peaks at 480p, 720p and tiled 1080p; bench/RESULTS.md round 15).
+RESIDENT_HISTORY_SHARE = 0.4
 AUTO_ORDER = ("none", "state", "all")
 """Modes `auto` considers, fastest first ("histories" is never faster than "state" where measured)."""
 
@@ -153,13 +157,24 @@ def _module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def activation_bytes(pipe, height: int, width: int) -> int:
-    """A chunk's working memory beyond the stream's state (activations of the frame, or of one tile)."""
+def _decoded_pixels(pipe, height: int, width: int) -> int:
+    """Pixels of what the VAE decodes in one call: the frame, or one tile of it."""
     vae = pipe.vae
     pixels = height * width
-    tile_pixels = (vae.tile_size * 8) ** 2 if vae.wants_tiling(height, width) else pixels
-    base_dim = int(vae.vae.config.base_dim)
-    return ACTIVATION_BYTES_PER_PIXEL_CHANNEL * base_dim * _dtype_bytes(pipe.dtype) * min(pixels, tile_pixels)
+    return min(pixels, (vae.tile_size * 8) ** 2) if vae.wants_tiling(height, width) else pixels
+
+
+def activation_bytes(pipe, height: int, width: int) -> int:
+    """A chunk's working memory beyond the stream's state (activations of the frame, or of one tile)."""
+    per_pixel = ACTIVATION_BYTES_PER_PIXEL_CHANNEL * int(pipe.vae.vae.config.base_dim) * _dtype_bytes(pipe.dtype)
+    return per_pixel * _decoded_pixels(pipe, height, width)
+
+
+def resident_history_bytes(pipe, height: int, width: int, prefetch: bool) -> int:
+    """Offloaded VAE history on the device while a chunk decodes (its frame's or tile's, and with `prefetch` the
+    next tile's)."""
+    units = 2 if prefetch and pipe.vae.wants_tiling(height, width) else 1
+    return int(RESIDENT_HISTORY_SHARE * units * _state_bytes(pipe, _decoded_pixels(pipe, height, width), 1)[0])
 
 
 def device_need(pipe, height: int, width: int, mode: str) -> int:
@@ -174,7 +189,8 @@ def device_need(pipe, height: int, width: int, mode: str) -> int:
     weights += 0 if policy.dit_weights_on_host else _module_bytes(pipe.dit)
     weights += 0 if policy.guidance_weights_on_host else _module_bytes(pipe.guidance)
     state = _state_on_device(policy, histories, kv_cache)
-    return int(PLAN_MARGIN * (weights + state + activation_bytes(pipe, height, width)))
+    resident = resident_history_bytes(pipe, height, width, policy.prefetch) if policy.vae_histories_on_host else 0
+    return int(PLAN_MARGIN * (weights + state + activation_bytes(pipe, height, width))) + resident
 
 
 def pick_mode(needs: dict[str, int], free: int) -> str | None:
