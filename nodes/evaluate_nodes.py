@@ -8,13 +8,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import comfy
+from . import comfy, model_subfolders
 from ._core import EvaluateOptions, evaluate, evaluation_report
 from .common import check_images
 from .paths import UnsafePathError, next_output_path, resolve_inside
 
 CATEGORY = "InfVSR"
 FITS = ("refuse", "resize", "crop")
+METRICS_FOLDER = "metrics"
+"""The optional metrics' networks live in models/infvsr/metrics (files, or Hugging Face model folders)."""
+METRIC_NETWORKS = {  # input -> (EvaluateOptions.weights key, tooltip)
+    "alexnet": ("alexnet", "LPIPS (AlexNet): torchvision's alexnet-owt-7be5be79.pth."),
+    "vgg16": ("vgg16", "LPIPS (VGG) and, with dists, DISTS: torchvision's vgg16-397923af.pth."),
+    "lpips_heads": ("lpips_heads", "LPIPS' linear heads: a folder holding alex.pth / vgg.pth (none: those of the "
+                    "installed lpips package, if any)."),
+    "dists": ("dists", "DISTS' alpha/beta (DISTS_pytorch's weights.pt); needs vgg16."),
+    "dino": ("subject_consistency", "VBench subject consistency: the facebook/dino-vitb16 Hugging Face folder."),
+    "clip": ("background_consistency", "VBench background consistency: the openai/clip-vit-base-patch32 folder."),
+    "amt": ("amt", "VBench motion smoothness: VBench's AMT-S checkpoint amt-s.pth."),
+}
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+
+
+def metric_weights(picked: dict[str, str]) -> dict[str, Path]:
+    """EvaluateOptions.weights from the inputs' choices ("none" left out)."""
+    weights = {}
+    for name, choice in picked.items():
+        path = model_subfolders.resolve(METRICS_FOLDER, choice, f"{name} weights")
+        if path is not None:
+            weights[METRIC_NETWORKS[name][0]] = path
+    return weights
 
 
 def readable_file(text: str, what: str) -> Path:
@@ -41,7 +64,9 @@ class InfVSREvaluate:
     DESCRIPTION = (
         "Compares the upscaled frames (images, or a video file such as InfVSR Upscale Video File's filename) with "
         "the reference (reference frames, or reference_video), frame by frame: PSNR (RGB and Y), SSIM, E*warp "
-        "(OpenCV DIS flow: not comparable with the paper's table, which uses learned flows) and tOF. Without a "
+        "(OpenCV DIS flow: not comparable with the paper's table, which uses learned flows) and tOF; LPIPS, DISTS "
+        "and VBench's subject/background consistency and motion smoothness where their networks are picked from "
+        "models/infvsr/metrics. Without a "
         "reference only E*warp is measured. Outputs the plot of every metric over time (scene cuts dashed) and the "
         "summary; save_report also writes summary.json, frames.csv and plot.png to the output folder."
     )
@@ -53,6 +78,7 @@ class InfVSREvaluate:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
+        networks = model_subfolders.choices(METRICS_FOLDER, WEIGHT_SUFFIXES, with_folders=True)
         return {
             "required": {
                 "temporal": ("BOOLEAN", {"default": True, "tooltip": "E*warp and tOF (optical flow, the slow part)."}),
@@ -73,6 +99,9 @@ class InfVSREvaluate:
                                           "folder) in ComfyUI's input or output folder."}),
                 "reference_video": ("STRING", {"default": "", "tooltip": "Instead of reference: a video file (or "
                                                "frame folder) in ComfyUI's input or output folder."}),
+                **{name: (networks, {"default": model_subfolders.NONE, "tooltip": f"{tip} From models/infvsr/"
+                                     f"{METRICS_FOLDER}; none: the metric is skipped (nothing is downloaded)."})
+                   for name, (_, tip) in METRIC_NETWORKS.items()},
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -90,6 +119,7 @@ class InfVSREvaluate:
         video_path: str = "",
         reference_video: str = "",
         unique_id: str | None = None,
+        **networks: str,
     ) -> dict[str, Any]:
         if fit not in FITS:
             raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
@@ -110,7 +140,7 @@ class InfVSREvaluate:
 
         options = EvaluateOptions(
             temporal=bool(temporal), crop_border=int(crop_border), resize=fit == "resize", crop=fit == "crop",
-            align=bool(align),
+            align=bool(align), weights=metric_weights(networks),
         )
         result = evaluate(output, truth, options, progress)
         summary = evaluation_report.summarize(result)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from . import comfy
+from . import comfy, model_subfolders
 from ._core import SEAMS, WEIGHT_FILES, WeightFileError, download_weights, loader, memory
 from ._core import attention as attention_module
 from .common import check_model
@@ -43,40 +43,21 @@ def _choices(role: str) -> list[str]:
 
 LORA_FOLDER = "loras"
 """The DiT LoRAs (`python -m infvsr_core finetune`) live in models/infvsr/loras."""
-NO_LORA = "none"
+NO_LORA = model_subfolders.NONE
 
 
 def _in_lora_folder(name: str) -> bool:
     return Path(name).parts[:1] == (LORA_FOLDER,)
 
 
-def lora_folders() -> list[Path]:
-    """models/infvsr/loras of every registered models/infvsr folder."""
-    return [folder / LORA_FOLDER for folder in comfy.model_folders(comfy.MODEL_FOLDER)]
-
-
 def lora_choices() -> list[str]:
     """"none", then the .safetensors files of the LoRA folders (relative names, any subfolder)."""
-    names = [
-        path.relative_to(folder).as_posix()
-        for folder in lora_folders()
-        if folder.is_dir()
-        for path in sorted(folder.rglob("*.safetensors"))
-        if path.is_file()
-    ]
-    return [NO_LORA, *dict.fromkeys(names)]
+    return model_subfolders.choices(LORA_FOLDER, (".safetensors",))
 
 
 def resolve_lora(name: str) -> Path | None:
     """The LoRA file picked (None for "none"); a name that is in no LoRA folder, or climbs out of one, raises."""
-    if name == NO_LORA:
-        return None
-    for folder in lora_folders():
-        candidate = (folder / name).resolve()
-        if candidate.is_file() and candidate.is_relative_to(folder.resolve()):
-            return candidate
-    searched = ", ".join(f"'{f}'" for f in lora_folders()) or "(no model folder is registered)"
-    raise WeightFileError(f"LoRA file '{name}' not found in {searched}")
+    return model_subfolders.resolve(LORA_FOLDER, name, "LoRA file")
 
 
 def _slot_tooltip(role: str, what: str) -> str:

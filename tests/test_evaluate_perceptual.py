@@ -327,3 +327,38 @@ def test_command_line_options_reach_the_metrics(frames, weights, tmp_path):
     for name in ("lpips", "lpips_vgg", "dists"):
         assert summary["metrics"][name]["mean"] == pytest.approx(0.0, abs=1e-6), name
         assert summary["metrics"][name]["better"] == "lower"
+
+
+# -- the ComfyUI node -------------------------------------------------------------------------------------------
+
+
+def test_node_takes_the_networks_from_the_metrics_folder(frames, weights, tmp_path):
+    """The node lists models/infvsr/metrics in its network inputs and measures with what is picked."""
+    import json
+    import shutil
+
+    from infvsr_core.errors import WeightFileError
+    from nodes import comfy
+    from nodes.evaluate_nodes import InfVSREvaluate
+
+    metrics = tmp_path / "models" / "metrics"
+    metrics.mkdir(parents=True)
+    shutil.copy(weights["alexnet"], metrics / "alexnet-owt-7be5be79.pth")
+    shutil.copytree(weights["lpips_heads"], metrics / "lpips_heads")
+    comfy.set_directories(output=tmp_path / "output", input=tmp_path / "input", temp=tmp_path / "temp",
+                          models=tmp_path / "models")  # fmt: skip
+    choices = InfVSREvaluate.INPUT_TYPES()["optional"]["alexnet"][0]
+    assert choices[0] == "none" and {"alexnet-owt-7be5be79.pth", "lpips_heads"} <= set(choices)
+
+    output = noisy(frames, 0.05)
+    node = InfVSREvaluate()
+    node.evaluate(images=output, reference=frames, temporal=False, filename_prefix="InfVSR/picked",
+                  alexnet="alexnet-owt-7be5be79.pth", lpips_heads="lpips_heads")  # fmt: skip
+    node.evaluate(images=output, reference=frames, temporal=False, filename_prefix="InfVSR/none")
+    (picked,) = (tmp_path / "output" / "InfVSR").glob("picked*/summary.json")
+    (unpicked,) = (tmp_path / "output" / "InfVSR").glob("none*/summary.json")
+    expected = float(np.mean(lpips64("alexnet", weights, output, frames)))
+    assert json.loads(picked.read_text())["metrics"]["lpips"]["mean"] == pytest.approx(expected, rel=1e-4)
+    assert "lpips" not in json.loads(unpicked.read_text())["metrics"]
+    with pytest.raises(WeightFileError, match="not found in"):
+        node.evaluate(images=output, reference=frames, temporal=False, alexnet="../../models/metrics/x.pth")
