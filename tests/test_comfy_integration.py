@@ -289,6 +289,35 @@ def test_every_workflow_runs_on_the_clip_the_user_picks(server, demo_clips, name
     assert probe(output) == (frames, 4 * W, 4 * H, False)
 
 
+def test_evaluate_workflow_runs_on_a_pair_the_user_makes(server):
+    """What its note asks for: a clip, its reduction by `evaluate --make-lr`, both picked; the upscaled video and
+    the report come out, and the measured frames are the upscaled ones against the clip."""
+    from infvsr_core.evaluate.degrade import make_lr
+    from infvsr_core.fixtures import write_demo_clip
+
+    frames = 48  # the workflow reads frames 0-47 of each
+    original = write_demo_clip(server["run"] / "input" / "pair_hr.mp4", frames, 4 * W, 4 * H)
+    reduced = make_lr(original, server["run"] / "input" / "pair_lr.mkv").path
+    workflow = json.loads((ROOT / "workflows" / "infvsr_upscale_and_evaluate.json").read_text())
+    api = to_api(workflow)
+    pickers = {node["inputs"]["video"]: node["inputs"] for node in api.values() if "video" in node["inputs"]}
+    assert set(pickers) == {"infvsr_example_lr.mkv", "infvsr_example.mp4"}
+    pickers["infvsr_example_lr.mkv"]["video"] = reduced.name
+    pickers["infvsr_example.mp4"]["video"] = original.name
+    for node in api.values():
+        if "filename_prefix" in node["inputs"]:
+            node["inputs"]["filename_prefix"] = node["inputs"]["filename_prefix"].replace("InfVSR/", "InfVSR/pair_")
+    first = submit(server, workflow, api)
+    wait_idle(server)
+    _, history = _http(server["url"] + "/history?max_items=400")
+    assert history[first]["status"]["status_str"] == "success", history[first]["status"]
+    (video,) = (server["run"] / "output" / "InfVSR").glob("pair_evaluated_4x_*.mp4")
+    assert probe(video)[:3] == (frames, 4 * W, 4 * H)
+    (summary,) = (server["run"] / "output" / "InfVSR").glob("pair_eval*/summary.json")
+    report = json.loads(summary.read_text())
+    assert report["frames"] == frames and math.isfinite(report["metrics"]["psnr"]["mean"])
+
+
 def _start_small_stream(server, stream_name: str, prefix: str) -> None:
     """The streaming workflow, 6 frames per run (10 runs), waiting until two runs wrote frames (9 of them)."""
     workflow = json.loads((ROOT / "workflows" / "infvsr_stream_4x.json").read_text())

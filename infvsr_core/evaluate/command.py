@@ -28,8 +28,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Measure OUTPUT (a video file or a folder of frames) against --reference HR, frame by frame, "
         "streaming: PSNR on RGB and on luma (Y), SSIM, the flow-warping error E*warp (OpenCV's DIS flow; the paper's "
         "table uses learned flows, so values are not comparable with it) and TecoGAN's tOF; VBench's subject and "
-        "background consistency when --dino / --clip name local weights, LPIPS and DISTS when --alexnet / --vgg16 do "
-        "(nothing is ever downloaded). Writes "
+        "background consistency when --dino / --clip name local weights, VBench's motion smoothness when --amt does, "
+        "LPIPS and DISTS when --alexnet / --vgg16 do (nothing is ever downloaded). Writes "
         "summary.json, frames.csv and plot.png (each metric over time, scene cuts marked) into --report, and prints "
         "the summary. Without --reference only the no-reference metrics run. "
         f"--make-lr writes the low-resolution test input of HR footage instead: {_PROTOCOL_HELP}. "
@@ -80,6 +80,13 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="local Hugging Face folder of CLIP ViT-B/32 (openai/clip-vit-base-patch32): background consistency",
+    )
+    ev.add_argument(
+        "--amt",
+        type=Path,
+        metavar="FILE",
+        help="VBench's AMT-S frame-interpolation checkpoint (amt-s.pth; VBench keeps it in "
+        "~/.cache/vbench/amt_model/): VBench's motion smoothness",
     )
     ev.add_argument(
         "--alexnet",
@@ -158,7 +165,8 @@ def _options(args: argparse.Namespace):
         weights["subject_consistency"] = args.dino
     if args.clip is not None:
         weights["background_consistency"] = args.clip
-    for name in ("alexnet", "vgg16", "lpips_heads", "dists"):  # perceptual.PERCEPTUAL_OPTIONS (not imported: light)
+    # perceptual.PERCEPTUAL_OPTIONS and motion.MOTION_OPTIONS (not imported: the parser stays light)
+    for name in ("alexnet", "vgg16", "lpips_heads", "dists", "amt"):
         if getattr(args, name) is not None:
             weights[name] = getattr(args, name)
     return EvaluateOptions(

@@ -30,7 +30,9 @@ class Metric:
     label: str  # as the plot and the table title it
     unit: str
     higher_is_better: bool
-    kind: str  # "fidelity" (against the reference), "temporal" (pairs of frames), "semantic" (network features)
+    # "fidelity" (against the reference), "temporal" (pairs of frames), "semantic" (network features),
+    # "interpolation" (frame t predicted from t - 1 and t + 1)
+    kind: str
     needs_reference: bool
     definition: str
 
@@ -133,6 +135,16 @@ METRICS: dict[str, Metric] = {
             "semantic",
             False,
             "VBench: the same over CLIP ViT-B/32 image features",
+        ),
+        Metric(
+            "motion_smoothness",
+            "motion smoothness",
+            "",
+            True,
+            "interpolation",
+            False,
+            "VBench: (255 - mean absolute 8-bit RGB difference) / 255 between odd frame t and the AMT-S "
+            "interpolation of frames t - 1 and t + 1; even frames have no value",
         ),
     )
 }

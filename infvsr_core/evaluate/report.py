@@ -5,7 +5,8 @@ Infinite values (the PSNR of a frame identical to its reference) keep JSON valid
 so the summary writes the string "Infinity" (which Python's float() and JavaScript's Number() both read back), and
 the CSV writes "inf". A missing value (E*warp of a video's first frame, a metric skipped) is null in JSON and an
 empty cell in the CSV. Temporal and consistency values of a scene's first frame compare it with the previous
-shot: they stay in the CSV but are left out of the summary's statistics.
+shot: they stay in the CSV but are left out of the summary's statistics; so does the motion smoothness of the
+frame just before a cut (interpolated from a frame of the next shot).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def json_number(value: float) -> float | str | None:
 def _excluded(name: str, cuts: list[int]) -> set[int]:
     """Frames whose value of `name` spans a cut (a scene's first frame): kept per frame, not summarised."""
     kind = METRICS[name].kind
+    if kind == "interpolation":  # frame t from t - 1 and t + 1: a cut at t or at t + 1 separates them
+        return set(cuts) | {cut - 1 for cut in cuts}
     return set(cuts) if kind in ("temporal", "semantic") else set()
 
 
@@ -179,7 +182,8 @@ def plot_figure(evaluation: Evaluation, summary: dict[str, Any] | None = None):
         shown = np.where(infinite, np.nan, values)
         spanning = [i for i in _excluded(name, evaluation.cuts) if i < len(shown)]
         shown[spanning] = np.nan  # a pair across a cut compares two shots: its spike would flatten the rest
-        ax.plot(frames, shown, lw=0.9, color="tab:blue", marker="." if len(frames) <= 200 else None, ms=3)
+        drawn = ~np.isnan(values) if metric.kind == "interpolation" else slice(None)  # odd frames only: joined
+        ax.plot(frames[drawn], shown[drawn], lw=0.9, color="tab:blue", marker="." if len(frames) <= 200 else None, ms=3)
         mean = summary["metrics"][name]["mean"]
         if isinstance(mean, float):
             ax.axhline(mean, color="tab:gray", lw=0.8, ls=":")

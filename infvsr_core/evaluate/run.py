@@ -37,7 +37,8 @@ class EvaluateOptions:
     frames: int | None = None  # evaluate at most this many frames
     scene_threshold: float = 27.0  # the content detector's threshold, as `upscale` uses it
     device: str | None = None  # where the networks run; default cuda when available
-    # optional networks: metric name (dino/clip folders) or perceptual.PERCEPTUAL_OPTIONS key -> local weights
+    # optional networks: metric name (dino/clip folders), perceptual.PERCEPTUAL_OPTIONS or motion.MOTION_OPTIONS
+    # key -> local weights
     weights: dict[str, Path] = field(default_factory=dict)
 
 
@@ -91,6 +92,7 @@ def evaluate(
     """
     from ..scenes import ContentDetector
     from .flow import TemporalMetrics
+    from .motion import load_motion
     from .perceptual import PERCEPTUAL_OPTIONS, load_perceptual
     from .semantic import load_networks
 
@@ -121,6 +123,10 @@ def evaluate(
         skipped.update(perceptual_skipped)
         if perceptual is not None and ref_source is not None:
             networks.append(perceptual)  # type: ignore[arg-type]  # the same push / cut protocol
+        motion, motion_skipped = load_motion(options.weights.get("amt"), device, width, height)
+        skipped.update(motion_skipped)
+        if motion is not None:
+            networks.append(motion)  # type: ignore[arg-type]  # the same push / cut protocol
         temporal = TemporalMetrics(with_reference=ref_source is not None) if options.temporal else None
         if not options.temporal:
             skipped["ewarp"] = skipped["tof"] = "optical-flow metrics switched off (--no-temporal)"
@@ -147,6 +153,10 @@ def evaluate(
                 columns["frame"].extend(range(done, done + n))
                 for name, array in values.items():
                     columns.setdefault(name, [math.nan] * done).extend(float(x) for x in array)
+                # A value can need the next chunk's first frame (motion smoothness of a chunk's last frame).
+                for network in networks:
+                    for index, name, value in getattr(network, "late_values", list)():
+                        columns[name][index] = value
                 done += n
                 # Cuts are decided up to the detector's event buffer late: the networks then correct the values
                 # of the frames they already gave (a scene's first frame is the reference of its consistency).

@@ -9,9 +9,8 @@ loaded with Hugging Face transformers from a local folder in its format (config.
 `facebook/dino-vitb16`, `openai/clip-vit-base-patch32`), offline, pickles only with weights_only=True, and the
 frames are prepared as VBench prepares them (shorter side to 224; CLIP also centre-cropped to 224x224).
 
-LPIPS and DISTS, the full-reference network metrics, are in perceptual.py. Not computed, with its reason in the
-report: VBench's motion smoothness (it needs the AMT-S frame-interpolation network, which no installable library
-provides).
+LPIPS and DISTS, the full-reference network metrics, are in perceptual.py; VBench's motion smoothness (the AMT-S
+frame-interpolation network) is in motion.py.
 """
 
 from __future__ import annotations
@@ -32,11 +31,6 @@ NETWORK_OPTIONS = {
     "background_consistency": "--clip",
 }
 """Metric -> the command-line option naming its local weights folder."""
-
-NOT_AVAILABLE = {
-    "motion_smoothness": "not computed: VBench's motion smoothness needs the AMT-S frame-interpolation network, "
-    "which no installable library provides",
-}
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -159,14 +153,16 @@ class Consistency:
 
 def load_networks(weights: dict[str, Path], device: torch.device) -> tuple[list[Consistency], dict[str, str]]:
     """The networks whose local weights were given, and one line for each metric left out (never a download)."""
-    skipped = dict(NOT_AVAILABLE)
+    skipped: dict[str, str] = {}
+    from .motion import MOTION_OPTIONS
     from .perceptual import PERCEPTUAL_OPTIONS
 
-    unknown = set(weights) - set(NETWORK_OPTIONS) - set(PERCEPTUAL_OPTIONS)  # perceptual.py takes those
+    others = [*PERCEPTUAL_OPTIONS, *MOTION_OPTIONS]  # perceptual.py and motion.py take those
+    unknown = set(weights) - set(NETWORK_OPTIONS) - set(others)
     if unknown:
         raise UsageError(
             f"no network weights named {', '.join(sorted(unknown))}: choose from "
-            f"{', '.join([*NETWORK_OPTIONS, *PERCEPTUAL_OPTIONS])}"
+            f"{', '.join([*NETWORK_OPTIONS, *others])}"
         )
     networks = []
     for name, option in NETWORK_OPTIONS.items():
