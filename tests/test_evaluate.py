@@ -304,3 +304,15 @@ def test_node_returns_the_plot_and_the_summary(small_clip, tmp_path):
     assert json.loads(saved[0].read_text())["metrics"]["psnr"]["mean"] == pytest.approx(20 * math.log10(50), abs=0.1)
     with pytest.raises(ValueError, match="frame sizes differ"):
         InfVSREvaluate().evaluate(reference=small_clip, images=small_clip[:, :60])
+
+
+def test_a_missing_library_is_named_before_any_work(small_clip, monkeypatch):
+    import importlib.util
+
+    from infvsr_core.errors import UsageError
+    from infvsr_core.evaluate import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cv2" else real(name, *a))
+    with pytest.raises(UsageError, match="opencv-python-headless.*pip install -r requirements.txt"):
+        run.evaluate(small_clip, small_clip)

@@ -3,6 +3,7 @@ values, with the reference's scene cuts. Memory holds one chunk of each video an
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Callable
@@ -79,6 +80,20 @@ def chunk_frames(width: int, height: int) -> int:
     return max(1, min(_MAX_CHUNK, _CHUNK_PIXELS // max(1, width * height)))
 
 
+LIBRARIES = {"cv2": "opencv-python-headless", "skimage": "scikit-image", "matplotlib": "matplotlib"}
+"""Module -> the package that measuring needs (requirements.txt), which upscaling alone does not."""
+
+
+def require_libraries() -> None:
+    """Say which packages are missing, before any work (ComfyUI installs may lack the evaluation's)."""
+    missing = [package for module, package in LIBRARIES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UsageError(
+            f"measuring quality needs {', '.join(missing)}: run `pip install -r requirements.txt` from this pack's "
+            "folder with the Python that runs it (ComfyUI's, for the node)"
+        )
+
+
 def evaluate(
     output: str | os.PathLike[str] | torch.Tensor | FrameSource,
     reference: str | os.PathLike[str] | torch.Tensor | FrameSource | None,
@@ -90,6 +105,7 @@ def evaluate(
     Without a reference only the no-reference metrics run (E*warp, the semantic consistencies): the case of
     real-world sets such as MovieLQ, which have no ground truth.
     """
+    require_libraries()
     from ..scenes import ContentDetector
     from .flow import TemporalMetrics
     from .motion import load_motion
