@@ -293,7 +293,7 @@ class SelfAttention(_Projections):
         v = v.unflatten(-1, heads)
         k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
         out = attention(q, k_all, v_all, backend)
-        return self.o(out.flatten(2)), k, v
+        return project((self.o,), out.flatten(2), ops.quantize)[0], k, v
 
 
 class CrossAttention(_Projections):
@@ -301,10 +301,11 @@ class CrossAttention(_Projections):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str, ops: _Ops = EAGER_OPS) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        q = ops.rms_norm(self.q(x), self.norm_q.weight, self.norm_q.eps).unflatten(-1, heads)
+        (q,) = project((self.q,), x, ops.quantize)
+        q = ops.rms_norm(q, self.norm_q.weight, self.norm_q.eps).unflatten(-1, heads)
         k = ops.rms_norm(self.k(context), self.norm_k.weight, self.norm_k.eps).unflatten(-1, heads)
         v = self.v(context).unflatten(-1, heads)
-        return self.o(attention(q, k, v, backend).flatten(2))
+        return project((self.o,), attention(q, k, v, backend).flatten(2), ops.quantize)[0]
 
 
 class DiTBlock(nn.Module):

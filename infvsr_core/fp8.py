@@ -18,7 +18,6 @@ speed is that of the compute dtype.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -55,18 +54,6 @@ def fp8_matmul_supported(device: torch.device) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-_COMPILED_QUANTIZE: list = []
-
-
-def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows`, compiled into one pass over x on CUDA (it runs before every fp8 product)."""
-    if not _COMPILED_QUANTIZE:
-        compiles = importlib.util.find_spec("triton") is not None  # torch.compile's GPU backend
-        fn = torch.compile(quantize_rows, fullgraph=True, dynamic=False) if compiles else quantize_rows
-        _COMPILED_QUANTIZE.append(fn)
-    return _COMPILED_QUANTIZE[0](x)
 
 
 class FP8Linear(nn.Module):
@@ -114,7 +101,7 @@ class FP8Linear(nn.Module):
         if not self._native(x):
             return F.linear(x, self.dequantized_weight(x.dtype), self._bias(x.dtype))
         flat = x.reshape(-1, self.in_features)
-        return self.forward_quantized(_quantize_activations(flat), x.dtype).view(*x.shape[:-1], self.out_features)
+        return self.forward_quantized(quantize_rows(flat), x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward_quantized(self, x: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The scaled product of an input already quantized per row (`quantize_rows` of (M, K)): layers that

@@ -1,0 +1,353 @@
+"""The VAE's causal 3x3x3 convs with float8 operands: a Triton implicit-GEMM kernel (issue 21; not wired in yet).
+
+Why: GPUs with fp8 tensor cores (Ada sm89, Hopper sm90, Blackwell) multiply
+float8 matrices at twice the bf16 rate, and these convs are most of the VAE's
+time. The layout is split_conv's: the causal conv's staged buffer
+(1, C, T + 2, H, W), channels-last (2 history frames in front), here held in
+float8_e4m3fn with one float32 scale for the whole tensor; the weight packed
+as `pack_split`'s rows (Cout, 27 * Cin), float8 with one float32 scale per
+output channel (`pack_fp8_conv_weight`). The tile for tap (dt, dh, dw) is one
+tensor-memory (TMA) box of the (T + 2, H, W, C) view at (t + dt, h + dh - 1,
+w + dw - 1): the copy engine fills rows and columns outside the frame with
+zeros, which is the conv's spatial zero padding. Products accumulate in
+float32 (on Hopper with Triton's default fast float8 accumulation, as the
+DiT's scaled products use); the epilogue computes
+acc * x_scale * w_scale[n] + bias[n] (+ residual) and rounds once into the
+output (bf16 by default).
+
+Pixels: a program's BLOCK_M pixels are BLOCK_H rows x BLOCK_W pixels of one
+frame, BLOCK_W the largest power of two (up to BLOCK_M) that divides the row,
+so rows of 160 or 320 pixels (the 720p decoder's lower tiers) fill whole
+blocks instead of leaving the end of each row's last block empty (which cost
+the bf16 kernel its lead where rows were not a multiple of its block).
+
+Outputs: a program computes a group of output channels as up to two tensor-core
+products (N1 + N2, each a power of two, the second may be 0) that share each
+input tile: the input tile is the larger operand for these shapes (27 * C deep
+for every pixel), so reading it once for all outputs is what round 12 found
+to beat cuDNN at 192 channels. Where all outputs do not fit one program's
+registers (384 float32 accumulators per pixel at 128 pixels), the outputs go in
+groups, and the groups of one pixel tile are adjacent program ids: they run at
+the same time, so the second read of the input tile comes from L2, not memory.
+Output channels past Cout in the last group read zero weight rows (the copy
+engine's fill) and are not stored.
+
+Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) runs this kernel on
+float8 operands as the GPU does: its float8 tensor-memory loads and tl.dot are
+exact (values widened to float32). Its float32 -> float8 cast is not (it rounds
+ties away from zero and drops the carry into the exponent), so the casting
+kernel of `quantize_staged` runs on CUDA only; on the CPU PyTorch casts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..fp8 import FP8_DTYPE, FP8_MAX, fp8_matmul_supported, quantize_rows
+from .configs import first_that_runs
+from .norm_silu import INTERPRETED, tl, triton, triton_usable
+from .split_conv import CL3, TensorDescriptor, _pixel_strides, pack_split
+
+# Rows (W) must be a multiple of this many pixels: a 2D pixel tile's width is a power of two dividing the row.
+ROW_MULTIPLE = 16
+# Most output channels taken (the VAE's widest convs): up to 256 in one program, above that in groups.
+MAX_OUT = 384
+# Input channels: a multiple of the smallest float8 product depth.
+CHANNEL_MULTIPLE = 32
+# Elements per program of the float8 cast (`quantize_staged` on CUDA).
+CAST_BLOCK = 4096
+
+
+class Config(NamedTuple):
+    """One launch configuration: BLOCK_M pixels x (N1 + N2) outputs per program, K in blocks of at most `block_k`
+    input channels, `stages` pipelined loads, `warps`; `rows` False keeps a program to one row (BLOCK_W = BLOCK_M,
+    the last block of a row masked), the fallback if a GPU's compiler refuses the multi-row tile."""
+
+    block_m: int
+    n1: int
+    n2: int
+    block_k: int
+    stages: int
+    warps: int
+    rows: bool = True
+
+
+def _cover(cout: int) -> tuple[int, int]:
+    """(N1, N2): powers of two (N2 may be 0) with N1 + N2 >= cout and N1 <= 256, as tight as two products get."""
+    n1 = min(256, 1 << (cout.bit_length() - 1))
+    rest = cout - n1
+    return n1, 0 if rest <= 0 else max(16, 1 << (rest - 1).bit_length())
+
+
+def _group_width(cout: int, groups: int) -> int:
+    """Output channels per group when cout goes in `groups` groups (a multiple of 16)."""
+    return -(-cout // (16 * groups)) * 16
+
+
+# Measured orders per output width, fastest first (bench/check_fp8_conv.py --sweep); widths not listed take
+# `configs_for`'s defaults. Empty until the GPU measurement: the defaults are the bf16 kernel's best shapes.
+CONFIGS: dict[int, tuple[Config, ...]] = {}
+
+
+def configs_for(cout: int) -> tuple[Config, ...]:
+    """Configurations tried in order for `cout` outputs (`CONFIGS` where measured): all outputs in one program
+    up to 256, else two groups side by side (see the module's docstring)."""
+    if cout in CONFIGS:
+        return CONFIGS[cout]
+    whole = _cover(cout)
+    if sum(whole) <= 256:
+        n1, n2 = whole
+        return (
+            Config(128, n1, n2, 128, 4, 4),
+            Config(128, n1, n2, 128, 3, 4),
+            Config(64, n1, n2, 128, 2, 4),
+            Config(64, n1, n2, 64, 2, 4, rows=False),
+        )
+    n1, n2 = _cover(_group_width(cout, 2))
+    return (
+        Config(128, n1, n2, 128, 4, 8),
+        Config(64, *whole, 128, 3, 8),
+        Config(64, n1, n2, 128, 2, 4),
+        Config(64, n1, n2, 64, 2, 4, rows=False),
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_outputs(
+        acc, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, COUT,
+        HAS_RES: tl.constexpr,
+    ):  # fmt: skip
+        """acc * x_scale * w_scale[n] + bias[n] (+ residual) into out, for the outputs n < COUT of kept pixels."""
+        valid = n < COUT
+        scale = tl.load(w_scale_ptr + n, mask=valid, other=0.0) * x_scale
+        y = acc * scale[None, :] + tl.load(bias_ptr + n, mask=valid, other=0.0)[None, :]
+        mask = keep[:, None] & valid[None, :]
+        if HAS_RES:
+            y += tl.load(res_ptr + pix_res[:, None] + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pix_out[:, None] + n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fp8_conv_kernel(
+        x_desc, w1_desc, w2_desc, x_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+        H, W, COUT,
+        so_t, so_h, so_w, sr_t, sr_h, sr_w,
+        C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, GROUPS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_RES: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        group = pid % GROUPS  # a pixel tile's groups are adjacent programs: its input tile is shared through L2
+        tile = pid // GROUPS
+        tiles_w = tl.cdiv(W, BLOCK_W)
+        tiles_h = tl.cdiv(H, BLOCK_H)
+        w0 = (tile % tiles_w) * BLOCK_W
+        h0 = ((tile // tiles_w) % tiles_h) * BLOCK_H
+        t = tile // (tiles_w * tiles_h)
+        n0 = group * (N1 + N2)
+        BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+        KC: tl.constexpr = C // BLOCK_K
+        acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
+        if N2 > 0:
+            acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
+        for i in tl.range(0, 27 * KC, num_stages=STAGES):
+            tap = i // KC
+            c0 = (i % KC) * BLOCK_K
+            a = x_desc.load([t + tap // 9, h0 + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, c0])
+            a = a.reshape(BLOCK_M, BLOCK_K)
+            k = tap * C + c0
+            acc1 = tl.dot(a, w1_desc.load([n0, k]).T, acc1)  # K-major weights: what float8 products take
+            if N2 > 0:
+                acc2 = tl.dot(a, w2_desc.load([n0 + N1, k]).T, acc2)
+        m = tl.arange(0, BLOCK_M)
+        h = (h0 + m // BLOCK_W).to(tl.int64)
+        w = (w0 + m % BLOCK_W).to(tl.int64)
+        keep = (h < H) & (w < W)
+        tt = t.to(tl.int64)
+        pix_out = tt * so_t + h * so_h + w * so_w
+        pix_res = tt * sr_t + h * sr_h + w * sr_w
+        x_scale = tl.load(x_scale_ptr)
+        n = n0 + tl.arange(0, N1)
+        _store_outputs(acc1, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, COUT,
+                       HAS_RES)  # fmt: skip
+        if N2 > 0:
+            n = n0 + N1 + tl.arange(0, N2)
+            _store_outputs(acc2, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, COUT,
+                           HAS_RES)  # fmt: skip
+
+    @triton.jit
+    def _cast_kernel(x_ptr, scale_ptr, out_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+        """out = float8(clamp(x / scale)), rounded to nearest even: one read, one write."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        y = tl.clamp(tl.math.div_rn(x, tl.load(scale_ptr)), -FP8_MAX, FP8_MAX)  # IEEE division, as PyTorch's
+        tl.store(out_ptr + i, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+def fp8_conv_usable(conv: torch.nn.Conv3d, buf: torch.Tensor) -> bool:
+    """Whether `fp8_conv` may run `conv` (a causal 3x3x3, padding 1) on this staged buffer (in float8, or in a
+    float dtype about to be quantized): GPUs with float8 tensor cores, or CPU tensors under the interpreter."""
+    if TensorDescriptor is None or not triton_usable(buf):
+        return False
+    if INTERPRETED:
+        if buf.is_cuda:
+            return False
+    elif not fp8_matmul_supported(buf.device):
+        return False
+    shape_ok = conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1)
+    c = buf.shape[1] if buf.ndim == 5 else -1
+    return (
+        shape_ok
+        and conv.groups == 1
+        and tuple(getattr(conv, "_padding", ())) == (1, 1, 1, 1, 2, 0)
+        and conv.in_channels == c
+        and c % CHANNEL_MULTIPLE == 0
+        and conv.out_channels % 16 == 0
+        and conv.out_channels <= MAX_OUT
+        and buf.shape[0] == 1
+        and buf.shape[2] >= 3
+        and buf.shape[-1] % ROW_MULTIPLE == 0
+        and buf.is_contiguous(memory_format=CL3)
+        and buf.dtype in (FP8_DTYPE, torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+def pack_fp8_conv_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Cout, Cin, 3, 3, 3) -> (float8 rows (Cout, 27 * Cin) in `pack_split`'s order, float32 scales (Cout,)):
+    each output channel's largest magnitude maps to float8's largest finite value (`fp8.quantize_rows`)."""
+    values, scale = quantize_rows(pack_split(weight))
+    return values.contiguous(), scale.reshape(-1).contiguous()
+
+
+def static_activation_scale(gamma: torch.Tensor, channels: int, bias: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """A per-tensor float8 scale that no output of the VAE's norm + SiLU can exceed (float32 scalar tensor).
+
+    Wan's RMS norm is y = F.normalize(x over channels) * sqrt(C) * gamma + bias, and the normalized vector has
+    unit length, so each of its entries is at most 1 in magnitude: |y_i| <= sqrt(C) * max|gamma| + max|bias|
+    (reached when all of a pixel's mass is in the channel of the largest gamma), and |SiLU(y)| <= |y|. A scale
+    of that bound / 448 (float8_e4m3fn's largest finite value) therefore never saturates, for any input, and
+    needs no reduction over the tensor: the norm pass can write float8 directly. The headroom costs little
+    because float8 is a floating-point format: a typical entry (about |gamma|, as the normalized entries are
+    about 1 / sqrt(C)) maps to about 448 / sqrt(C), and float8 keeps its full relative precision down to
+    2**-6, so only entries over a thousand times smaller than typical become subnormal. Inputs that are not
+    norm outputs (the decoder's first conv, the temporal upsampler's) take `quantize_staged`'s dynamic scale.
+    """
+    bound = gamma.detach().abs().amax().float() * math.sqrt(channels)
+    if isinstance(bias, torch.Tensor):
+        bound = bound + bias.detach().abs().amax().float()
+    else:
+        bound = bound + abs(float(bias))
+    return torch.where(bound > 0, bound / FP8_MAX, torch.ones_like(bound))
+
+
+def dynamic_activation_scale(buf: torch.Tensor) -> torch.Tensor:
+    """The per-tensor scale that maps buf's largest magnitude to 448 (1 for an all-zero buffer): one reduction."""
+    amax = torch.linalg.vector_norm(buf, float("inf"), dtype=torch.float32)
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def quantize_staged(
+    buf: torch.Tensor, scale: torch.Tensor | None = None, *, use_triton: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A staged buffer (1, C, T + 2, H, W) channels-last -> (float8 values of buf / scale, same layout; scale).
+
+    `scale` (float32 scalar tensor): `static_activation_scale` for a norm's output, None for the dynamic one
+    (`dynamic_activation_scale`). On CUDA one Triton pass casts (rounding to nearest even, saturating); on the
+    CPU PyTorch does (the interpreter's float8 cast does not round to nearest even: see the module docstring).
+    """
+    if buf.ndim != 5 or not buf.is_contiguous(memory_format=CL3):
+        raise ValueError(f"expected a channels-last (1, C, T, H, W) staged buffer, got {tuple(buf.shape)}")
+    out = torch.empty_like(buf, dtype=FP8_DTYPE, memory_format=CL3)
+    flat = buf.permute(0, 2, 3, 4, 1).reshape(-1)  # dense in channels-last order: a view
+    target = out.permute(0, 2, 3, 4, 1).view(-1)
+    if use_triton is None:
+        use_triton = buf.is_cuda and triton_usable(buf)
+    if use_triton and flat.numel():
+        scale = dynamic_activation_scale(buf) if scale is None else scale.to(buf.device, torch.float32).reshape(())
+        n = flat.numel()
+        _cast_kernel[(triton.cdiv(n, CAST_BLOCK),)](flat, scale, target, n, FP8_MAX=FP8_MAX, BLOCK=CAST_BLOCK)
+    elif scale is None:  # the whole tensor as one row
+        values, scale = quantize_rows(flat.view(1, -1))
+        target.copy_(values.view(-1))
+        scale = scale.reshape(())
+    else:
+        scale = scale.to(buf.device, torch.float32).reshape(())
+        target.copy_((flat.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+    return out, scale
+
+
+_chosen: dict[tuple, int] = {}  # (device, C, Cout, row factor) -> index into the configurations; -1: none ran
+_failures: list[str] = []
+
+
+def _pixel_tile(config: Config, width: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_W) of a config's pixel block for rows of `width` pixels."""
+    block_w = min(config.block_m, width & -width) if config.rows else config.block_m
+    if block_w < ROW_MULTIPLE:
+        block_w = config.block_m
+    return config.block_m // block_w, block_w
+
+
+def fp8_conv(
+    buf: torch.Tensor,
+    x_scale: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """conv3d(buf * x_scale, weight, bias, padding (0, 1, 1)) [+ residual] on a float8 staged buffer.
+
+    buf: (1, C, T + 2, H, W) float8_e4m3fn, channels-last (`quantize_staged`); x_scale: its float32 scalar
+    scale; packed, w_scale: `pack_fp8_conv_weight(weight)`; bias: (Cout,) or None. The result goes into `out`
+    ((1, Cout, T, H, W) with adjacent channels, e.g. a view inside a zero-bordered buffer; new bf16
+    channels-last if None), rounded once from float32, and is returned. None if no block configuration runs
+    here (the caller takes cuDNN).
+    """
+    if buf.dtype != FP8_DTYPE or packed.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8_conv takes float8_e4m3fn operands, got {buf.dtype} and {packed.dtype}")
+    if buf.ndim != 5 or buf.shape[0] != 1 or buf.shape[2] < 3:
+        raise ValueError(f"expected a staged (1, C, T + 2, H, W) buffer with T >= 1, got {tuple(buf.shape)}")
+    _, c, frames, h, w = buf.shape
+    t = frames - 2
+    cout = packed.shape[0]
+    if packed.shape[1] != 27 * c or c % CHANNEL_MULTIPLE:
+        raise ValueError(f"packed weight {tuple(packed.shape)} does not match {c} input channels x 27 taps")
+    key = (buf.device, c, cout, min(w & -w, 256))
+    if _chosen.get(key, 0) < 0:  # no configuration ran for this shape before: nothing to allocate
+        return None
+    if out is None:
+        out = torch.empty((1, cout, t, h, w), dtype=torch.bfloat16, device=buf.device, memory_format=CL3)
+    strides = _pixel_strides(out)
+    res_strides = (0, 0, 0) if residual is None else _pixel_strides(residual)
+    if strides is None or res_strides is None:
+        return None
+    view = buf.permute(0, 2, 3, 4, 1)[0]  # (T + 2, H, W, C)
+    x_scale = x_scale.to(device=buf.device, dtype=torch.float32).reshape(1)
+    w_scale = w_scale.to(device=buf.device, dtype=torch.float32).reshape(-1).contiguous()
+    bias = torch.zeros_like(w_scale) if bias is None else bias.to(w_scale).reshape(-1).contiguous()
+    packed = packed.contiguous()
+
+    def launch(config: Config) -> None:
+        block_h, block_w = _pixel_tile(config, w)
+        block_k = math.gcd(c, config.block_k)
+        x_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_h, block_w, block_k])
+        w1_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [config.n1, block_k])
+        w2_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [max(config.n2, 16), block_k])
+        groups = triton.cdiv(cout, config.n1 + config.n2)
+        tiles = t * triton.cdiv(h, block_h) * triton.cdiv(w, block_w)
+        _fp8_conv_kernel[(tiles * groups,)](
+            x_desc, w1_desc, w2_desc, x_scale, w_scale, bias, out if residual is None else residual, out,
+            h, w, cout, *strides, *res_strides,
+            C=c, N1=config.n1, N2=config.n2, GROUPS=groups, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_K=block_k,
+            HAS_RES=residual is not None, STAGES=config.stages, num_warps=config.warps,
+        )  # fmt: skip
+
+    return out if first_that_runs(key, configs_for(cout), launch, _chosen, _failures) else None
