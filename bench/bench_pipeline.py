@@ -40,6 +40,7 @@ from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
 from infvsr_core.memory import OffloadPolicy  # noqa: E402
 from infvsr_core.pipeline import InfVSRPipeline  # noqa: E402
 from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict  # noqa: E402
+from infvsr_core.vae.fast_blocks import FP8_CONV_OUTPUTS  # noqa: E402
 from infvsr_core.weights import load_checked  # noqa: E402
 
 SIZES = {
@@ -438,6 +439,11 @@ def main() -> int:
     parser.add_argument(
         "--split-conv", default="on", choices=["on", "off"], help="the 192-channel convs through the Triton kernel"
     )
+    parser.add_argument(
+        "--fp8-vae",
+        action="store_true",
+        help="the VAE's 192- and 384-channel causal convs in float8 (kernels/fp8_conv.py; not yet the product's)",
+    )
     args = parser.parse_args()
     if args.defer != "off" and args.chunks < 5:
         parser.error("--defer needs --chunks 5 or more (deferred runs are timed between pushes 2 and n-1)")
@@ -489,6 +495,8 @@ def main() -> int:
     pipe.vae.fast_options = dataclasses.replace(
         pipe.vae.fast_options, mid_attention_kernel=args.mid_attention == "kernel", split_conv=args.split_conv == "on"
     )
+    if args.fp8_vae:
+        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=FP8_CONV_OUTPUTS)
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)

@@ -440,3 +440,89 @@ def test_split_conv_resblocks_match_diffusers(vae, monkeypatch):
             assert (a == b) if isinstance(b, str) else (a is None and b is None) or max_err(a, b) < TOL
     ran = [index for index in split_module._chosen.values() if index >= 0]
     assert bool(ran) == norm_silu.INTERPRETED
+
+
+def _fake_fp8(vae, width: int):
+    """A copy of diffusers' VAE whose convs that the fast path runs in float8 (output `width`, input a multiple of
+    32, 3x3x3, each after its norm) compute in float32 on float8-rounded operands: weights per output channel,
+    inputs with the norm's static scale (the same quantization, by PyTorch; the products by cuDNN/ATen)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
+
+    from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX, dequantize_rows, quantize_rows
+    from infvsr_core.kernels.fp8_conv import static_activation_scale
+
+    vae = copy.deepcopy(vae)
+    for module in vae.modules():
+        if isinstance(module, WanResidualBlock):
+            pairs = [(module.conv1, module.norm1), (module.conv2, module.norm2)]
+        elif hasattr(module, "conv_out") and hasattr(module, "norm_out"):
+            pairs = [(module.conv_out, module.norm_out)]
+        else:
+            continue
+        for conv, norm in pairs:
+            if conv.out_channels != width or conv.in_channels % 32 or conv.kernel_size != (3, 3, 3):
+                continue
+            values, scales = quantize_rows(conv.weight.detach().reshape(width, -1))
+            conv.weight.data = dequantize_rows(values, scales, torch.float32).reshape(conv.weight.shape)
+            scale = static_activation_scale(norm.gamma, norm.gamma.numel(), norm.bias)
+
+            def rounded(x, scale=scale):
+                return None if x is None else (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale
+
+            def forward(x, cache_x=None, _forward=conv.forward, _rounded=rounded):
+                return _forward(_rounded(x), _rounded(cache_x))
+
+            conv.forward = forward
+    return vae
+
+
+def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch):
+    """The causal convs of the chosen width in float8 (kernels/fp8_conv.py; here the tiny VAE's 32 channels),
+    scaled from their norm's gamma. One resblock, three chunks (its histories carried): against diffusers' block
+    computing in float32 on the same float8-rounded operands (`_fake_fp8`), to float32's rounding. The whole
+    encoder and decoder: within float8's error of the unrounded model, and visibly away from it (the float8
+    products ran; there the models cannot be compared more closely, as an input that differs in its last float32
+    bit can round to the neighbouring float8 value). Without the interpreter the convs fall back to the float
+    path and match diffusers to TOL."""
+    from infvsr_core.kernels import fp8_conv as fp8_module
+    from infvsr_core.kernels import norm_silu
+
+    monkeypatch.setattr(fp8_module, "_chosen", {})
+    monkeypatch.setattr(fp8_module, "ROW_MULTIPLE", 1)  # the tiny frames' rows
+    width = 4 * TINY_VAE_BASE_DIM
+    options = FastForwardOptions(fp8_conv_outputs=frozenset({width}))
+    rounded_vae = _fake_fp8(vae, width)
+
+    block, rounded_block = vae.decoder.mid_block.resnets[0], rounded_vae.decoder.mid_block.resnets[0]
+    assert block.conv1.in_channels == block.conv2.out_channels == width
+    gen = torch.Generator().manual_seed(4)
+    plain_cache, fast_cache = [None, None], [None, None]
+    for frames in (1, 3, 3):
+        x = torch.randn(1, width, frames, 4, 6, generator=gen)
+        ref = rounded_block(x, feat_cache=plain_cache, feat_idx=[0])
+        out = blocks_module.resblock(block, x.contiguous(memory_format=torch.channels_last_3d), Cursor(fast_cache),
+                                     options)  # fmt: skip
+        limit = TOL if norm_silu.INTERPRETED else 1.0  # without the interpreter: the float path, unrounded
+        assert out.shape == ref.shape and max_err(out, ref) < limit
+
+    fast_vae = copy.deepcopy(vae)
+    prepare_channels_last(fast_vae)
+    clip = smooth_vae_clip(21, seed=9)
+    history = StreamingVAE(vae).new_history()
+    plain = [list(history.encoder_cache), list(history.decoder_cache)]
+    fast = [list(history.encoder_cache), list(history.decoder_cache)]
+    errors = []
+    for start, stop in ((0, 9), (9, 21)):
+        piece = clip[:, :, start:stop]
+        ref_z = vae.encoder(piece, feat_cache=plain[0], feat_idx=[0])
+        z = fast_encoder(fast_vae, piece, fast[0], options=options)
+        latents = vae.post_quant_conv(vae.quant_conv(ref_z)[:, :16])
+        ref = vae.decoder(latents, feat_cache=plain[1], feat_idx=[0], first_chunk=start == 0)
+        out = fast_decoder(fast_vae, latents, fast[1], options=options)
+        errors += [((z - ref_z).norm() / ref_z.norm()).item(), ((out - ref).norm() / ref.norm()).item()]
+    ran = [index for index in fp8_module._chosen.values() if index >= 0]
+    assert bool(ran) == norm_silu.INTERPRETED
+    if ran:  # random weights, no outliers: about 4 % per conv, a dozen convs in a row
+        assert 1e-2 < min(errors) and max(errors) < 0.2, errors
+    else:
+        assert max(errors) < TOL, errors

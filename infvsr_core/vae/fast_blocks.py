@@ -24,6 +24,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
+from ..kernels.fp8_conv import fp8_conv, fp8_conv_usable, pack_fp8_conv_weight, quantize_staged, static_activation_scale
 from ..kernels.mid_attention import mid_attention, mid_attention_usable
 from ..kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
 from ..kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
@@ -43,6 +44,8 @@ PADDED_RGB_IN = 16
 # so 96 -> 128 takes less time than 96 -> 96 (bench/check_kernels.py --sections split). The result is read as a
 # channel slice (no copy).
 PADDED_OUT = {96: 128}
+# The decoder's conv widths whose float8 form beat cuDNN's bf16 on the H200 (96 outputs did not).
+FP8_CONV_OUTPUTS = frozenset({192, 384})
 # Most bytes one block of the mid attention's scores may take, counted as float32: the full score matrix grows
 # with the square of a frame's tokens (32,400 for 1080p latents); queries go in blocks that fit this.
 ATTENTION_SCORE_BYTES = 256 * 2**20
@@ -71,6 +74,10 @@ class FastForwardOptions:
     pad_off_cuda: bool = False
     # cuDNN times its algorithms once per shape during the forward (streamed chunks repeat a few shapes).
     cudnn_benchmark: bool = True
+    # Causal convs with these output widths in float8 (kernels/fp8_conv.py) where the GPU has float8 tensor cores:
+    # `FP8_CONV_OUTPUTS` are those measured faster than cuDNN's bf16 (bench/RESULTS.md round 15). Empty (off) by
+    # default until the whole decoder's speed and fidelity are measured with them (`bench_pipeline.py --fp8-vae`).
+    fp8_conv_outputs: frozenset[int] = frozenset()
 
 
 def to_cl3(x: torch.Tensor) -> torch.Tensor:
@@ -290,7 +297,8 @@ def release_derived(module: nn.Module) -> int:
         for name in _DERIVED_NAMES:
             cached = sub.__dict__.pop(name, None)
             if cached is not None:
-                dropped += cached[1].numel() * cached[1].element_size()
+                tensors = cached[1] if isinstance(cached[1], tuple) else (cached[1],)
+                dropped += sum(t.numel() * t.element_size() for t in tensors)
     return dropped
 
 
@@ -321,12 +329,37 @@ def causal_conv(
     """diffusers' causal conv of act(x) (norm + SiLU when `norm` is given), with its cache entry; channels-last."""
     buf = _stage(conv, x, cursor, norm)
     del x
-    return _add_bias(_padded_out_conv(conv, buf, options), conv.bias)
+    return _add_bias(_padded_out_conv(conv, buf, options, norm), conv.bias)
 
 
-def _padded_out_conv(conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions) -> torch.Tensor:
+def _takes_fp8(conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions) -> bool:
+    return conv.out_channels in options.fp8_conv_outputs and fp8_conv_usable(conv, buf)
+
+
+def _fp8_conv(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm | None) -> torch.Tensor | None:
+    """The causal conv without its bias, in float8 (None: no kernel configuration runs here). A norm's output has
+    a bound known from its gamma, so its scale needs no pass over the buffer (`static_activation_scale`)."""
+    scale = None
+    if norm is not None:
+        scale = static_activation_scale(norm.gamma, int(norm.gamma.numel()), norm.bias)
+    values, scale = quantize_staged(buf, scale)
+    packed, weight_scale = _derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
+    b, _, frames, height, width = buf.shape
+    out = torch.empty((b, conv.out_channels, frames - CACHE_T, height, width), dtype=buf.dtype, device=buf.device,
+                      memory_format=CL3)  # fmt: skip
+    return fp8_conv(values, scale, packed, weight_scale, None, out=out)
+
+
+def _padded_out_conv(
+    conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions, norm: WanRMS_norm | None = None
+) -> torch.Tensor:
     """The causal conv without its bias, computed with PADDED_OUT outputs when that is faster (PADDED_RGB when it
-    has fewer: the RGB head); its real channels, a slice of the padded ones that the next pass reads in place."""
+    has fewer: the RGB head); its real channels, a slice of the padded ones that the next pass reads in place.
+    Widths in `options.fp8_conv_outputs` go through the float8 kernel where it runs (`norm`: what made buf)."""
+    if _takes_fp8(conv, buf, options):
+        result = _fp8_conv(conv, buf, norm)
+        if result is not None:
+            return result
     out = conv.out_channels
     wide = None
     if buf.is_cuda or options.pad_off_cuda:
@@ -367,11 +400,12 @@ def resblock(
         conv1, norm2 = block.conv1, block.norm2
         gamma = (norm2.gamma.reshape(-1).float() * norm2.scale).contiguous()
         if split_conv(buf, _split_weight(conv1), conv1.bias.float(), gamma=gamma, act=act, tail=new) is None:
-            _norm(norm2, _padded_out_conv(conv1, buf, options), silu=True, out=act, pre_bias=conv1.bias, tail=new)
+            _norm(norm2, _padded_out_conv(conv1, buf, options, block.norm1), silu=True, out=act, pre_bias=conv1.bias,
+                  tail=new)
         cursor.put(new)
         buf = staged
     else:
-        y = _padded_out_conv(block.conv1, buf, options)
+        y = _padded_out_conv(block.conv1, buf, options, block.norm1)
         del buf
         buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias)
         del y
@@ -379,11 +413,11 @@ def resblock(
         result = split_conv(buf, _split_weight(block.conv2), bias.float(), h, out=out)
         if result is not None:
             return result
-    return _add_bias(_padded_out_conv(block.conv2, buf, options), bias, h, out)
+    return _add_bias(_padded_out_conv(block.conv2, buf, options, block.norm2), bias, h, out)
 
 
 def _split(conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions) -> bool:
-    return options.split_conv and split_conv_usable(conv, buf)
+    return options.split_conv and split_conv_usable(conv, buf) and not _takes_fp8(conv, buf, options)
 
 
 def _split_weight(conv: WanCausalConv3d) -> torch.Tensor:
