@@ -270,12 +270,12 @@ _DERIVED_NAMES: set[str] = set()
 """The attribute names `_derived` caches under (for `release_derived`)."""
 
 
-def _derived(conv: nn.Module, name: str, build, *args):
-    """build(conv.weight, *args), cached on the module as `name` until the weight is replaced or changed.
+def _derived(conv: nn.Module, name: str, build, *args, source: str = "weight"):
+    """build(conv.<source>, *args), cached on the module as `name` until that tensor is replaced or changed.
 
     Inference tensors (weights loaded under torch.inference_mode, as in ComfyUI) have no version counter.
     """
-    w = conv.weight
+    w = getattr(conv, source)
     key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device, *args)
     cached = getattr(conv, name, None)
     if cached is None or cached[0] != key:
@@ -341,7 +341,10 @@ def _fp8_conv(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm | None
     a bound known from its gamma, so its scale needs no pass over the buffer (`static_activation_scale`)."""
     scale = None
     if norm is not None:
-        scale = static_activation_scale(norm.gamma, int(norm.gamma.numel()), norm.bias)
+        def build(gamma: torch.Tensor) -> torch.Tensor:
+            return static_activation_scale(gamma, gamma.numel(), norm.bias)
+
+        scale = _derived(norm, "_infvsr_fp8_scale", build, source="gamma")
     values, scale = quantize_staged(buf, scale)
     packed, weight_scale = _derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
     b, _, frames, height, width = buf.shape
