@@ -119,7 +119,13 @@ class InfVSREvaluate:
         video_path: str = "",
         reference_video: str = "",
         unique_id: str | None = None,
-        **networks: str,
+        alexnet: str = model_subfolders.NONE,
+        vgg16: str = model_subfolders.NONE,
+        lpips_heads: str = model_subfolders.NONE,
+        dists: str = model_subfolders.NONE,
+        dino: str = model_subfolders.NONE,
+        clip: str = model_subfolders.NONE,
+        amt: str = model_subfolders.NONE,
     ) -> dict[str, Any]:
         if fit not in FITS:
             raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
@@ -140,7 +146,10 @@ class InfVSREvaluate:
 
         options = EvaluateOptions(
             temporal=bool(temporal), crop_border=int(crop_border), resize=fit == "resize", crop=fit == "crop",
-            align=bool(align), weights=metric_weights(networks),
+            align=bool(align), weights=metric_weights(
+                {"alexnet": alexnet, "vgg16": vgg16, "lpips_heads": lpips_heads, "dists": dists, "dino": dino,
+                 "clip": clip, "amt": amt}
+            ),
         )
         result = evaluate(output, truth, options, progress)
         summary = evaluation_report.summarize(result)
