@@ -193,6 +193,15 @@ def device_need(pipe, height: int, width: int, mode: str) -> int:
     return int(PLAN_MARGIN * (weights + state + activation_bytes(pipe, height, width))) + resident
 
 
+def _memory_fraction(device: torch.device) -> float:
+    """The per-process cap as a share of the device (1.0: none). Why the guard: not every allocator backend
+    answers (cudaMallocAsync, which ComfyUI selects on many GPUs, has no such cap)."""
+    try:
+        return float(torch.cuda.get_per_process_memory_fraction(device))
+    except (RuntimeError, AttributeError):
+        return 1.0
+
+
 def pick_mode(needs: dict[str, int], free: int) -> str | None:
     """The first mode of `AUTO_ORDER` whose need fits `free` bytes (None: none fits)."""
     return next((mode for mode in AUTO_ORDER if needs[mode] <= free), None)
@@ -211,7 +220,7 @@ def choose_mode(pipe, height: int, width: int, free: int | None = None) -> tuple
         free = int(free_now) + int(torch.cuda.memory_reserved(device))
         # A per-process cap (torch.cuda.set_per_process_memory_fraction: a shared GPU, or a test of a smaller
         # card) bounds what the allocator will hand out, whatever the device has free.
-        free = min(free, int(torch.cuda.get_per_process_memory_fraction(device) * total))
+        free = min(free, int(_memory_fraction(device) * total))
     needs = {mode: device_need(pipe, height, width, mode) for mode in AUTO_ORDER}
     mode = pick_mode(needs, free)
     if mode is None:
