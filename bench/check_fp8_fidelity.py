@@ -1,0 +1,101 @@
+"""fp8 against the float32 plain path on a real clip (issue 21's fidelity target: >= 40 dB), on any device.
+
+    python bench/check_fp8_fidelity.py [--clip FILE] [--frames 21] [--size 320x136] [--device cpu|cuda] [--json F]
+
+The clip's first frames are reduced to the input size by `evaluate --make-lr`'s protocol (antialiased bicubic),
+then upscaled x4 by three pipelines with the same random full-size weights in the published formats: float32
+through the plain path (the reference), bf16, and fp8 (the DiT's linear layers in float8, bf16 elsewhere). On a
+CPU the fp8 layers are made to multiply natively (`FP8Linear.native = True`: PyTorch's scaled product with the
+activations quantized per token, as on a GPU with float8 tensor cores) rather than expanding their weights, so
+the figure is the fp8 mode's arithmetic; a GPU differs only in accumulation order. Prints one JSON line with the
+PSNR of bf16 and fp8 against float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_pipeline import psnr, random_pipeline, run_stream  # noqa: E402
+
+from infvsr_core.evaluate.degrade import downscale  # noqa: E402
+from infvsr_core.fp8 import FP8Linear  # noqa: E402
+from infvsr_core.io import VideoReader  # noqa: E402
+
+DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "real_bikes_street_640x272.mp4"
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, height = (int(v) for v in text.lower().split("x"))
+    return width, height
+
+
+def real_input(path: Path, frames: int, width: int, height: int) -> torch.Tensor:
+    """The clip's first `frames` frames resized to (4 * width, 4 * height), then reduced 4x by the protocol."""
+    with VideoReader(path, max_frames=frames) as reader:
+        clip = torch.cat([chunk.frames for chunk in reader.read_chunks(frames)])[:frames]
+    planar = clip.permute(0, 3, 1, 2).float()
+    hr = torch.nn.functional.interpolate(planar, size=(4 * height, 4 * width), mode="bicubic", antialias=True)
+    return downscale(hr.clamp(0, 1).permute(0, 2, 3, 1), 4)
+
+
+def upscaled(dtype: str, clip: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The clip through a pipeline of `dtype` ("fp32": the plain path; "bf16"; "fp8"), same weights each time."""
+    if dtype == "fp32":
+        pipe = random_pipeline(device, torch.float32, fast=False)
+    else:
+        pipe = random_pipeline(device, torch.bfloat16, fp8=dtype == "fp8")
+    if dtype == "fp8":
+        layers = [m for m in pipe.dit.modules() if isinstance(m, FP8Linear)]
+        assert layers, "the fp8 pipeline has no float8 layers"
+        for layer in layers:
+            layer.native = True
+    out, _ = run_stream(pipe, clip.to(device), 4)
+    del pipe
+    return out.float().cpu()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
+    parser.add_argument("--frames", type=int, default=21, help="frames upscaled (9 + 12: two chunks)")
+    parser.add_argument("--size", type=_size, default=(80, 34), help="input WIDTHxHEIGHT (output x4)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also append the JSON line to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    clip = real_input(args.clip, args.frames, *args.size)
+    started = time.perf_counter()
+    outputs = {dtype: upscaled(dtype, clip, device) for dtype in ("fp32", "bf16", "fp8")}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    row = {
+        "bench": "fp8_fidelity",
+        "clip": args.clip.name,
+        "input": f"{args.size[0]}x{args.size[1]}",
+        "frames": len(outputs["fp32"]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": commit.stdout.strip() or "unknown",
+        "psnr_bf16_vs_fp32_db": round(psnr(outputs["bf16"], outputs["fp32"]), 2),
+        "psnr_fp8_vs_fp32_db": round(psnr(outputs["fp8"], outputs["fp32"]), 2),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(row))
+    if args.json:
+        with args.json.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
