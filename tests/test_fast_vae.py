@@ -12,7 +12,7 @@ import infvsr_core.vae.fast_blocks as blocks_module
 import infvsr_core.vae.fast_forward as forward_module
 from infvsr_core.kernels.norm_silu import rms_norm_rows, rms_norm_rows_reference
 from infvsr_core.vae import TINY_VAE_BASE_DIM, FastForwardOptions, StreamingVAE, build_vae, random_vae_state_dict
-from infvsr_core.vae.fast_blocks import Cursor
+from infvsr_core.vae.fast_blocks import Cursor, emulate_fp8_convs
 from infvsr_core.vae.fast_forward import fast_decoder, fast_encoder, prepare_channels_last
 
 from .conftest import smooth_vae_clip
@@ -442,44 +442,10 @@ def test_split_conv_resblocks_match_diffusers(vae, monkeypatch):
     assert bool(ran) == norm_silu.INTERPRETED
 
 
-def _fake_fp8(vae, width: int):
-    """A copy of diffusers' VAE whose convs that the fast path runs in float8 (output `width`, input a multiple of
-    32, 3x3x3, each after its norm) compute in float32 on float8-rounded operands: weights per output channel,
-    inputs with the norm's static scale (the same quantization, by PyTorch; the products by cuDNN/ATen)."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
-
-    from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX, dequantize_rows, quantize_rows
-    from infvsr_core.kernels.fp8_conv import static_activation_scale
-
-    vae = copy.deepcopy(vae)
-    for module in vae.modules():
-        if isinstance(module, WanResidualBlock):
-            pairs = [(module.conv1, module.norm1), (module.conv2, module.norm2)]
-        elif hasattr(module, "conv_out") and hasattr(module, "norm_out"):
-            pairs = [(module.conv_out, module.norm_out)]
-        else:
-            continue
-        for conv, norm in pairs:
-            if conv.out_channels != width or conv.in_channels % 32 or conv.kernel_size != (3, 3, 3):
-                continue
-            values, scales = quantize_rows(conv.weight.detach().reshape(width, -1))
-            conv.weight.data = dequantize_rows(values, scales, torch.float32).reshape(conv.weight.shape)
-            scale = static_activation_scale(norm.gamma, norm.gamma.numel(), norm.bias)
-
-            def rounded(x, scale=scale):
-                return None if x is None else (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale
-
-            def forward(x, cache_x=None, _forward=conv.forward, _rounded=rounded):
-                return _forward(_rounded(x), _rounded(cache_x))
-
-            conv.forward = forward
-    return vae
-
-
 def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch):
     """The causal convs of the chosen width in float8 (kernels/fp8_conv.py; here the tiny VAE's 32 channels),
     scaled from their norm's gamma. One resblock, three chunks (its histories carried): against diffusers' block
-    computing in float32 on the same float8-rounded operands (`_fake_fp8`), to float32's rounding. The whole
+    computing in float32 on the same float8-rounded operands (`emulate_fp8_convs`), to float32's rounding. The whole
     encoder and decoder: within float8's error of the unrounded model, and visibly away from it (the float8
     products ran; there the models cannot be compared more closely, as an input that differs in its last float32
     bit can round to the neighbouring float8 value). Without the interpreter the convs fall back to the float
@@ -491,7 +457,8 @@ def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch):
     monkeypatch.setattr(fp8_module, "ROW_MULTIPLE", 1)  # the tiny frames' rows
     width = 4 * TINY_VAE_BASE_DIM
     options = FastForwardOptions(fp8_conv_outputs=frozenset({width}))
-    rounded_vae = _fake_fp8(vae, width)
+    rounded_vae = copy.deepcopy(vae)
+    emulate_fp8_convs(rounded_vae, frozenset({width}))
 
     block, rounded_block = vae.decoder.mid_block.resnets[0], rounded_vae.decoder.mid_block.resnets[0]
     assert block.conv1.in_channels == block.conv2.out_channels == width

@@ -24,7 +24,15 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
-from ..kernels.fp8_conv import fp8_conv, fp8_conv_usable, pack_fp8_conv_weight, quantize_staged, static_activation_scale
+from ..fp8 import FP8_DTYPE, FP8_MAX, dequantize_rows, quantize_rows
+from ..kernels.fp8_conv import CHANNEL_MULTIPLE as FP8_CHANNEL_MULTIPLE
+from ..kernels.fp8_conv import (
+    fp8_conv,
+    fp8_conv_usable,
+    pack_fp8_conv_weight,
+    quantize_staged,
+    static_activation_scale,
+)
 from ..kernels.mid_attention import mid_attention, mid_attention_usable
 from ..kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
 from ..kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
@@ -351,6 +359,49 @@ def _fp8_conv(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm | None
     out = torch.empty((b, conv.out_channels, frames - CACHE_T, height, width), dtype=buf.dtype, device=buf.device,
                       memory_format=CL3)  # fmt: skip
     return fp8_conv(values, scale, packed, weight_scale, None, out=out)
+
+
+def _fp8_conv_pairs(vae: nn.Module, widths: frozenset[int]) -> list[tuple[WanCausalConv3d, WanRMS_norm]]:
+    """The (conv, the norm that makes its input) pairs whose conv the fast path runs in float8 for `widths`: the
+    resblocks' two convs and the heads', 3x3x3, with input channels the kernel takes."""
+    pairs = []
+    for module in vae.modules():
+        if isinstance(module, WanResidualBlock):
+            candidates = [(module.conv1, module.norm1), (module.conv2, module.norm2)]
+        elif isinstance(getattr(module, "conv_out", None), WanCausalConv3d) and hasattr(module, "norm_out"):
+            candidates = [(module.conv_out, module.norm_out)]
+        else:
+            continue
+        pairs += [
+            (conv, norm)
+            for conv, norm in candidates
+            if conv.out_channels in widths and conv.in_channels % FP8_CHANNEL_MULTIPLE == 0
+            and conv.kernel_size == (3, 3, 3)
+        ]  # fmt: skip
+    return pairs
+
+
+def emulate_fp8_convs(vae: nn.Module, widths: frozenset[int]) -> int:
+    """Make diffusers' VAE (in place) compute the convs that `fp8_conv_outputs=widths` runs in float8 on the same
+    float8-rounded operands in its own dtype: weights per output channel, inputs with their norm's static scale
+    (PyTorch's rounding). The float8 kernel's reference, and a fidelity check where no float8 kernel runs (a
+    CPU). Returns the number of convs changed."""
+    pairs = _fp8_conv_pairs(vae, widths)
+    for conv, norm in pairs:
+        values, scales = quantize_rows(conv.weight.detach().reshape(conv.out_channels, -1))
+        conv.weight.data = dequantize_rows(values, scales, conv.weight.dtype).reshape(conv.weight.shape)
+        scale = static_activation_scale(norm.gamma, norm.gamma.numel(), norm.bias)
+
+        def rounded(x: torch.Tensor | None, scale: torch.Tensor = scale) -> torch.Tensor | None:
+            if not isinstance(x, torch.Tensor):
+                return x
+            return ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale).to(x.dtype)
+
+        def forward(x, cache_x=None, _forward=conv.forward, _rounded=rounded):
+            return _forward(_rounded(x), _rounded(cache_x))
+
+        conv.forward = forward
+    return len(pairs)
 
 
 def _padded_out_conv(
