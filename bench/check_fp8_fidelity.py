@@ -1,6 +1,6 @@
 """fp8 against the float32 plain path on a real clip (issue 21's fidelity target: >= 40 dB), on any device.
 
-    python bench/check_fp8_fidelity.py [--clip FILE] [--frames 21] [--size 320x136] [--device cpu|cuda] [--json F]
+    python bench/check_fp8_fidelity.py [--clip FILE] [--frames 21] [--size 80x34] [--device cpu|cuda] [--json F]
 
 The clip's first frames are reduced to the input size by `evaluate --make-lr`'s protocol (antialiased bicubic),
 then upscaled x4 by three pipelines with the same random full-size weights in the published formats: float32
@@ -8,7 +8,9 @@ through the plain path (the reference), bf16, and fp8 (the DiT's linear layers i
 CPU the fp8 layers are made to multiply natively (`FP8Linear.native = True`: PyTorch's scaled product with the
 activations quantized per token, as on a GPU with float8 tensor cores) rather than expanding their weights, so
 the figure is the fp8 mode's arithmetic; a GPU differs only in accumulation order. Prints one JSON line with the
-PSNR of bf16 and fp8 against float32.
+PSNR of bf16 and fp8 against float32, and of "fp8 + VAE": fp8 with the VAE's 192- and 384-channel convs on
+float8-rounded operands too (`FastForwardOptions.fp8_conv_outputs`; here through `emulate_fp8_convs`, the
+float8 kernel's reference, so that it runs where the kernel does not).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench_pipeline import psnr, random_pipeline, run_stream  # noqa: E402
 from infvsr_core.evaluate.degrade import downscale  # noqa: E402
 from infvsr_core.fp8 import FP8Linear  # noqa: E402
 from infvsr_core.io import VideoReader  # noqa: E402
+from infvsr_core.vae.fast_blocks import FP8_CONV_OUTPUTS, emulate_fp8_convs  # noqa: E402
 
 DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "real_bikes_street_640x272.mp4"
 
@@ -50,12 +53,16 @@ def real_input(path: Path, frames: int, width: int, height: int) -> torch.Tensor
 
 
 def upscaled(dtype: str, clip: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The clip through a pipeline of `dtype` ("fp32": the plain path; "bf16"; "fp8"), same weights each time."""
+    """The clip through a pipeline of `dtype` ("fp32": the plain path; "bf16"; "fp8"; "fp8_vae": fp8 with the
+    VAE's float8 convs emulated, on the plain VAE path), same weights each time."""
     if dtype == "fp32":
         pipe = random_pipeline(device, torch.float32, fast=False)
+    elif dtype == "fp8_vae":
+        pipe = random_pipeline(device, torch.bfloat16, fp8=True, fast=False)
+        assert emulate_fp8_convs(pipe.vae.vae, FP8_CONV_OUTPUTS) > 0, "no VAE conv of the float8 widths"
     else:
         pipe = random_pipeline(device, torch.bfloat16, fp8=dtype == "fp8")
-    if dtype == "fp8":
+    if dtype.startswith("fp8"):
         layers = [m for m in pipe.dit.modules() if isinstance(m, FP8Linear)]
         assert layers, "the fp8 pipeline has no float8 layers"
         for layer in layers:
@@ -76,7 +83,7 @@ def main() -> int:
     device = torch.device(args.device)
     clip = real_input(args.clip, args.frames, *args.size)
     started = time.perf_counter()
-    outputs = {dtype: upscaled(dtype, clip, device) for dtype in ("fp32", "bf16", "fp8")}
+    outputs = {dtype: upscaled(dtype, clip, device) for dtype in ("fp32", "bf16", "fp8", "fp8_vae")}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     row = {
         "bench": "fp8_fidelity",
@@ -88,6 +95,7 @@ def main() -> int:
         "commit": commit.stdout.strip() or "unknown",
         "psnr_bf16_vs_fp32_db": round(psnr(outputs["bf16"], outputs["fp32"]), 2),
         "psnr_fp8_vs_fp32_db": round(psnr(outputs["fp8"], outputs["fp32"]), 2),
+        "psnr_fp8_vae_vs_fp32_db": round(psnr(outputs["fp8_vae"], outputs["fp32"]), 2),
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(row))
