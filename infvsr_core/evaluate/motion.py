@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WeightFileError
+from .perceptual import check_layout
 
 METRIC = "motion_smoothness"
 MOTION_OPTIONS = {"amt": "--amt"}
@@ -382,18 +383,11 @@ def load_amt(path: Path, device: torch.device | str = "cpu") -> AmtS:
     model = AmtS()
     expected = {k: v.shape for k, v in model.state_dict().items()}
     found = _read_state(Path(path))
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    wrong = [f"{k} {tuple(found[k].shape)} (expected {tuple(expected[k])})"
-             for k in expected if k in found and found[k].shape != expected[k]]  # fmt: skip
-    if missing or unexpected or wrong:
-        problems = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                problems.append(f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
-        raise WeightFileError(
-            f"{MOTION_OPTIONS['amt']} {path} is not AMT-S in the key layout of VBench's {AMT_FILE} "
-            f"(feat_encoder.*, encoder.pyramidN.*, decoderN.*, updateN.*, comb_block.*): {'; '.join(problems)}"
-        )
+    what = (
+        f"AMT-S in the key layout of VBench's {AMT_FILE} "
+        "(feat_encoder.*, encoder.pyramidN.*, decoderN.*, updateN.*, comb_block.*)"
+    )
+    check_layout(Path(path), MOTION_OPTIONS["amt"], found, expected, what)
     model.load_state_dict({k: found[k].float() for k in expected}, strict=True)
     return model.to(device).eval()
 

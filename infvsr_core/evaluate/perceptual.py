@@ -146,7 +146,7 @@ def read_tensors(path: Path, option: str) -> dict[str, torch.Tensor]:
     return data
 
 
-def _check_layout(path: Path, option: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Size],
+def check_layout(path: Path, option: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Size],
                   what: str, ignored_prefixes: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Exactly the expected keys and shapes (keys under `ignored_prefixes` aside), or an error naming the file."""
     keys = {k for k in found if not k.startswith(ignored_prefixes)}
@@ -171,7 +171,7 @@ def load_backbone(path: Path, kind: str, device: torch.device) -> Backbone:
     expected = {k: v.shape for k, v in model.state_dict().items()}
     found = read_tensors(path, option)
     what = f"torchvision's {kind} in its key layout (features.N.weight / .bias, as in {BACKBONE_FILES[kind]})"
-    _check_layout(path, option, found, expected, what, ignored_prefixes=("classifier.",))
+    check_layout(path, option, found, expected, what, ignored_prefixes=("classifier.",))
     model.load_state_dict({k: found[k] for k in expected}, strict=True)
     return model.to(device).eval()
 
@@ -181,7 +181,7 @@ def load_lpips_head(path: Path, kind: str) -> list[torch.Tensor]:
     expected = {f"lin{i}.model.1.weight": torch.Size((1, c, 1, 1)) for i, c in enumerate(CHANNELS[kind])}
     found = read_tensors(path, PERCEPTUAL_OPTIONS["lpips_heads"])
     what = f"an LPIPS v0.1 {kind} head ({_HEAD_FILES[kind]}: lin0..lin4.model.1.weight)"
-    _check_layout(path, PERCEPTUAL_OPTIONS["lpips_heads"], found, expected, what)
+    check_layout(path, PERCEPTUAL_OPTIONS["lpips_heads"], found, expected, what)
     return [found[f"lin{i}.model.1.weight"].flatten().float() for i in range(_HEAD_LAYERS)]
 
 
@@ -190,7 +190,7 @@ def load_dists_weights(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     total = sum(DISTS_CHANNELS)
     expected = {"alpha": torch.Size((1, total, 1, 1)), "beta": torch.Size((1, total, 1, 1))}
     found = read_tensors(path, PERCEPTUAL_OPTIONS["dists"])
-    _check_layout(path, PERCEPTUAL_OPTIONS["dists"], found, expected, "DISTS' weights (alpha, beta as weights.pt)")
+    check_layout(path, PERCEPTUAL_OPTIONS["dists"], found, expected, "DISTS' weights (alpha, beta as weights.pt)")
     alpha, beta = found["alpha"].flatten().double(), found["beta"].flatten().double()
     norm = alpha.sum() + beta.sum()
     return (alpha / norm).float(), (beta / norm).float()
