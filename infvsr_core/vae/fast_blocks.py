@@ -52,7 +52,7 @@ PADDED_RGB_IN = 16
 # so 96 -> 128 takes less time than 96 -> 96 (bench/check_kernels.py --sections split). The result is read as a
 # channel slice (no copy).
 PADDED_OUT = {96: 128}
-# The decoder's conv widths whose float8 form beat cuDNN's bf16 on the H200 (96 outputs did not).
+# The decoder's conv widths whose float8 form beat cuDNN's bf16 (bench/RESULTS.md round 15; 96 outputs did not).
 FP8_CONV_OUTPUTS = frozenset({192, 384})
 # Most bytes one block of the mid attention's scores may take, counted as float32: the full score matrix grows
 # with the square of a frame's tokens (32,400 for 1080p latents); queries go in blocks that fit this.
