@@ -162,31 +162,34 @@ def _jpeg(video: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 def _h264(video: torch.Tensor, crf: int) -> torch.Tensor:
-    """The clip through libx264 (yuv420p, one thread: deterministic) at `crf`, decoded back."""
+    """The clip through libx264 (yuv420p, one thread: deterministic) at `crf`, decoded back. The colour
+    conversions are the project's own (io.color: BT.709 limited range, explicit chroma siting), not swscale's,
+    whose SIMD paths may read the rows' padding: every byte that reaches the encoder is defined."""
     import av
-    import numpy as np
+
+    from ..io.color import FrameConverter, FrameEncoder
 
     frames, _, height, width = video.shape
-    pad_h, pad_w = height % 2, width % 2  # yuv420p needs even sizes
-    padded = F.pad(video, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else video
-    pixels = (padded.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    encoder = FrameEncoder("yuv420p")  # pads odd sizes by edge replication, as yuv420p needs even ones
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=24)
-        stream.width, stream.height = pixels.shape[2], pixels.shape[1]
+        stream.width, stream.height = encoder.padded_size(width, height)
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast"}
         stream.codec_context.thread_count = 1
-        for image in pixels:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        rgb = (video.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).cpu() / 255  # 8-bit, as a video would be
+        for frame in encoder.frames(rgb):
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
     buffer.seek(0)
     with av.open(buffer, mode="r") as container:
-        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        decoded = list(container.decode(video=0))
     if len(decoded) != frames:
         raise RuntimeError(f"H.264 round trip returned {len(decoded)} frames for {frames}")
-    out = torch.from_numpy(np.stack(decoded)).to(video.device).permute(0, 3, 1, 2).float() / 255
-    return out[..., :height, :width]
+    converter = FrameConverter(decoded[0], 0, codec="h264")
+    out = converter.convert([converter.extract(frame) for frame in decoded])  # (T, H, W, 3) float in [0, 1]
+    return out[:, :height, :width].to(video.device).permute(0, 3, 1, 2).contiguous()
 
 
 def degrade(
