@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import WeightFileError
-from .perceptual import check_layout
+from .perceptual import check_layout, read_tensors
 
 METRIC = "motion_smoothness"
 MOTION_OPTIONS = {"amt": "--amt"}
@@ -353,29 +352,15 @@ class AmtS(nn.Module):
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    option = MOTION_OPTIONS["amt"]
-    if not path.is_file():
-        raise WeightFileError(f"{option} {path}: no such file (give VBench's AMT-S checkpoint, {AMT_FILE})")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle refused by weights_only, a foreign format: all one message
-        raise WeightFileError(
-            f"{option} {path}: not a readable weight file ({type(e).__name__}: {e}); expected VBench's AMT-S "
-            f"checkpoint {AMT_FILE}"
-        ) from e
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]  # the published file: {"state_dict": ...} (training checkpoints add more keys)
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightFileError(
-            f"{option} {path}: expected AMT-S's state dict (as {AMT_FILE}: a dict with 'state_dict', names -> "
-            f"tensors), found {type(data).__name__}"
-        )
-    return data
+    """The published file keeps its state dict under "state_dict" (training checkpoints add more keys); a flat
+    state dict (.pth or .safetensors) is taken too."""
+    return read_tensors(
+        path,
+        MOTION_OPTIONS["amt"],
+        hint=f"VBench's AMT-S checkpoint, {AMT_FILE}",
+        nested="state_dict",
+        layout=f"AMT-S's state dict (as {AMT_FILE}: a dict with 'state_dict', names -> tensors)",
+    )
 
 
 def load_amt(path: Path, device: torch.device | str = "cpu") -> AmtS:

@@ -128,10 +128,19 @@ def l2_pooling(x: torch.Tensor) -> torch.Tensor:
 # -- reading the weight files ----------------------------------------------------------------------------------
 
 
-def read_tensors(path: Path, option: str) -> dict[str, torch.Tensor]:
-    """A flat name -> tensor mapping from a .safetensors file or a torch pickle (weights_only); else one error."""
+def read_tensors(
+    path: Path,
+    option: str,
+    *,
+    hint: str = "",
+    nested: str | None = None,
+    layout: str = "a state dict (names -> tensors)",
+) -> dict[str, torch.Tensor]:
+    """A flat name -> tensor mapping from a .safetensors file or a torch pickle (weights_only); else one error.
+    `hint` names the file expected (in the errors), `nested` the key a checkpoint keeps its state dict under,
+    `layout` what the mapping should be."""
     if not path.is_file():
-        raise WeightFileError(f"{option} {path}: no such file")
+        raise WeightFileError(f"{option} {path}: no such file" + (f" (give {hint})" if hint else ""))
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -140,9 +149,14 @@ def read_tensors(path: Path, option: str) -> dict[str, torch.Tensor]:
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a pickle refused by weights_only, a foreign format: all one message
-        raise WeightFileError(f"{option} {path}: not a readable weight file ({type(e).__name__}: {e})") from e
+        raise WeightFileError(
+            f"{option} {path}: not a readable weight file ({type(e).__name__}: {e})"
+            + (f"; expected {hint}" if hint else "")
+        ) from e
+    if nested is not None and isinstance(data, dict) and isinstance(data.get(nested), dict):
+        data = data[nested]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightFileError(f"{option} {path}: expected a state dict (names -> tensors), found {type(data).__name__}")
+        raise WeightFileError(f"{option} {path}: expected {layout}, found {type(data).__name__}")
     return data
 
 
