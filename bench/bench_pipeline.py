@@ -39,8 +39,13 @@ from infvsr_core.kernels import split_conv  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
 from infvsr_core.memory import OffloadPolicy  # noqa: E402
 from infvsr_core.pipeline import InfVSRPipeline  # noqa: E402
-from infvsr_core.vae import TINY_VAE_BASE_DIM, StreamingVAE, build_vae, random_vae_state_dict  # noqa: E402
-from infvsr_core.vae.fast_blocks import FP8_CONV_OUTPUTS  # noqa: E402
+from infvsr_core.vae import (  # noqa: E402
+    FP8_OPTIONS,
+    TINY_VAE_BASE_DIM,
+    StreamingVAE,
+    build_vae,
+    random_vae_state_dict,
+)
 from infvsr_core.weights import load_checked  # noqa: E402
 
 SIZES = {
@@ -78,11 +83,13 @@ def random_pipeline(
     guidance = build_guidance(ram, random_dape_state_dict(swin, seed=seed + 3), dtype=dtype)
     dit.fuse_elementwise = fast
     dit.cuda_graphs = False if fast is False else None
-    if fp8:  # as the loader does: quantized from the full-precision weights
+    streaming_vae = StreamingVAE(vae.to(device), fast=fast, **vae_kwargs)
+    if fp8:  # as the loader does: quantized from the full-precision weights, the VAE's float8 convs on
         dit = cast_except_fp8(quantize_dit(dit), device, dtype)
+        streaming_vae.fast_options = FP8_OPTIONS
     return InfVSRPipeline(
         dit.to(device=device, dtype=dtype) if not fp8 else dit,
-        StreamingVAE(vae.to(device), fast=fast, **vae_kwargs),
+        streaming_vae,
         guidance.to(device),
         device=device,
         dtype=dtype,
@@ -92,6 +99,11 @@ def random_pipeline(
 
 
 PROGRESS = False
+
+
+def _widths(text: str) -> frozenset[int]:
+    """'96,192,384' -> those conv output widths; 'off' -> none."""
+    return frozenset() if text == "off" else frozenset(int(part) for part in text.split(","))
 
 
 def synthetic_clip(frames: int, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -440,9 +452,10 @@ def main() -> int:
         "--split-conv", default="on", choices=["on", "off"], help="the 192-channel convs through the Triton kernel"
     )
     parser.add_argument(
-        "--fp8-vae",
-        action="store_true",
-        help="the VAE's 192- and 384-channel causal convs in float8 (kernels/fp8_conv.py; not yet the product's)",
+        "--fp8-convs",
+        type=_widths,
+        help="the VAE's causal convs of these output widths in float8 (kernels/fp8_conv.py), e.g. 96,192,384, or "
+        "'off'; default: the product's (the float8 convs of FP8_CONV_OUTPUTS with --dtype fp8, none otherwise)",
     )
     args = parser.parse_args()
     if args.defer != "off" and args.chunks < 5:
@@ -495,8 +508,8 @@ def main() -> int:
     pipe.vae.fast_options = dataclasses.replace(
         pipe.vae.fast_options, mid_attention_kernel=args.mid_attention == "kernel", split_conv=args.split_conv == "on"
     )
-    if args.fp8_vae:
-        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=FP8_CONV_OUTPUTS)
+    if args.fp8_convs is not None:
+        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=args.fp8_convs)
     if args.full_res_frames is not None:
         pipe.vae.piece_frames = args.full_res_frames or None  # 0: whole calls
     frames_total = 9 + 12 * (args.chunks - 1)

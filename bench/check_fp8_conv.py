@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from collections import Counter
 from functools import partial
@@ -106,16 +105,16 @@ def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def sweep_configs(cin: int, cout: int) -> list[module.Config]:
-    """Output plans (all outputs as two products, two or three groups, one padded power of two) x pixel blocks x
-    K depths (as the kernel takes them: dividing cin) x stages x warps."""
+    """Output plans (all outputs as two products or in groups, or one padded power of two) x pixel blocks (128, or
+    256 on 8 warps) x depths as the kernel takes them (`block_depth`: 96 channels also as one padded 128 block)
+    x stages."""
     padded = (min(256, 1 << (cout - 1).bit_length()), 0)
-    plans = {module._cover(cout), module._cover(module._group_width(cout, 2)), padded}
-    if cout > 256:
-        plans.add(module._cover(module._group_width(cout, 3)))
-    depths = sorted({math.gcd(cin, 64), math.gcd(cin, 128)})
+    plans = {module._cover(cout) if sum(module._cover(cout)) <= 256 else module._cover(module._group_width(cout, 2)),
+             padded}  # fmt: skip
+    depths = sorted({module.block_depth(cin, d) for d in (32, 64, 128)})
     return [
-        module.Config(bm, n1, n2, bk, stages, warps)
-        for (n1, n2), bm, bk, stages, warps in itertools.product(sorted(plans), (64, 128), depths, (3, 4), (4, 8))
+        module.Config(bm, n1, n2, bk, stages, 4 if bm <= 128 else 8)
+        for (n1, n2), bm, bk, stages in itertools.product(sorted(plans), (128, 256), depths, (3, 4))
     ]
 
 

@@ -3,19 +3,20 @@
     python bench/check_fp8_fidelity.py [--clip FILE] [--frames 21] [--size 80x34] [--device cpu|cuda] [--json F]
 
 The clip's first frames are reduced to the input size by `evaluate --make-lr`'s protocol (antialiased bicubic),
-then upscaled x4 by three pipelines with the same random full-size weights in the published formats: float32
-through the plain path (the reference), bf16, and fp8 (the DiT's linear layers in float8, bf16 elsewhere). On a
-CPU the fp8 layers are made to multiply natively (`FP8Linear.native = True`: PyTorch's scaled product with the
-activations quantized per token, as on a GPU with float8 tensor cores) rather than expanding their weights, so
-the figure is the fp8 mode's arithmetic; a GPU differs only in accumulation order. Prints one JSON line with the
-PSNR of bf16 and fp8 against float32, and of "fp8 + VAE": fp8 with the VAE's 192- and 384-channel convs on
-float8-rounded operands too (`FastForwardOptions.fp8_conv_outputs`; here through `emulate_fp8_convs`, the
-float8 kernel's reference, so that it runs where the kernel does not).
+then upscaled x4 by four pipelines with the same random full-size weights in the published formats: float32
+through the plain path (the reference), bf16, fp8 with the VAE in bf16 ("fp8 DiT only": the DiT's linear layers
+in float8), and fp8 as the product runs it (the VAE's causal convs of `--widths` in float8 too). The fp8 layers
+are made to multiply natively (`FP8Linear.native = True`: PyTorch's scaled product with the activations
+quantized per token, as on a GPU with float8 tensor cores) rather than expanding their weights, so the figure is
+the fp8 mode's arithmetic on a CPU too. The VAE's float8 convs run through the kernel on a GPU with float8
+tensor cores (the product's path); elsewhere `emulate_fp8_convs` (the kernel's reference: the same
+float8-rounded operands) stands in. Prints one JSON line with each PSNR against float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -31,11 +32,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_pipeline import psnr, random_pipeline, run_stream  # noqa: E402
 
 from infvsr_core.evaluate.degrade import downscale  # noqa: E402
-from infvsr_core.fp8 import FP8Linear  # noqa: E402
+from infvsr_core.fp8 import FP8Linear, fp8_matmul_supported  # noqa: E402
 from infvsr_core.io import VideoReader  # noqa: E402
 from infvsr_core.vae.fast_blocks import FP8_CONV_OUTPUTS, emulate_fp8_convs  # noqa: E402
 
 DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "real_bikes_street_640x272.mp4"
+
+
+def _widths(text: str) -> frozenset[int]:
+    return frozenset(int(part) for part in text.split(","))
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -52,17 +57,21 @@ def real_input(path: Path, frames: int, width: int, height: int) -> torch.Tensor
     return downscale(hr.clamp(0, 1).permute(0, 2, 3, 1), 4)
 
 
-def upscaled(dtype: str, clip: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The clip through a pipeline of `dtype` ("fp32": the plain path; "bf16"; "fp8"; "fp8_vae": fp8 with the
-    VAE's float8 convs emulated, on the plain VAE path), same weights each time."""
-    if dtype == "fp32":
+def upscaled(variant: str, clip: torch.Tensor, device: torch.device, widths: frozenset[int]) -> torch.Tensor:
+    """The clip through one pipeline (same weights each time): "fp32" the plain path; "bf16"; "fp8_dit" fp8 with
+    the VAE's convs in bf16; "fp8" fp8 with the VAE's convs of `widths` in float8: through the kernel where the
+    GPU has float8 tensor cores (the product's path), else emulated on the plain path (`emulate_fp8_convs`)."""
+    kernel = fp8_matmul_supported(device) and device.type == "cuda"
+    if variant == "fp32":
         pipe = random_pipeline(device, torch.float32, fast=False)
-    elif dtype == "fp8_vae":
+    elif variant == "fp8" and not kernel:
         pipe = random_pipeline(device, torch.bfloat16, fp8=True, fast=False)
-        assert emulate_fp8_convs(pipe.vae.vae, FP8_CONV_OUTPUTS) > 0, "no VAE conv of the float8 widths"
+        assert emulate_fp8_convs(pipe.vae.vae, widths) > 0, "no VAE conv of the float8 widths"
     else:
-        pipe = random_pipeline(device, torch.bfloat16, fp8=dtype == "fp8")
-    if dtype.startswith("fp8"):
+        pipe = random_pipeline(device, torch.bfloat16, fp8=variant.startswith("fp8"))
+        convs = widths if variant == "fp8" else frozenset()
+        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=convs)
+    if variant.startswith("fp8"):
         layers = [m for m in pipe.dit.modules() if isinstance(m, FP8Linear)]
         assert layers, "the fp8 pipeline has no float8 layers"
         for layer in layers:
@@ -79,11 +88,14 @@ def main() -> int:
     parser.add_argument("--size", type=_size, default=(80, 34), help="input WIDTHxHEIGHT (output x4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also append the JSON line to this file")
+    parser.add_argument(
+        "--widths", type=_widths, default=FP8_CONV_OUTPUTS, help="VAE conv output widths in float8, e.g. 96,192,384"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     clip = real_input(args.clip, args.frames, *args.size)
     started = time.perf_counter()
-    outputs = {dtype: upscaled(dtype, clip, device) for dtype in ("fp32", "bf16", "fp8", "fp8_vae")}
+    outputs = {v: upscaled(v, clip, device, args.widths) for v in ("fp32", "bf16", "fp8_dit", "fp8")}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     row = {
         "bench": "fp8_fidelity",
@@ -94,8 +106,10 @@ def main() -> int:
         "torch": torch.__version__,
         "commit": commit.stdout.strip() or "unknown",
         "psnr_bf16_vs_fp32_db": round(psnr(outputs["bf16"], outputs["fp32"]), 2),
+        "vae_fp8_widths": sorted(args.widths),
+        "vae_fp8_convs": "kernel" if fp8_matmul_supported(device) and device.type == "cuda" else "emulated",
+        "psnr_fp8_dit_only_vs_fp32_db": round(psnr(outputs["fp8_dit"], outputs["fp32"]), 2),
         "psnr_fp8_vs_fp32_db": round(psnr(outputs["fp8"], outputs["fp32"]), 2),
-        "psnr_fp8_vae_vs_fp32_db": round(psnr(outputs["fp8_vae"], outputs["fp32"]), 2),
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(row))

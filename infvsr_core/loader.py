@@ -20,7 +20,7 @@ from .fp8 import cast_except_fp8, is_fp8_state_dict, prepare_for_fp8_state, quan
 from .guidance import build_guidance
 from .lora import merge_lora, read_lora
 from .pipeline import InfVSRPipeline
-from .vae import StreamingVAE, build_vae
+from .vae import FP8_OPTIONS, StreamingVAE, build_vae
 from .weight_files import WEIGHT_FILES, default_models_dir, find_weight_file
 from .weight_files import WEIGHT_SUFFIXES as WEIGHT_SUFFIXES  # re-exported: the nodes list files by it
 from .weight_files import WeightFile as WeightFile  # re-exported, as before the table moved to weight_files
@@ -136,6 +136,8 @@ def load_pipeline(
     del states
 
     streaming_vae = StreamingVAE(vae_model, tiling=vae_tiling)
+    if fp8 or fp8_file:
+        streaming_vae.fast_options = FP8_OPTIONS  # the VAE's float8 convs, where the GPU has float8 tensor cores
     streaming_vae.set_seams(vae_seams)
     if host_memory_gib is not None:
         if spill_dir is None:
@@ -290,4 +292,3 @@ def save_fp8_dit(dit_path: str | os.PathLike, output: str | os.PathLike) -> Path
         Path(temp).unlink(missing_ok=True)
         raise
     return output
-

@@ -48,9 +48,13 @@ CASES = {
         64, 96, 3, 3, 16, Config(64, 64, 32, 32, 1, 4)
     ),
     "112 in two groups of 32 + 32 (the second's last 16 empty)": (32, 112, 2, 3, 32, Config(32, 32, 32, 128, 1, 4)),
-    "96 in one 128-wide product; one row per block, its end masked; K in 3 blocks": (
+    "96 in one 128-wide product; one row per block, its end masked; each tap one 128-deep block past Cin": (
         96, 96, 1, 2, 48, Config(128, 128, 0, 128, 1, 4, rows=False)
     ),
+    "96 in: each tap in 3 blocks of 32 (the packed weight's padding columns never read)": (
+        96, 96, 2, 2, 16, Config(32, 64, 32, 32, 1, 4)
+    ),
+    "96 in: each tap in 2 blocks of 64, the second half past Cin": (96, 32, 1, 3, 16, Config(32, 32, 0, 64, 1, 4)),
 }  # fmt: skip
 
 
@@ -72,9 +76,10 @@ def norm_output(c: int, frames: int, h: int, w: int, gamma: torch.Tensor, seed: 
 
 
 def unpack(packed: torch.Tensor, w_scale: torch.Tensor, cin: int) -> torch.Tensor:
-    """The float64 (Cout, Cin, 3, 3, 3) weight that packed float8 rows stand for (tap-major, channels inside)."""
+    """The float64 (Cout, Cin, 3, 3, 3) weight that packed float8 rows stand for (tap-major, channels inside,
+    each tap's columns past Cin dropped)."""
     rows = packed.double() * w_scale.double()[:, None]
-    return rows.view(-1, 3, 3, 3, cin).permute(0, 4, 1, 2, 3)
+    return rows.view(-1, 27, module.tap_depth(cin))[:, :, :cin].reshape(-1, 3, 3, 3, cin).permute(0, 4, 1, 2, 3)
 
 
 def conv64(buf: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual=None) -> torch.Tensor:
@@ -231,6 +236,22 @@ def test_pack_round_trip():
     assert (peaks[torch.arange(cout) != 7] == FP8_MAX).all()
     assert w_scale[7] == 1.0 and not back[7].any()
     assert back[3, 5, 1, 2, 0].item() == pytest.approx(40.0, rel=1e-6)  # the row's largest value: no rounding
+
+
+def test_pack_pads_each_tap_of_96_channels_to_128_with_zeros():
+    """96 input channels: each tap takes 128 columns, its first 96 the weights (the same values as an unpadded
+    pack would hold), the other 32 zero bytes, so a 128-deep block reaching past Cin adds nothing."""
+    weight = torch.randn(16, 96, 3, 3, 3, generator=torch.Generator().manual_seed(11))
+    packed, w_scale = pack_fp8_conv_weight(weight)
+    assert module.tap_depth(96) == 128 and packed.shape == (16, 27 * 128) and packed.is_contiguous()
+    taps = packed.view(16, 27, 128)
+    assert not taps[:, :, 96:].view(torch.uint8).any()
+    values, scales = module.quantize_rows(module.pack_split(weight))
+    assert torch.equal(taps[:, :, :96].reshape(16, -1).view(torch.uint8), values.view(torch.uint8))
+    assert torch.equal(w_scale, scales.reshape(-1))
+    assert [module.tap_depth(c) for c in (32, 64, 96, 128, 192, 384)] == [32, 64, 128, 128, 192, 384]
+    assert [module.block_depth(96, d) for d in (32, 64, 128)] == [32, 64, 128]
+    assert [module.block_depth(192, d) for d in (32, 64, 128)] == [32, 64, 64]  # 128 would read the next tap
 
 
 def test_static_scale_never_saturates():

@@ -1,11 +1,12 @@
-"""The VAE's causal 3x3x3 convs with float8 operands: a Triton implicit-GEMM kernel (issue 21; not wired in yet).
+"""The VAE's causal 3x3x3 convs with float8 operands: a Triton implicit-GEMM kernel (issue 21).
 
 Why: GPUs with fp8 tensor cores (Ada sm89, Hopper sm90, Blackwell) multiply
 float8 matrices at twice the bf16 rate, and these convs are most of the VAE's
 time. The layout is split_conv's: the causal conv's staged buffer
 (1, C, T + 2, H, W), channels-last (2 history frames in front), here held in
 float8_e4m3fn with one float32 scale for the whole tensor; the weight packed
-as `pack_split`'s rows (Cout, 27 * Cin), float8 with one float32 scale per
+as `pack_split`'s rows, each tap's Cin columns padded with zeros to
+`tap_depth(Cin)` (Cout, 27 * tap_depth), float8 with one float32 scale per
 output channel (`pack_fp8_conv_weight`). The tile for tap (dt, dh, dw) is one
 tensor-memory (TMA) box of the (T + 2, H, W, C) view at (t + dt, h + dh - 1,
 w + dw - 1): the copy engine fills rows and columns outside the frame with
@@ -31,6 +32,15 @@ groups, and the groups of one pixel tile are adjacent program ids: they run at
 the same time, so the second read of the input tile comes from L2, not memory.
 Output channels past Cout in the last group read zero weight rows (the copy
 engine's fill) and are not stored.
+
+Depth: a program takes each tap's input channels in blocks of BLOCK_K. Where
+Cin is not a power of two below 128 (the 96-channel tier), a depth that
+divides it is small (32), and so many small products keep the tensor cores
+waiting on each step's bookkeeping; instead one block may reach past Cin
+(96 -> 128): the copy engine fills the input's channels past Cin with zeros,
+and the packed weight's padded columns are zero too, so the extra products add
+nothing (a quarter of the work wasted, in exchange for a third of the steps).
+
 
 Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) runs this kernel on
 float8 operands as the GPU does: its float8 tensor-memory loads and tl.dot are
@@ -59,6 +69,20 @@ MAX_OUT = 384
 CHANNEL_MULTIPLE = 32
 # Elements per program of the float8 cast (`quantize_staged` on CUDA).
 CAST_BLOCK = 4096
+
+
+def tap_depth(cin: int) -> int:
+    """Columns per tap in the packed weight: Cin, or the next power of two where Cin is below 128 and not one
+    (96 -> 128), so that a depth block of that power may cover a whole tap (see the module docstring)."""
+    return cin if cin >= 128 or cin & (cin - 1) == 0 else 1 << cin.bit_length()
+
+
+def block_depth(cin: int, wanted: int) -> int:
+    """The depth block a config asking for `wanted` gets: at most the tap's packed depth and a divisor of it, so
+    that the blocks of one tap (ceil(cin / depth) of them) never read another tap's columns."""
+    tap = tap_depth(cin)
+    depth = min(wanted, tap)
+    return depth if tap % depth == 0 else math.gcd(tap, depth)
 
 
 class Config(NamedTuple):
@@ -136,7 +160,7 @@ if triton is not None:
         x_desc, w1_desc, w2_desc, x_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
         H, W, COUT,
         so_t, so_h, so_w, sr_t, sr_h, sr_w,
-        C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, GROUPS: tl.constexpr,
+        C: tl.constexpr, TAP_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, GROUPS: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RES: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
@@ -150,7 +174,7 @@ if triton is not None:
         t = tile // (tiles_w * tiles_h)
         n0 = group * (N1 + N2)
         BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
-        KC: tl.constexpr = C // BLOCK_K
+        KC: tl.constexpr = (C + BLOCK_K - 1) // BLOCK_K  # the last block may reach into the zero padding
         acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
         if N2 > 0:
             acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
@@ -159,7 +183,7 @@ if triton is not None:
             c0 = (i % KC) * BLOCK_K
             a = x_desc.load([t + tap // 9, h0 + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, c0])
             a = a.reshape(BLOCK_M, BLOCK_K)
-            k = tap * C + c0
+            k = tap * TAP_K + c0
             acc1 = tl.dot(a, w1_desc.load([n0, k]).T, acc1)  # K-major weights: what float8 products take
             if N2 > 0:
                 acc2 = tl.dot(a, w2_desc.load([n0 + N1, k]).T, acc2)
@@ -218,9 +242,16 @@ def fp8_conv_usable(conv: torch.nn.Conv3d, buf: torch.Tensor) -> bool:
 
 
 def pack_fp8_conv_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Cout, Cin, 3, 3, 3) -> (float8 rows (Cout, 27 * Cin) in `pack_split`'s order, float32 scales (Cout,)):
-    each output channel's largest magnitude maps to float8's largest finite value (`fp8.quantize_rows`)."""
+    """(Cout, Cin, 3, 3, 3) -> (float8 rows (Cout, 27 * tap_depth(Cin)) in `pack_split`'s order, each tap's
+    columns past Cin zero; float32 scales (Cout,)): each output channel's largest magnitude maps to float8's
+    largest finite value (`fp8.quantize_rows`)."""
+    cout, cin = weight.shape[:2]
     values, scale = quantize_rows(pack_split(weight))
+    depth = tap_depth(cin)
+    if depth != cin:
+        padded = values.new_zeros((cout, 27, depth))  # float8 zero is the all-zero byte
+        padded[:, :, :cin] = values.view(cout, 27, cin)
+        values = padded.view(cout, 27 * depth)
     return values.contiguous(), scale.reshape(-1).contiguous()
 
 
@@ -318,8 +349,12 @@ def fp8_conv(
     _, c, frames, h, w = buf.shape
     t = frames - 2
     cout = packed.shape[0]
-    if packed.shape[1] != 27 * c or c % CHANNEL_MULTIPLE:
-        raise ValueError(f"packed weight {tuple(packed.shape)} does not match {c} input channels x 27 taps")
+    depth = tap_depth(c)
+    if packed.shape[1] != 27 * depth or c % CHANNEL_MULTIPLE:
+        raise ValueError(
+            f"packed weight {tuple(packed.shape)} does not match {c} input channels x 27 taps "
+            f"(expected {27 * depth} columns: pack_fp8_conv_weight)"
+        )
     key = (buf.device, c, cout, min(w & -w, 256))
     if _chosen.get(key, 0) < 0:  # no configuration ran for this shape before: nothing to allocate
         return None
@@ -337,7 +372,7 @@ def fp8_conv(
 
     def launch(config: Config) -> None:
         block_h, block_w = _pixel_tile(config, w)
-        block_k = math.gcd(c, config.block_k)
+        block_k = block_depth(c, config.block_k)
         x_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_h, block_w, block_k])
         w1_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [config.n1, block_k])
         w2_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [max(config.n2, 16), block_k])
@@ -346,8 +381,8 @@ def fp8_conv(
         _fp8_conv_kernel[(tiles * groups,)](
             x_desc, w1_desc, w2_desc, x_scale, w_scale, bias, out if residual is None else residual, out,
             h, w, cout, *strides, *res_strides,
-            C=c, N1=config.n1, N2=config.n2, GROUPS=groups, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_K=block_k,
-            HAS_RES=residual is not None, STAGES=config.stages, num_warps=config.warps,
+            C=c, TAP_K=depth, N1=config.n1, N2=config.n2, GROUPS=groups, BLOCK_H=block_h, BLOCK_W=block_w,
+            BLOCK_K=block_k, HAS_RES=residual is not None, STAGES=config.stages, num_warps=config.warps,
         )  # fmt: skip
 
     return out if first_that_runs(key, configs_for(cout), launch, _chosen, _failures) else None

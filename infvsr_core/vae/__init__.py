@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from .fast_blocks import FP8_OPTIONS
 from .fast_forward import FastForwardOptions
 from .history import TileHistory, VAEHistory
 from .stream import FULL_RES_FRAMES, WHOLE_CHUNK_PIXELS, CallPlan, StreamingVAE, Tiling
@@ -27,6 +28,7 @@ from .weights import (
 )
 
 __all__ = [
+    "FP8_OPTIONS",
     "FULL_RES_FRAMES",
     "SEAMS",
     "SPATIAL_FACTOR",

@@ -83,9 +83,12 @@ class FastForwardOptions:
     # cuDNN times its algorithms once per shape during the forward (streamed chunks repeat a few shapes).
     cudnn_benchmark: bool = True
     # Causal convs with these output widths in float8 (kernels/fp8_conv.py) where the GPU has float8 tensor cores:
-    # `FP8_CONV_OUTPUTS` are those measured faster than cuDNN's bf16 (bench/RESULTS.md round 15). Empty (off) by
-    # default until the whole decoder's speed and fidelity are measured with them (`bench_pipeline.py --fp8-vae`).
+    # the bf16 default keeps them off; `dtype="fp8"` turns on `FP8_CONV_OUTPUTS` (`FP8_OPTIONS`).
     fp8_conv_outputs: frozenset[int] = frozenset()
+
+
+FP8_OPTIONS = FastForwardOptions(fp8_conv_outputs=FP8_CONV_OUTPUTS)
+"""The fast forward of `dtype="fp8"`: the product's defaults with the float8 convs on."""
 
 
 def to_cl3(x: torch.Tensor) -> torch.Tensor:
@@ -337,48 +340,61 @@ def causal_conv(
     """diffusers' causal conv of act(x) (norm + SiLU when `norm` is given), with its cache entry; channels-last."""
     buf = _stage(conv, x, cursor, norm)
     del x
-    return _add_bias(_padded_out_conv(conv, buf, options, norm), conv.bias)
+    return _conv_plus(conv, buf, options, norm, conv.bias)
 
 
-def _takes_fp8(conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions) -> bool:
-    return conv.out_channels in options.fp8_conv_outputs and fp8_conv_usable(conv, buf)
+def fp8_candidate(conv: nn.Module, norm: nn.Module | None, widths: frozenset[int]) -> bool:
+    """Whether the fast path runs `conv` in float8 for `fp8_conv_outputs=widths` (where the kernel runs): a causal
+    3x3x3 conv of one of those output widths, with input channels the kernel takes, fed by a norm + SiLU (whose
+    gamma bounds the input: `static_activation_scale`). The one definition, for the fast path and its
+    emulation (`emulate_fp8_convs`)."""
+    return (
+        norm is not None
+        and isinstance(conv, WanCausalConv3d)
+        and conv.out_channels in widths
+        and conv.in_channels % FP8_CHANNEL_MULTIPLE == 0
+        and conv.kernel_size == (3, 3, 3)
+    )
 
 
-def _fp8_conv(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm | None) -> torch.Tensor | None:
-    """The causal conv without its bias, in float8 (None: no kernel configuration runs here). A norm's output has
-    a bound known from its gamma, so its scale needs no pass over the buffer (`static_activation_scale`)."""
-    scale = None
-    if norm is not None:
-        def build(gamma: torch.Tensor) -> torch.Tensor:
-            return static_activation_scale(gamma, gamma.numel(), norm.bias)
+def _takes_fp8(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm | None, options: FastForwardOptions) -> bool:
+    return fp8_candidate(conv, norm, options.fp8_conv_outputs) and fp8_conv_usable(conv, buf)
 
-        scale = _derived(norm, "_infvsr_fp8_scale", build, source="gamma")
-    values, scale = quantize_staged(buf, scale)
+
+def _fp8_conv(
+    conv: WanCausalConv3d,
+    buf: torch.Tensor,
+    norm: WanRMS_norm,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """conv(buf) + bias [+ residual] in float8, the additions in the kernel's epilogue, into `out` (new if None);
+    None where no kernel configuration runs. The input's scale needs no pass over the buffer: a norm's output is
+    bounded by its gamma (`static_activation_scale`)."""
+
+    def build(gamma: torch.Tensor) -> torch.Tensor:
+        return static_activation_scale(gamma, gamma.numel(), norm.bias)
+
+    values, scale = quantize_staged(buf, _derived(norm, "_infvsr_fp8_scale", build, source="gamma"))
     packed, weight_scale = _derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
-    b, _, frames, height, width = buf.shape
-    out = torch.empty((b, conv.out_channels, frames - CACHE_T, height, width), dtype=buf.dtype, device=buf.device,
-                      memory_format=CL3)  # fmt: skip
-    return fp8_conv(values, scale, packed, weight_scale, None, out=out)
+    if out is None:
+        b, _, frames, height, width = buf.shape
+        out = torch.empty((b, conv.out_channels, frames - CACHE_T, height, width), dtype=buf.dtype,
+                          device=buf.device, memory_format=CL3)  # fmt: skip
+    return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out)
 
 
 def _fp8_conv_pairs(vae: nn.Module, widths: frozenset[int]) -> list[tuple[WanCausalConv3d, WanRMS_norm]]:
-    """The (conv, the norm that makes its input) pairs whose conv the fast path runs in float8 for `widths`: the
-    resblocks' two convs and the heads', 3x3x3, with input channels the kernel takes."""
+    """The (conv, the norm that makes its input) pairs of diffusers' VAE that `fp8_candidate` takes: the
+    resblocks' two convs and the heads'."""
     pairs = []
     for module in vae.modules():
         if isinstance(module, WanResidualBlock):
-            candidates = [(module.conv1, module.norm1), (module.conv2, module.norm2)]
+            pairs += [(module.conv1, module.norm1), (module.conv2, module.norm2)]
         elif isinstance(getattr(module, "conv_out", None), WanCausalConv3d) and hasattr(module, "norm_out"):
-            candidates = [(module.conv_out, module.norm_out)]
-        else:
-            continue
-        pairs += [
-            (conv, norm)
-            for conv, norm in candidates
-            if conv.out_channels in widths and conv.in_channels % FP8_CHANNEL_MULTIPLE == 0
-            and conv.kernel_size == (3, 3, 3)
-        ]  # fmt: skip
-    return pairs
+            pairs.append((module.conv_out, module.norm_out))
+    return [(conv, norm) for conv, norm in pairs if fp8_candidate(conv, norm, widths)]
 
 
 def emulate_fp8_convs(vae: nn.Module, widths: frozenset[int]) -> int:
@@ -404,16 +420,28 @@ def emulate_fp8_convs(vae: nn.Module, widths: frozenset[int]) -> int:
     return len(pairs)
 
 
-def _padded_out_conv(
-    conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions, norm: WanRMS_norm | None = None
+def _conv_plus(
+    conv: WanCausalConv3d,
+    buf: torch.Tensor,
+    options: FastForwardOptions,
+    norm: WanRMS_norm | None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The causal conv without its bias, computed with PADDED_OUT outputs when that is faster (PADDED_RGB when it
-    has fewer: the RGB head); its real channels, a slice of the padded ones that the next pass reads in place.
-    Widths in `options.fp8_conv_outputs` go through the float8 kernel where it runs (`norm`: what made buf)."""
-    if _takes_fp8(conv, buf, options):
-        result = _fp8_conv(conv, buf, norm)
+    """The causal conv on its staged buffer + bias [+ residual] (into `out` when given; `norm`: what made buf).
+    In float8 where `options.fp8_conv_outputs` and the kernel take it (the additions in its epilogue); else
+    cuDNN (`_padded_out_conv`) and one fused pass for the additions (none when there are none)."""
+    if _takes_fp8(conv, buf, norm, options):
+        result = _fp8_conv(conv, buf, norm, bias, residual, out)
         if result is not None:
             return result
+    return _add_bias(_padded_out_conv(conv, buf, options), bias, residual, out)
+
+
+def _padded_out_conv(conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions) -> torch.Tensor:
+    """The causal conv without its bias, computed with PADDED_OUT outputs when that is faster (PADDED_RGB when it
+    has fewer: the RGB head); its real channels, a slice of the padded ones that the next pass reads in place."""
     out = conv.out_channels
     wide = None
     if buf.is_cuda or options.pad_off_cuda:
@@ -443,7 +471,7 @@ def resblock(
     buf = _stage(block.conv1, x, cursor, block.norm1)
     del x
     if (
-        _split(block.conv1, buf, options)
+        _split(block.conv1, buf, block.norm1, options)
         and buf.shape[2] >= 2 * CACHE_T
         and not isinstance(block.norm2.bias, torch.Tensor)
     ):
@@ -454,24 +482,23 @@ def resblock(
         conv1, norm2 = block.conv1, block.norm2
         gamma = (norm2.gamma.reshape(-1).float() * norm2.scale).contiguous()
         if split_conv(buf, _split_weight(conv1), conv1.bias.float(), gamma=gamma, act=act, tail=new) is None:
-            _norm(norm2, _padded_out_conv(conv1, buf, options, block.norm1), silu=True, out=act, pre_bias=conv1.bias,
-                  tail=new)
+            _norm(norm2, _padded_out_conv(conv1, buf, options), silu=True, out=act, pre_bias=conv1.bias, tail=new)
         cursor.put(new)
         buf = staged
     else:
-        y = _padded_out_conv(block.conv1, buf, options, block.norm1)
+        y = _conv_plus(block.conv1, buf, options, block.norm1)  # its bias goes into norm2's pass
         del buf
         buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias)
         del y
-    if _split(block.conv2, buf, options):
+    if _split(block.conv2, buf, block.norm2, options):
         result = split_conv(buf, _split_weight(block.conv2), bias.float(), h, out=out)
         if result is not None:
             return result
-    return _add_bias(_padded_out_conv(block.conv2, buf, options, block.norm2), bias, h, out)
+    return _conv_plus(block.conv2, buf, options, block.norm2, bias, h, out)
 
 
-def _split(conv: WanCausalConv3d, buf: torch.Tensor, options: FastForwardOptions) -> bool:
-    return options.split_conv and split_conv_usable(conv, buf) and not _takes_fp8(conv, buf, options)
+def _split(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm, options: FastForwardOptions) -> bool:
+    return options.split_conv and split_conv_usable(conv, buf) and not _takes_fp8(conv, buf, norm, options)
 
 
 def _split_weight(conv: WanCausalConv3d) -> torch.Tensor:
