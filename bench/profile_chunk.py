@@ -339,12 +339,13 @@ def main() -> int:
     parser.add_argument("--stacks", type=int, default=0, help="--whole: host ops and Python stacks over N gaps")
     parser.add_argument("--deferred", type=int, default=0, help="profile N deferred pushes: where the host waits")
     parser.add_argument("--memory-gib", type=float, help="cap the process's GPU memory (as a card of this size)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="fp8: the product's dtype fp8")
     args = parser.parse_args()
     device = torch.device("cuda")
     if args.memory_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / total)
-    pipe = random_pipeline(device, torch.bfloat16)
+    pipe = random_pipeline(device, torch.bfloat16, fp8=args.dtype == "fp8")
     pipe.offload = args.offload
     height, width = SIZES[args.size]
     if args.whole:
