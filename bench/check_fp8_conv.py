@@ -21,9 +21,7 @@ error:
 - fp8 static: `fp8_conv` alone on a buffer cast with `static_activation_scale` (in the product that cast would
   be the norm pass's own store: no extra pass).
 The decode column weighs each shape by its calls per decoder call (the sum is that call's 3x3x3 convs).
-"cast ok" says whether the CUDA cast kernel rounds exactly as PyTorch does (bit for bit); the norm columns time
-the norm pass writing bf16 then the cast pass, against the norm pass writing float8 itself (the product's way to
-stage a float8 conv's input), and say whether the two give the same bytes.
+"cast ok" says whether the CUDA cast kernel rounds exactly as PyTorch does (bit for bit).
 
 --sweep times every configuration of a small grid per shape instead (minutes per shape: each one compiles),
 for ordering `fp8_conv.CONFIGS`.
@@ -50,7 +48,6 @@ from check_scaled_mm import timed  # noqa: E402
 from infvsr_core.fp8 import fp8_matmul_supported  # noqa: E402
 from infvsr_core.kernels import fp8_conv as module  # noqa: E402
 from infvsr_core.kernels import split_conv as split  # noqa: E402
-from infvsr_core.kernels.norm_silu import rms_norm_rows, triton  # noqa: E402
 from infvsr_core.schedule import CHUNK_FRAMES  # noqa: E402
 from infvsr_core.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR, WHOLE_CHUNK_PIXELS  # noqa: E402
 from infvsr_core.vae.weights import vae_config_from_state_dict  # noqa: E402
@@ -121,28 +118,6 @@ def sweep_configs(cin: int, cout: int) -> list[module.Config]:
     ]
 
 
-def norm_into_float8(c: int, n: int, gamma: torch.Tensor, scale: torch.Tensor) -> dict:
-    """The norm pass writing float8 itself (the staged input of a float8 conv) against the bf16 norm pass and the
-    cast pass after it: bit for bit ("norm_fp8_ok"), and the time of each way."""
-    x = torch.randn(n, c, device=DEVICE, dtype=torch.bfloat16)
-    wide = torch.empty_like(x)
-    out8 = torch.empty(n, c, device=DEVICE, dtype=torch.float8_e4m3fn)
-    fused = partial(rms_norm_rows, x, gamma, c**0.5, silu=True, out=out8, out_scale=scale)
-    fused()
-    rms_norm_rows(x, gamma, c**0.5, silu=True, out=wide)
-    want = (wide.float() / scale).clamp(-module.FP8_MAX, module.FP8_MAX).to(torch.float8_e4m3fn)
-    ok = torch.equal(out8.view(torch.uint8), want.view(torch.uint8))
-    flat8 = out8.view(-1)
-
-    def two_passes():
-        rms_norm_rows(x, gamma, c**0.5, silu=True, out=wide)
-        module._cast_kernel[(triton.cdiv(wide.numel(), module.CAST_BLOCK),)](
-            wide.view(-1), scale, flat8, wide.numel(), FP8_MAX=module.FP8_MAX, BLOCK=module.CAST_BLOCK
-        )
-
-    return {"norm_fp8_ok": ok, "norm_then_cast_ms": timed(two_passes), "norm_fp8_ms": timed(fused)}
-
-
 def run_shape(label: str, cin: int, cout: int, t: int, h: int, w: int, sweep: bool) -> dict:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     buf, gamma = staged_norm_output(cin, t + 2, h, w, gen)
@@ -172,7 +147,6 @@ def run_shape(label: str, cin: int, cout: int, t: int, h: int, w: int, sweep: bo
     exact, _ = module.quantize_staged(buf, static_scale, use_triton=False)
     row["cast_ok"] = torch.equal(buf8.view(torch.uint8), exact.view(torch.uint8))
     del exact
-    row.update(norm_into_float8(cin, t * h * w, gamma, static_scale))
     packed, w_scale = module.pack_fp8_conv_weight(weight)
     out8 = torch.empty(1, cout, t, h, w, device=DEVICE, dtype=torch.bfloat16, memory_format=CL3)
     static = partial(module.fp8_conv, buf8, static_scale, packed, w_scale, bias, out=out8)
@@ -230,8 +204,7 @@ def main() -> None:
             shapes.append((size, calls, label, cin, cout, latents * frames, h, w))
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     print("shape | calls | cudnn bf16 ms | split bf16 ms | quantize ms | fp8 dynamic ms | fp8 static ms | "
-          "static speedup vs cudnn | err bf16 / fp8 dynamic / fp8 static | cast ok | config | norm: bf16 + cast / "
-          "float8 ms, bit-equal", flush=True)  # fmt: skip
+          "static speedup vs cudnn | err bf16 / fp8 dynamic / fp8 static | cast ok | config", flush=True)  # fmt: skip
     rows, totals = [], Counter()
     for index, (size, calls, label, cin, cout, t, h, w) in enumerate(shapes):
         if args.shapes and index not in args.shapes:
@@ -243,8 +216,8 @@ def main() -> None:
         print(f"{row['shape']} | {calls} | {row['cudnn_ms']:.3f} | {row.get('split_ms', '-')} | "
               f"{row.get('quantize_ms', '-')} | {row.get('fp8_dynamic_ms', '-')} | {row.get('fp8_static_ms', '-')} | "
               f"{speedup:.2f}x | {row['err_bf16']} / {row.get('err_fp8_dynamic', '-')} / "
-              f"{row.get('err_fp8_static', '-')} | {row.get('cast_ok', '-')} | {row.get('config', row.get('fp8'))} | "
-              f"{row['norm_then_cast_ms']} / {row['norm_fp8_ms']}, {row['norm_fp8_ok']}", flush=True)  # fmt: skip
+              f"{row.get('err_fp8_static', '-')} | {row.get('cast_ok', '-')} | {row.get('config', row.get('fp8'))}",
+              flush=True)  # fmt: skip
         bf16 = row.get("split_ms", row["cudnn_ms"])
         for name, ms in (("bf16", min(bf16, row["cudnn_ms"])), ("fp8_static", row.get("fp8_static_ms")),
                          ("fp8_dynamic", row.get("fp8_dynamic_ms"))):  # fmt: skip

@@ -27,9 +27,7 @@ from torch import nn
 from ..fp8 import FP8_DTYPE, FP8_MAX, dequantize_rows, quantize_rows
 from ..kernels.fp8_conv import CHANNEL_MULTIPLE as FP8_CHANNEL_MULTIPLE
 from ..kernels.fp8_conv import (
-    cast_into,
     fp8_conv,
-    fp8_conv_accepts,
     fp8_conv_usable,
     pack_fp8_conv_weight,
     quantize_staged,
@@ -162,22 +160,17 @@ def _norm(
     out: torch.Tensor | None = None,
     pre_bias: torch.Tensor | None = None,
     tail: torch.Tensor | None = None,
-    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """WanRMS_norm of (x + pre_bias) over channels (then SiLU), channels-last in and out; into `out` if given.
 
-    `tail` (B, C, k, H, W) channels-last: also receives the last k frames (one pass, when B is 1). An `out` in
-    float8 receives the result / `out_scale` (`rms_norm_rows`); its pixels must be dense (a staged buffer)."""
+    `tail` (B, C, k, H, W) channels-last: also receives the last k frames (one pass, when B is 1)."""
     target = torch.empty_like(x, memory_format=CL3) if out is None else out
     rows_out = target.permute(0, 2, 3, 4, 1)
     flat = rows_out.view(-1, x.shape[1]) if rows_out.is_contiguous() else None
-    if flat is None and target.dtype == FP8_DTYPE:
-        raise ValueError("a float8 norm output must have dense pixels")
     tail_rows = tail.permute(0, 2, 3, 4, 1).view(-1, x.shape[1]) if tail is not None and flat is not None else None
     result = rms_norm_rows(
-        _rows(x), norm.gamma, norm.scale, norm.bias, silu=silu, out=flat, pre_bias=pre_bias, tail=tail_rows,
-        out_scale=out_scale,
-    )  # fmt: skip
+        _rows(x), norm.gamma, norm.scale, norm.bias, silu=silu, out=flat, pre_bias=pre_bias, tail=tail_rows
+    )
     if flat is None:
         rows_out.copy_(result.view(rows_out.shape))
     if tail is not None and tail_rows is None:
@@ -212,7 +205,6 @@ def _stage(
     norm: WanRMS_norm | None,
     pre_bias: torch.Tensor | None = None,
     channels: int | None = None,
-    options: FastForwardOptions | None = None,
 ) -> torch.Tensor:
     """The causal conv's input [zero pad | cached frames | act(x)] as one channels-last buffer.
 
@@ -222,12 +214,8 @@ def _stage(
     cache entry exactly as diffusers does: the last 2 frames of act, or, when
     act has one frame, that frame behind the previous last one (or behind a
     zero frame after a temporal upsampler's "Rep").
-    Where `options` run the conv in float8 (`_fp8_stage_scale`), the buffer is
-    float8, written by the norm pass itself (no cast pass); the cache entry
-    keeps x's dtype.
     """
-    scale = None if options is None else _fp8_stage_scale(conv, x, norm, channels, options)
-    full, new, had_past = _open_stage(conv, x.shape, x, cursor, channels, fp8_scale=scale)
+    full, new, had_past = _open_stage(conv, x.shape, x, cursor, channels)
     c = x.shape[1]
     buf = full[:, :c]
     act = buf[:, :, CACHE_T:]
@@ -235,58 +223,22 @@ def _stage(
         act.copy_(x)
         if new is not None:
             new.copy_(act[:, :, -CACHE_T:])
-    else:  # the cache's frames in the same pass
-        _norm(norm, x, silu=True, out=act, pre_bias=pre_bias, tail=new, out_scale=scale)
+    else:
+        _norm(norm, x, silu=True, out=act, pre_bias=pre_bias, tail=new)  # the cache's frames in the same pass
     if new is None:  # act has 1 frame
         new = buf[:, :, CACHE_T - 1 :].clone() if had_past else act.clone()
     cursor.put(new)
     return full
 
 
-def _fp8_stage_scale(
-    conv: WanCausalConv3d,
-    x: torch.Tensor,
-    norm: WanRMS_norm | None,
-    channels: int | None,
-    options: FastForwardOptions,
-) -> torch.Tensor | None:
-    """The scale to stage act(x) in float8 with, where the conv will run in float8 on it (else None): a norm's
-    output (its static scale), x's own channels, at least CACHE_T frames (the cache entry then comes from the
-    norm pass in x's dtype, never from the float8 buffer)."""
-    if channels is not None or x.ndim != 5 or x.shape[2] < CACHE_T:
-        return None
-    if not fp8_candidate(conv, norm, options.fp8_conv_outputs):
-        return None
-    b, c, t, h, w = x.shape
-    if not fp8_conv_accepts(conv, (b, c, t + CACHE_T, h, w), x.device):
-        return None
-    return _fp8_input_scale(norm)
-
-
-def _fp8_input_scale(norm: WanRMS_norm) -> torch.Tensor:
-    """The float8 scale of this norm's output (`static_activation_scale`: from its gamma, no pass over data)."""
-
-    def build(gamma: torch.Tensor) -> torch.Tensor:
-        return static_activation_scale(gamma, gamma.numel(), norm.bias)
-
-    return _derived(norm, "_infvsr_fp8_scale", build, source="gamma")
-
-
 def _open_stage(
-    conv: WanCausalConv3d,
-    shape: tuple[int, ...],
-    like: torch.Tensor,
-    cursor: Cursor,
-    channels: int | None = None,
-    fp8_scale: torch.Tensor | None = None,
+    conv: WanCausalConv3d, shape: tuple[int, ...], like: torch.Tensor, cursor: Cursor, channels: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """A staged buffer for an act of `shape`, its zero pad and cached frames written, act's frames not yet.
 
     Returns (buffer, the tensor the next 2-frame cache entry goes into, or None
     when act has fewer frames, whether there was history). The cursor stays on
-    this conv's entry: the caller writes act, then puts the entry. With
-    `fp8_scale` the buffer is float8 (the cached frames cast with that scale);
-    the entry keeps `like`'s dtype.
+    this conv's entry: the caller writes act, then puts the entry.
     """
     if conv._padding[4] != CACHE_T:
         raise ValueError(f"causal conv with time padding {conv._padding[4]} is not supported")
@@ -296,19 +248,14 @@ def _open_stage(
     b, c, t, h, w = shape
     kept = 0 if past is None else min(past.shape[2], CACHE_T)
     total = c if channels is None else channels
-    dtype = like.dtype if fp8_scale is None else FP8_DTYPE
-    full = torch.empty((b, total, CACHE_T + t, h, w), dtype=dtype, device=like.device, memory_format=CL3)
+    full = torch.empty((b, total, CACHE_T + t, h, w), dtype=like.dtype, device=like.device, memory_format=CL3)
     if total > c:
         full[:, c:].zero_()
     buf = full[:, :c]
     if kept < CACHE_T:
         buf[:, :, : CACHE_T - kept].zero_()
     if kept:
-        frames = past[:, :, past.shape[2] - kept :]
-        if fp8_scale is None:
-            buf[:, :, CACHE_T - kept : CACHE_T].copy_(frames)
-        else:
-            cast_into(buf[:, :, CACHE_T - kept : CACHE_T], frames.contiguous(memory_format=CL3), fp8_scale)
+        buf[:, :, CACHE_T - kept : CACHE_T].copy_(past[:, :, past.shape[2] - kept :])
     new = None
     if t >= CACHE_T:
         # The new entry goes into the old one's storage where that is this call's own (after the copy above, in
@@ -392,7 +339,7 @@ def causal_conv(
     conv: WanCausalConv3d, x: torch.Tensor, cursor: Cursor, norm: WanRMS_norm | None, options: FastForwardOptions
 ) -> torch.Tensor:
     """diffusers' causal conv of act(x) (norm + SiLU when `norm` is given), with its cache entry; channels-last."""
-    buf = _stage(conv, x, cursor, norm, options=options)
+    buf = _stage(conv, x, cursor, norm)
     del x
     return _conv_plus(conv, buf, options, norm, conv.bias)
 
@@ -424,13 +371,17 @@ def _fp8_conv(
     out: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """conv(buf) + bias [+ residual] in float8, the additions in the kernel's epilogue, into `out` (new if None);
-    None where no kernel configuration runs. buf is float8 already where the norm pass wrote it so
-    (`_fp8_stage_scale`), else cast here with the same scale."""
-    values, scale = quantize_staged(buf, _fp8_input_scale(norm))
+    None where no kernel configuration runs. The input's scale needs no pass over the buffer: a norm's output is
+    bounded by its gamma (`static_activation_scale`)."""
+
+    def build(gamma: torch.Tensor) -> torch.Tensor:
+        return static_activation_scale(gamma, gamma.numel(), norm.bias)
+
+    values, scale = quantize_staged(buf, _derived(norm, "_infvsr_fp8_scale", build, source="gamma"))
     packed, weight_scale = _derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
     if out is None:
         b, _, frames, height, width = buf.shape
-        out = torch.empty((b, conv.out_channels, frames - CACHE_T, height, width), dtype=conv.weight.dtype,
+        out = torch.empty((b, conv.out_channels, frames - CACHE_T, height, width), dtype=buf.dtype,
                           device=buf.device, memory_format=CL3)  # fmt: skip
     return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out)
 
@@ -486,8 +437,6 @@ def _conv_plus(
         result = _fp8_conv(conv, buf, norm, bias, residual, out)
         if result is not None:
             return result
-    if buf.dtype == FP8_DTYPE:  # staged in float8, but no kernel configuration ran: back to the norm's values
-        buf = (buf.float() * _fp8_input_scale(norm)).to(conv.weight.dtype).contiguous(memory_format=CL3)
     return _add_bias(_padded_out_conv(conv, buf, options), bias, residual, out)
 
 
@@ -520,7 +469,7 @@ def resblock(
     else:
         h = F.conv3d(x, shortcut.weight, None)
         bias = bias.float() + shortcut.bias.float()
-    buf = _stage(block.conv1, x, cursor, block.norm1, options=options)
+    buf = _stage(block.conv1, x, cursor, block.norm1)
     del x
     if (
         _split(block.conv1, buf, block.norm1, options)
@@ -540,7 +489,7 @@ def resblock(
     else:
         y = _conv_plus(block.conv1, buf, options, block.norm1)  # its bias goes into norm2's pass
         del buf
-        buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias, options=options)
+        buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias)
         del y
     if _split(block.conv2, buf, block.norm2, options):
         result = split_conv(buf, _split_weight(block.conv2), bias.float(), h, out=out)
