@@ -22,6 +22,7 @@ from infvsr_core.fp8 import (
     quantize_rows,
 )
 from infvsr_core.loader import load_pipeline, save_fp8_dit
+from infvsr_core.vae import FP8_OPTIONS
 from tests.conftest import make_clip
 
 # float8_e4m3fn keeps 3 mantissa bits: a normal value rounds to within 2^-4 of itself; below 2^-6 (in units of
@@ -127,6 +128,10 @@ def test_fp8_pipeline_is_close_to_full_precision_and_the_copy_matches(tiny_model
     out = _run(at_load, clip)
     from_copy = load_pipeline(tiny_models, dit=fp8_copy, device="cpu")
     assert torch.equal(_run(from_copy, clip), out)
+    # the VAE's float8 convs come with fp8 (both ways of loading it), never with the other dtypes
+    widths = FP8_OPTIONS.fp8_conv_outputs
+    assert widths and at_load.vae.fast_options == from_copy.vae.fast_options == FP8_OPTIONS
+    assert load_pipeline(tiny_models, device="cpu", dtype="fp32").vae.fast_options.fp8_conv_outputs == frozenset()
     assert at_load.model_id != load_pipeline(tiny_models, device="cpu", dtype="fp32").model_id
     assert 30.0 < _psnr(out, full) < math.inf
 
