@@ -34,7 +34,7 @@ from bench_pipeline import psnr, random_pipeline, run_stream  # noqa: E402
 from infvsr_core.evaluate.degrade import downscale  # noqa: E402
 from infvsr_core.fp8 import FP8Linear, fp8_matmul_supported  # noqa: E402
 from infvsr_core.io import VideoReader  # noqa: E402
-from infvsr_core.vae.fast_blocks import FP8_CONV_OUTPUTS, emulate_fp8_convs  # noqa: E402
+from infvsr_core.vae.fp8_convs import FP8_CONV_OUTPUTS, emulate_fp8_convs  # noqa: E402
 
 DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "real_bikes_street_640x272.mp4"
 

@@ -24,7 +24,7 @@ if __package__ and "." in __package__:
     from ..infvsr_core.pipeline import InfVSRPipeline
     from ..infvsr_core.session import InfVSRSession, SceneState
     from ..infvsr_core.vae import SEAMS
-    from ..infvsr_core.vae.fast_blocks import release_derived
+    from ..infvsr_core.vae.derived import release_derived
 else:
     from infvsr_core import attention, loader, memory
     from infvsr_core.download import download_weights
@@ -40,4 +40,4 @@ else:
     from infvsr_core.pipeline import InfVSRPipeline
     from infvsr_core.session import InfVSRSession, SceneState
     from infvsr_core.vae import SEAMS
-    from infvsr_core.vae.fast_blocks import release_derived
+    from infvsr_core.vae.derived import release_derived

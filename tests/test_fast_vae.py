@@ -12,8 +12,9 @@ import infvsr_core.vae.fast_blocks as blocks_module
 import infvsr_core.vae.fast_forward as forward_module
 from infvsr_core.kernels.norm_silu import rms_norm_rows, rms_norm_rows_reference
 from infvsr_core.vae import TINY_VAE_BASE_DIM, FastForwardOptions, StreamingVAE, build_vae, random_vae_state_dict
-from infvsr_core.vae.fast_blocks import Cursor, emulate_fp8_convs
+from infvsr_core.vae.fast_blocks import Cursor
 from infvsr_core.vae.fast_forward import fast_decoder, fast_encoder, prepare_channels_last
+from infvsr_core.vae.fp8_convs import emulate_fp8_convs
 
 from .conftest import smooth_vae_clip
 

@@ -59,8 +59,10 @@ import torch
 from ..fp8 import FP8_DTYPE, FP8_MAX, fp8_matmul_supported, quantize_rows
 from .configs import first_that_runs
 from .norm_silu import INTERPRETED, tl, triton, triton_usable
-from .split_conv import CL3, TensorDescriptor, _pixel_strides, pack_split
+from .split_conv import CAPABILITY, CL3, TensorDescriptor, _pixel_strides, pack_split
 
+# Measured on Hopper (sm90) only, as split_conv: other GPUs with float8 tensor cores (Ada, Blackwell) keep cuDNN's
+# bf16 for these convs until the kernel is measured there (its block shapes and tensor-memory loads are Hopper's).
 # Rows (W) must be a multiple of this many pixels: a 2D pixel tile's width is a power of two dividing the row.
 ROW_MULTIPLE = 16
 # Most output channels taken (the VAE's widest convs): up to 256 in one program, above that in groups.
@@ -216,13 +218,13 @@ if triton is not None:
 
 def fp8_conv_usable(conv: torch.nn.Conv3d, buf: torch.Tensor) -> bool:
     """Whether `fp8_conv` may run `conv` (a causal 3x3x3, padding 1) on this staged buffer (in float8, or in a
-    float dtype about to be quantized): GPUs with float8 tensor cores, or CPU tensors under the interpreter."""
+    float dtype about to be quantized): Hopper GPUs (`CAPABILITY`), or CPU tensors under the interpreter."""
     if TensorDescriptor is None or not triton_usable(buf):
         return False
     if INTERPRETED:
         if buf.is_cuda:
             return False
-    elif not fp8_matmul_supported(buf.device):
+    elif not fp8_matmul_supported(buf.device) or torch.cuda.get_device_capability(buf.device) != CAPABILITY:
         return False
     shape_ok = conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1)
     c = buf.shape[1] if buf.ndim == 5 else -1
@@ -334,13 +336,14 @@ def fp8_conv(
     residual: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor | None:
     """conv3d(buf * x_scale, weight, bias, padding (0, 1, 1)) [+ residual] on a float8 staged buffer.
 
     buf: (1, C, T + 2, H, W) float8_e4m3fn, channels-last (`quantize_staged`); x_scale: its float32 scalar
     scale; packed, w_scale: `pack_fp8_conv_weight(weight)`; bias: (Cout,) or None. The result goes into `out`
-    ((1, Cout, T, H, W) with adjacent channels, e.g. a view inside a zero-bordered buffer; new bf16
-    channels-last if None), rounded once from float32, and is returned. None if no block configuration runs
+    ((1, Cout, T, H, W) with adjacent channels, e.g. a view inside a zero-bordered buffer; new channels-last in
+    `out_dtype` if None), rounded once from float32, and is returned. None if no block configuration runs
     here (the caller takes cuDNN).
     """
     if buf.dtype != FP8_DTYPE or packed.dtype != FP8_DTYPE:
@@ -360,7 +363,7 @@ def fp8_conv(
     if _chosen.get(key, 0) < 0:  # no configuration ran for this shape before: nothing to allocate
         return None
     if out is None:
-        out = torch.empty((1, cout, t, h, w), dtype=torch.bfloat16, device=buf.device, memory_format=CL3)
+        out = torch.empty((1, cout, t, h, w), dtype=out_dtype, device=buf.device, memory_format=CL3)
     strides = _pixel_strides(out)
     res_strides = (0, 0, 0) if residual is None else _pixel_strides(residual)
     if strides is None or res_strides is None:

@@ -24,21 +24,14 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
-from ..fp8 import FP8_DTYPE, FP8_MAX, dequantize_rows, quantize_rows
-from ..kernels.fp8_conv import CHANNEL_MULTIPLE as FP8_CHANNEL_MULTIPLE
-from ..kernels.fp8_conv import (
-    fp8_conv,
-    fp8_conv_usable,
-    pack_fp8_conv_weight,
-    quantize_staged,
-    static_activation_scale,
-)
 from ..kernels.mid_attention import mid_attention, mid_attention_usable
 from ..kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
 from ..kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
 from ..kernels.split_conv import pack_split, split_conv, split_conv_usable
 from ..kernels.subpixel import interleave
 from ..memory.host import ArrivingCache
+from .derived import derived
+from .fp8_convs import FP8_CONV_OUTPUTS, conv_fp8, takes_fp8
 
 CACHE_T = 2  # frames of history each causal 3x3x3 (or 3x1x1) conv keeps
 CL3 = torch.channels_last_3d
@@ -52,9 +45,6 @@ PADDED_RGB_IN = 16
 # so 96 -> 128 takes less time than 96 -> 96 (bench/check_kernels.py --sections split). The result is read as a
 # channel slice (no copy).
 PADDED_OUT = {96: 128}
-# The conv widths whose float8 form beats cuDNN's bf16: every tier once the 96-channel taps run as one padded
-# 128-deep block (bench/RESULTS.md round 16).
-FP8_CONV_OUTPUTS = frozenset({96, 192, 384})
 # Most bytes one block of the mid attention's scores may take, counted as float32: the full score matrix grows
 # with the square of a frame's tokens (32,400 for 1080p latents); queries go in blocks that fit this.
 ATTENTION_SCORE_BYTES = 256 * 2**20
@@ -278,42 +268,6 @@ def _fits(past: torch.Tensor | None, x: torch.Tensor, shape: tuple[int, ...]) ->
     return past.is_contiguous(memory_format=CL3)
 
 
-_DERIVED_NAMES: set[str] = set()
-"""The attribute names `_derived` caches under (for `release_derived`)."""
-
-
-def _derived(conv: nn.Module, name: str, build, *args, source: str = "weight"):
-    """build(conv.<source>, *args), cached on the module as `name` until that tensor is replaced or changed.
-
-    Inference tensors (weights loaded under torch.inference_mode, as in ComfyUI) have no version counter.
-    """
-    w = getattr(conv, source)
-    key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device, *args)
-    cached = getattr(conv, name, None)
-    if cached is None or cached[0] != key:
-        _DERIVED_NAMES.add(name)
-        cached = (key, build(w, *args))
-        setattr(conv, name, cached)
-    return cached[1]
-
-
-def release_derived(module: nn.Module) -> int:
-    """Drop every weight `_derived` cached on `module` or its submodules; the bytes dropped.
-
-    Why: the cache is a plain attribute, so it stays where it was built when the weights move (`module.to()`
-    moves parameters and buffers only). Its key makes a moved weight rebuild it, but the old copy would hold
-    device memory until then: whoever moves the VAE's weights off the device (ComfyUI evicting it) calls this.
-    """
-    dropped = 0
-    for sub in module.modules():
-        for name in _DERIVED_NAMES:
-            cached = sub.__dict__.pop(name, None)
-            if cached is not None:
-                tensors = cached[1] if isinstance(cached[1], tuple) else (cached[1],)
-                dropped += sum(t.numel() * t.element_size() for t in tensors)
-    return dropped
-
-
 def _padded(conv: nn.Conv3d, in_channels: int | None, out_channels: int | None) -> torch.Tensor:
     """conv's weight with zero input/output channels appended (cached on the module)."""
 
@@ -323,7 +277,7 @@ def _padded(conv: nn.Conv3d, in_channels: int | None, out_channels: int | None) 
         padded[:o, :i] = w
         return padded.contiguous(memory_format=CL3)
 
-    return _derived(conv, "_infvsr_padded", build, in_channels, out_channels)
+    return derived(conv, "_infvsr_padded", build, in_channels, out_channels)
 
 
 def _conv(conv: WanCausalConv3d, buf: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -344,83 +298,6 @@ def causal_conv(
     return _conv_plus(conv, buf, options, norm, conv.bias)
 
 
-def fp8_candidate(conv: nn.Module, norm: nn.Module | None, widths: frozenset[int]) -> bool:
-    """Whether the fast path runs `conv` in float8 for `fp8_conv_outputs=widths` (where the kernel runs): a causal
-    3x3x3 conv of one of those output widths, with input channels the kernel takes, fed by a norm + SiLU (whose
-    gamma bounds the input: `static_activation_scale`). The one definition, for the fast path and its
-    emulation (`emulate_fp8_convs`)."""
-    return (
-        norm is not None
-        and isinstance(conv, WanCausalConv3d)
-        and conv.out_channels in widths
-        and conv.in_channels % FP8_CHANNEL_MULTIPLE == 0
-        and conv.kernel_size == (3, 3, 3)
-    )
-
-
-def _takes_fp8(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm | None, options: FastForwardOptions) -> bool:
-    return fp8_candidate(conv, norm, options.fp8_conv_outputs) and fp8_conv_usable(conv, buf)
-
-
-def _fp8_conv(
-    conv: WanCausalConv3d,
-    buf: torch.Tensor,
-    norm: WanRMS_norm,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    out: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """conv(buf) + bias [+ residual] in float8, the additions in the kernel's epilogue, into `out` (new if None);
-    None where no kernel configuration runs. The input's scale needs no pass over the buffer: a norm's output is
-    bounded by its gamma (`static_activation_scale`)."""
-
-    def build(gamma: torch.Tensor) -> torch.Tensor:
-        return static_activation_scale(gamma, gamma.numel(), norm.bias)
-
-    values, scale = quantize_staged(buf, _derived(norm, "_infvsr_fp8_scale", build, source="gamma"))
-    packed, weight_scale = _derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
-    if out is None:
-        b, _, frames, height, width = buf.shape
-        out = torch.empty((b, conv.out_channels, frames - CACHE_T, height, width), dtype=buf.dtype,
-                          device=buf.device, memory_format=CL3)  # fmt: skip
-    return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out)
-
-
-def _fp8_conv_pairs(vae: nn.Module, widths: frozenset[int]) -> list[tuple[WanCausalConv3d, WanRMS_norm]]:
-    """The (conv, the norm that makes its input) pairs of diffusers' VAE that `fp8_candidate` takes: the
-    resblocks' two convs and the heads'."""
-    pairs = []
-    for module in vae.modules():
-        if isinstance(module, WanResidualBlock):
-            pairs += [(module.conv1, module.norm1), (module.conv2, module.norm2)]
-        elif isinstance(getattr(module, "conv_out", None), WanCausalConv3d) and hasattr(module, "norm_out"):
-            pairs.append((module.conv_out, module.norm_out))
-    return [(conv, norm) for conv, norm in pairs if fp8_candidate(conv, norm, widths)]
-
-
-def emulate_fp8_convs(vae: nn.Module, widths: frozenset[int]) -> int:
-    """Make diffusers' VAE (in place) compute the convs that `fp8_conv_outputs=widths` runs in float8 on the same
-    float8-rounded operands in its own dtype: weights per output channel, inputs with their norm's static scale
-    (PyTorch's rounding). The float8 kernel's reference, and a fidelity check where no float8 kernel runs (a
-    CPU). Returns the number of convs changed."""
-    pairs = _fp8_conv_pairs(vae, widths)
-    for conv, norm in pairs:
-        values, scales = quantize_rows(conv.weight.detach().reshape(conv.out_channels, -1))
-        conv.weight.data = dequantize_rows(values, scales, conv.weight.dtype).reshape(conv.weight.shape)
-        scale = static_activation_scale(norm.gamma, norm.gamma.numel(), norm.bias)
-
-        def rounded(x: torch.Tensor | None, scale: torch.Tensor = scale) -> torch.Tensor | None:
-            if not isinstance(x, torch.Tensor):
-                return x
-            return ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale).to(x.dtype)
-
-        def forward(x, cache_x=None, _forward=conv.forward, _rounded=rounded):
-            return _forward(_rounded(x), _rounded(cache_x))
-
-        conv.forward = forward
-    return len(pairs)
-
-
 def _conv_plus(
     conv: WanCausalConv3d,
     buf: torch.Tensor,
@@ -433,8 +310,8 @@ def _conv_plus(
     """The causal conv on its staged buffer + bias [+ residual] (into `out` when given; `norm`: what made buf).
     In float8 where `options.fp8_conv_outputs` and the kernel take it (the additions in its epilogue); else
     cuDNN (`_padded_out_conv`) and one fused pass for the additions (none when there are none)."""
-    if _takes_fp8(conv, buf, norm, options):
-        result = _fp8_conv(conv, buf, norm, bias, residual, out)
+    if takes_fp8(conv, buf, norm, options.fp8_conv_outputs):
+        result = conv_fp8(conv, buf, norm, bias, residual, out)
         if result is not None:
             return result
     return _add_bias(_padded_out_conv(conv, buf, options), bias, residual, out)
@@ -499,11 +376,12 @@ def resblock(
 
 
 def _split(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm, options: FastForwardOptions) -> bool:
-    return options.split_conv and split_conv_usable(conv, buf) and not _takes_fp8(conv, buf, norm, options)
+    fp8 = takes_fp8(conv, buf, norm, options.fp8_conv_outputs)
+    return options.split_conv and split_conv_usable(conv, buf) and not fp8
 
 
 def _split_weight(conv: WanCausalConv3d) -> torch.Tensor:
-    return _derived(conv, "_infvsr_split", pack_split)
+    return derived(conv, "_infvsr_split", pack_split)
 
 
 def _attention_blocks(frames: int, tokens: int) -> tuple[int, int]:
@@ -650,7 +528,7 @@ def _subpixel_weight(conv: nn.Conv2d) -> torch.Tensor:
         combined = combined.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(w.dtype)
         return combined.contiguous(memory_format=CL2)
 
-    return _derived(conv, "_infvsr_subpixel", build)
+    return derived(conv, "_infvsr_subpixel", build)
 
 
 def _subpixel_conv(conv: nn.Conv2d, frames: torch.Tensor) -> torch.Tensor:
@@ -695,7 +573,7 @@ def rgb_in_conv(conv: WanCausalConv3d, x: torch.Tensor, cursor: Cursor, options:
     cuDNN with the input channels zero-padded."""
     if few_in_fits(conv.weight) and triton_usable(x):
         buf = _stage(conv, x, cursor, None)
-        return few_in_conv(buf, conv.weight, _derived(conv, "_infvsr_few_in", pack_few_in), conv.bias)
+        return few_in_conv(buf, conv.weight, derived(conv, "_infvsr_few_in", pack_few_in), conv.bias)
     pad = PADDED_RGB_IN if (x.is_cuda or options.pad_off_cuda) and x.shape[1] < PADDED_RGB_IN else None
     buf = _stage(conv, x, cursor, None, channels=pad)
     weight = None if pad is None else _padded(conv, pad, None)
