@@ -409,6 +409,27 @@ def test_new_cache_entry_reuses_an_uploaded_entry_only(vae, use_norm):
     assert torch.equal(entries["upload"][0], entries["resident"][0])
 
 
+def stream_both(vae, options: FastForwardOptions = FastForwardOptions()) -> tuple[list, list, list]:
+    """A smooth 21-frame clip through diffusers' encoder and decoder and through the fast ones (on a copy of the
+    VAE), as the stream calls them: a first chunk of 9 frames, then 12, the decoder fed diffusers' latents.
+    Returns ([(fast z, diffusers' z, fast frames, diffusers' frames) per chunk], fast caches, diffusers' caches)."""
+    fast_vae = copy.deepcopy(vae)
+    prepare_channels_last(fast_vae)
+    clip = smooth_vae_clip(21, seed=9)
+    history = StreamingVAE(vae).new_history()
+    plain = [list(history.encoder_cache), list(history.decoder_cache)]
+    fast = [list(history.encoder_cache), list(history.decoder_cache)]
+    chunks = []
+    for start, stop in ((0, 9), (9, 21)):
+        piece = clip[:, :, start:stop]
+        ref_z = vae.encoder(piece, feat_cache=plain[0], feat_idx=[0])
+        z = fast_encoder(fast_vae, piece, fast[0], options=options)
+        latents = vae.post_quant_conv(vae.quant_conv(ref_z)[:, :16])
+        ref = vae.decoder(latents, feat_cache=plain[1], feat_idx=[0], first_chunk=start == 0)
+        chunks.append((z, ref_z, fast_decoder(fast_vae, latents, fast[1], options=options), ref))
+    return chunks, fast, plain
+
+
 def test_split_conv_resblocks_match_diffusers(vae, monkeypatch):
     """The resblocks through the split-conv kernel (on the GPU the 192-channel ones; here the tiny VAE's 32 as
     16 + 16): conv1 writing norm2 + SiLU and the cache entry into conv2's staged buffer, conv2 adding biases and
@@ -421,20 +442,9 @@ def test_split_conv_resblocks_match_diffusers(vae, monkeypatch):
     monkeypatch.setattr(split_module, "SPLITS", {4 * TINY_VAE_BASE_DIM: (16, 16)})
     monkeypatch.setattr(split_module, "ROW_MULTIPLE", 1)
     monkeypatch.setattr(split_module, "_chosen", {})
-    fast_vae = copy.deepcopy(vae)
-    prepare_channels_last(fast_vae)
-    clip = smooth_vae_clip(21, seed=9)
-    history = StreamingVAE(vae).new_history()
-    plain = [list(history.encoder_cache), list(history.decoder_cache)]
-    fast = [list(history.encoder_cache), list(history.decoder_cache)]
-    for start, stop in ((0, 9), (9, 21)):
-        piece = clip[:, :, start:stop]
-        ref_z = vae.encoder(piece, feat_cache=plain[0], feat_idx=[0])
-        z = fast_encoder(fast_vae, piece, fast[0])
+    chunks, fast, plain = stream_both(vae)
+    for z, ref_z, out, ref in chunks:
         assert z.shape == ref_z.shape and max_err(z, ref_z) < TOL
-        latents = vae.post_quant_conv(vae.quant_conv(ref_z)[:, :16])
-        ref = vae.decoder(latents, feat_cache=plain[1], feat_idx=[0], first_chunk=start == 0)
-        out = fast_decoder(fast_vae, latents, fast[1])
         assert out.shape == ref.shape and max_err(out, ref) < TOL
     for fast_cache, plain_cache in zip(fast, plain, strict=True):
         for a, b in zip(fast_cache, plain_cache, strict=True):
@@ -473,20 +483,8 @@ def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch):
         limit = TOL if norm_silu.INTERPRETED else 1.0  # without the interpreter: the float path, unrounded
         assert out.shape == ref.shape and max_err(out, ref) < limit
 
-    fast_vae = copy.deepcopy(vae)
-    prepare_channels_last(fast_vae)
-    clip = smooth_vae_clip(21, seed=9)
-    history = StreamingVAE(vae).new_history()
-    plain = [list(history.encoder_cache), list(history.decoder_cache)]
-    fast = [list(history.encoder_cache), list(history.decoder_cache)]
     errors = []
-    for start, stop in ((0, 9), (9, 21)):
-        piece = clip[:, :, start:stop]
-        ref_z = vae.encoder(piece, feat_cache=plain[0], feat_idx=[0])
-        z = fast_encoder(fast_vae, piece, fast[0], options=options)
-        latents = vae.post_quant_conv(vae.quant_conv(ref_z)[:, :16])
-        ref = vae.decoder(latents, feat_cache=plain[1], feat_idx=[0], first_chunk=start == 0)
-        out = fast_decoder(fast_vae, latents, fast[1], options=options)
+    for z, ref_z, out, ref in stream_both(vae, options)[0]:
         errors += [((z - ref_z).norm() / ref_z.norm()).item(), ((out - ref).norm() / ref.norm()).item()]
     ran = [index for index in fp8_module._chosen.values() if index >= 0]
     assert bool(ran) == norm_silu.INTERPRETED
