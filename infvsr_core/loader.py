@@ -137,7 +137,7 @@ def load_pipeline(
 
     streaming_vae = StreamingVAE(vae_model, tiling=vae_tiling)
     if fp8 or fp8_file:
-        streaming_vae.fast_options = FP8_OPTIONS  # the VAE's float8 convs, where the GPU has float8 tensor cores
+        streaming_vae.fast_options = FP8_OPTIONS  # the VAE's float8 convs, where the kernel runs (Hopper)
     streaming_vae.set_seams(vae_seams)
     if host_memory_gib is not None:
         if spill_dir is None:

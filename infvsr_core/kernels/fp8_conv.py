@@ -41,7 +41,6 @@ waiting on each step's bookkeeping; instead one block may reach past Cin
 and the packed weight's padded columns are zero too, so the extra products add
 nothing (a quarter of the work wasted, in exchange for a third of the steps).
 
-
 Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) runs this kernel on
 float8 operands as the GPU does: its float8 tensor-memory loads and tl.dot are
 exact (values widened to float32). Its float32 -> float8 cast is not (it rounds
@@ -56,7 +55,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..fp8 import FP8_DTYPE, FP8_MAX, fp8_matmul_supported, quantize_rows
+from ..fp8 import FP8_DTYPE, FP8_MAX, quantize_rows
 from .configs import first_that_runs
 from .norm_silu import INTERPRETED, tl, triton, triton_usable
 from .split_conv import CAPABILITY, CL3, TensorDescriptor, _pixel_strides, pack_split
@@ -224,7 +223,7 @@ def fp8_conv_usable(conv: torch.nn.Conv3d, buf: torch.Tensor) -> bool:
     if INTERPRETED:
         if buf.is_cuda:
             return False
-    elif not fp8_matmul_supported(buf.device) or torch.cuda.get_device_capability(buf.device) != CAPABILITY:
+    elif torch.cuda.get_device_capability(buf.device) != CAPABILITY:  # Hopper has float8 tensor cores
         return False
     shape_ok = conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1)
     c = buf.shape[1] if buf.ndim == 5 else -1

@@ -73,8 +73,8 @@ class FastForwardOptions:
     pad_off_cuda: bool = False
     # cuDNN times its algorithms once per shape during the forward (streamed chunks repeat a few shapes).
     cudnn_benchmark: bool = True
-    # Causal convs with these output widths in float8 (kernels/fp8_conv.py) where the GPU has float8 tensor cores:
-    # the bf16 default keeps them off; `dtype="fp8"` turns on `FP8_CONV_OUTPUTS` (`FP8_OPTIONS`).
+    # Causal convs with these output widths in float8 (kernels/fp8_conv.py) where its kernel runs (Hopper: see
+    # `fp8_conv_usable`): the bf16 default keeps them off; `dtype="fp8"` turns on `FP8_CONV_OUTPUTS` (`FP8_OPTIONS`).
     fp8_conv_outputs: frozenset[int] = frozenset()
 
 
@@ -376,8 +376,8 @@ def resblock(
 
 
 def _split(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm, options: FastForwardOptions) -> bool:
-    fp8 = takes_fp8(conv, buf, norm, options.fp8_conv_outputs)
-    return options.split_conv and split_conv_usable(conv, buf) and not fp8
+    widths = options.fp8_conv_outputs
+    return options.split_conv and split_conv_usable(conv, buf) and not takes_fp8(conv, buf, norm, widths)
 
 
 def _split_weight(conv: WanCausalConv3d) -> torch.Tensor:
