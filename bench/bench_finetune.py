@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_pipeline import random_pipeline, synthetic_clip  # noqa: E402
+from bench_pipeline import commit_id, random_pipeline, synthetic_clip  # noqa: E402
 
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
 from infvsr_core.finetune.command import _size  # noqa: E402
@@ -111,9 +110,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "tiny": args.tiny,
         "torch": torch.__version__,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit_id(),
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:

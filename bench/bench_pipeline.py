@@ -101,6 +101,14 @@ def random_pipeline(
 PROGRESS = False
 
 
+def commit_id() -> str:
+    """The commit the figures belong to: $INFVSR_COMMIT where the run's copy has no (or an old) git history, as
+    on the device machine; else this checkout's HEAD; "" if neither."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True)  # fmt: skip
+    return os.environ.get("INFVSR_COMMIT") or head.stdout.strip()
+
+
 def _widths(text: str) -> frozenset[int]:
     """'96,192,384' -> those conv output widths; 'off' -> none."""
     return frozenset() if text == "off" else frozenset(int(part) for part in text.split(","))
@@ -471,10 +479,7 @@ def main() -> int:
     if args.memory_fraction and device.type == "cuda" and not args.cap_after_warmup:
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     torch.backends.cuda.matmul.allow_tf32 = False
-    commit = (
-        os.environ.get("INFVSR_COMMIT")
-        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    )
+    commit = commit_id()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, dtype {dtype}, commit {commit or '?'}")
     print(f"attention {args.attention} (FlashAttention-3 installed: {flash3_installed() or 'no'})")

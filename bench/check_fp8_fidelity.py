@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_pipeline import psnr, random_pipeline, run_stream  # noqa: E402
+from bench_pipeline import commit_id, psnr, random_pipeline, run_stream  # noqa: E402
 
 from infvsr_core.evaluate.degrade import downscale  # noqa: E402
 from infvsr_core.fp8 import FP8Linear, fp8_matmul_supported  # noqa: E402
@@ -96,7 +95,6 @@ def main() -> int:
     clip = real_input(args.clip, args.frames, *args.size)
     started = time.perf_counter()
     outputs = {v: upscaled(v, clip, device, args.widths) for v in ("fp32", "bf16", "fp8_dit", "fp8")}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     row = {
         "bench": "fp8_fidelity",
         "clip": args.clip.name,
@@ -104,7 +102,7 @@ def main() -> int:
         "frames": len(outputs["fp32"]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "commit": commit.stdout.strip() or "unknown",
+        "commit": commit_id() or "unknown",
         "psnr_bf16_vs_fp32_db": round(psnr(outputs["bf16"], outputs["fp32"]), 2),
         "vae_fp8_widths": sorted(args.widths),
         "vae_fp8_convs": "kernel" if fp8_matmul_supported(device) and device.type == "cuda" else "emulated",
