@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from check_scaled_mm import append_rows, timed  # noqa: E402
+
 from infvsr_core.dit import EAGER_OPS, compile_available, compiled_ops  # noqa: E402
 from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX  # noqa: E402
 from infvsr_core.kernels.norm_silu import tl, triton  # noqa: E402
@@ -131,14 +133,10 @@ def main() -> None:
         for name, (product, candidate) in cases.items():
             row = {"tokens": tokens, "op": name, **agreement(candidate(), product())}
             if gpu:
-                from check_scaled_mm import timed
-
                 row["product_ms"], row["triton_ms"] = timed(product), timed(candidate)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(json.dumps({"device": str(device), "torch": torch.__version__, "rows": rows}) + "\n")
+    append_rows(args.json, device, rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from check_scaled_mm import append_rows, timed  # noqa: E402
+
 from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX  # noqa: E402
 from infvsr_core.kernels import fp8_conv  # noqa: E402
 from infvsr_core.kernels.norm_silu import rms_norm_rows, tl, triton  # noqa: E402
@@ -124,19 +126,13 @@ def main() -> None:
                 steps = ((got - want).abs() / (want.abs() * 2.0**-3).clamp_min(scale * 2.0**-9)).amax().item()
                 row[f"{name} equal_bytes"], row[f"{name} max_steps"] = round(equal, 6), round(steps, 3)
             if device.type == "cuda":
-                from check_scaled_mm import timed
-
                 row[f"{name} ms"] = timed(partial(norm_store, x, gamma, scale, store))
         if device.type == "cuda":
-            from check_scaled_mm import timed
-
             out8 = torch.empty(n, c, dtype=FP8_DTYPE, device=device)
             row["product two passes ms"] = timed(partial(two_passes, x, gamma, scale, wide, out8))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(json.dumps({"device": str(device), "torch": torch.__version__, "rows": rows}) + "\n")
+    append_rows(args.json, device, rows)
 
 
 if __name__ == "__main__":

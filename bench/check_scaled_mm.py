@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,13 @@ def timed(fn, repeats: int = 3, calls: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / calls)
     return round(statistics.median(times[1:]), 4)
+
+
+def append_rows(path: Path | None, device: torch.device | str, rows: list[dict]) -> None:
+    """One JSON line {device, torch, rows} appended to `path` when given (the checks' --json)."""
+    if path is not None:
+        with path.open("a") as f:
+            f.write(json.dumps({"device": str(device), "torch": torch.__version__, "rows": rows}) + "\n")
 
 
 def main() -> None:
