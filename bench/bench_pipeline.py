@@ -460,6 +460,12 @@ def main() -> int:
         "--split-conv", default="on", choices=["on", "off"], help="the 192-channel convs through the Triton kernel"
     )
     parser.add_argument(
+        "--row-quantize",
+        choices=["on", "off"],
+        default="off",
+        help="fp8: the DiT's input quantizations through kernels/row_quantize.py (dit.row_quantize_kernel)",
+    )
+    parser.add_argument(
         "--fp8-convs",
         type=_widths,
         help="the VAE's causal convs of these output widths in float8 (kernels/fp8_conv.py), e.g. 96,192,384, or "
@@ -513,6 +519,7 @@ def main() -> int:
     pipe.vae.fast_options = dataclasses.replace(
         pipe.vae.fast_options, mid_attention_kernel=args.mid_attention == "kernel", split_conv=args.split_conv == "on"
     )
+    pipe.dit.row_quantize_kernel = args.row_quantize == "on"
     if args.fp8_convs is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=args.fp8_convs)
     if args.full_res_frames is not None:

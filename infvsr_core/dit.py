@@ -26,6 +26,13 @@ from torch import nn
 from .attention import attention
 from .fp8 import Quantized, ffn_fp8, gelu_quantize_rows, project, quantize_rows, takes_fp8
 from .graphs import BlockGraphs
+from .kernels.row_quantize import (
+    LN_MODULATE,
+    gelu_quantize_rows_kernel,
+    quantize_rows_kernel,
+    row_quantize,
+    row_quantize_usable,
+)
 from .memory.host import ManagedCache
 from .memory.transfer import to_device_async
 from .rope import apply_rope, rope_cos_sin
@@ -226,10 +233,20 @@ def _ffn_fused_op(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return down(h).view(*x.shape[:-1], -1)
 
 
-class _Ops:
-    """One set of the elementwise ops: eager, or each wrapped in torch.compile (then also the fused FFN)."""
+def _ln_modulate_quantize_kernel(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_ln_modulate_quantize_op` in one Triton pass where it runs (kernels/row_quantize.py)."""
+    if row_quantize_usable(x):
+        return row_quantize(x, LN_MODULATE, shift, scale, eps)
+    return _ln_modulate_quantize_op(x, shift, scale, eps)
 
-    def __init__(self, compile_fn=None) -> None:
+
+class _Ops:
+    """One set of the elementwise ops: eager, or each wrapped in torch.compile (then also the fused FFN); with
+    `row_kernel`, the fp8 products' input quantizations through kernels/row_quantize.py instead."""
+
+    def __init__(self, compile_fn=None, row_kernel: bool = False) -> None:
         wrap = compile_fn or (lambda fn: fn)
         self.rms_norm = wrap(_rms_norm_op)
         self.rms_rope = wrap(_rms_rope_op)
@@ -240,17 +257,21 @@ class _Ops:
         self.quantize = wrap(quantize_rows)
         self.ln_modulate_quantize = wrap(_ln_modulate_quantize_op)
         self.gelu_quantize = wrap(gelu_quantize_rows)
+        if row_kernel:
+            self.quantize = quantize_rows_kernel
+            self.ln_modulate_quantize = _ln_modulate_quantize_kernel
+            self.gelu_quantize = gelu_quantize_rows_kernel
 
 
 EAGER_OPS = _Ops()
-_COMPILED_OPS: list[_Ops] = []
+_COMPILED_OPS: dict[bool, _Ops] = {}
 
 
-def compiled_ops() -> _Ops:
-    """The torch.compile'd ops (built once, compiled per shape on first use)."""
-    if not _COMPILED_OPS:
-        _COMPILED_OPS.append(_Ops(lambda fn: torch.compile(fn, fullgraph=True)))
-    return _COMPILED_OPS[0]
+def compiled_ops(row_kernel: bool = False) -> _Ops:
+    """The torch.compile'd ops (built once, compiled per shape on first use); `row_kernel`: see `_Ops`."""
+    if row_kernel not in _COMPILED_OPS:
+        _COMPILED_OPS[row_kernel] = _Ops(lambda fn: torch.compile(fn, fullgraph=True), row_kernel)
+    return _COMPILED_OPS[row_kernel]
 
 
 def compile_available() -> bool:
@@ -380,6 +401,9 @@ class CausalWanDiT(nn.Module):
         self.attention_backend: str = "auto"  # attention.py: FlashAttention-3 where installed, else SDPA
         # Fused elementwise ops (torch.compile): None = on CUDA when Triton is there.
         self.fuse_elementwise: bool | None = None
+        # With fused ops and fp8 layers: their inputs quantized by one Triton pass per row block
+        # (kernels/row_quantize.py) instead of the compiled passes. Off until measured (bench/check_dit_quantize.py).
+        self.row_quantize_kernel = False
         # Steady chunks' blocks as CUDA graphs (graphs.py), for calls that ask (`graph`) without `keep`:
         # None = for chunks of at most GRAPH_MAX_TOKENS tokens, True = any size, False = never.
         self.cuda_graphs: bool | None = None
@@ -398,7 +422,7 @@ class CausalWanDiT(nn.Module):
         fuse = self.fuse_elementwise
         if fuse is None:
             fuse = device.type == "cuda" and compile_available()
-        return compiled_ops() if fuse else EAGER_OPS
+        return compiled_ops(self.row_quantize_kernel) if fuse else EAGER_OPS
 
     def forward(
         self,
