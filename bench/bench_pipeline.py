@@ -460,6 +460,12 @@ def main() -> int:
         "--split-conv", default="on", choices=["on", "off"], help="the 192-channel convs through the Triton kernel"
     )
     parser.add_argument(
+        "--fp8-norm-store",
+        choices=["on", "off"],
+        default="off",
+        help="fp8: the VAE's norm stores the float8 convs' inputs itself (FastForwardOptions.fp8_norm_store)",
+    )
+    parser.add_argument(
         "--row-quantize",
         choices=["on", "off"],
         default="off",
@@ -520,6 +526,8 @@ def main() -> int:
         pipe.vae.fast_options, mid_attention_kernel=args.mid_attention == "kernel", split_conv=args.split_conv == "on"
     )
     pipe.dit.row_quantize_kernel = args.row_quantize == "on"
+    if args.fp8_norm_store == "on":
+        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_norm_store=True)
     if args.fp8_convs is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=args.fp8_convs)
     if args.full_res_frames is not None:

@@ -453,21 +453,56 @@ def test_split_conv_resblocks_match_diffusers(vae, monkeypatch):
     assert bool(ran) == norm_silu.INTERPRETED
 
 
-def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch):
+def test_fp8_staged_conv_without_a_running_kernel_falls_back_to_the_float_path(vae, monkeypatch):
+    """With the norm storing float8 (`fp8_norm_store`): where no float8 block configuration runs (here one that
+    cannot compile), the first call has already staged its input in float8: it goes back to the norm's values
+    (dequantized) and the float path, within float8's error; the shape is remembered, so later calls stage in
+    the model's dtype. The histories never hold float8
+    values (the norm pass writes them in the model's dtype), so once conv2's history no longer comes from the
+    first call's output (the third call) the block matches diffusers to TOL."""
+    from infvsr_core.kernels import fp8_conv as fp8_module
+    from infvsr_core.kernels import norm_silu
+
+    monkeypatch.setattr(fp8_module, "_chosen", {})
+    monkeypatch.setattr(fp8_module, "_failures", [])
+    monkeypatch.setattr(fp8_module, "ROW_MULTIPLE", 1)
+    width = 4 * TINY_VAE_BASE_DIM
+    monkeypatch.setattr(fp8_module, "CONFIGS", {width: (fp8_module.Config(32, 24, 0, 128, 1, 4),)})
+    options = FastForwardOptions(fp8_conv_outputs=frozenset({width}), fp8_norm_store=True)
+    block = vae.decoder.mid_block.resnets[0]
+    gen = torch.Generator().manual_seed(5)
+    plain_cache, fast_cache = [None, None], [None, None]
+    errors = []
+    for frames in (3, 3, 1):
+        x = torch.randn(1, width, frames, 4, 6, generator=gen)
+        ref = block(x, feat_cache=plain_cache, feat_idx=[0])
+        out = blocks_module.resblock(block, x.contiguous(memory_format=torch.channels_last_3d), Cursor(fast_cache),
+                                     options)  # fmt: skip
+        errors.append(max_err(out, ref))
+    if norm_silu.INTERPRETED:
+        assert fp8_module._failures and set(fp8_module._chosen.values()) == {-1}
+        assert TOL < errors[0] < 0.1 and errors[1] < 0.1 and errors[2] < TOL, errors
+    else:
+        assert max(errors) < TOL, errors
+
+
+@pytest.mark.parametrize("norm_store", [False, True])
+def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch, norm_store):
     """The causal convs of the chosen width in float8 (kernels/fp8_conv.py; here the tiny VAE's 32 channels),
     scaled from their norm's gamma. One resblock, three chunks (its histories carried): against diffusers' block
     computing in float32 on the same float8-rounded operands (`emulate_fp8_convs`), to float32's rounding. The whole
     encoder and decoder: within float8's error of the unrounded model, and visibly away from it (the float8
     products ran; there the models cannot be compared more closely, as an input that differs in its last float32
     bit can round to the neighbouring float8 value). Without the interpreter the convs fall back to the float
-    path and match diffusers to TOL."""
+    path and match diffusers to TOL. `norm_store`: the norm pass stages the float8 input itself (on the CPU it
+    casts after its pass, as the cast pass would: the same values)."""
     from infvsr_core.kernels import fp8_conv as fp8_module
     from infvsr_core.kernels import norm_silu
 
     monkeypatch.setattr(fp8_module, "_chosen", {})
     monkeypatch.setattr(fp8_module, "ROW_MULTIPLE", 1)  # the tiny frames' rows
     width = 4 * TINY_VAE_BASE_DIM
-    options = FastForwardOptions(fp8_conv_outputs=frozenset({width}))
+    options = FastForwardOptions(fp8_conv_outputs=frozenset({width}), fp8_norm_store=norm_store)
     rounded_vae = copy.deepcopy(vae)
     emulate_fp8_convs(rounded_vae, frozenset({width}))
 

@@ -145,6 +145,31 @@ def test_norm_rows_tail_receives_the_last_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_rows_into_float8_are_the_cast_of_the_rows_dtype_result(dtype):
+    """A float8 output (a float8 conv's staged input): result / scale in float8, from the result rounded to the
+    rows' dtype, saturated and rounded to nearest even (PyTorch's float8 cast of the rows-dtype result, bit for
+    bit), with a scale small enough that some values saturate; the tail keeps the rows' dtype. No scale: refused.
+    (The GPU writes float8 in the kernel itself: bench/check_fp8_conv.py compares it bit for bit there.)"""
+    from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX
+
+    gen = torch.Generator().manual_seed(9)
+    rows = torch.randn(70, 32, generator=gen).to(dtype)
+    gamma, pre = 1 + 0.1 * torch.randn(32, generator=gen), torch.randn(32, generator=gen)
+    scale = torch.tensor(0.004)  # |y| up to ~6: some exceed 448 * 0.004 = 1.8 and saturate
+    tail = torch.full((20, 32), float("nan"), dtype=dtype)
+    out = torch.empty(70, 32, dtype=FP8_DTYPE)
+    rms_norm_rows(rows, gamma, 32**0.5, silu=True, out=out, pre_bias=pre, tail=tail, out_scale=scale)
+    wide = rms_norm_rows(rows, gamma, 32**0.5, silu=True, pre_bias=pre)
+    want = (wide.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+    assert (out.float().abs() == FP8_MAX).any() and (out.float() != 0).sum() > 0.9 * out.numel()
+    assert tail.dtype == dtype and torch.equal(tail, wide[50:])
+    with pytest.raises(ValueError, match="out_scale"):
+        rms_norm_rows(rows, gamma, 32**0.5, silu=True, out=torch.empty(70, 32, dtype=FP8_DTYPE))
+    assert not norm_silu._TRITON_BROKEN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bias_add_rows_into_a_bordered_buffer(dtype):
     """Rows of 3 frames of 4x5 pixels written inside a buffer with a zero last row and column (a downsampler's
     padding): the border stays zero, the inside holds rows + bias + residual in pixel order."""

@@ -217,16 +217,30 @@ if triton is not None:
 
 def fp8_conv_usable(conv: torch.nn.Conv3d, buf: torch.Tensor) -> bool:
     """Whether `fp8_conv` may run `conv` (a causal 3x3x3, padding 1) on this staged buffer (in float8, or in a
-    float dtype about to be quantized): Hopper GPUs (`CAPABILITY`), or CPU tensors under the interpreter."""
-    if TensorDescriptor is None or not triton_usable(buf):
+    float dtype about to be quantized): `fp8_conv_accepts` its shape, channels-last, a dtype it takes."""
+    return (
+        buf.ndim == 5
+        and fp8_conv_accepts(conv, tuple(buf.shape), buf.device)
+        and buf.is_contiguous(memory_format=CL3)
+        and buf.dtype in (FP8_DTYPE, torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+def fp8_conv_accepts(conv: torch.nn.Conv3d, shape: tuple[int, ...], device: torch.device) -> bool:
+    """Whether the kernel takes `conv` on a staged buffer of `shape` (1, C, T + 2, H, W) on `device`: Hopper GPUs
+    (`CAPABILITY`) or CPU tensors under the interpreter, and not a shape where no block configuration ran
+    before. Callers that write the staged buffer in float8 ask before they write it."""
+    if TensorDescriptor is None or triton is None or (device.type != "cuda" and not INTERPRETED):
         return False
     if INTERPRETED:
-        if buf.is_cuda:
+        if device.type == "cuda":
             return False
-    elif torch.cuda.get_device_capability(buf.device) != CAPABILITY:  # Hopper has float8 tensor cores
+    elif torch.cuda.get_device_capability(device) != CAPABILITY:  # Hopper has float8 tensor cores
         return False
+    if len(shape) != 5:
+        return False
+    batch, c, frames, _, w = shape
     shape_ok = conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1)
-    c = buf.shape[1] if buf.ndim == 5 else -1
     return (
         shape_ok
         and conv.groups == 1
@@ -235,11 +249,10 @@ def fp8_conv_usable(conv: torch.nn.Conv3d, buf: torch.Tensor) -> bool:
         and c % CHANNEL_MULTIPLE == 0
         and conv.out_channels % 16 == 0
         and conv.out_channels <= MAX_OUT
-        and buf.shape[0] == 1
-        and buf.shape[2] >= 3
-        and buf.shape[-1] % ROW_MULTIPLE == 0
-        and buf.is_contiguous(memory_format=CL3)
-        and buf.dtype in (FP8_DTYPE, torch.bfloat16, torch.float16, torch.float32)
+        and batch == 1
+        and frames >= 3
+        and w % ROW_MULTIPLE == 0
+        and _chosen.get(_config_key(device, c, conv.out_channels, w), 0) >= 0
     )
 
 
@@ -290,32 +303,47 @@ def quantize_staged(
     """A staged buffer (1, C, T + 2, H, W) channels-last -> (float8 values of buf / scale, same layout; scale).
 
     `scale` (float32 scalar tensor): `static_activation_scale` for a norm's output, None for the dynamic one
-    (`dynamic_activation_scale`). On CUDA one Triton pass casts (rounding to nearest even, saturating); on the
-    CPU PyTorch does (the interpreter's float8 cast does not round to nearest even: see the module docstring).
+    (`dynamic_activation_scale`). A buffer already in float8 (a norm pass wrote it, with `scale`) is returned as
+    it is. On CUDA one Triton pass casts (rounding to nearest even, saturating); on the CPU PyTorch does (the
+    interpreter's float8 cast does not round to nearest even: see the module docstring).
     """
     if buf.ndim != 5 or not buf.is_contiguous(memory_format=CL3):
         raise ValueError(f"expected a channels-last (1, C, T, H, W) staged buffer, got {tuple(buf.shape)}")
+    if buf.dtype == FP8_DTYPE:
+        if scale is None:
+            raise ValueError("a float8 staged buffer comes with the scale it was written with")
+        return buf, scale.to(buf.device, torch.float32).reshape(())
+    if scale is None:
+        scale = dynamic_activation_scale(buf)
     out = torch.empty_like(buf, dtype=FP8_DTYPE, memory_format=CL3)
-    flat = buf.permute(0, 2, 3, 4, 1).reshape(-1)  # dense in channels-last order: a view
-    target = out.permute(0, 2, 3, 4, 1).view(-1)
+    return out, cast_into(out, buf, scale, use_triton=use_triton)
+
+
+def cast_into(
+    target: torch.Tensor, source: torch.Tensor, scale: torch.Tensor, *, use_triton: bool | None = None
+) -> torch.Tensor:
+    """target = float8(clamp(source / scale)), rounded to nearest even; both (1, C, T, H, W) channels-last with
+    their pixels dense (a staged buffer, or a run of its frames). Returns the scale as a float32 scalar tensor."""
+    scale = scale.to(source.device, torch.float32).reshape(())
+    flat = source.permute(0, 2, 3, 4, 1).reshape(-1)  # dense in channels-last order: a view
+    into = target.permute(0, 2, 3, 4, 1).view(-1)
     if use_triton is None:
-        use_triton = buf.is_cuda and triton_usable(buf)
+        use_triton = source.is_cuda and triton_usable(source)
     if use_triton and flat.numel():
-        scale = dynamic_activation_scale(buf) if scale is None else scale.to(buf.device, torch.float32).reshape(())
         n = flat.numel()
-        _cast_kernel[(triton.cdiv(n, CAST_BLOCK),)](flat, scale, target, n, FP8_MAX=FP8_MAX, BLOCK=CAST_BLOCK)
-    elif scale is None:  # the whole tensor as one row
-        values, scale = quantize_rows(flat.view(1, -1))
-        target.copy_(values.view(-1))
-        scale = scale.reshape(())
+        _cast_kernel[(triton.cdiv(n, CAST_BLOCK),)](flat, scale, into, n, FP8_MAX=FP8_MAX, BLOCK=CAST_BLOCK)
     else:
-        scale = scale.to(buf.device, torch.float32).reshape(())
-        target.copy_((flat.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
-    return out, scale
+        into.copy_((flat.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+    return scale
 
 
 _chosen: dict[tuple, int] = {}  # (device, C, Cout, row factor) -> index into the configurations; -1: none ran
 _failures: list[str] = []
+
+
+def _config_key(device: torch.device, c: int, cout: int, width: int) -> tuple:
+    """The shapes that share a chosen configuration: device, widths, and how rows of `width` split into tiles."""
+    return (device, c, cout, min(width & -width, 256))
 
 
 def _pixel_tile(config: Config, width: int) -> tuple[int, int]:
@@ -358,7 +386,7 @@ def fp8_conv(
             f"packed weight {tuple(packed.shape)} does not match {c} input channels x 27 taps "
             f"(expected {27 * depth} columns: pack_fp8_conv_weight)"
         )
-    key = (buf.device, c, cout, min(w & -w, 256))
+    key = _config_key(buf.device, c, cout, w)
     if _chosen.get(key, 0) < 0:  # no configuration ran for this shape before: nothing to allocate
         return None
     if out is None:

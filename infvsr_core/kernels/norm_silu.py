@@ -16,6 +16,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..fp8 import FP8_DTYPE, FP8_MAX
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds lack it.
     import triton
     import triton.language as tl
@@ -39,6 +41,7 @@ if triton is not None:
         bias_ptr,
         out_ptr,
         tail_ptr,
+        inv_scale_ptr,
         rows,
         x_stride,
         out_stride,
@@ -50,6 +53,8 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         SILU: tl.constexpr,
         HAS_TAIL: tl.constexpr,
+        FP8_OUT: tl.constexpr,
+        FP8_MAX: tl.constexpr,
     ):
         pid = tl.program_id(0)
         r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -67,7 +72,12 @@ if triton is not None:
             y += tl.load(bias_ptr + c, mask=cmask, other=0.0)[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
-        tl.store(out_ptr + r[:, None] * out_stride + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        if FP8_OUT:  # y / scale in float8, from y rounded to x's dtype first (as a cast pass over it would read)
+            q = y.to(x_ptr.dtype.element_ty).to(tl.float32) * tl.load(inv_scale_ptr)
+            q = tl.clamp(q, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            tl.store(out_ptr + r[:, None] * out_stride + c[None, :], q, mask=mask)
+        else:
+            tl.store(out_ptr + r[:, None] * out_stride + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
         if HAS_TAIL:  # the last rows also go to a compact copy (a causal conv's cache: no second pass)
             tail = (r >= tail_start)[:, None] & mask
             tl.store(tail_ptr + (r - tail_start)[:, None] * C + c[None, :], y.to(tail_ptr.dtype.element_ty), mask=tail)
@@ -207,6 +217,7 @@ def rms_norm_rows(
     use_triton: bool | None = None,
     pre_bias: torch.Tensor | None = None,
     tail: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """normalize(rows + pre_bias) * scale * gamma + bias, then SiLU if asked; rows (N, C), channels adjacent.
 
@@ -214,6 +225,13 @@ def rms_norm_rows(
     (M, C) contiguous, when given, also receives its last M rows. The Triton
     kernel computes in float32 and rounds once (the reference rounds after
     each op: the two differ at the last bit of the output dtype).
+    An `out` in float8_e4m3fn receives result / `out_scale` (a float32 scalar
+    tensor), from the result rounded to rows' dtype, saturated and rounded to
+    nearest even, without a cast pass after (the float8 causal conv's staged
+    input; `FastForwardOptions.fp8_norm_store`). The kernel multiplies by the
+    reciprocal, where a cast pass divides: the same float8 value except where
+    the two quotients round apart. `tail` keeps rows' dtype (a causal conv's
+    history stays in it).
     """
     if rows.ndim != 2:
         raise ValueError(f"expected (N, C) rows, got {tuple(rows.shape)}")
@@ -221,6 +239,17 @@ def rms_norm_rows(
         out = torch.empty_like(rows, memory_format=torch.contiguous_format)
     if use_triton is None:
         use_triton = triton_usable(rows)
+    fp8_out = out.dtype == FP8_DTYPE
+    if fp8_out:
+        if out_scale is None:
+            raise ValueError("a float8 output needs its out_scale")
+        # The interpreter's float8 cast does not round as the GPU's does: there, and where the kernel cannot write
+        # these tensors, the result in rows' dtype is cast after.
+        fused = use_triton and not INTERPRETED and _row_major(rows) and _row_major(out)
+        fused = fused and (tail is None or (tail.is_contiguous() and tail.shape[1] == rows.shape[1]))
+        if not fused:
+            return _cast_rows(rms_norm_rows(rows, gamma, scale, bias, silu=silu, use_triton=use_triton,
+                                            pre_bias=pre_bias, tail=tail), out_scale, out)  # fmt: skip
     if use_triton and _row_major(rows) and _row_major(out) and rows.numel():
         n, c = rows.shape
         block_c, block_r = _blocks(c)
@@ -232,17 +261,28 @@ def rms_norm_rows(
         try:
             pre = gamma_scaled if pre_bias is None else pre_bias.float().contiguous()
             tail_ok = tail is not None and tail.is_contiguous() and tail.shape[1] == c and tail.shape[0] <= n
+            inv_scale = gamma_scaled if out_scale is None else (1.0 / out_scale.float()).reshape(1)
             _rms_norm_silu_kernel[(triton.cdiv(n, block_r),)](
-                rows, pre, gamma_scaled, bias_t, out, tail if tail_ok else out, n, rows.stride(0), out.stride(0),
-                n - tail.shape[0] if tail_ok else n, C=c, BLOCK_C=block_c, BLOCK_R=block_r,
-                HAS_PRE=pre_bias is not None, HAS_BIAS=has_bias, SILU=silu, HAS_TAIL=tail_ok, num_warps=4,
+                rows, pre, gamma_scaled, bias_t, out, tail if tail_ok else out, inv_scale, n, rows.stride(0),
+                out.stride(0), n - tail.shape[0] if tail_ok else n, C=c, BLOCK_C=block_c, BLOCK_R=block_r,
+                HAS_PRE=pre_bias is not None, HAS_BIAS=has_bias, SILU=silu, HAS_TAIL=tail_ok, FP8_OUT=fp8_out,
+                FP8_MAX=FP8_MAX, num_warps=4,
             )  # fmt: skip
             if tail is not None and not tail_ok:
                 tail.copy_(out[n - tail.shape[0] :])
             return out
         except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
             _TRITON_BROKEN.append(repr(error))
+    if fp8_out:
+        return _cast_rows(rms_norm_rows(rows, gamma, scale, bias, silu=silu, use_triton=False, pre_bias=pre_bias,
+                                        tail=tail), out_scale, out)  # fmt: skip
     out.copy_(rms_norm_rows_reference(rows, gamma, scale, bias, silu, pre_bias))
     if tail is not None:
         tail.copy_(out[out.shape[0] - tail.shape[0] :])
+    return out
+
+
+def _cast_rows(rows: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = float8(clamp(rows / scale)) in PyTorch's rounding (to nearest even)."""
+    out.copy_((rows.float() / scale.to(rows.device, torch.float32)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
     return out

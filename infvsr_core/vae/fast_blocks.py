@@ -24,6 +24,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
+from ..fp8 import FP8_DTYPE
+from ..kernels.fp8_conv import cast_into, fp8_conv_accepts
 from ..kernels.mid_attention import mid_attention, mid_attention_usable
 from ..kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
 from ..kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
@@ -31,7 +33,7 @@ from ..kernels.split_conv import pack_split, split_conv, split_conv_usable
 from ..kernels.subpixel import interleave
 from ..memory.host import ArrivingCache
 from .derived import derived
-from .fp8_convs import FP8_CONV_OUTPUTS, conv_fp8, takes_fp8
+from .fp8_convs import FP8_CONV_OUTPUTS, conv_fp8, fp8_candidate, input_scale, takes_fp8
 
 CACHE_T = 2  # frames of history each causal 3x3x3 (or 3x1x1) conv keeps
 CL3 = torch.channels_last_3d
@@ -76,6 +78,10 @@ class FastForwardOptions:
     # Causal convs with these output widths in float8 (kernels/fp8_conv.py) where its kernel runs (Hopper: see
     # `fp8_conv_usable`): the bf16 default keeps them off; `dtype="fp8"` turns on `FP8_CONV_OUTPUTS` (`FP8_OPTIONS`).
     fp8_conv_outputs: frozenset[int] = frozenset()
+    # The norm + SiLU pass stores those convs' staged inputs in float8 itself (no cast pass after it; the
+    # histories stay in the model's dtype). Off until measured faster (bench/check_norm_fp8.py; an earlier form,
+    # dividing per element, measured slower: bench/RESULTS.md round 16).
+    fp8_norm_store: bool = False
 
 
 FP8_OPTIONS = FastForwardOptions(fp8_conv_outputs=FP8_CONV_OUTPUTS)
@@ -150,17 +156,22 @@ def _norm(
     out: torch.Tensor | None = None,
     pre_bias: torch.Tensor | None = None,
     tail: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """WanRMS_norm of (x + pre_bias) over channels (then SiLU), channels-last in and out; into `out` if given.
 
-    `tail` (B, C, k, H, W) channels-last: also receives the last k frames (one pass, when B is 1)."""
+    `tail` (B, C, k, H, W) channels-last: also receives the last k frames (one pass, when B is 1). An `out` in
+    float8 receives the result / `out_scale` (`rms_norm_rows`); its pixels must be dense (a staged buffer)."""
     target = torch.empty_like(x, memory_format=CL3) if out is None else out
     rows_out = target.permute(0, 2, 3, 4, 1)
     flat = rows_out.view(-1, x.shape[1]) if rows_out.is_contiguous() else None
+    if flat is None and target.dtype == FP8_DTYPE:
+        raise ValueError("a float8 norm output must have dense pixels")
     tail_rows = tail.permute(0, 2, 3, 4, 1).view(-1, x.shape[1]) if tail is not None and flat is not None else None
     result = rms_norm_rows(
-        _rows(x), norm.gamma, norm.scale, norm.bias, silu=silu, out=flat, pre_bias=pre_bias, tail=tail_rows
-    )
+        _rows(x), norm.gamma, norm.scale, norm.bias, silu=silu, out=flat, pre_bias=pre_bias, tail=tail_rows,
+        out_scale=out_scale,
+    )  # fmt: skip
     if flat is None:
         rows_out.copy_(result.view(rows_out.shape))
     if tail is not None and tail_rows is None:
@@ -195,6 +206,7 @@ def _stage(
     norm: WanRMS_norm | None,
     pre_bias: torch.Tensor | None = None,
     channels: int | None = None,
+    options: FastForwardOptions | None = None,
 ) -> torch.Tensor:
     """The causal conv's input [zero pad | cached frames | act(x)] as one channels-last buffer.
 
@@ -204,8 +216,12 @@ def _stage(
     cache entry exactly as diffusers does: the last 2 frames of act, or, when
     act has one frame, that frame behind the previous last one (or behind a
     zero frame after a temporal upsampler's "Rep").
+    Where `options.fp8_norm_store` and the conv runs in float8 (`_fp8_stage_scale`),
+    the buffer is float8, written by the norm pass itself; the cache entry
+    keeps x's dtype.
     """
-    full, new, had_past = _open_stage(conv, x.shape, x, cursor, channels)
+    scale = None if options is None else _fp8_stage_scale(conv, x, norm, channels, options)
+    full, new, had_past = _open_stage(conv, x.shape, x, cursor, channels, fp8_scale=scale)
     c = x.shape[1]
     buf = full[:, :c]
     act = buf[:, :, CACHE_T:]
@@ -213,22 +229,49 @@ def _stage(
         act.copy_(x)
         if new is not None:
             new.copy_(act[:, :, -CACHE_T:])
-    else:
-        _norm(norm, x, silu=True, out=act, pre_bias=pre_bias, tail=new)  # the cache's frames in the same pass
+    else:  # the cache's frames in the same pass
+        _norm(norm, x, silu=True, out=act, pre_bias=pre_bias, tail=new, out_scale=scale)
     if new is None:  # act has 1 frame
         new = buf[:, :, CACHE_T - 1 :].clone() if had_past else act.clone()
     cursor.put(new)
     return full
 
 
+def _fp8_stage_scale(
+    conv: WanCausalConv3d,
+    x: torch.Tensor,
+    norm: WanRMS_norm | None,
+    channels: int | None,
+    options: FastForwardOptions,
+) -> torch.Tensor | None:
+    """The scale to stage act(x) in float8 with, where `options.fp8_norm_store` and the conv will run in float8
+    on it (else None): a norm's output (its static scale), x's own channels, at least CACHE_T frames (the cache
+    entry then comes from the norm pass in x's dtype, never from the float8 buffer)."""
+    if not options.fp8_norm_store or channels is not None or x.ndim != 5 or x.shape[2] < CACHE_T:
+        return None
+    if not fp8_candidate(conv, norm, options.fp8_conv_outputs):
+        return None
+    b, c, t, h, w = x.shape
+    if not fp8_conv_accepts(conv, (b, c, t + CACHE_T, h, w), x.device):
+        return None
+    return input_scale(norm)
+
+
 def _open_stage(
-    conv: WanCausalConv3d, shape: tuple[int, ...], like: torch.Tensor, cursor: Cursor, channels: int | None = None
+    conv: WanCausalConv3d,
+    shape: tuple[int, ...],
+    like: torch.Tensor,
+    cursor: Cursor,
+    channels: int | None = None,
+    fp8_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """A staged buffer for an act of `shape`, its zero pad and cached frames written, act's frames not yet.
 
     Returns (buffer, the tensor the next 2-frame cache entry goes into, or None
     when act has fewer frames, whether there was history). The cursor stays on
-    this conv's entry: the caller writes act, then puts the entry.
+    this conv's entry: the caller writes act, then puts the entry. With
+    `fp8_scale` the buffer is float8 (the cached frames cast with that scale);
+    the entry keeps `like`'s dtype.
     """
     if conv._padding[4] != CACHE_T:
         raise ValueError(f"causal conv with time padding {conv._padding[4]} is not supported")
@@ -238,14 +281,19 @@ def _open_stage(
     b, c, t, h, w = shape
     kept = 0 if past is None else min(past.shape[2], CACHE_T)
     total = c if channels is None else channels
-    full = torch.empty((b, total, CACHE_T + t, h, w), dtype=like.dtype, device=like.device, memory_format=CL3)
+    dtype = like.dtype if fp8_scale is None else FP8_DTYPE
+    full = torch.empty((b, total, CACHE_T + t, h, w), dtype=dtype, device=like.device, memory_format=CL3)
     if total > c:
         full[:, c:].zero_()
     buf = full[:, :c]
     if kept < CACHE_T:
         buf[:, :, : CACHE_T - kept].zero_()
     if kept:
-        buf[:, :, CACHE_T - kept : CACHE_T].copy_(past[:, :, past.shape[2] - kept :])
+        frames = past[:, :, past.shape[2] - kept :]
+        if fp8_scale is None:
+            buf[:, :, CACHE_T - kept : CACHE_T].copy_(frames)
+        else:
+            cast_into(buf[:, :, CACHE_T - kept : CACHE_T], frames.contiguous(memory_format=CL3), fp8_scale)
     new = None
     if t >= CACHE_T:
         # The new entry goes into the old one's storage where that is this call's own (after the copy above, in
@@ -293,7 +341,7 @@ def causal_conv(
     conv: WanCausalConv3d, x: torch.Tensor, cursor: Cursor, norm: WanRMS_norm | None, options: FastForwardOptions
 ) -> torch.Tensor:
     """diffusers' causal conv of act(x) (norm + SiLU when `norm` is given), with its cache entry; channels-last."""
-    buf = _stage(conv, x, cursor, norm)
+    buf = _stage(conv, x, cursor, norm, options=options)
     del x
     return _conv_plus(conv, buf, options, norm, conv.bias)
 
@@ -314,6 +362,8 @@ def _conv_plus(
         result = conv_fp8(conv, buf, norm, bias, residual, out)
         if result is not None:
             return result
+    if buf.dtype == FP8_DTYPE:  # staged in float8, but no kernel configuration ran: back to the norm's values
+        buf = (buf.float() * input_scale(norm)).to(conv.weight.dtype).contiguous(memory_format=CL3)
     return _add_bias(_padded_out_conv(conv, buf, options), bias, residual, out)
 
 
@@ -346,7 +396,7 @@ def resblock(
     else:
         h = F.conv3d(x, shortcut.weight, None)
         bias = bias.float() + shortcut.bias.float()
-    buf = _stage(block.conv1, x, cursor, block.norm1)
+    buf = _stage(block.conv1, x, cursor, block.norm1, options=options)
     del x
     if (
         _split(block.conv1, buf, block.norm1, options)
@@ -366,7 +416,7 @@ def resblock(
     else:
         y = _conv_plus(block.conv1, buf, options, block.norm1)  # its bias goes into norm2's pass
         del buf
-        buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias)
+        buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias, options=options)
         del y
     if _split(block.conv2, buf, block.norm2, options):
         result = split_conv(buf, _split_weight(block.conv2), bias.float(), h, out=out)

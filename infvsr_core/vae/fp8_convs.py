@@ -55,17 +55,23 @@ def conv_fp8(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """conv(buf) + bias [+ residual] in float8 (buf: the causal conv's staged input, channels-last), the
-    additions in the kernel's epilogue, into `out` (new, in buf's dtype, if None); None where no kernel
-    configuration runs (the caller takes its float path). The input's scale needs no pass over the buffer: a
-    norm's output is bounded by its gamma (`static_activation_scale`)."""
+    """conv(buf) + bias [+ residual] in float8 (buf: the causal conv's staged input, channels-last, in the
+    model's dtype or already in float8 with `input_scale(norm)`), the additions in the kernel's epilogue, into
+    `out` (new, in the model's dtype, if None); None where no kernel configuration runs (the caller takes its
+    float path)."""
+    values, scale = quantize_staged(buf, input_scale(norm))
+    packed, weight_scale = derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
+    return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out, out_dtype=conv.weight.dtype)
+
+
+def input_scale(norm: WanRMS_norm) -> torch.Tensor:
+    """The float8 scale of this norm's output: from its gamma, no pass over the data (`static_activation_scale`:
+    a norm's output is bounded by its gamma)."""
 
     def build(gamma: torch.Tensor) -> torch.Tensor:
         return static_activation_scale(gamma, gamma.numel(), norm.bias)
 
-    values, scale = quantize_staged(buf, derived(norm, "_infvsr_fp8_scale", build, source="gamma"))
-    packed, weight_scale = derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
-    return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out, out_dtype=buf.dtype)
+    return derived(norm, "_infvsr_fp8_scale", build, source="gamma")
 
 
 def _pairs(vae: nn.Module, widths: frozenset[int]) -> list[tuple[WanCausalConv3d, WanRMS_norm]]:
