@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check_scaled_mm import append_rows, timed  # noqa: E402
 
-from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX  # noqa: E402
+from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX, to_fp8  # noqa: E402
 from infvsr_core.kernels import fp8_conv  # noqa: E402
 from infvsr_core.kernels.norm_silu import rms_norm_rows, tl, triton  # noqa: E402
 
@@ -95,7 +95,7 @@ def two_passes(x: torch.Tensor, gamma: torch.Tensor, scale: torch.Tensor, wide: 
             wide.view(-1), scale, out.view(-1), n, FP8_MAX=FP8_MAX, BLOCK=fp8_conv.CAST_BLOCK
         )
     else:
-        out.copy_((wide.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        out.copy_(to_fp8(wide, scale))
     return out
 
 

@@ -35,12 +35,18 @@ QUANTIZED_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
 project the visual prompt's few tokens (no speed to gain, and every query reads them), so they stay bf16."""
 
 
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8 of x / scale, saturated at the format's largest finite value and rounded to nearest even: the one
+    rounding every quantization here uses (a Triton pass that writes float8 must agree with it)."""
+    return (x.float() / scale.to(x.device, torch.float32)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) -> (float8 values of x / scale, float32 scale (..., 1)): each row's largest magnitude maps to the
     format's largest finite value (an all-zero row gets scale 1 rather than 0, so it dequantizes to zeros)."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    values = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    values = to_fp8(x, scale)
     return values, scale
 
 

@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..fp8 import FP8_DTYPE, FP8_MAX, quantize_rows
+from ..fp8 import FP8_DTYPE, FP8_MAX, quantize_rows, to_fp8
 from .configs import first_that_runs
 from .norm_silu import INTERPRETED, tl, triton, triton_usable
 from .split_conv import CAPABILITY, CL3, TensorDescriptor, _pixel_strides, pack_split
@@ -333,7 +333,7 @@ def cast_into(
         n = flat.numel()
         _cast_kernel[(triton.cdiv(n, CAST_BLOCK),)](flat, scale, into, n, FP8_MAX=FP8_MAX, BLOCK=CAST_BLOCK)
     else:
-        into.copy_((flat.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        into.copy_(to_fp8(flat, scale))
     return scale
 
 

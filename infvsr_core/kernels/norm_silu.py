@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..fp8 import FP8_DTYPE, FP8_MAX
+from ..fp8 import FP8_DTYPE, FP8_MAX, to_fp8
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds lack it.
     import triton
@@ -248,8 +248,10 @@ def rms_norm_rows(
         fused = use_triton and not INTERPRETED and _row_major(rows) and _row_major(out)
         fused = fused and (tail is None or (tail.is_contiguous() and tail.shape[1] == rows.shape[1]))
         if not fused:
-            return _cast_rows(rms_norm_rows(rows, gamma, scale, bias, silu=silu, use_triton=use_triton,
-                                            pre_bias=pre_bias, tail=tail), out_scale, out)  # fmt: skip
+            wide = rms_norm_rows(
+                rows, gamma, scale, bias, silu=silu, use_triton=use_triton, pre_bias=pre_bias, tail=tail
+            )
+            return out.copy_(to_fp8(wide, out_scale))
     if use_triton and _row_major(rows) and _row_major(out) and rows.numel():
         n, c = rows.shape
         block_c, block_r = _blocks(c)
@@ -274,15 +276,9 @@ def rms_norm_rows(
         except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
             _TRITON_BROKEN.append(repr(error))
     if fp8_out:
-        return _cast_rows(rms_norm_rows(rows, gamma, scale, bias, silu=silu, use_triton=False, pre_bias=pre_bias,
-                                        tail=tail), out_scale, out)  # fmt: skip
+        wide = rms_norm_rows(rows, gamma, scale, bias, silu=silu, use_triton=False, pre_bias=pre_bias, tail=tail)
+        return out.copy_(to_fp8(wide, out_scale))
     out.copy_(rms_norm_rows_reference(rows, gamma, scale, bias, silu, pre_bias))
     if tail is not None:
         tail.copy_(out[out.shape[0] - tail.shape[0] :])
-    return out
-
-
-def _cast_rows(rows: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = float8(clamp(rows / scale)) in PyTorch's rounding (to nearest even)."""
-    out.copy_((rows.float() / scale.to(rows.device, torch.float32)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
     return out

@@ -13,7 +13,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResidualBlock, WanRMS_norm
 from torch import nn
 
-from ..fp8 import FP8_DTYPE, FP8_MAX, dequantize_rows, quantize_rows
+from ..fp8 import dequantize_rows, quantize_rows, to_fp8
 from ..kernels.fp8_conv import (
     CHANNEL_MULTIPLE,
     fp8_conv,
@@ -100,7 +100,7 @@ def emulate_fp8_convs(vae: nn.Module, widths: frozenset[int]) -> int:
         def rounded(x: torch.Tensor | None, scale: torch.Tensor = scale) -> torch.Tensor | None:
             if not isinstance(x, torch.Tensor):
                 return x
-            return ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale).to(x.dtype)
+            return (to_fp8(x, scale).float() * scale).to(x.dtype)
 
         def forward(x, cache_x=None, _forward=conv.forward, _rounded=rounded):
             return _forward(_rounded(x), _rounded(cache_x))
