@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infvsr_core.attention import ATTENTION_BACKENDS, flash3_installed  # noqa: E402
 from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # noqa: E402
-from infvsr_core.fp8 import cast_except_fp8, quantize_dit  # noqa: E402
+from infvsr_core.fp8 import cast_except_fp8, quantize_dit, set_float8_attention  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
 from infvsr_core.kernels import split_conv  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
@@ -472,6 +472,12 @@ def main() -> int:
         help="fp8: the DiT's input quantizations through kernels/row_quantize.py (dit.row_quantize_kernel)",
     )
     parser.add_argument(
+        "--fp8-attention",
+        choices=["on", "off"],
+        help="fp8: the DiT's self-attention in float8 where FlashAttention-3 runs it (fp8.set_float8_attention); "
+        "default: the product's (fp8.FLOAT8_ATTENTION)",
+    )
+    parser.add_argument(
         "--fp8-convs",
         type=_widths,
         help="the VAE's causal convs of these output widths in float8 (kernels/fp8_conv.py), e.g. 96,192,384, or "
@@ -526,6 +532,8 @@ def main() -> int:
         pipe.vae.fast_options, mid_attention_kernel=args.mid_attention == "kernel", split_conv=args.split_conv == "on"
     )
     pipe.dit.row_quantize_kernel = args.row_quantize == "on"
+    if args.fp8_attention is not None:
+        set_float8_attention(pipe.dit, args.fp8_attention == "on")
     if args.fp8_norm_store == "on":
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_norm_store=True)
     if args.fp8_convs is not None:

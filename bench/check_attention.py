@@ -5,7 +5,11 @@
 One steady chunk's self-attention of the full-size DiT (12 heads of 128, bf16):
 3 latent frames of queries against the previous chunk's and this chunk's keys.
 Kernels: cuDNN's and PyTorch's flash (FA2) kernels through SDPA, and
-FlashAttention-3 where it is installed (`attention.py`'s "flash3"). The error
+FlashAttention-3 where it is installed (`attention.py`'s "flash3"), and its
+float8 kernel (the fp8 DiT's `float8_attention`): "flash3 fp8" times the kernel
+on operands already in float8, "flash3 fp8 + quantize" adds the compiled
+`quantize_heads` of q, k and v (the keys joined from two halves, as the
+DiT's previous and current chunk). The error
 is ||out - ref|| / ||ref|| against SDPA's memory-efficient kernel on float32
 copies of the same inputs (a kernel none of the timed ones share).
 """
@@ -23,7 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from infvsr_core.attention import _flash3_attention as flash3  # noqa: E402
-from infvsr_core.attention import flash3_installed, flash3_supports  # noqa: E402
+from infvsr_core.attention import flash3_float8, flash3_installed, flash3_supports, float8_attention  # noqa: E402
+from infvsr_core.fp8 import quantize_heads  # noqa: E402
 
 # Output size -> DiT tokens per latent frame (the latent is output / 8, patches 2x2; rows padded to 16 px).
 TOKENS = {"480p": 30 * 52, "720p": 45 * 80, "1080p": 68 * 120, "2160p": 135 * 240}
@@ -77,6 +82,21 @@ def main() -> int:
         available = dict(kernels)
         if flash3_supports(q, k):
             available["flash3"] = flash3
+        if flash3_float8(q):
+            quantize = torch.compile(quantize_heads, fullgraph=True)
+            half = lk // 2
+            operands = [quantize(q), quantize(k[:, :half], k[:, half:]), quantize(v[:, :half], v[:, half:])]
+            values, scales = tuple(x for x, _ in operands), tuple(s for _, s in operands)
+
+            def fp8_kernel(q, k, v, values=values, scales=scales):
+                return float8_attention(*values, scales)
+
+            def fp8_with_quantize(q, k, v, quantize=quantize, half=half):
+                parts = [quantize(q), quantize(k[:, :half], k[:, half:]), quantize(v[:, :half], v[:, half:])]
+                return float8_attention(*(x for x, _ in parts), tuple(s for _, s in parts))
+
+            available["flash3 fp8"] = fp8_kernel
+            available["flash3 fp8 + quantize"] = fp8_with_quantize
         for name, fn in available.items():
             out = fn(q, k, v)
             err = ((out.float() - ref).norm() / ref.norm()).item()

@@ -4,7 +4,8 @@ Tensors are laid out (B, L, H, D) as the DiT produces them. "auto" (the
 default) takes FlashAttention-3 where it is installed and can run (a Hopper
 GPU, bf16), else PyTorch's SDPA with cuDNN's kernel first. Other kernels
 (SageAttention, ...) plug in with `register_attention_backend` without
-touching the model code.
+touching the model code. `float8_attention` takes operands already in float8
+(fp8.py's `quantize_heads`), for the fp8 DiT where FlashAttention-3 runs them.
 """
 
 from __future__ import annotations
@@ -112,6 +113,44 @@ def _flash3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
         )
     out = module.flash_attn_func(q, k, v)
     return out[0] if isinstance(out, tuple) else out
+
+
+def flash3_float8(q: torch.Tensor) -> bool:
+    """Whether FlashAttention-3 runs float8 operands for attention over tensors like q (bf16, on their device):
+    a Hopper GPU, and a build with its float8 kernels (the builds can leave them out)."""
+    if not flash3_supports(q, q):
+        return False
+    config = sys.modules.get("flash_attn_config") or sys.modules.get("fa3_fwd_config")
+    flags = getattr(config, "CONFIG", {}).get("build_flags", {})
+    return not flags.get("FLASHATTENTION_DISABLE_FP8", False)
+
+
+def float8_attention_runs(q: torch.Tensor, backend: str) -> bool:
+    """Whether `float8_attention` has a kernel for this call: FlashAttention-3's float8 one under "auto" or
+    "flash3"; "math" always (its float32 reference, for checks on any device); SDPA has no float8 kernel."""
+    if backend == "math":
+        return True
+    return backend in ("auto", "flash3") and flash3_float8(q)
+
+
+def float8_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    backend: str = "auto", dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Attention of float8 operands, each (B, L, H, D) with a float32 scale per (batch, head) (`descale`, as
+    `fp8.quantize_heads` makes them) -> (B, Lq, H, D) in `dtype`. Where `float8_attention_runs`: FlashAttention-3's
+    float8 kernel (which also rounds the softmax's probabilities to float8 for their product with V), or
+    under "math" the operands' exact values through float32 math."""
+    if backend == "math":
+        q, k, v = (x.float() * s[:, None, :, None] for x, s in zip((q, k, v), descale, strict=True))
+        return _math(q, k, v).to(dtype)
+    module = _flash3_module()
+    if module is None:
+        raise RuntimeError("float8 attention needs FlashAttention-3 (with its float8 kernels) on a Hopper GPU")
+    q_scale, k_scale, v_scale = (s.contiguous() for s in descale)
+    out = module.flash_attn_func(q, k, v, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(dtype)
 
 
 def _auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
-from .fp8 import Quantized, ffn_fp8, gelu_quantize_rows, project, quantize_rows, takes_fp8
+from .attention import attention, float8_attention, float8_attention_runs
+from .fp8 import Quantized, ffn_fp8, gelu_quantize_rows, project, quantize_heads, quantize_rows, takes_fp8
 from .graphs import BlockGraphs
 from .kernels.row_quantize import (
     LN_MODULATE,
@@ -257,6 +257,7 @@ class _Ops:
         self.quantize = wrap(quantize_rows)
         self.ln_modulate_quantize = wrap(_ln_modulate_quantize_op)
         self.gelu_quantize = wrap(gelu_quantize_rows)
+        self.quantize_heads = wrap(quantize_heads)
         if row_kernel:
             self.quantize = quantize_rows_kernel
             self.ln_modulate_quantize = _ln_modulate_quantize_kernel
@@ -295,7 +296,12 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    """Self-attention over [previous chunk, current chunk] keys/values with 3D RoPE on q and k."""
+    """Self-attention over [previous chunk, current chunk] keys/values with 3D RoPE on q and k.
+
+    `float8_attention`: q, k and v go to the attention kernel in float8 (one scale per head) where one runs them
+    (attention.float8_attention_runs); set by fp8.set_float8_attention. The cache keeps bf16 keys and values."""
+
+    float8_attention: bool = False
 
     def forward(
         self,
@@ -312,8 +318,15 @@ class SelfAttention(_Projections):
         q = ops.rms_rope(q, self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
         k = ops.rms_rope(k, self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
         v = v.unflatten(-1, heads)
-        k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
-        out = attention(q, k_all, v_all, backend)
+        if self.float8_attention and float8_attention_runs(q, backend):
+            keys, values = ((past[0], k), (past[1], v)) if past else ((k,), (v,))
+            (q8, q_scale), (k8, k_scale), (v8, v_scale) = (
+                ops.quantize_heads(q), ops.quantize_heads(*keys), ops.quantize_heads(*values)
+            )
+            out = float8_attention(q8, k8, v8, (q_scale, k_scale, v_scale), backend, q.dtype)
+        else:
+            k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
+            out = attention(q, k_all, v_all, backend)
         return project((self.o,), out.flatten(2), ops.quantize)[0], k, v
 
 

@@ -34,6 +34,9 @@ QUANTIZED_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
 """The linears of a DiT block that take fp8: every product over the video's tokens. The cross-attention's k and v
 project the visual prompt's few tokens (no speed to gain, and every query reads them), so they stay bf16."""
 
+FLOAT8_ATTENTION = False
+"""Whether an fp8 DiT's self-attention runs in float8 where FlashAttention-3 can (off until measured)."""
+
 
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float8 of x / scale, saturated at the format's largest finite value and rounded to nearest even: the one
@@ -48,6 +51,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     values = to_fp8(x, scale)
     return values, scale
+
+
+def quantize_heads(*parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention operands (B, L_i, H, D), joined along the tokens -> (float8 values (B, sum L_i, H, D), float32
+    scale (B, H)): one scale per batch and head, the form a float8 attention kernel takes (its "descale"). Joining
+    here (the previous chunk's keys and this chunk's) lets a compiled caller write the float8 operand in one pass
+    with no bf16 copy of the whole."""
+    x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    amax = x.detach().abs().amax(dim=(1, 3)).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return to_fp8(x, scale[:, None, :, None]), scale
 
 
 def dequantize_rows(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -190,13 +204,21 @@ def _quantizable(blocks: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]
             yield owner, attribute, layer
 
 
+def set_float8_attention(dit: nn.Module, on: bool) -> nn.Module:
+    """Whether the DiT's self-attention takes float8 operands where a kernel runs them (dit.SelfAttention)."""
+    for block in dit.blocks:
+        block.self_attn.float8_attention = on
+    dit.graphs.clear()
+    return dit
+
+
 def quantize_dit(dit: nn.Module) -> nn.Module:
-    """Replace the DiT blocks' `QUANTIZED_LINEARS` by `FP8Linear`s, in place (quantizing their weights)."""
+    """Replace the DiT blocks' `QUANTIZED_LINEARS` by `FP8Linear`s, in place (quantizing their weights), and set
+    its self-attention's precision to `FLOAT8_ATTENTION`."""
     for owner, attribute, layer in list(_quantizable(dit.blocks)):
         if isinstance(layer, nn.Linear):
             _replace(owner, attribute, FP8Linear.from_linear(layer))
-    dit.graphs.clear()
-    return dit
+    return set_float8_attention(dit, FLOAT8_ATTENTION)
 
 
 def is_fp8_state_dict(state: dict[str, torch.Tensor]) -> bool:
@@ -211,7 +233,7 @@ def prepare_for_fp8_state(dit: nn.Module, dtype: torch.dtype) -> nn.Module:
             fp8 = FP8Linear(layer.in_features, layer.out_features, layer.bias is not None, dtype,
                             layer.weight.device if layer.weight.device.type != "meta" else "cpu")
             _replace(owner, attribute, fp8)
-    return dit
+    return set_float8_attention(dit, FLOAT8_ATTENTION)
 
 
 def _replace(owner: nn.Module, attribute: str, layer: nn.Module) -> None:
