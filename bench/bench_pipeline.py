@@ -462,14 +462,8 @@ def main() -> int:
     parser.add_argument(
         "--fp8-norm-store",
         choices=["on", "off"],
-        default="off",
-        help="fp8: the VAE's norm stores the float8 convs' inputs itself (FastForwardOptions.fp8_norm_store)",
-    )
-    parser.add_argument(
-        "--row-quantize",
-        choices=["on", "off"],
-        default="off",
-        help="fp8: the DiT's input quantizations through kernels/row_quantize.py (dit.row_quantize_kernel)",
+        help="fp8: the VAE's norm stores the float8 convs' inputs itself (FastForwardOptions.fp8_norm_store); "
+        "default: the product's (FP8_OPTIONS)",
     )
     parser.add_argument(
         "--fp8-attention",
@@ -531,11 +525,10 @@ def main() -> int:
     pipe.vae.fast_options = dataclasses.replace(
         pipe.vae.fast_options, mid_attention_kernel=args.mid_attention == "kernel", split_conv=args.split_conv == "on"
     )
-    pipe.dit.row_quantize_kernel = args.row_quantize == "on"
     if args.fp8_attention is not None:
         set_float8_attention(pipe.dit, args.fp8_attention == "on")
-    if args.fp8_norm_store == "on":
-        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_norm_store=True)
+    if args.fp8_norm_store is not None:
+        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_norm_store=args.fp8_norm_store == "on")
     if args.fp8_convs is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=args.fp8_convs)
     if args.full_res_frames is not None:

@@ -35,7 +35,6 @@ from bench_pipeline import commit_id, psnr, random_pipeline, run_stream  # noqa:
 from infvsr_core.attention import float8_attention_runs  # noqa: E402
 from infvsr_core.evaluate.degrade import downscale  # noqa: E402
 from infvsr_core.fp8 import FP8Linear, fp8_matmul_supported, set_float8_attention  # noqa: E402
-from infvsr_core.io import VideoReader  # noqa: E402
 from infvsr_core.vae.fp8_convs import FP8_CONV_OUTPUTS, emulate_fp8_convs  # noqa: E402
 
 DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "real_bikes_street_640x272.mp4"
@@ -52,6 +51,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def real_input(path: Path, frames: int, width: int, height: int) -> torch.Tensor:
     """The clip's first `frames` frames resized to (4 * width, 4 * height), then reduced 4x by the protocol."""
+    from infvsr_core.io import VideoReader  # PyAV: only where a clip is decoded (see --input-cache)
+
     with VideoReader(path, max_frames=frames) as reader:
         clip = torch.cat([chunk.frames for chunk in reader.read_chunks(frames)])[:frames]
     planar = clip.permute(0, 3, 1, 2).float()

@@ -24,15 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention, float8_attention, float8_attention_runs
-from .fp8 import Quantized, ffn_fp8, gelu_quantize_rows, project, quantize_heads, quantize_rows, takes_fp8
-from .graphs import BlockGraphs
-from .kernels.row_quantize import (
-    LN_MODULATE,
-    gelu_quantize_rows_kernel,
-    quantize_rows_kernel,
-    row_quantize,
-    row_quantize_usable,
+from .fp8 import (
+    Quantized,
+    ffn_fp8,
+    gelu_quantize_rows,
+    normed_head_scale,
+    project,
+    quantize_heads,
+    quantize_rows,
+    takes_fp8,
+    to_fp8,
 )
+from .graphs import BlockGraphs
 from .memory.host import ManagedCache
 from .memory.transfer import to_device_async
 from .rope import apply_rope, rope_cos_sin
@@ -192,6 +195,20 @@ def _rms_rope_op(
     return apply_rope(_rms_norm_op(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
 
 
+def _rms_rope_fp8_op(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, heads: int,
+    *past: torch.Tensor,
+    keep_roped: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """`_rms_rope_op` (returned if `keep_roped`), and the float8 attention operand of [past, it] (one scale per
+    head, fp8.normed_head_scale, as (B, heads)): returns (roped or None, the float8 operand, scale). Compiled,
+    the keys of both chunks are written in float8 in the pass that norms this chunk's."""
+    roped = _rms_rope_op(x, weight, cos, sin, eps, heads)
+    scale = normed_head_scale(weight, heads)
+    joined = torch.cat([*past, roped], dim=1) if past else roped
+    return roped if keep_roped else None, to_fp8(joined, scale[None, None, :, None]), scale.expand(x.shape[0], heads)
+
+
 def _ln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Affine-free float32 LayerNorm, * (1 + scale) + shift, cast back."""
     normed = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
@@ -233,20 +250,10 @@ def _ffn_fused_op(ffn: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return down(h).view(*x.shape[:-1], -1)
 
 
-def _ln_modulate_quantize_kernel(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_ln_modulate_quantize_op` in one Triton pass where it runs (kernels/row_quantize.py)."""
-    if row_quantize_usable(x):
-        return row_quantize(x, LN_MODULATE, shift, scale, eps)
-    return _ln_modulate_quantize_op(x, shift, scale, eps)
-
-
 class _Ops:
-    """One set of the elementwise ops: eager, or each wrapped in torch.compile (then also the fused FFN); with
-    `row_kernel`, the fp8 products' input quantizations through kernels/row_quantize.py instead."""
+    """One set of the elementwise ops: eager, or each wrapped in torch.compile (then also the fused FFN)."""
 
-    def __init__(self, compile_fn=None, row_kernel: bool = False) -> None:
+    def __init__(self, compile_fn=None) -> None:
         wrap = compile_fn or (lambda fn: fn)
         self.rms_norm = wrap(_rms_norm_op)
         self.rms_rope = wrap(_rms_rope_op)
@@ -258,21 +265,18 @@ class _Ops:
         self.ln_modulate_quantize = wrap(_ln_modulate_quantize_op)
         self.gelu_quantize = wrap(gelu_quantize_rows)
         self.quantize_heads = wrap(quantize_heads)
-        if row_kernel:
-            self.quantize = quantize_rows_kernel
-            self.ln_modulate_quantize = _ln_modulate_quantize_kernel
-            self.gelu_quantize = gelu_quantize_rows_kernel
+        self.rms_rope_fp8 = wrap(_rms_rope_fp8_op)
 
 
 EAGER_OPS = _Ops()
-_COMPILED_OPS: dict[bool, _Ops] = {}
+_COMPILED_OPS: list[_Ops] = []
 
 
-def compiled_ops(row_kernel: bool = False) -> _Ops:
-    """The torch.compile'd ops (built once, compiled per shape on first use); `row_kernel`: see `_Ops`."""
-    if row_kernel not in _COMPILED_OPS:
-        _COMPILED_OPS[row_kernel] = _Ops(lambda fn: torch.compile(fn, fullgraph=True), row_kernel)
-    return _COMPILED_OPS[row_kernel]
+def compiled_ops() -> _Ops:
+    """The torch.compile'd ops (built once, compiled per shape on first use)."""
+    if not _COMPILED_OPS:
+        _COMPILED_OPS.append(_Ops(lambda fn: torch.compile(fn, fullgraph=True)))
+    return _COMPILED_OPS[0]
 
 
 def compile_available() -> bool:
@@ -315,18 +319,23 @@ class SelfAttention(_Projections):
         """Returns (output, this chunk's roped keys, this chunk's values)."""
         heads = (self.num_heads, -1)
         q, k, v = project((self.q, self.k, self.v), x, ops.quantize)  # fp8 layers: x quantized once
+        v = v.unflatten(-1, heads)
+        if self.float8_attention and float8_attention_runs(v, backend):
+            # queries and keys quantized as they are normed (a scale known from the norm's weight), values by
+            # their extremes; the cache keeps the bf16 keys and values
+            _, q8, q_scale = ops.rms_rope_fp8(
+                q, self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads, keep_roped=False
+            )
+            k, k8, k_scale = ops.rms_rope_fp8(
+                k, self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads, *(past[:1] if past else ())
+            )
+            v8, v_scale = ops.quantize_heads(*((past[1], v) if past else (v,)))
+            out = float8_attention(q8, k8, v8, (q_scale, k_scale, v_scale), backend, v.dtype)
+            return project((self.o,), out.flatten(2), ops.quantize)[0], k, v
         q = ops.rms_rope(q, self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
         k = ops.rms_rope(k, self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
-        v = v.unflatten(-1, heads)
-        if self.float8_attention and float8_attention_runs(q, backend):
-            keys, values = ((past[0], k), (past[1], v)) if past else ((k,), (v,))
-            (q8, q_scale), (k8, k_scale), (v8, v_scale) = (
-                ops.quantize_heads(q), ops.quantize_heads(*keys), ops.quantize_heads(*values)
-            )
-            out = float8_attention(q8, k8, v8, (q_scale, k_scale, v_scale), backend, q.dtype)
-        else:
-            k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
-            out = attention(q, k_all, v_all, backend)
+        k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
+        out = attention(q, k_all, v_all, backend)
         return project((self.o,), out.flatten(2), ops.quantize)[0], k, v
 
 
@@ -414,9 +423,6 @@ class CausalWanDiT(nn.Module):
         self.attention_backend: str = "auto"  # attention.py: FlashAttention-3 where installed, else SDPA
         # Fused elementwise ops (torch.compile): None = on CUDA when Triton is there.
         self.fuse_elementwise: bool | None = None
-        # With fused ops and fp8 layers: their inputs quantized by one Triton pass per row block
-        # (kernels/row_quantize.py) instead of the compiled passes. Off until measured (bench/check_dit_quantize.py).
-        self.row_quantize_kernel = False
         # Steady chunks' blocks as CUDA graphs (graphs.py), for calls that ask (`graph`) without `keep`:
         # None = for chunks of at most GRAPH_MAX_TOKENS tokens, True = any size, False = never.
         self.cuda_graphs: bool | None = None
@@ -435,7 +441,7 @@ class CausalWanDiT(nn.Module):
         fuse = self.fuse_elementwise
         if fuse is None:
             fuse = device.type == "cuda" and compile_available()
-        return compiled_ops(self.row_quantize_kernel) if fuse else EAGER_OPS
+        return compiled_ops() if fuse else EAGER_OPS
 
     def forward(
         self,

@@ -18,6 +18,7 @@ speed is that of the compute dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -62,6 +63,21 @@ def quantize_heads(*parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x.detach().abs().amax(dim=(1, 3)).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return to_fp8(x, scale[:, None, :, None]), scale
+
+
+# Headroom over the bound below for the roundings between the norm and the rotation (bf16 at the norm's output and
+# its weight's product, float32 rotation rounded to bf16: each well under 1 %).
+NORMED_BOUND_MARGIN = 1.02
+
+
+def normed_head_scale(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """A float8 scale per head (heads,) for an RMSNorm over the full width with `weight`, then a rotation of pairs
+    (RoPE), that no input can exceed: the normalized vector's squares sum to the width, so no element (nor a
+    rotated pair) passes sqrt(width) times the head's largest |weight|. Known before the data, it needs no pass
+    over it (queries and keys quantize in the pass that norms them); it costs no precision to the format's normal
+    values, whose relative spacing does not depend on the scale."""
+    bound = weight.detach().float().abs().unflatten(0, (heads, -1)).amax(dim=1) * math.sqrt(weight.shape[0])
+    return torch.where(bound > 0, bound * NORMED_BOUND_MARGIN / FP8_MAX, torch.ones_like(bound))
 
 
 def dequantize_rows(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

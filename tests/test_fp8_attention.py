@@ -1,5 +1,6 @@
-"""Float8 self-attention of the fp8 DiT (fp8.quantize_heads, attention.float8_attention): the per-head
-quantization against a plain float64 loop, the float8 reference against float64 attention, and the DiT's switch.
+"""Float8 self-attention of the fp8 DiT (fp8.quantize_heads, fp8.normed_head_scale, attention.float8_attention):
+the per-head quantization against a plain float64 loop, the queries' and keys' bound against adversarial inputs,
+the float8 reference against float64 attention, and the DiT's switch.
 FlashAttention-3's float8 kernel itself runs on a Hopper GPU only: bench/check_attention.py measures it there."""
 
 from __future__ import annotations
@@ -11,8 +12,17 @@ import torch
 
 from infvsr_core import fp8
 from infvsr_core.attention import float8_attention, float8_attention_runs
-from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict
-from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX, quantize_dit, quantize_heads, set_float8_attention
+from infvsr_core.dit import CausalWanDiT, DiTConfig, _rms_rope_op, random_dit_state_dict
+from infvsr_core.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    NORMED_BOUND_MARGIN,
+    normed_head_scale,
+    quantize_dit,
+    quantize_heads,
+    set_float8_attention,
+)
+from infvsr_core.rope import rope_cos_sin
 
 # float8_e4m3fn: 3 mantissa bits (a normal value within 2^-4 of itself), subnormals 2^-9 apart in scale units.
 RELATIVE_ROUNDING = 2.0**-4
@@ -50,6 +60,25 @@ def test_quantize_heads_keeps_an_all_zero_head_zero():
     values, scale = quantize_heads(x)
     assert scale[1, 2].item() == 1.0 and torch.isfinite(scale).all()
     assert (values[1, :, 2].float() == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_normed_bound_holds_for_any_input_and_is_reached(dtype):
+    """No token, however its energy is spread, passes the scale's float8 range after RMSNorm and RoPE: tokens
+    with all their energy in one element (the bound's worst case), in one rotated pair, and Gaussian ones."""
+    heads, dim = 3, 48
+    g = torch.Generator().manual_seed(6)
+    weight = (torch.randn(dim, generator=g) * torch.logspace(-1, 1, dim)).to(dtype)
+    eye = torch.eye(dim)
+    pairs = (eye[0::2] + eye[1::2]) / math.sqrt(2)
+    tokens = torch.cat([eye * 3.0, -eye * 1e-3, pairs * 7.0, torch.randn(40, dim, generator=g) * 5]).to(dtype)
+    cos, sin = rope_cos_sin(tokens.shape[0], 1, 1, dim // heads)
+    roped = _rms_rope_op(tokens[None], weight, cos, sin, 1e-6, heads).float()
+    scale = normed_head_scale(weight, heads)
+    ratio = roped.abs().amax(dim=(0, 1, 3)) / scale  # in float8 units, per head
+    assert (ratio <= FP8_MAX).all(), ratio
+    # the one-element tokens reach the bound up to its margin: the scale wastes none of the range
+    assert (ratio >= FP8_MAX / NORMED_BOUND_MARGIN * 0.97).all(), ratio
 
 
 def _attention64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # the same kernels on more calls.
 SELECTED = [
     "tests/test_kernels.py",
-    "tests/test_row_quantize.py",
     "tests/test_fast_vae.py::test_encoder_and_decoder_match_diffusers_call_by_call",
     "tests/test_fast_vae.py::test_subpixel_upsampler_matches_nearest_then_conv",
     "tests/test_fast_vae.py::test_upsample_layer_matches_diffusers",

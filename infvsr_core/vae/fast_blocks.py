@@ -79,13 +79,14 @@ class FastForwardOptions:
     # `fp8_conv_usable`): the bf16 default keeps them off; `dtype="fp8"` turns on `FP8_CONV_OUTPUTS` (`FP8_OPTIONS`).
     fp8_conv_outputs: frozenset[int] = frozenset()
     # The norm + SiLU pass stores those convs' staged inputs in float8 itself (no cast pass after it; the
-    # histories stay in the model's dtype). Off until measured faster (bench/check_norm_fp8.py; an earlier form,
-    # dividing per element, measured slower: bench/RESULTS.md round 16).
+    # histories stay in the model's dtype): on with the float8 convs (`FP8_OPTIONS`), where it measured faster
+    # (bench/RESULTS.md round 17; an earlier form, dividing per element, measured slower: round 16).
     fp8_norm_store: bool = False
 
 
-FP8_OPTIONS = FastForwardOptions(fp8_conv_outputs=FP8_CONV_OUTPUTS)
-"""The fast forward of `dtype="fp8"`: the product's defaults with the float8 convs on."""
+FP8_OPTIONS = FastForwardOptions(fp8_conv_outputs=FP8_CONV_OUTPUTS, fp8_norm_store=True)
+"""The fast forward of `dtype="fp8"`: the product's defaults with the float8 convs on, their inputs stored in
+float8 by the norm that makes them."""
 
 
 def to_cl3(x: torch.Tensor) -> torch.Tensor:
