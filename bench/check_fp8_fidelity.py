@@ -75,12 +75,12 @@ def upscaled(variant: str, clip: torch.Tensor, device: torch.device, widths: fro
     kernel = fp8_matmul_supported(device) and device.type == "cuda"
     if variant == "fp32":
         pipe = random_pipeline(device, torch.float32, fast=False)
-    elif variant == "fp8" and not kernel:
+    elif variant in ("fp8", "fp8_attention") and not kernel:
         pipe = random_pipeline(device, torch.bfloat16, fp8=True, fast=False)
         assert emulate_fp8_convs(pipe.vae.vae, widths) > 0, "no VAE conv of the float8 widths"
     else:
         pipe = random_pipeline(device, torch.bfloat16, fp8=variant.startswith("fp8"))
-        convs = widths if variant == "fp8" else frozenset()
+        convs = frozenset() if variant == "fp8_dit" else widths
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=convs)
     if variant.startswith("fp8"):
         layers = [m for m in pipe.dit.modules() if isinstance(m, FP8Linear)]

@@ -35,8 +35,9 @@ QUANTIZED_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
 """The linears of a DiT block that take fp8: every product over the video's tokens. The cross-attention's k and v
 project the visual prompt's few tokens (no speed to gain, and every query reads them), so they stay bf16."""
 
-FLOAT8_ATTENTION = False
-"""Whether an fp8 DiT's self-attention runs in float8 where FlashAttention-3 can (off until measured)."""
+FLOAT8_ATTENTION = True
+"""Whether an fp8 DiT's self-attention runs in float8 where FlashAttention-3 can (measured faster at every size,
+the fidelity target kept: bench/RESULTS.md round 17)."""
 
 
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
