@@ -11,8 +11,8 @@ product's arithmetic, `kernels/norm_silu.py`) in four stores:
 - bf16: what the product's norm writes (its own speed, the floor for the others);
 - fp8 div: float8 of (y rounded to bf16) / scale with an IEEE division (round 16's way);
 - fp8 mul: the same with a multiplication by the scale's reciprocal (a power-of-two scale makes it exact): the
-  product's `FastForwardOptions.fp8_norm_store` (off until this measures it faster; end to end:
-  `bench_pipeline.py --dtype fp8 --fp8-norm-store on`);
+  product's `FastForwardOptions.fp8_norm_store` (on under `dtype fp8` since bench/RESULTS.md round 17; end to
+  end: `bench_pipeline.py --dtype fp8 --fp8-norm-store on|off`);
 - fp8 direct: float8 of y * reciprocal, without rounding y to bf16 first;
 against the product's two passes (`rms_norm_rows` into bf16, then the cast kernel), with the share of float8
 bytes equal to the two passes' and the largest difference in float8 steps. (The interpreter's float32 ->
