@@ -9,7 +9,8 @@ FlashAttention-3 where it is installed (`attention.py`'s "flash3"), and its
 float8 kernel (the fp8 DiT's `float8_attention`): "flash3 fp8" times the kernel
 on operands already in float8, "flash3 fp8 + quantize" adds the compiled
 `quantize_heads` of q, k and v (the keys joined from two halves, as the
-DiT's previous and current chunk). The error
+DiT's previous and current chunk; the product quantizes q and k in the
+pass that norms them instead, and only v so: an upper bound). The error
 is ||out - ref|| / ||ref|| against SDPA's memory-efficient kernel on float32
 copies of the same inputs (a kernel none of the timed ones share).
 """

@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("bf16", "fp16", "fp32", "fp8"),
         help="default: bf16 on cuda, fp32 on cpu. fp8: the DiT's linear layers in float8 (half their memory, faster "
-        "on GPUs with fp8 tensor cores) and, on Hopper GPUs, the VAE's convolutions too; the rest as the default; "
-        "close to bf16, not identical",
+        "on GPUs with fp8 tensor cores) and, on Hopper GPUs, the VAE's convolutions too, and the DiT's attention where "
+        "FlashAttention-3 is installed; the rest as the default; close to bf16, not identical",
     )
     up.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     up.add_argument(

@@ -1,10 +1,12 @@
 """fp8: the DiT's matrix products with float8 operands, an opt-in precision (`dtype="fp8"`).
 
 Why: GPUs with fp8 tensor cores (Ada, Hopper, Blackwell) multiply float8
-matrices at twice the bf16 rate, and float8 weights take half the memory. Only
-the DiT blocks' linear layers change (attention projections and the FFN,
-where the work is); attention, norms, modulation, embeddings and the output
-head keep their bf16/fp32 arithmetic, and the VAE stays bf16.
+matrices at twice the bf16 rate, and float8 weights take half the memory. In
+the DiT the blocks' linear layers change (attention projections and the FFN,
+where the work is) and, where FlashAttention-3 runs float8 (Hopper), the
+self-attention's operands; norms, modulation, embeddings and the output head
+keep their bf16/fp32 arithmetic. (The VAE's float8 convolutions are
+vae/fp8_convs.py's.)
 
 Scales: a weight is quantized per output channel (row) and an activation per
 token (row), each row's largest magnitude mapped to float8_e4m3fn's largest

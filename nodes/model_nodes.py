@@ -158,7 +158,8 @@ class LoadInfVSRModel:
                 "dtype": (["auto", "bf16", "fp16", "fp32", "fp8"], {
                     "default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU. fp8: the DiT's linear "
                     "layers in float8 (half their memory; faster on GPUs with fp8 tensor cores: RTX 40/50, H100) "
-                    "and, on Hopper (H100/H200), the VAE's convolutions too (faster again: README has the figures); "
+                    "and, on Hopper (H100/H200), the VAE's convolutions too, and the DiT's attention where "
+                    "FlashAttention-3 is installed (faster again: README has the figures); "
                     "the rest as auto; output close to bf16, not identical. An fp8 DiT file is always fp8."}),
                 "attention": (backends, {
                     "default": "auto", "tooltip": "Attention kernel of the DiT. auto: FlashAttention-3 where it is "
