@@ -59,9 +59,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_heads(*parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention operands (B, L_i, H, D), joined along the tokens -> (float8 values (B, sum L_i, H, D), float32
-    scale (B, H)): one scale per batch and head, the form a float8 attention kernel takes (its "descale"). Joining
-    here (the previous chunk's keys and this chunk's) lets a compiled caller write the float8 operand in one pass
-    with no bf16 copy of the whole."""
+    scale (B, H)): one scale per batch and head, the form a float8 attention kernel takes (its "descale"), from the
+    operand's extremes (the DiT's values; its queries and keys have `normed_head_scale`). Joining here (the previous
+    chunk's values and this chunk's) lets a compiled caller write the float8 operand with no bf16 copy of the
+    whole."""
     x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     amax = x.detach().abs().amax(dim=(1, 3)).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
