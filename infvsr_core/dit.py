@@ -331,11 +331,11 @@ class SelfAttention(_Projections):
             )
             v8, v_scale = ops.quantize_heads(*((past[1], v) if past else (v,)))
             out = float8_attention(q8, k8, v8, (q_scale, k_scale, v_scale), backend, v.dtype)
-            return project((self.o,), out.flatten(2), ops.quantize)[0], k, v
-        q = ops.rms_rope(q, self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
-        k = ops.rms_rope(k, self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
-        k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
-        out = attention(q, k_all, v_all, backend)
+        else:
+            q = ops.rms_rope(q, self.norm_q.weight, cos, sin, self.norm_q.eps, self.num_heads)
+            k = ops.rms_rope(k, self.norm_k.weight, cos, sin, self.norm_k.eps, self.num_heads)
+            k_all, v_all = (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)) if past else (k, v)
+            out = attention(q, k_all, v_all, backend)
         return project((self.o,), out.flatten(2), ops.quantize)[0], k, v
 
 
