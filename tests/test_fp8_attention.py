@@ -118,7 +118,7 @@ def _dit() -> tuple[CausalWanDiT, tuple[torch.Tensor, ...]]:
     return dit.eval(), (latents, context, torch.tensor([500.0]))
 
 
-def test_the_dit_switch_changes_only_the_attention_precision(monkeypatch):
+def test_the_dit_switch_changes_only_the_attention_precision():
     dit, inputs = _dit()
     dit.attention_backend = "math"
     with torch.no_grad():
