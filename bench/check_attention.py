@@ -85,16 +85,19 @@ def main() -> int:
             available["flash3"] = flash3
         if flash3_float8(q):
             quantize = torch.compile(quantize_heads, fullgraph=True)
-            half = lk // 2
-            operands = [quantize(q), quantize(k[:, :half], k[:, half:]), quantize(v[:, :half], v[:, half:])]
-            values, scales = tuple(x for x, _ in operands), tuple(s for _, s in operands)
+
+            def operands(q, k, v, quantize=quantize, half=lk // 2):
+                parts = [quantize(q), quantize(k[:, :half], k[:, half:]), quantize(v[:, :half], v[:, half:])]
+                return tuple(x for x, _ in parts), tuple(s for _, s in parts)
+
+            values, scales = operands(q, k, v)
 
             def fp8_kernel(q, k, v, values=values, scales=scales):
                 return float8_attention(*values, scales)
 
-            def fp8_with_quantize(q, k, v, quantize=quantize, half=half):
-                parts = [quantize(q), quantize(k[:, :half], k[:, half:]), quantize(v[:, :half], v[:, half:])]
-                return float8_attention(*(x for x, _ in parts), tuple(s for _, s in parts))
+            def fp8_with_quantize(q, k, v):
+                values, scales = operands(q, k, v)
+                return float8_attention(*values, scales)
 
             available["flash3 fp8"] = fp8_kernel
             available["flash3 fp8 + quantize"] = fp8_with_quantize

@@ -80,7 +80,7 @@ def upscaled(variant: str, clip: torch.Tensor, device: torch.device, widths: fro
         assert emulate_fp8_convs(pipe.vae.vae, widths) > 0, "no VAE conv of the float8 widths"
     else:
         pipe = random_pipeline(device, torch.bfloat16, fp8=variant.startswith("fp8"))
-        convs = frozenset() if variant == "fp8_dit" else widths
+        convs = widths if variant in ("fp8", "fp8_attention") else frozenset()
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=convs)
     if variant.startswith("fp8"):
         layers = [m for m in pipe.dit.modules() if isinstance(m, FP8Linear)]
