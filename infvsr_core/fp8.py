@@ -44,8 +44,11 @@ the fidelity target kept: bench/RESULTS.md round 17)."""
 
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float8 of x / scale, saturated at the format's largest finite value and rounded to nearest even: the one
-    rounding every quantization here uses (a Triton pass that writes float8 must agree with it)."""
-    return (x.float() / scale.to(x.device, torch.float32)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    rounding every quantization here uses (a Triton pass that writes float8 must agree with it). x is multiplied
+    by the scale's float32 reciprocal: one multiplication per element where a division is many instructions
+    (the compiled passes are bound by them: bench/RESULTS.md round 18); it differs from the quotient only where
+    the two round apart, within one float8 step."""
+    return (x.float() * scale.to(x.device, torch.float32).reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,10 +198,29 @@ def project(layers: tuple[nn.Module, ...], x: torch.Tensor | Quantized, quantize
     return [layer.forward_quantized(q, q.dtype).view(*q.shape[:-1], layer.out_features) for layer in layers]
 
 
+# The tanh GELU's minimum: where it is (it falls below, rises above) and a bound on its magnitude there.
+GELU_ARGMIN, GELU_MIN_BOUND = -0.7518, 0.1701
+
+
+def gelu_row_scale(h: torch.Tensor) -> torch.Tensor:
+    """The float8 scale per row (..., 1) of the tanh GELU of h, from the row's extremes alone: the GELU rises on
+    [GELU_ARGMIN, inf), so its largest value over a row is gelu(max), and its most negative is gelu(min) where
+    min >= GELU_ARGMIN, at most GELU_MIN_BOUND in magnitude otherwise. No element passes it (it may exceed the
+    row's true largest magnitude when every entry is small, which costs nothing: float8 keeps its relative
+    precision over a range of 2**14); the compiled pass finds it without computing the GELU twice."""
+    top = F.gelu(h.amax(dim=-1, keepdim=True).float(), approximate="tanh")
+    low = h.amin(dim=-1, keepdim=True).float()
+    under = torch.where(low < GELU_ARGMIN, torch.full_like(low, GELU_MIN_BOUND), -F.gelu(low, approximate="tanh"))
+    amax = torch.maximum(top, under)
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
 def gelu_quantize_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Wan's tanh GELU then `quantize_rows`: the FFN's hidden activations go straight to the down projection's
-    fp8 operand (compiled, one pass over the FFN's largest tensor)."""
-    return quantize_rows(F.gelu(h, approximate="tanh"))
+    """Wan's tanh GELU of h (..., K) as float8 values and float32 scales per row (`gelu_row_scale`): the FFN's
+    hidden activations go straight to the down projection's fp8 operand (compiled, one pass over the FFN's
+    largest tensor)."""
+    scale = gelu_row_scale(h)
+    return to_fp8(F.gelu(h, approximate="tanh"), scale), scale
 
 
 def ffn_fp8(ffn: nn.Sequential, x: torch.Tensor | Quantized, quantize=None, gelu_quantize=None) -> torch.Tensor:

@@ -47,6 +47,40 @@ def test_round_trip_is_within_the_format_rounding():
     assert torch.equal(quantize_rows(others.float())[1], torch.cat([scale[:3], scale[4:]]))
 
 
+def _gelu64(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def test_the_gelu_row_scale_bounds_every_row_and_is_exact_on_ordinary_ones():
+    """gelu_row_scale (from the row's extremes) against a float64 loop over each row's GELU values: never below
+    the row's largest magnitude (no saturation), equal to it wherever gelu(max) reaches the minimum's bound, and
+    the constants bracket the tanh GELU's minimum (found on a float64 grid)."""
+    from infvsr_core.fp8 import GELU_ARGMIN, GELU_MIN_BOUND, gelu_row_scale
+
+    grid = torch.linspace(-3, 0, 300_001, dtype=torch.float64)
+    values = _gelu64(grid)
+    assert grid[values.argmin()] <= GELU_ARGMIN and -values.min() <= GELU_MIN_BOUND < -values.min() + 1e-4
+    g = torch.Generator().manual_seed(3)
+    rows = [
+        torch.randn(64, 96, generator=g) * 2,  # ordinary rows: the scale is the row's own
+        torch.randn(16, 96, generator=g) * 1e-3,  # tiny rows: GELU_MIN_BOUND need not be reached
+        -torch.rand(16, 96, generator=g) * 5,  # no positive entry
+        torch.full((4, 96), GELU_ARGMIN) + torch.linspace(-0.01, 0.01, 96),  # around the minimum
+        torch.linspace(-0.7, 0.2, 96).expand(4, 96),  # min above the argmin: gelu(min) is the negative extreme
+    ]
+    h = torch.cat(rows).to(torch.bfloat16)
+    scale = gelu_row_scale(h)
+    assert scale.shape == (h.shape[0], 1) and scale.dtype == torch.float32
+    true_amax = torch.stack([_gelu64(row).abs().max() for row in h])  # a plain loop, row by row
+    bound = scale.double().squeeze(1) * FP8_MAX
+    assert (bound >= true_amax * (1 - 1e-6)).all()
+    ordinary = _gelu64(h.amax(dim=1)) >= GELU_MIN_BOUND
+    assert ordinary[:64].all() and not ordinary[64:80].any()
+    assert torch.allclose(bound[ordinary], true_amax[ordinary], rtol=1e-6)
+    assert (bound[64:80] <= GELU_MIN_BOUND * (1 + 1e-6)).all()  # tiny rows: at most the minimum's bound
+
+
 def test_zero_rows_stay_zero():
     x = torch.zeros(3, 16)
     x[1] = torch.linspace(-1, 1, 16)

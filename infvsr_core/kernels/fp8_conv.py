@@ -206,12 +206,12 @@ if triton is not None:
                            HAS_RES)  # fmt: skip
 
     @triton.jit
-    def _cast_kernel(x_ptr, scale_ptr, out_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
-        """out = float8(clamp(x / scale)), rounded to nearest even: one read, one write."""
+    def _cast_kernel(x_ptr, inv_scale_ptr, out_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+        """out = float8(clamp(x * (1 / scale))), rounded to nearest even (fp8.to_fp8): one read, one write."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n
         x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        y = tl.clamp(tl.math.div_rn(x, tl.load(scale_ptr)), -FP8_MAX, FP8_MAX)  # IEEE division, as PyTorch's
+        y = tl.clamp(x * tl.load(inv_scale_ptr), -FP8_MAX, FP8_MAX)
         tl.store(out_ptr + i, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
@@ -322,8 +322,9 @@ def quantize_staged(
 def cast_into(
     target: torch.Tensor, source: torch.Tensor, scale: torch.Tensor, *, use_triton: bool | None = None
 ) -> torch.Tensor:
-    """target = float8(clamp(source / scale)), rounded to nearest even; both (1, C, T, H, W) channels-last with
-    their pixels dense (a staged buffer, or a run of its frames). Returns the scale as a float32 scalar tensor."""
+    """target = float8(clamp(source / scale)), rounded to nearest even (fp8.to_fp8's rounding); both
+    (1, C, T, H, W) channels-last with their pixels dense (a staged buffer, or a run of its
+    frames). Returns the scale as a float32 scalar tensor."""
     scale = scale.to(source.device, torch.float32).reshape(())
     flat = source.permute(0, 2, 3, 4, 1).reshape(-1)  # dense in channels-last order: a view
     into = target.permute(0, 2, 3, 4, 1).view(-1)
@@ -331,7 +332,8 @@ def cast_into(
         use_triton = source.is_cuda and triton_usable(source)
     if use_triton and flat.numel():
         n = flat.numel()
-        _cast_kernel[(triton.cdiv(n, CAST_BLOCK),)](flat, scale, into, n, FP8_MAX=FP8_MAX, BLOCK=CAST_BLOCK)
+        inv_scale = scale.reciprocal().reshape(1)
+        _cast_kernel[(triton.cdiv(n, CAST_BLOCK),)](flat, inv_scale, into, n, FP8_MAX=FP8_MAX, BLOCK=CAST_BLOCK)
     else:
         into.copy_(to_fp8(flat, scale))
     return scale

@@ -229,8 +229,7 @@ def rms_norm_rows(
     tensor), from the result rounded to rows' dtype, saturated and rounded to
     nearest even, without a cast pass after (the float8 causal conv's staged
     input; `FastForwardOptions.fp8_norm_store`). The kernel multiplies by the
-    reciprocal, where a cast pass divides: the same float8 value except where
-    the two quotients round apart. `tail` keeps rows' dtype (a causal conv's
+    scale's reciprocal, as fp8.to_fp8 does. `tail` keeps rows' dtype (a causal conv's
     history stays in it).
     """
     if rows.ndim != 2:

@@ -1,0 +1,125 @@
+"""The fp8 DiT's activation quantizations: the product's compiled passes against other forms of them.
+
+    python3 bench/check_dit_quantize.py [--tokens 4680 10800 24480] [--json FILE]
+    python bench/check_dit_quantize.py --device cpu --tokens 64   # a dry run of the logic (eager, untimed)
+
+Why (issue 21): the three quantizations that feed the DiT's float8 products took ~18 ms of GPU time in a steady
+720p fp8 chunk (bench/RESULTS.md round 18's profile: the FFN's GELU + quantize 10.4 ms, the modulated norm +
+quantize 4.5, the plain quantize 3.0), far under the memory rate: torch.compile made each a loop over the row
+that finds its largest magnitude, then a second that recomputes the values and divides each by the scale; the
+GELU's tanh was computed in both, and a float32 division is many instructions. The product now multiplies by
+the scale's reciprocal (fp8.to_fp8) and finds the GELU's row scale from the row's extremes
+(fp8.gelu_row_scale). Forms timed against it (each compiled as the product's is):
+
+- `divide`: round 17's product (each value divided by the scale; the GELU's scale from its values);
+- `sigmoid`: the product with the GELU written as x * sigmoid(2u) (the same function: 0.5 (1 + tanh u) =
+  sigmoid(2u)), which compiles to an exponential rather than a tanh.
+
+Per token count (480p 4680, 720p 10800, 1080p 24480 tokens a chunk) and op: milliseconds per call
+(`check_scaled_mm.timed`) and how each form agrees with the product's pass (the share of equal float8 bytes, the
+largest difference in float8 codes, the largest relative difference of the scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from check_scaled_mm import append_rows, timed  # noqa: E402
+
+from infvsr_core.dit import EAGER_OPS, _ln_modulate_op, compile_available, compiled_ops  # noqa: E402
+from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX, gelu_row_scale, to_fp8  # noqa: E402
+
+DIM, FFN_DIM, EPS = 1536, 8960, 1e-6
+
+
+def _divided(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_divide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return _divided(x, scale), scale
+
+
+def gelu_quantize_divide(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_divide(F.gelu(h, approximate="tanh"))
+
+
+def gelu_quantize_sigmoid(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = gelu_row_scale(h)
+    x = h.float()
+    return to_fp8(x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x)), scale), scale
+
+
+def ln_modulate_quantize_divide(x, shift, scale, eps):
+    return quantize_divide(_ln_modulate_op(x, shift, scale, eps).reshape(-1, x.shape[-1]))
+
+
+def agreement(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """Equal float8 bytes (share), largest difference of the float8 codes (steps, where the scales agree), largest
+    relative difference of the scales."""
+    values, scales = got
+    ref_values, ref_scales = want
+    codes, ref_codes = values.view(torch.uint8).int(), ref_values.view(torch.uint8).int()
+    equal = (codes == ref_codes).float().mean().item()
+    steps = (codes - ref_codes).abs().amax().item()
+    ratio = ((scales - ref_scales).abs() / ref_scales).amax()
+    return {"equal_bytes": round(equal, 6), "max_code_diff": steps, "scale_rel": float(ratio)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4680, 10800, 24480])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", type=Path, help="also append the JSON line to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda" and compile_available()
+    ops = compiled_ops() if gpu else EAGER_OPS  # the product's passes on the GPU
+    wrap = partial(torch.compile, fullgraph=True) if gpu else (lambda fn: fn)
+    candidates = {
+        "quantize": {"divide": wrap(quantize_divide)},
+        "gelu_quantize": {"divide": wrap(gelu_quantize_divide), "sigmoid": wrap(gelu_quantize_sigmoid)},
+        "ln_modulate_quantize": {"divide": wrap(ln_modulate_quantize_divide)},
+    }
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for tokens in args.tokens:
+        x = torch.randn(1, tokens, DIM, device=device, generator=gen).to(torch.bfloat16)
+        hidden = (2 * torch.randn(tokens, FFN_DIM, device=device, generator=gen)).to(torch.bfloat16)
+        shift = 0.1 * torch.randn(1, 1, DIM, device=device, generator=gen)
+        scale = 0.1 * torch.randn(1, 1, DIM, device=device, generator=gen)
+        inputs = {
+            "quantize": (x.reshape(-1, DIM),),
+            "gelu_quantize": (hidden,),
+            "ln_modulate_quantize": (x, shift, scale, EPS),
+        }
+        for op, forms in candidates.items():
+            product = partial(getattr(ops, op), *inputs[op])
+            want = product()
+            row = {"tokens": tokens, "op": op}
+            if gpu:
+                row["product_ms"] = timed(product)
+            for name, fn in forms.items():
+                candidate = partial(fn, *inputs[op])
+                row[name] = agreement(candidate(), want)
+                if gpu:
+                    row[name]["ms"] = timed(candidate)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    append_rows(args.json, device, rows)
+
+
+if __name__ == "__main__":
+    main()
