@@ -200,17 +200,26 @@ def project(layers: tuple[nn.Module, ...], x: torch.Tensor | Quantized, quantize
 
 # The tanh GELU's minimum: where it is (it falls below, rises above) and a bound on its magnitude there.
 GELU_ARGMIN, GELU_MIN_BOUND = -0.7518, 0.1701
+GELU_TANH_2C = 2 * math.sqrt(2 / math.pi)  # 2u = GELU_TANH_2C * (x + 0.044715 x^3)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """Wan's tanh GELU, 0.5 x (1 + tanh u), in float32, written as x * sigmoid(2u) (the same function): compiled,
+    an exponential where the tanh form computes a tanh, the FFN quantization's largest cost (bench/RESULTS.md
+    round 18). Its values agree with F.gelu(approximate="tanh") to float32 rounding."""
+    x = x.float()
+    return x * torch.sigmoid(GELU_TANH_2C * (x + 0.044715 * x * x * x))
 
 
 def gelu_row_scale(h: torch.Tensor) -> torch.Tensor:
-    """The float8 scale per row (..., 1) of the tanh GELU of h, from the row's extremes alone: the GELU rises on
+    """The float8 scale per row (..., 1) of `gelu_tanh(h)`, from the row's extremes alone: the GELU rises on
     [GELU_ARGMIN, inf), so its largest value over a row is gelu(max), and its most negative is gelu(min) where
     min >= GELU_ARGMIN, at most GELU_MIN_BOUND in magnitude otherwise. No element passes it (it may exceed the
     row's true largest magnitude when every entry is small, which costs nothing: float8 keeps its relative
     precision over a range of 2**14); the compiled pass finds it without computing the GELU twice."""
-    top = F.gelu(h.amax(dim=-1, keepdim=True).float(), approximate="tanh")
+    top = gelu_tanh(h.amax(dim=-1, keepdim=True))
     low = h.amin(dim=-1, keepdim=True).float()
-    under = torch.where(low < GELU_ARGMIN, torch.full_like(low, GELU_MIN_BOUND), -F.gelu(low, approximate="tanh"))
+    under = torch.where(low < GELU_ARGMIN, torch.full_like(low, GELU_MIN_BOUND), -gelu_tanh(low))
     amax = torch.maximum(top, under)
     return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
 
@@ -220,7 +229,7 @@ def gelu_quantize_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     hidden activations go straight to the down projection's fp8 operand (compiled, one pass over the FFN's
     largest tensor)."""
     scale = gelu_row_scale(h)
-    return to_fp8(F.gelu(h, approximate="tanh"), scale), scale
+    return to_fp8(gelu_tanh(h), scale), scale
 
 
 def ffn_fp8(ffn: nn.Sequential, x: torch.Tensor | Quantized, quantize=None, gelu_quantize=None) -> torch.Tensor:

@@ -52,6 +52,18 @@ def _gelu64(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
+def test_gelu_tanh_is_the_tanh_gelu():
+    """fp8.gelu_tanh (x * sigmoid(2u)) against the tanh form in float64, to a few float32 steps (where float64's
+    1 + tanh(u) cancels to 0, far out on the negative side, both are below 1e-12)."""
+    from infvsr_core.fp8 import gelu_tanh
+
+    x = torch.cat([torch.linspace(-20, 20, 4001), torch.randn(1000, generator=torch.Generator().manual_seed(1))])
+    got = gelu_tanh(x.to(torch.bfloat16))
+    assert got.dtype == torch.float32
+    want = _gelu64(x.to(torch.bfloat16))
+    assert torch.allclose(got.double(), want, rtol=2e-6, atol=1e-12)  # a few float32 steps
+
+
 def test_the_gelu_row_scale_bounds_every_row_and_is_exact_on_ordinary_ones():
     """gelu_row_scale (from the row's extremes) against a float64 loop over each row's GELU values: never below
     the row's largest magnitude (no saturation), equal to it wherever gelu(max) reaches the minimum's bound, and
