@@ -45,9 +45,8 @@ the fidelity target kept: bench/RESULTS.md round 17)."""
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float8 of x / scale, saturated at the format's largest finite value and rounded to nearest even: the one
     rounding every quantization here uses (a Triton pass that writes float8 must agree with it). x is multiplied
-    by the scale's float32 reciprocal: one multiplication per element where a division is many instructions
-    (the compiled passes are bound by them: bench/RESULTS.md round 18); it differs from the quotient only where
-    the two round apart, within one float8 step."""
+    by the scale's float32 reciprocal, as the VAE norm's float8 store and cast kernel do, so that every pass
+    stores the same bytes (a quotient could round apart from the product, by one float8 step)."""
     return (x.float() * scale.to(x.device, torch.float32).reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 

@@ -206,12 +206,13 @@ if triton is not None:
                            HAS_RES)  # fmt: skip
 
     @triton.jit
-    def _cast_kernel(x_ptr, inv_scale_ptr, out_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    def _cast_kernel(x_ptr, scale_ptr, out_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
         """out = float8(clamp(x * (1 / scale))), rounded to nearest even (fp8.to_fp8): one read, one write."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n
         x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        y = tl.clamp(x * tl.load(inv_scale_ptr), -FP8_MAX, FP8_MAX)
+        inv_scale = tl.math.div_rn(1.0, tl.load(scale_ptr))  # IEEE, as PyTorch's reciprocal: once per thread
+        y = tl.clamp(x * inv_scale, -FP8_MAX, FP8_MAX)
         tl.store(out_ptr + i, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
@@ -332,8 +333,7 @@ def cast_into(
         use_triton = source.is_cuda and triton_usable(source)
     if use_triton and flat.numel():
         n = flat.numel()
-        inv_scale = scale.reciprocal().reshape(1)
-        _cast_kernel[(triton.cdiv(n, CAST_BLOCK),)](flat, inv_scale, into, n, FP8_MAX=FP8_MAX, BLOCK=CAST_BLOCK)
+        _cast_kernel[(triton.cdiv(n, CAST_BLOCK),)](flat, scale, into, n, FP8_MAX=FP8_MAX, BLOCK=CAST_BLOCK)
     else:
         into.copy_(to_fp8(flat, scale))
     return scale
