@@ -50,11 +50,16 @@ def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() * scale.to(x.device, torch.float32).reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def scale_for(amax: torch.Tensor) -> torch.Tensor:
+    """The float8 scale that maps a largest magnitude `amax` (float32) to the format's largest finite value; 1
+    where amax is 0, so that zeros dequantize to zeros rather than dividing by zero."""
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) -> (float8 values of x / scale, float32 scale (..., 1)): each row's largest magnitude maps to the
     format's largest finite value (an all-zero row gets scale 1 rather than 0, so it dequantizes to zeros)."""
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = scale_for(x.detach().abs().amax(dim=-1, keepdim=True).float())
     values = to_fp8(x, scale)
     return values, scale
 
@@ -66,8 +71,7 @@ def quantize_heads(*parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chunk's values and this chunk's) lets a compiled caller write the float8 operand with no bf16 copy of the
     whole."""
     x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    amax = x.detach().abs().amax(dim=(1, 3)).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = scale_for(x.detach().abs().amax(dim=(1, 3)).float())
     return to_fp8(x, scale[:, None, :, None]), scale
 
 
@@ -83,7 +87,7 @@ def normed_head_scale(weight: torch.Tensor, heads: int) -> torch.Tensor:
     over it (queries and keys quantize in the pass that norms them); it costs no precision to the format's normal
     values, whose relative spacing does not depend on the scale."""
     bound = weight.detach().float().abs().unflatten(0, (heads, -1)).amax(dim=1) * math.sqrt(weight.shape[0])
-    return torch.where(bound > 0, bound * NORMED_BOUND_MARGIN / FP8_MAX, torch.ones_like(bound))
+    return scale_for(bound * NORMED_BOUND_MARGIN)
 
 
 def dequantize_rows(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -219,8 +223,7 @@ def gelu_row_scale(h: torch.Tensor) -> torch.Tensor:
     top = gelu_tanh(h.amax(dim=-1, keepdim=True))
     low = h.amin(dim=-1, keepdim=True).float()
     under = torch.where(low < GELU_ARGMIN, torch.full_like(low, GELU_MIN_BOUND), -gelu_tanh(low))
-    amax = torch.maximum(top, under)
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return scale_for(torch.maximum(top, under))
 
 
 def gelu_quantize_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..fp8 import FP8_DTYPE, FP8_MAX, quantize_rows, to_fp8
+from ..fp8 import FP8_DTYPE, FP8_MAX, quantize_rows, scale_for, to_fp8
 from .configs import first_that_runs
 from .norm_silu import INTERPRETED, tl, triton, triton_usable
 from .split_conv import CAPABILITY, CL3, TensorDescriptor, _pixel_strides, pack_split
@@ -289,13 +289,12 @@ def static_activation_scale(gamma: torch.Tensor, channels: int, bias: torch.Tens
         bound = bound + bias.detach().abs().amax().float()
     else:
         bound = bound + abs(float(bias))
-    return torch.where(bound > 0, bound / FP8_MAX, torch.ones_like(bound))
+    return scale_for(bound)
 
 
 def dynamic_activation_scale(buf: torch.Tensor) -> torch.Tensor:
     """The per-tensor scale that maps buf's largest magnitude to 448 (1 for an all-zero buffer): one reduction."""
-    amax = torch.linalg.vector_norm(buf, float("inf"), dtype=torch.float32)
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return scale_for(torch.linalg.vector_norm(buf, float("inf"), dtype=torch.float32))
 
 
 def quantize_staged(
