@@ -503,6 +503,11 @@ def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch, norm_s
     monkeypatch.setattr(fp8_module, "ROW_MULTIPLE", 1)  # the tiny frames' rows
     width = 4 * TINY_VAE_BASE_DIM
     options = FastForwardOptions(fp8_conv_outputs=frozenset({width}), fp8_norm_store=norm_store)
+    into_next_norm = blocks_module._fp8_into_next_norm
+    fused = []  # the resblocks whose conv1 wrote norm2's float8 output itself (conv1's epilogue)
+    monkeypatch.setattr(
+        blocks_module, "_fp8_into_next_norm", lambda *args: fused.append(into_next_norm(*args)) or fused[-1]
+    )
     rounded_vae = copy.deepcopy(vae)
     emulate_fp8_convs(rounded_vae, frozenset({width}))
 
@@ -523,6 +528,7 @@ def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch, norm_s
         errors += [((z - ref_z).norm() / ref_z.norm()).item(), ((out - ref).norm() / ref.norm()).item()]
     ran = [index for index in fp8_module._chosen.values() if index >= 0]
     assert bool(ran) == norm_silu.INTERPRETED
+    assert any(staged is not None for staged in fused) == (norm_store and norm_silu.INTERPRETED)
     if ran:  # random weights, no outliers: about 4 % per conv, a dozen convs in a row
         assert 1e-2 < min(errors) and max(errors) < 0.2, errors
     else:

@@ -164,6 +164,54 @@ def test_fp8_conv_error_against_the_unquantized_conv(fresh, scale):
     assert 1e-3 < error < END_TO_END_TOL
 
 
+@pytest.mark.parametrize("cout, config", [(96, Config(64, 64, 32, 128, 1, 4)), (32, Config(32, 32, 0, 128, 1, 4))])
+def test_fp8_conv_with_the_next_norm_in_its_epilogue(fresh, cout, config):
+    """A resblock's first conv with norm2 + SiLU in its epilogue (`gamma`): act holds SiLU(normalize(conv + bias)
+    x gamma) / act_scale in float8 (against a float64 conv, norm and SiLU of the same float8 operands, then
+    PyTorch's float8 cast: codes equal but where float32's rounding crosses a float8 midpoint, one step apart
+    there), the cache entry (tail) the last 2 frames of those values in the output dtype; the staged buffer's
+    history frames are not touched."""
+    cin, t, h, w = 64, 3, 3, 16
+    fresh.CONFIGS[cout] = (config,)
+    gen = torch.Generator().manual_seed(21)
+    gamma1 = torch.rand(cin, generator=gen) + 0.5
+    x = norm_output(cin, t + 2, h, w, gamma1, seed=22)
+    buf8, x_scale = quantize_staged(x, static_activation_scale(gamma1, cin))
+    packed, w_scale = pack_fp8_conv_weight(torch.randn(cout, cin, 3, 3, 3, generator=gen) / (27 * cin) ** 0.5)
+    bias = torch.randn(cout, generator=gen) * 0.1
+    gamma2 = torch.rand(cout, generator=gen) + 0.5
+    act_scale = static_activation_scale(gamma2, cout)
+    history = torch.full((1, cout, t + 2, h, w), 1.0).to(FP8_DTYPE).contiguous(memory_format=CL3)
+    act, tail = history[:, :, 2:], channels_last(1, cout, 2, h, w)
+    got = fp8_conv(buf8, x_scale, packed, w_scale, bias, out_dtype=torch.float32, gamma=gamma2 * cout**0.5,
+                   act=act, act_scale=act_scale, tail=tail)  # fmt: skip
+    if not INTERPRETED:
+        assert got is None
+        return
+    y = conv64(buf8.double() * x_scale.double(), unpack(packed, w_scale, cin), bias)
+    z = F.normalize(y, dim=1) * (gamma2.double() * cout**0.5)[None, :, None, None, None]
+    z = z * torch.sigmoid(z)
+    assert got is act and rel_max(tail, z[:, :, -2:]) < SAME_OPERANDS_TOL
+    want = (z / act_scale.double()).clamp(-FP8_MAX, FP8_MAX).float().to(FP8_DTYPE)
+    steps = (act.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-2
+    assert (history[:, :, :2].float() == 1.0).all()
+    assert not fresh._failures
+
+
+def test_fp8_conv_with_the_next_norm_refuses_what_it_cannot_hold():
+    """The norm in the epilogue needs a float8 act and all of a pixel's outputs in one program (<= 256)."""
+    buf8, x_scale = quantize_staged(staged(32, 3, 2, 16, seed=23))
+    act = torch.zeros(1, 384, 1, 2, 16).to(FP8_DTYPE).contiguous(memory_format=CL3)
+    packed, w_scale = pack_fp8_conv_weight(torch.randn(384, 32, 3, 3, 3))
+    with pytest.raises(ValueError, match="too many"):
+        fp8_conv(buf8, x_scale, packed, w_scale, None, gamma=torch.ones(384), act=act, act_scale=torch.ones(()))
+    packed, w_scale = pack_fp8_conv_weight(torch.randn(32, 32, 3, 3, 3))
+    with pytest.raises(ValueError, match="float8 act"):
+        fp8_conv(buf8, x_scale, packed, w_scale, None, gamma=torch.ones(32), act=act[:, :32].float(),
+                 act_scale=torch.ones(()))  # fmt: skip
+
+
 def test_fp8_conv_keeps_the_first_configuration_that_runs(fresh):
     """A configuration that cannot compile (24 outputs: not a power of two) is skipped and reported; the next
     one is kept for the shape. Where none runs (no GPU), None, remembered: not tried again."""

@@ -107,6 +107,12 @@ def _cover(cout: int) -> tuple[int, int]:
     return n1, 0 if rest <= 0 else max(16, 1 << (rest - 1).bit_length())
 
 
+def holds_pixel(cout: int) -> bool:
+    """Whether one program computes all `cout` outputs of its pixels (`configs_for`: up to 256), so that the next
+    RMS norm, over a pixel's channels, can run in the epilogue (`fp8_conv`'s `gamma`)."""
+    return sum(_cover(cout)) <= 256
+
+
 def _group_width(cout: int, groups: int) -> int:
     """Output channels per group when cout goes in `groups` groups (a multiple of 16)."""
     return -(-cout // (16 * groups)) * 16
@@ -124,7 +130,7 @@ def configs_for(cout: int) -> tuple[Config, ...]:
     if cout in CONFIGS:
         return CONFIGS[cout]
     whole = _cover(cout)
-    if sum(whole) <= 256:
+    if holds_pixel(cout):
         n1, n2 = whole
         return (
             Config(128, n1, n2, 128, 4, 4),
@@ -144,27 +150,53 @@ def configs_for(cout: int) -> tuple[Config, ...]:
 if triton is not None:
 
     @triton.jit
+    def _conv_outputs(acc, n, x_scale, w_scale_ptr, bias_ptr, COUT):
+        """acc * x_scale * w_scale[n] + bias[n] in float32; 0 for the outputs n >= COUT (not the conv's)."""
+        valid = n < COUT
+        scale = tl.load(w_scale_ptr + n, mask=valid, other=0.0) * x_scale
+        return acc * scale[None, :] + tl.load(bias_ptr + n, mask=valid, other=0.0)[None, :]
+
+    @triton.jit
     def _store_outputs(
         acc, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, COUT,
         HAS_RES: tl.constexpr,
     ):  # fmt: skip
         """acc * x_scale * w_scale[n] + bias[n] (+ residual) into out, for the outputs n < COUT of kept pixels."""
-        valid = n < COUT
-        scale = tl.load(w_scale_ptr + n, mask=valid, other=0.0) * x_scale
-        y = acc * scale[None, :] + tl.load(bias_ptr + n, mask=valid, other=0.0)[None, :]
-        mask = keep[:, None] & valid[None, :]
+        y = _conv_outputs(acc, n, x_scale, w_scale_ptr, bias_ptr, COUT)
+        mask = keep[:, None] & (n < COUT)[None, :]
         if HAS_RES:
             y += tl.load(res_ptr + pix_res[:, None] + n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + pix_out[:, None] + n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _store_normed(
+        y, n, inv_norm, keep, pix_act, gamma_ptr, act_ptr, tail_ptr, inv_act_scale, t, T, sa_t, COUT,
+        HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr, FP8_MAX: tl.constexpr,
+    ):  # fmt: skip
+        """SiLU(y * inv_norm * gamma[n]) rounded to the cache's dtype (tail's), as the norm pass rounds it; the
+        last 2 frames into tail, and that value / the act scale into act (float8, rounded to nearest even)."""
+        valid = n < COUT
+        z = y * inv_norm[:, None] * tl.load(gamma_ptr + n, mask=valid, other=0.0)[None, :]
+        z = (z * tl.sigmoid(z)).to(tail_ptr.dtype.element_ty)
+        mask = keep[:, None] & valid[None, :]
+        if HAS_TAIL:
+            if t >= T - 2:
+                tl.store(tail_ptr + (pix_act - (T - 2) * sa_t)[:, None] + n[None, :], z, mask=mask)
+        q = z.to(tl.float32) * inv_act_scale
+        if FP8_ACT:
+            q = tl.clamp(q, -FP8_MAX, FP8_MAX).to(act_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(act_ptr + pix_act[:, None] + n[None, :], q, mask=mask)
+
+    @triton.jit
     def _fp8_conv_kernel(
         x_desc, w1_desc, w2_desc, x_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-        H, W, COUT,
+        gamma_ptr, act_ptr, tail_ptr, act_scale_ptr,
+        T, H, W, COUT,
         so_t, so_h, so_w, sr_t, sr_h, sr_w,
         C: tl.constexpr, TAP_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, GROUPS: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_RES: tl.constexpr, STAGES: tl.constexpr,
+        HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr,
+        FP8_MAX: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         group = pid % GROUPS  # a pixel tile's groups are adjacent programs: its input tile is shared through L2
@@ -197,13 +229,28 @@ if triton is not None:
         pix_out = tt * so_t + h * so_h + w * so_w
         pix_res = tt * sr_t + h * sr_h + w * sr_w
         x_scale = tl.load(x_scale_ptr)
-        n = n0 + tl.arange(0, N1)
-        _store_outputs(acc1, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, COUT,
-                       HAS_RES)  # fmt: skip
-        if N2 > 0:
-            n = n0 + N1 + tl.arange(0, N2)
-            _store_outputs(acc2, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, COUT,
-                           HAS_RES)  # fmt: skip
+        if NORM:  # one group holds each pixel's outputs whole: the next norm + SiLU, in float8, into act
+            n = tl.arange(0, N1)
+            y1 = _conv_outputs(acc1, n, x_scale, w_scale_ptr, bias_ptr, COUT)
+            square = tl.sum(y1 * y1, axis=1)
+            if N2 > 0:
+                y2 = _conv_outputs(acc2, N1 + tl.arange(0, N2), x_scale, w_scale_ptr, bias_ptr, COUT)
+                square += tl.sum(y2 * y2, axis=1)
+            inv_norm = 1.0 / tl.maximum(tl.sqrt(square), 1e-12)  # F.normalize's eps, as the norm pass
+            inv_act_scale = tl.math.div_rn(1.0, tl.load(act_scale_ptr))  # IEEE, as the norm pass's reciprocal
+            _store_normed(y1, n, inv_norm, keep, pix_out, gamma_ptr, act_ptr, tail_ptr, inv_act_scale, t, T, so_t,
+                          COUT, HAS_TAIL, FP8_ACT, FP8_MAX)  # fmt: skip
+            if N2 > 0:
+                _store_normed(y2, N1 + tl.arange(0, N2), inv_norm, keep, pix_out, gamma_ptr, act_ptr, tail_ptr,
+                              inv_act_scale, t, T, so_t, COUT, HAS_TAIL, FP8_ACT, FP8_MAX)  # fmt: skip
+        else:
+            n = n0 + tl.arange(0, N1)
+            _store_outputs(acc1, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                           COUT, HAS_RES)  # fmt: skip
+            if N2 > 0:
+                n = n0 + N1 + tl.arange(0, N2)
+                _store_outputs(acc2, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                               COUT, HAS_RES)  # fmt: skip
 
     @triton.jit
     def _cast_kernel(x_ptr, scale_ptr, out_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
@@ -365,6 +412,10 @@ def fp8_conv(
     *,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    gamma: torch.Tensor | None = None,
+    act: torch.Tensor | None = None,
+    act_scale: torch.Tensor | None = None,
+    tail: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """conv3d(buf * x_scale, weight, bias, padding (0, 1, 1)) [+ residual] on a float8 staged buffer.
 
@@ -373,6 +424,12 @@ def fp8_conv(
     ((1, Cout, T, H, W) with adjacent channels, e.g. a view inside a zero-bordered buffer; new channels-last in
     `out_dtype` if None), rounded once from float32, and is returned. None if no block configuration runs
     here (the caller takes cuDNN).
+
+    With `gamma` (float32 (Cout,): the next RMS norm's gamma x scale; a resblock's first conv, Cout <= 256 so
+    that one program holds a pixel's outputs whole) the result is not stored: SiLU(normalize(result) x gamma),
+    rounded to `out_dtype` as the norm pass rounds it, divided by `act_scale` into `act` (float8, the next
+    conv's staged frames: (1, Cout, T, H, W) with dense pixels) and, when given, its last 2 frames into `tail`
+    (the next conv's cache entry, `out_dtype`, the same pixel strides); `act` is returned.
     """
     if buf.dtype != FP8_DTYPE or packed.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_conv takes float8_e4m3fn operands, got {buf.dtype} and {packed.dtype}")
@@ -390,7 +447,21 @@ def fp8_conv(
     key = _config_key(buf.device, c, cout, w)
     if _chosen.get(key, 0) < 0:  # no configuration ran for this shape before: nothing to allocate
         return None
-    if out is None:
+    normed = gamma is not None
+    if normed:
+        if act is None or act_scale is None or act.dtype != FP8_DTYPE or residual is not None:
+            raise ValueError("a conv with the next norm in its epilogue writes float8 act with act_scale, no residual")
+        if not holds_pixel(cout):
+            raise ValueError(f"the next norm needs a pixel's outputs in one program: {cout} outputs are too many")
+        if (tail is not None and (t < 2 or tail.dtype != out_dtype or _pixel_strides(tail) != _pixel_strides(act))
+                or _pixel_strides(act) is None):  # fmt: skip
+            raise ValueError("act and tail must have adjacent channels and the same pixel strides")
+        # The interpreter's float8 cast does not round as the GPU's does: there the kernel stores act / act_scale
+        # in float32 and PyTorch casts it (the module docstring).
+        scratch = torch.empty_like(act, dtype=torch.float32) if INTERPRETED else None
+        target = act if scratch is None else scratch
+        out = target
+    elif out is None:
         out = torch.empty((1, cout, t, h, w), dtype=out_dtype, device=buf.device, memory_format=CL3)
     strides = _pixel_strides(out)
     res_strides = (0, 0, 0) if residual is None else _pixel_strides(residual)
@@ -401,6 +472,10 @@ def fp8_conv(
     w_scale = w_scale.to(device=buf.device, dtype=torch.float32).reshape(-1).contiguous()
     bias = torch.zeros_like(w_scale) if bias is None else bias.to(w_scale).reshape(-1).contiguous()
     packed = packed.contiguous()
+    if normed:
+        gamma = gamma.to(w_scale).reshape(-1).contiguous()
+        act_scale = act_scale.to(w_scale).reshape(1)
+        tail_arg = tail if tail is not None else torch.empty(1, dtype=out_dtype, device=buf.device)
 
     def launch(config: Config) -> None:
         block_h, block_w = _pixel_tile(config, w)
@@ -409,12 +484,20 @@ def fp8_conv(
         w1_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [config.n1, block_k])
         w2_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [max(config.n2, 16), block_k])
         groups = triton.cdiv(cout, config.n1 + config.n2)
+        if normed and groups != 1:
+            raise ValueError(f"configuration {config} splits the outputs: the next norm needs them whole")
         tiles = t * triton.cdiv(h, block_h) * triton.cdiv(w, block_w)
         _fp8_conv_kernel[(tiles * groups,)](
             x_desc, w1_desc, w2_desc, x_scale, w_scale, bias, out if residual is None else residual, out,
-            h, w, cout, *strides, *res_strides,
+            gamma if normed else w_scale, out, tail_arg if normed else out, act_scale if normed else x_scale,
+            t, h, w, cout, *strides, *res_strides,
             C=c, TAP_K=depth, N1=config.n1, N2=config.n2, GROUPS=groups, BLOCK_H=block_h, BLOCK_W=block_w,
-            BLOCK_K=block_k, HAS_RES=residual is not None, STAGES=config.stages, num_warps=config.warps,
+            BLOCK_K=block_k, HAS_RES=residual is not None, NORM=normed, HAS_TAIL=normed and tail is not None,
+            FP8_ACT=out.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX, STAGES=config.stages, num_warps=config.warps,
         )  # fmt: skip
 
-    return out if first_that_runs(key, configs_for(cout), launch, _chosen, _failures) else None
+    if not first_that_runs(key, configs_for(cout), launch, _chosen, _failures):
+        return None
+    if normed and out is not act:  # the interpreter's float32 act / act_scale, cast as the GPU's kernel would
+        act.copy_(out.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+    return act if normed else out

@@ -25,7 +25,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 from torch import nn
 
 from ..fp8 import FP8_DTYPE
-from ..kernels.fp8_conv import cast_into, fp8_conv_accepts
+from ..kernels.fp8_conv import cast_into, fp8_conv_accepts, holds_pixel
 from ..kernels.mid_attention import mid_attention, mid_attention_usable
 from ..kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
 from ..kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
@@ -33,7 +33,7 @@ from ..kernels.split_conv import pack_split, split_conv, split_conv_usable
 from ..kernels.subpixel import interleave
 from ..memory.host import ArrivingCache
 from .derived import derived
-from .fp8_convs import FP8_CONV_OUTPUTS, conv_fp8, fp8_candidate, input_scale, takes_fp8
+from .fp8_convs import FP8_CONV_OUTPUTS, conv_fp8, fp8_candidate, input_scale, scaled_gamma, takes_fp8
 
 CACHE_T = 2  # frames of history each causal 3x3x3 (or 3x1x1) conv keeps
 CL3 = torch.channels_last_3d
@@ -221,7 +221,7 @@ def _stage(
     the buffer is float8, written by the norm pass itself; the cache entry
     keeps x's dtype.
     """
-    scale = None if options is None else _fp8_stage_scale(conv, x, norm, channels, options)
+    scale = None if options is None else _fp8_stage_scale(conv, tuple(x.shape), x, norm, channels, options)
     full, new, had_past = _open_stage(conv, x.shape, x, cursor, channels, fp8_scale=scale)
     c = x.shape[1]
     buf = full[:, :c]
@@ -240,20 +240,22 @@ def _stage(
 
 def _fp8_stage_scale(
     conv: WanCausalConv3d,
-    x: torch.Tensor,
+    shape: tuple[int, ...],
+    like: torch.Tensor,
     norm: WanRMS_norm | None,
     channels: int | None,
     options: FastForwardOptions,
 ) -> torch.Tensor | None:
-    """The scale to stage act(x) in float8 with, where `options.fp8_norm_store` and the conv will run in float8
-    on it (else None): a norm's output (its static scale), x's own channels, at least CACHE_T frames (the cache
-    entry then comes from the norm pass in x's dtype, never from the float8 buffer)."""
-    if not options.fp8_norm_store or channels is not None or x.ndim != 5 or x.shape[2] < CACHE_T:
+    """The scale to stage act(x) (x: `shape`, on `like`'s device) in float8 with, where `options.fp8_norm_store`
+    and the conv will run in float8 on it (else None): a norm's output (its static scale), x's own channels, at
+    least CACHE_T frames (the cache entry then comes from the norm pass in x's dtype, never from the float8
+    buffer)."""
+    if not options.fp8_norm_store or channels is not None or len(shape) != 5 or shape[2] < CACHE_T:
         return None
     if not fp8_candidate(conv, norm, options.fp8_conv_outputs):
         return None
-    b, c, t, h, w = x.shape
-    if not fp8_conv_accepts(conv, (b, c, t + CACHE_T, h, w), x.device):
+    b, c, t, h, w = shape
+    if not fp8_conv_accepts(conv, (b, c, t + CACHE_T, h, w), like.device):
         return None
     return input_scale(norm)
 
@@ -409,10 +411,12 @@ def resblock(
         staged, new, _ = _open_stage(block.conv2, shape, buf, cursor)
         act = staged[:, :, CACHE_T:]
         conv1, norm2 = block.conv1, block.norm2
-        gamma = (norm2.gamma.reshape(-1).float() * norm2.scale).contiguous()
+        gamma = scaled_gamma(norm2)
         if split_conv(buf, _split_weight(conv1), conv1.bias.float(), gamma=gamma, act=act, tail=new) is None:
             _norm(norm2, _padded_out_conv(conv1, buf, options), silu=True, out=act, pre_bias=conv1.bias, tail=new)
         cursor.put(new)
+        buf = staged
+    elif (staged := _fp8_into_next_norm(block, buf, cursor, options)) is not None:
         buf = staged
     else:
         y = _conv_plus(block.conv1, buf, options, block.norm1)  # its bias goes into norm2's pass
@@ -424,6 +428,37 @@ def resblock(
         if result is not None:
             return result
     return _conv_plus(block.conv2, buf, options, block.norm2, bias, h, out)
+
+
+def _fp8_into_next_norm(
+    block: WanResidualBlock, buf: torch.Tensor, cursor: Cursor, options: FastForwardOptions
+) -> torch.Tensor | None:
+    """conv2's float8 staged buffer, written by conv1's float8 kernel with norm2 + SiLU in its epilogue (conv1's
+    output is never stored, and norm2 makes no pass of its own), and conv2's cache entry; None where that does
+    not apply (the caller runs conv1, then norm2's pass). Applies where both convs run in float8, norm2 stores
+    float8 (`fp8_norm_store`), conv1's outputs fit one program (`holds_pixel`) and the entry comes whole from
+    this call (at least 2 new frames)."""
+    conv1, conv2, norm2 = block.conv1, block.conv2, block.norm2
+    if (
+        isinstance(norm2.bias, torch.Tensor)
+        or buf.shape[2] < 2 * CACHE_T
+        or not holds_pixel(conv1.out_channels)
+        or not takes_fp8(conv1, buf, block.norm1, options.fp8_conv_outputs)
+    ):
+        return None
+    b, _, frames, height, width = buf.shape
+    shape = (b, conv1.out_channels, frames - CACHE_T, height, width)
+    model = conv1.weight  # the model's dtype and device: what conv2's cache entry keeps
+    scale = _fp8_stage_scale(conv2, shape, model, norm2, None, options)
+    if scale is None:
+        return None
+    staged, new, _ = _open_stage(conv2, shape, model, cursor, fp8_scale=scale)
+    act = staged[:, :, CACHE_T:]
+    if conv_fp8(conv1, buf, block.norm1, conv1.bias, next_norm=norm2, act=act, tail=new) is None:
+        y = _conv_plus(conv1, buf, options, block.norm1)  # no kernel configuration ran: the float path
+        _norm(norm2, y, silu=True, out=act, tail=new, out_scale=scale)
+    cursor.put(new)
+    return staged
 
 
 def _split(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm, options: FastForwardOptions) -> bool:

@@ -54,14 +54,32 @@ def conv_fp8(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    *,
+    next_norm: WanRMS_norm | None = None,
+    act: torch.Tensor | None = None,
+    tail: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """conv(buf) + bias [+ residual] in float8 (buf: the causal conv's staged input, channels-last, in the
     model's dtype or already in float8 with `input_scale(norm)`), the additions in the kernel's epilogue, into
     `out` (new, in the model's dtype, if None); None where no kernel configuration runs (the caller takes its
-    float path)."""
+    float path).
+
+    With `next_norm` (a resblock's first conv, `holds_pixel`): SiLU(next_norm(result)) goes in float8, with
+    `input_scale(next_norm)`, into `act` (the next conv's staged frames) and its last 2 frames in the model's
+    dtype into `tail` (that conv's cache entry); the result itself is never stored (fp8_conv's `gamma`)."""
     values, scale = quantize_staged(buf, input_scale(norm))
     packed, weight_scale = derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
-    return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out, out_dtype=conv.weight.dtype)
+    if next_norm is None:
+        return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out, out_dtype=conv.weight.dtype)
+    return fp8_conv(
+        values, scale, packed, weight_scale, bias, out_dtype=conv.weight.dtype, gamma=scaled_gamma(next_norm),
+        act=act, act_scale=input_scale(next_norm), tail=tail,
+    )  # fmt: skip
+
+
+def scaled_gamma(norm: WanRMS_norm) -> torch.Tensor:
+    """The norm's gamma x scale in float32 (Cout,): what the kernels that write a norm's output multiply by."""
+    return derived(norm, "_infvsr_gamma_scaled", lambda gamma: gamma.reshape(-1).float() * norm.scale, source="gamma")
 
 
 def input_scale(norm: WanRMS_norm) -> torch.Tensor:
