@@ -40,6 +40,10 @@ from infvsr_core.kernels.split_conv import CL3, TensorDescriptor  # noqa: E402
 
 # (frames, height, width) of one decoder call's 96-channel convs at each size (a 1080p frame in its release tiles).
 SHAPES = {"720p": (4, 720, 1280), "1080p": (12, 1024, 1024), "cpu": (1, 4, 16)}
+# (block_h, block_w, stages, warps, tail stages): tail stages 0 is the one-loop kernel (round 19: 1.4x slower than
+# the product's), else the two-loop kernel.
+CONFIGS = ((1, 128, 3, 4, 0), (1, 128, 4, 4, 2), (1, 128, 4, 4, 3), (1, 128, 3, 4, 3), (1, 128, 4, 4, 4),
+           (2, 64, 4, 4, 3), (1, 256, 3, 8, 3))  # fmt: skip
 DEEP = 128  # the depth of the row's full products; the rest of the row (288 - 256) is one product of its size
 
 if triton is not None:
@@ -90,6 +94,54 @@ if triton is not None:
                            out_ptr, out_ptr, COUT, False)  # fmt: skip
 
 
+    @triton.jit
+    def _row_split_kernel(
+        x_desc, x_tail_desc, w1_desc, w2_desc, w1_tail_desc, w2_tail_desc, x_scale_ptr, w_scale_ptr, bias_ptr,
+        out_ptr, H, W, COUT, so_t, so_h, so_w,
+        ROW_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+        DEEP: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr, TAIL_STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """The rows' full 128-deep blocks as one flat pipelined loop (the product's loop shape, 18 steps for 27),
+        then their 32-deep tails as a second loop: each loop's body is one load and one product per operand."""
+        tile = tl.program_id(0)
+        tiles_w = tl.cdiv(W, BLOCK_W)
+        tiles_h = tl.cdiv(H, BLOCK_H)
+        w0 = (tile % tiles_w) * BLOCK_W
+        h0 = ((tile // tiles_w) % tiles_h) * BLOCK_H
+        t = tile // (tiles_w * tiles_h)
+        BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+        FULL: tl.constexpr = ROW_K // DEEP
+        acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
+        if N2 > 0:
+            acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
+        for i in tl.range(0, 9 * FULL, num_stages=STAGES):
+            row = i // FULL
+            j = i % FULL
+            a = x_desc.load([t + row // 3, h0 + row % 3 - 1, w0, j * DEEP]).reshape(BLOCK_M, DEEP)
+            k = row * ROW_K + j * DEEP
+            acc1 = tl.dot(a, w1_desc.load([0, k]).T, acc1)
+            if N2 > 0:
+                acc2 = tl.dot(a, w2_desc.load([N1, k]).T, acc2)
+        if TAIL > 0:
+            for row in tl.range(0, 9, num_stages=TAIL_STAGES):
+                a = x_tail_desc.load([t + row // 3, h0 + row % 3 - 1, w0, FULL * DEEP]).reshape(BLOCK_M, TAIL)
+                k = row * ROW_K + FULL * DEEP
+                acc1 = tl.dot(a, w1_tail_desc.load([0, k]).T, acc1)
+                if N2 > 0:
+                    acc2 = tl.dot(a, w2_tail_desc.load([N1, k]).T, acc2)
+        m = tl.arange(0, BLOCK_M)
+        h = (h0 + m // BLOCK_W).to(tl.int64)
+        w = (w0 + m % BLOCK_W).to(tl.int64)
+        keep = (h < H) & (w < W)
+        pix_out = t.to(tl.int64) * so_t + h * so_h + w * so_w
+        x_scale = tl.load(x_scale_ptr)
+        _store_outputs(acc1, tl.arange(0, N1), keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr, out_ptr,
+                       out_ptr, COUT, False)  # fmt: skip
+        if N2 > 0:
+            _store_outputs(acc2, N1 + tl.arange(0, N2), keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr,
+                           out_ptr, out_ptr, COUT, False)  # fmt: skip
+
+
 def pack_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Cout, Cin, 3, 3, 3) -> float8 rows (Cout, 9 * 3 * Cin), column (3 dt + dh) * 3 Cin + dw * Cin + c, and
     their float32 scales (Cout,): the same values and scales as the product's packing, in row order."""
@@ -109,9 +161,11 @@ def bordered(buf: torch.Tensor) -> torch.Tensor:
 
 def row_taps_conv(
     padded: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
-    *, block_h: int = 1, block_w: int = 128, stages: int = 3, warps: int = 4,
+    *, block_h: int = 1, block_w: int = 128, stages: int = 3, warps: int = 4, tail_stages: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """The causal 3x3x3 conv (padding (0, 1, 1)) of `bordered`'s buffer through overlapping row descriptors."""
+    """The causal 3x3x3 conv (padding (0, 1, 1)) of `bordered`'s buffer through overlapping row descriptors;
+    `tail_stages` > 0: `_row_split_kernel` (the full blocks and the tails as two loops, the tails' with that many
+    stages), else `_row_taps_kernel` (one loop over the nine rows)."""
     frames, h, w2, c = padded.shape
     w, t, cout, row_k = w2 - 2, frames - 2, packed.shape[0], 3 * c
     tail = row_k % DEEP
@@ -126,11 +180,12 @@ def row_taps_conv(
         return TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [max(n, 16), k])
 
     tiles = t * triton.cdiv(h, block_h) * triton.cdiv(w, block_w)
-    _row_taps_kernel[(tiles,)](
+    kernel, extra = (_row_split_kernel, {"TAIL_STAGES": tail_stages}) if tail_stages else (_row_taps_kernel, {})
+    kernel[(tiles,)](
         x_desc, x_tail, weights(n1, DEEP), weights(n2, DEEP), weights(n1, max(tail, 16)), weights(n2, max(tail, 16)),
         x_scale.reshape(1), w_scale, bias, out, h, w, cout, *out.stride()[2:],
         ROW_K=row_k, N1=n1, N2=n2, BLOCK_H=block_h, BLOCK_W=block_w, DEEP=DEEP, TAIL=tail, STAGES=stages,
-        num_warps=warps,
+        num_warps=warps, **extra,
     )  # fmt: skip
     return out
 
@@ -169,14 +224,18 @@ def main() -> None:
         if got is not None and want is not None:
             difference = (got.float() - want.float()).abs().amax() / want.float().abs().amax()
             row["max_diff_over_out_amax"] = difference.item()
+            split = row_taps_conv(padded, x_scale, packed, w_scale, bias, stages=2, tail_stages=2)
+            row["split_max_diff_over_out_amax"] = ((split.float() - want.float()).abs().amax()
+                                                   / want.float().abs().amax()).item()  # fmt: skip
         if device.type == "cuda" and got is not None:
             row["product_ms"] = timed(partial(fp8_conv, buf, x_scale, product_packed, product_scale, bias))
-            for block_h, block_w, stages, warps in ((1, 128, 3, 4), (1, 128, 4, 4), (2, 64, 3, 4), (1, 256, 3, 8)):
+            for block_h, block_w, stages, warps, tail_stages in CONFIGS:
                 if w % block_w:
                     continue
-                key = f"rows_{block_h}x{block_w}_s{stages}_w{warps}_ms"
+                kind = f"split_t{tail_stages}" if tail_stages else "rows"
+                key = f"{kind}_{block_h}x{block_w}_s{stages}_w{warps}_ms"
                 run = partial(row_taps_conv, padded, x_scale, packed, w_scale, bias, block_h=block_h,
-                              block_w=block_w, stages=stages, warps=warps)  # fmt: skip
+                              block_w=block_w, stages=stages, warps=warps, tail_stages=tail_stages)  # fmt: skip
                 try:
                     row[key] = timed(run)
                 except Exception as error:  # a block configuration this GPU's compiler refuses
