@@ -19,7 +19,9 @@ error:
 - fp8 dynamic: `quantize_staged` + `fp8_conv` (bias in the epilogue): the path for inputs that are not norm
   outputs;
 - fp8 static: `fp8_conv` alone on a buffer cast with `static_activation_scale` (in the product that cast would
-  be the norm pass's own store: no extra pass).
+  be the norm pass's own store: no extra pass);
+- conv then norm / conv with norm (outputs up to 256): a resblock's first conv and norm2 + SiLU into the next
+  conv's float8 staged buffer, as two passes or with the norm in the conv's epilogue (`next_norm`).
 The decode column weighs each shape by its calls per decoder call (the sum is that call's 3x3x3 convs).
 "cast ok" says whether the CUDA cast kernel rounds exactly as PyTorch does (bit for bit).
 
@@ -48,6 +50,7 @@ from check_scaled_mm import timed  # noqa: E402
 from infvsr_core.fp8 import fp8_matmul_supported  # noqa: E402
 from infvsr_core.kernels import fp8_conv as module  # noqa: E402
 from infvsr_core.kernels import split_conv as split  # noqa: E402
+from infvsr_core.kernels.norm_silu import rms_norm_rows  # noqa: E402
 from infvsr_core.schedule import CHUNK_FRAMES  # noqa: E402
 from infvsr_core.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR, WHOLE_CHUNK_PIXELS  # noqa: E402
 from infvsr_core.vae.weights import vae_config_from_state_dict  # noqa: E402
@@ -176,7 +179,46 @@ def run_shape(label: str, cin: int, cout: int, t: int, h: int, w: int, sweep: bo
     row["quantize_ms"] = timed(partial(module.quantize_staged, buf))
     row["fp8_dynamic_ms"] = timed(dynamic)
     row["fp8_static_ms"] = timed(static)
+    if module.holds_pixel(cout) and t >= 2:
+        row.update(next_norm(buf8, static_scale, packed, w_scale, bias, gen))
     return row
+
+
+def next_norm(buf8, x_scale, packed, w_scale, bias, gen: torch.Generator) -> dict:
+    """A resblock's first conv followed by norm2 + SiLU into conv2's float8 staged buffer: the conv, then the
+    norm's pass (round 18's product), against the conv with the norm in its epilogue (`fp8_conv`'s `gamma`):
+    milliseconds, and how many of the staged float8 values differ (float32 sums in another
+    order, and the separate pass reads the conv's output rounded to bf16; the largest difference against the
+    largest value)."""
+    _, _, frames, h, w = buf8.shape
+    cout, t = packed.shape[0], frames - 2
+    gamma = 1.0 + 0.1 * torch.randn(cout, device=DEVICE, generator=gen)
+    act_scale = module.static_activation_scale(gamma, cout)
+    staged = torch.empty(1, cout, t + 2, h, w, device=DEVICE, dtype=module.FP8_DTYPE, memory_format=CL3)
+    act, tail = staged[:, :, 2:], torch.empty(1, cout, 2, h, w, device=DEVICE, dtype=torch.bfloat16, memory_format=CL3)
+    y = torch.empty(1, cout, t, h, w, device=DEVICE, dtype=torch.bfloat16, memory_format=CL3)
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 4, 1).view(-1, cout)
+
+    def separate():
+        module.fp8_conv(buf8, x_scale, packed, w_scale, None, out=y)
+        rms_norm_rows(rows(y), gamma, cout**0.5, silu=True, out=rows(act), pre_bias=bias, tail=rows(tail),
+                      out_scale=act_scale)  # fmt: skip
+
+    fused = partial(module.fp8_conv, buf8, x_scale, packed, w_scale, bias, gamma=gamma * cout**0.5, act=act,
+                    act_scale=act_scale, tail=tail)  # fmt: skip
+    separate()
+    want, want_tail = act.float(), tail.float()
+    fused()
+    got = act.float()
+    return {
+        "conv_then_norm_ms": timed(separate),
+        "conv_with_norm_ms": timed(fused),
+        "norm_codes_differ": round((got != want).float().mean().item(), 6),
+        "norm_act_max_diff": round(((got - want).abs().max() / want.abs().max()).item(), 6),
+        "norm_tail_rel": rel_error(tail, want_tail),
+    }
 
 
 def main() -> None:
@@ -218,6 +260,10 @@ def main() -> None:
               f"{speedup:.2f}x | {row['err_bf16']} / {row.get('err_fp8_dynamic', '-')} / "
               f"{row.get('err_fp8_static', '-')} | {row.get('cast_ok', '-')} | {row.get('config', row.get('fp8'))}",
               flush=True)  # fmt: skip
+        if "conv_with_norm_ms" in row:
+            print(f"   next norm: conv then norm {row['conv_then_norm_ms']} ms, conv with norm "
+                  f"{row['conv_with_norm_ms']} ms; codes differ {row['norm_codes_differ']} (largest "
+                  f"{row['norm_act_max_diff']}), tail {row['norm_tail_rel']}", flush=True)  # fmt: skip
         bf16 = row.get("split_ms", row["cudnn_ms"])
         for name, ms in (("bf16", min(bf16, row["cudnn_ms"])), ("fp8_static", row.get("fp8_static_ms")),
                          ("fp8_dynamic", row.get("fp8_dynamic_ms"))):  # fmt: skip
