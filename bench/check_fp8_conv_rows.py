@@ -87,11 +87,11 @@ if triton is not None:
         keep = (h < H) & (w < W)
         pix_out = t.to(tl.int64) * so_t + h * so_h + w * so_w
         x_scale = tl.load(x_scale_ptr)
-        _store_outputs(acc1, tl.arange(0, N1), keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr, out_ptr,
-                       out_ptr, COUT, False)  # fmt: skip
+        _store_outputs(acc1, 0, keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr, out_ptr, out_ptr, out_ptr,
+                       t, h0, w0, COUT, BLOCK_H, BLOCK_W, False, False)  # fmt: skip
         if N2 > 0:
-            _store_outputs(acc2, N1 + tl.arange(0, N2), keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr,
-                           out_ptr, out_ptr, COUT, False)  # fmt: skip
+            _store_outputs(acc2, N1, keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr, out_ptr, out_ptr,
+                           out_ptr, t, h0, w0, COUT, BLOCK_H, BLOCK_W, False, False)  # fmt: skip
 
 
     @triton.jit
@@ -135,11 +135,11 @@ if triton is not None:
         keep = (h < H) & (w < W)
         pix_out = t.to(tl.int64) * so_t + h * so_h + w * so_w
         x_scale = tl.load(x_scale_ptr)
-        _store_outputs(acc1, tl.arange(0, N1), keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr, out_ptr,
-                       out_ptr, COUT, False)  # fmt: skip
+        _store_outputs(acc1, 0, keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr, out_ptr, out_ptr, out_ptr,
+                       t, h0, w0, COUT, BLOCK_H, BLOCK_W, False, False)  # fmt: skip
         if N2 > 0:
-            _store_outputs(acc2, N1 + tl.arange(0, N2), keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr,
-                           out_ptr, out_ptr, COUT, False)  # fmt: skip
+            _store_outputs(acc2, N1, keep, pix_out, pix_out, x_scale, w_scale_ptr, bias_ptr, out_ptr, out_ptr,
+                           out_ptr, t, h0, w0, COUT, BLOCK_H, BLOCK_W, False, False)  # fmt: skip
 
 
 def pack_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,10 +104,11 @@ def fresh(monkeypatch):
     return module
 
 
+@pytest.mark.parametrize("tma_out", [True, False], ids=["copy-engine stores", "element stores"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fp8_conv_matches_conv3d_on_its_quantized_operands(fresh, case):
+def test_fp8_conv_matches_conv3d_on_its_quantized_operands(fresh, case, tma_out):
     """Output with bias (float32, to see the kernel's own error), and bias + residual into a zero-bordered
-    buffer's inside (the border stays zero)."""
+    buffer's inside (the border stays zero: the copy engine's boxes stop at the view's edges)."""
     cin, cout, t, h, w, config = CASES[case]
     fresh.CONFIGS[cout] = (config,)
     gen = torch.Generator().manual_seed(3)
@@ -116,14 +117,14 @@ def test_fp8_conv_matches_conv3d_on_its_quantized_operands(fresh, case):
     bias = torch.randn(cout, generator=gen)
     residual = torch.randn(1, cout, t, h, w, generator=gen).contiguous(memory_format=CL3)
     out = channels_last(1, cout, t, h, w)
-    got = fp8_conv(buf8, x_scale, packed, w_scale, bias, out=out)
+    got = fp8_conv(buf8, x_scale, packed, w_scale, bias, out=out, tma_out=tma_out)
     if not INTERPRETED:  # no kernel runs on CPU tensors: None, for the caller's cuDNN path
         assert got is None and fresh._chosen[(buf8.device, cin, cout, w & -w)] == -1
         return
     want = conv64(buf8.double() * x_scale.double(), unpack(packed, w_scale, cin), bias)
     assert got is out and rel_max(got, want) < SAME_OPERANDS_TOL
     bordered = torch.zeros(1, cout, t, h + 1, w + 1).contiguous(memory_format=CL3)
-    got = fp8_conv(buf8, x_scale, packed, w_scale, bias, residual, out=bordered[:, :, :, :h, :w])
+    got = fp8_conv(buf8, x_scale, packed, w_scale, bias, residual, out=bordered[:, :, :, :h, :w], tma_out=tma_out)
     want = conv64(buf8.double() * x_scale.double(), unpack(packed, w_scale, cin), bias, residual)
     assert rel_max(got, want) < SAME_OPERANDS_TOL
     assert not bordered[:, :, :, h].any() and not bordered[:, :, :, :, w].any()
@@ -164,8 +165,9 @@ def test_fp8_conv_error_against_the_unquantized_conv(fresh, scale):
     assert 1e-3 < error < END_TO_END_TOL
 
 
+@pytest.mark.parametrize("tma_out", [True, False], ids=["copy-engine stores", "element stores"])
 @pytest.mark.parametrize("cout, config", [(96, Config(64, 64, 32, 128, 1, 4)), (32, Config(32, 32, 0, 128, 1, 4))])
-def test_fp8_conv_with_the_next_norm_in_its_epilogue(fresh, cout, config):
+def test_fp8_conv_with_the_next_norm_in_its_epilogue(fresh, cout, config, tma_out):
     """A resblock's first conv with norm2 + SiLU in its epilogue (`gamma`): act holds SiLU(normalize(conv + bias)
     x gamma) / act_scale in float8 (against a float64 conv, norm and SiLU of the same float8 operands, then
     PyTorch's float8 cast: codes equal but where float32's rounding crosses a float8 midpoint, one step apart
@@ -184,7 +186,7 @@ def test_fp8_conv_with_the_next_norm_in_its_epilogue(fresh, cout, config):
     history = torch.full((1, cout, t + 2, h, w), 1.0).to(FP8_DTYPE).contiguous(memory_format=CL3)
     act, tail = history[:, :, 2:], channels_last(1, cout, 2, h, w)
     got = fp8_conv(buf8, x_scale, packed, w_scale, bias, out_dtype=torch.float32, gamma=gamma2 * cout**0.5,
-                   act=act, act_scale=act_scale, tail=tail)  # fmt: skip
+                   act=act, act_scale=act_scale, tail=tail, tma_out=tma_out)  # fmt: skip
     if not INTERPRETED:
         assert got is None
         return

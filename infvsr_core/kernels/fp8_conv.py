@@ -68,6 +68,9 @@ ROW_MULTIPLE = 16
 MAX_OUT = 384
 # Input channels: a multiple of the smallest float8 product depth.
 CHANNEL_MULTIPLE = 32
+# The outputs stored through the copy engine (a tensor descriptor's store of each product's tile) where the
+# output's strides allow it, rather than element by element from the products' register layout.
+TMA_OUT = True
 # Elements per program of the float8 cast (`quantize_staged` on CUDA).
 CAST_BLOCK = 4096
 
@@ -105,6 +108,20 @@ def _cover(cout: int) -> tuple[int, int]:
     n1 = min(256, 1 << (cout.bit_length() - 1))
     rest = cout - n1
     return n1, 0 if rest <= 0 else max(16, 1 << (rest - 1).bit_length())
+
+
+def _tma_writable(out: torch.Tensor) -> bool:
+    """Whether the copy engine can store into `out` ((1, Cout, T, H, W), channels adjacent): 16-byte aligned
+    start and pixel, row and frame strides (its rule for a tensor descriptor)."""
+    size = out.element_size()
+    strides = _pixel_strides(out)
+    return strides is not None and out.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in strides)
+
+
+def _box(out: torch.Tensor, block_h: int, block_w: int, channels: int) -> TensorDescriptor:
+    """A tensor descriptor of `out`'s (T, H, W, C) view whose box is one pixel tile x `channels` outputs."""
+    view = out.permute(0, 2, 3, 4, 1)[0]
+    return TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_h, block_w, channels])
 
 
 def holds_pixel(cout: int) -> bool:
@@ -158,45 +175,61 @@ if triton is not None:
 
     @triton.jit
     def _store_outputs(
-        acc, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, COUT,
-        HAS_RES: tl.constexpr,
+        acc, n0, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, out_desc, t, h0, w0,
+        COUT, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HAS_RES: tl.constexpr, TMA_OUT: tl.constexpr,
     ):  # fmt: skip
-        """acc * x_scale * w_scale[n] + bias[n] (+ residual) into out, for the outputs n < COUT of kept pixels."""
+        """acc * x_scale * w_scale[n] + bias[n] (+ residual) into out, for the outputs n0 <= n < COUT of kept
+        pixels: through the copy engine (`out_desc`, a box of the (T, H, W, Cout) view whose parts outside it are
+        not written) with TMA_OUT, else one store per element."""
+        n = n0 + tl.arange(0, acc.shape[1])
         y = _conv_outputs(acc, n, x_scale, w_scale_ptr, bias_ptr, COUT)
         mask = keep[:, None] & (n < COUT)[None, :]
         if HAS_RES:
             y += tl.load(res_ptr + pix_res[:, None] + n[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + pix_out[:, None] + n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        if TMA_OUT:
+            box = y.to(out_desc.dtype).reshape(1, BLOCK_H, BLOCK_W, y.shape[1])
+            out_desc.store([t, h0, w0, n0], box)
+        else:
+            tl.store(out_ptr + pix_out[:, None] + n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _store_normed(
-        y, n, inv_norm, keep, pix_act, gamma_ptr, act_ptr, tail_ptr, inv_act_scale, t, T, sa_t, COUT,
-        HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr, FP8_MAX: tl.constexpr,
+        y, n0, inv_norm, keep, pix_act, gamma_ptr, act_ptr, tail_ptr, act_desc, tail_desc, inv_act_scale, t, h0, w0,
+        T, sa_t, COUT, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr,
+        FP8_MAX: tl.constexpr, TMA_OUT: tl.constexpr,
     ):  # fmt: skip
         """SiLU(y * inv_norm * gamma[n]) rounded to the cache's dtype (tail's), as the norm pass rounds it; the
-        last 2 frames into tail, and that value / the act scale into act (float8, rounded to nearest even)."""
+        last 2 frames into tail, and that value / the act scale into act (float8, rounded to nearest even); for
+        the outputs n0 <= n < COUT, through the copy engine with TMA_OUT (as `_store_outputs`)."""
+        n = n0 + tl.arange(0, y.shape[1])
         valid = n < COUT
         z = y * inv_norm[:, None] * tl.load(gamma_ptr + n, mask=valid, other=0.0)[None, :]
         z = (z * tl.sigmoid(z)).to(tail_ptr.dtype.element_ty)
         mask = keep[:, None] & valid[None, :]
         if HAS_TAIL:
             if t >= T - 2:
-                tl.store(tail_ptr + (pix_act - (T - 2) * sa_t)[:, None] + n[None, :], z, mask=mask)
+                if TMA_OUT:
+                    tail_desc.store([t - (T - 2), h0, w0, n0], z.reshape(1, BLOCK_H, BLOCK_W, y.shape[1]))
+                else:
+                    tl.store(tail_ptr + (pix_act - (T - 2) * sa_t)[:, None] + n[None, :], z, mask=mask)
         q = z.to(tl.float32) * inv_act_scale
         if FP8_ACT:
             q = tl.clamp(q, -FP8_MAX, FP8_MAX).to(act_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-        tl.store(act_ptr + pix_act[:, None] + n[None, :], q, mask=mask)
+        if TMA_OUT:
+            act_desc.store([t, h0, w0, n0], q.to(act_desc.dtype).reshape(1, BLOCK_H, BLOCK_W, y.shape[1]))
+        else:
+            tl.store(act_ptr + pix_act[:, None] + n[None, :], q, mask=mask)
 
     @triton.jit
     def _fp8_conv_kernel(
-        x_desc, w1_desc, w2_desc, x_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-        gamma_ptr, act_ptr, tail_ptr, act_scale_ptr,
+        x_desc, w1_desc, w2_desc, x_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, out1_desc, out2_desc,
+        gamma_ptr, act_ptr, tail_ptr, tail1_desc, tail2_desc, act_scale_ptr,
         T, H, W, COUT,
         so_t, so_h, so_w, sr_t, sr_h, sr_w,
         C: tl.constexpr, TAP_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, GROUPS: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr,
-        FP8_MAX: tl.constexpr, STAGES: tl.constexpr,
+        FP8_MAX: tl.constexpr, TMA_OUT: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         group = pid % GROUPS  # a pixel tile's groups are adjacent programs: its input tile is shared through L2
@@ -238,19 +271,19 @@ if triton is not None:
                 square += tl.sum(y2 * y2, axis=1)
             inv_norm = 1.0 / tl.maximum(tl.sqrt(square), 1e-12)  # F.normalize's eps, as the norm pass
             inv_act_scale = tl.math.div_rn(1.0, tl.load(act_scale_ptr))  # IEEE, as the norm pass's reciprocal
-            _store_normed(y1, n, inv_norm, keep, pix_out, gamma_ptr, act_ptr, tail_ptr, inv_act_scale, t, T, so_t,
-                          COUT, HAS_TAIL, FP8_ACT, FP8_MAX)  # fmt: skip
+            _store_normed(y1, 0, inv_norm, keep, pix_out, gamma_ptr, act_ptr, tail_ptr, out1_desc, tail1_desc,
+                          inv_act_scale, t, h0, w0, T, so_t, COUT, BLOCK_H, BLOCK_W, HAS_TAIL, FP8_ACT, FP8_MAX,
+                          TMA_OUT)  # fmt: skip
             if N2 > 0:
-                _store_normed(y2, N1 + tl.arange(0, N2), inv_norm, keep, pix_out, gamma_ptr, act_ptr, tail_ptr,
-                              inv_act_scale, t, T, so_t, COUT, HAS_TAIL, FP8_ACT, FP8_MAX)  # fmt: skip
+                _store_normed(y2, N1, inv_norm, keep, pix_out, gamma_ptr, act_ptr, tail_ptr, out2_desc, tail2_desc,
+                              inv_act_scale, t, h0, w0, T, so_t, COUT, BLOCK_H, BLOCK_W, HAS_TAIL, FP8_ACT, FP8_MAX,
+                              TMA_OUT)  # fmt: skip
         else:
-            n = n0 + tl.arange(0, N1)
-            _store_outputs(acc1, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-                           COUT, HAS_RES)  # fmt: skip
+            _store_outputs(acc1, n0, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                           out1_desc, t, h0, w0, COUT, BLOCK_H, BLOCK_W, HAS_RES, TMA_OUT)  # fmt: skip
             if N2 > 0:
-                n = n0 + N1 + tl.arange(0, N2)
-                _store_outputs(acc2, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-                               COUT, HAS_RES)  # fmt: skip
+                _store_outputs(acc2, n0 + N1, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr,
+                               out_ptr, out2_desc, t, h0, w0, COUT, BLOCK_H, BLOCK_W, HAS_RES, TMA_OUT)  # fmt: skip
 
     @triton.jit
     def _cast_kernel(x_ptr, scale_ptr, out_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
@@ -416,6 +449,7 @@ def fp8_conv(
     act: torch.Tensor | None = None,
     act_scale: torch.Tensor | None = None,
     tail: torch.Tensor | None = None,
+    tma_out: bool | None = None,
 ) -> torch.Tensor | None:
     """conv3d(buf * x_scale, weight, bias, padding (0, 1, 1)) [+ residual] on a float8 staged buffer.
 
@@ -430,6 +464,8 @@ def fp8_conv(
     rounded to `out_dtype` as the norm pass rounds it, divided by `act_scale` into `act` (float8, the next
     conv's staged frames: (1, Cout, T, H, W) with dense pixels) and, when given, its last 2 frames into `tail`
     (the next conv's cache entry, `out_dtype`, the same pixel strides); `act` is returned.
+
+    `tma_out`: the result stored through the copy engine (`TMA_OUT`, the default where None) or element by element.
     """
     if buf.dtype != FP8_DTYPE or packed.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_conv takes float8_e4m3fn operands, got {buf.dtype} and {packed.dtype}")
@@ -477,9 +513,15 @@ def fp8_conv(
         act_scale = act_scale.to(w_scale).reshape(1)
         tail_arg = tail if tail is not None else torch.empty(1, dtype=out_dtype, device=buf.device)
 
+    tails = tail if normed and tail is not None else out
+    tma_out = (TMA_OUT if tma_out is None else tma_out) and _tma_writable(out) and _tma_writable(tails)
+
     def launch(config: Config) -> None:
         block_h, block_w = _pixel_tile(config, w)
         block_k = block_depth(c, config.block_k)
+        out_descs = [_box(out, block_h, block_w, n) if tma_out else None for n in (config.n1, max(config.n2, 16))]
+        with_tail = tma_out and tails is not out
+        tail_descs = [_box(tails, block_h, block_w, n) if with_tail else None for n in (config.n1, max(config.n2, 16))]
         x_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_h, block_w, block_k])
         w1_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [config.n1, block_k])
         w2_desc = TensorDescriptor(packed, list(packed.shape), list(packed.stride()), [max(config.n2, 16), block_k])
@@ -488,12 +530,14 @@ def fp8_conv(
             raise ValueError(f"configuration {config} splits the outputs: the next norm needs them whole")
         tiles = t * triton.cdiv(h, block_h) * triton.cdiv(w, block_w)
         _fp8_conv_kernel[(tiles * groups,)](
-            x_desc, w1_desc, w2_desc, x_scale, w_scale, bias, out if residual is None else residual, out,
-            gamma if normed else w_scale, out, tail_arg if normed else out, act_scale if normed else x_scale,
+            x_desc, w1_desc, w2_desc, x_scale, w_scale, bias, out if residual is None else residual, out, *out_descs,
+            gamma if normed else w_scale, out, tail_arg if normed else out, *tail_descs,
+            act_scale if normed else x_scale,
             t, h, w, cout, *strides, *res_strides,
             C=c, TAP_K=depth, N1=config.n1, N2=config.n2, GROUPS=groups, BLOCK_H=block_h, BLOCK_W=block_w,
             BLOCK_K=block_k, HAS_RES=residual is not None, NORM=normed, HAS_TAIL=normed and tail is not None,
-            FP8_ACT=out.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX, STAGES=config.stages, num_warps=config.warps,
+            FP8_ACT=out.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX, TMA_OUT=tma_out, STAGES=config.stages,
+            num_warps=config.warps,
         )  # fmt: skip
 
     if not first_that_runs(key, configs_for(cout), launch, _chosen, _failures):
