@@ -68,9 +68,6 @@ ROW_MULTIPLE = 16
 MAX_OUT = 384
 # Input channels: a multiple of the smallest float8 product depth.
 CHANNEL_MULTIPLE = 32
-# The outputs stored through the copy engine (a tensor descriptor's store of each product's tile) where the
-# output's strides allow it, rather than element by element from the products' register layout.
-TMA_OUT = True
 # Elements per program of the float8 cast (`quantize_staged` on CUDA).
 CAST_BLOCK = 4096
 
@@ -465,7 +462,11 @@ def fp8_conv(
     conv's staged frames: (1, Cout, T, H, W) with dense pixels) and, when given, its last 2 frames into `tail`
     (the next conv's cache entry, `out_dtype`, the same pixel strides); `act` is returned.
 
-    `tma_out`: the result stored through the copy engine (`TMA_OUT`, the default where None) or element by element.
+    `tma_out`: the stores through the copy engine (a tensor descriptor's store of each product's tile, where the
+    strides allow it) or element by element from the products' registers. Default (None): the copy engine for
+    the next norm's outputs, element stores otherwise: as measured (bench/RESULTS.md round 19: the norm's
+    epilogue 3-8 % faster through the copy engine, the plain outputs at most as fast as element stores and up
+    to 9 % slower on the 192- and 384-wide convs).
     """
     if buf.dtype != FP8_DTYPE or packed.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_conv takes float8_e4m3fn operands, got {buf.dtype} and {packed.dtype}")
@@ -514,7 +515,7 @@ def fp8_conv(
         tail_arg = tail if tail is not None else torch.empty(1, dtype=out_dtype, device=buf.device)
 
     tails = tail if normed and tail is not None else out
-    tma_out = (TMA_OUT if tma_out is None else tma_out) and _tma_writable(out) and _tma_writable(tails)
+    tma_out = (normed if tma_out is None else tma_out) and _tma_writable(out) and _tma_writable(tails)
 
     def launch(config: Config) -> None:
         block_h, block_w = _pixel_tile(config, w)
