@@ -466,6 +466,12 @@ def main() -> int:
         "default: the product's (FP8_OPTIONS)",
     )
     parser.add_argument(
+        "--fp8-row-taps",
+        choices=["on", "off"],
+        help="fp8: the 96-channel float8 convs read each row of taps as one run of channels inside the frame "
+        "(FastForwardOptions.fp8_row_taps); default: the product's (FP8_OPTIONS)",
+    )
+    parser.add_argument(
         "--fp8-attention",
         choices=["on", "off"],
         help="fp8: the DiT's self-attention in float8 where FlashAttention-3 runs it (fp8.set_float8_attention); "
@@ -529,6 +535,8 @@ def main() -> int:
         set_float8_attention(pipe.dit, args.fp8_attention == "on")
     if args.fp8_norm_store is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_norm_store=args.fp8_norm_store == "on")
+    if args.fp8_row_taps is not None:
+        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_row_taps=args.fp8_row_taps == "on")
     if args.fp8_convs is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=args.fp8_convs)
     if args.full_res_frames is not None:

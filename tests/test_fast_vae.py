@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResample
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResample, WanResidualBlock
 
 import infvsr_core.vae.fast_blocks as blocks_module
 import infvsr_core.vae.fast_forward as forward_module
@@ -21,6 +22,9 @@ from .conftest import smooth_vae_clip
 # Same ops in float32; only the conv algorithm (padding folded into conv3d,
 # channels-last) and the norm's op order differ: last-bit differences.
 TOL = 2e-5
+# A float8-staged conv against its float reference where one staged value sits on a float8 rounding midpoint:
+# one step (1/16 of the value) of one of a conv's many inputs.
+FLOAT8_FLIP = 1e-3
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -486,6 +490,44 @@ def test_fp8_staged_conv_without_a_running_kernel_falls_back_to_the_float_path(v
         assert max(errors) < TOL, errors
 
 
+def test_fp8_row_taps_match_the_padded_taps(monkeypatch):
+    """A 96-channel resblock (taps padded to 128) with the row form on (`fp8_row_taps`): 16-pixel tiles, so that
+    the tiles inside each row read rows of taps as one run and the end tiles the padded taps. Three chunks (its
+    histories carried): equal to the padded taps' block to float32's rounding (the same products, summed in
+    another order), and both within FLOAT8_FLIP of diffusers' block on the same float8-rounded operands (where
+    float32 sums in another order put a value on the other side of a float8 rounding midpoint, a staged value
+    moves one float8 step). Without the interpreter the convs fall back to the float path (compared loosely)."""
+    from infvsr_core.kernels import fp8_conv as fp8_module
+    from infvsr_core.kernels import norm_silu
+
+    monkeypatch.setattr(fp8_module, "_chosen", {})
+    monkeypatch.setattr(fp8_module, "ROW_MULTIPLE", 1)
+    monkeypatch.setattr(fp8_module, "CONFIGS", {96: (fp8_module.Config(16, 64, 32, 128, 1, 4),)})
+    torch.manual_seed(0)
+    block = WanResidualBlock(96, 96).eval()
+    with torch.no_grad():
+        for norm in (block.norm1, block.norm2):
+            norm.gamma.uniform_(0.5, 1.5)
+    padded_block, rounded = copy.deepcopy(block), copy.deepcopy(block)
+    assert emulate_fp8_convs(rounded, frozenset({96})) == 2
+    rows = FastForwardOptions(fp8_conv_outputs=frozenset({96}), fp8_norm_store=True, fp8_row_taps=True)
+    padded = dataclasses.replace(rows, fp8_row_taps=False)
+    gen = torch.Generator().manual_seed(6)
+    plain_cache, rows_cache, padded_cache = [None, None], [None, None], [None, None]
+    with torch.no_grad():
+        for frames in (1, 3, 3):
+            x = torch.randn(1, 96, frames, 2, 48, generator=gen)
+            ref = rounded(x, feat_cache=plain_cache, feat_idx=[0])
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            out = blocks_module.resblock(block, x, Cursor(rows_cache), rows)
+            base = blocks_module.resblock(padded_block, x, Cursor(padded_cache), padded)
+            assert max_err(out, base) < TOL
+            limit = FLOAT8_FLIP if norm_silu.INTERPRETED else 1.0
+            assert out.shape == ref.shape and max_err(out, ref) < limit and max_err(base, ref) < limit
+    assert hasattr(block.conv1, "_infvsr_fp8_rows") == norm_silu.INTERPRETED  # the row form's weight was built
+    assert not hasattr(padded_block.conv1, "_infvsr_fp8_rows")
+
+
 @pytest.mark.parametrize("norm_store", [False, True])
 def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch, norm_store):
     """The causal convs of the chosen width in float8 (kernels/fp8_conv.py; here the tiny VAE's 32 channels),
@@ -495,7 +537,8 @@ def test_fp8_convs_match_float_convs_on_float8_operands(vae, monkeypatch, norm_s
     products ran; there the models cannot be compared more closely, as an input that differs in its last float32
     bit can round to the neighbouring float8 value). Without the interpreter the convs fall back to the float
     path and match diffusers to TOL. `norm_store`: the norm pass stages the float8 input itself (on the CPU it
-    casts after its pass, as the cast pass would: the same values)."""
+    casts after its pass, as the cast pass would: the same values), and a resblock's conv1 writes norm2's
+    float8 output from its epilogue (checked to have run under the interpreter)."""
     from infvsr_core.kernels import fp8_conv as fp8_module
     from infvsr_core.kernels import norm_silu
 

@@ -165,6 +165,35 @@ def test_fp8_conv_error_against_the_unquantized_conv(fresh, scale):
     assert 1e-3 < error < END_TO_END_TOL
 
 
+def test_fp8_conv_row_form_for_padded_taps(fresh):
+    """96 input channels (taps padded to 128): the tiles inside their row read each (dt, dh) row of taps as one
+    288-channel run (`row_packed`), the tiles at a row's ends take the padded taps. Both against the float64 conv
+    of the same operands; with a zero row weight, the inside tiles give the bias alone and the end tiles are
+    untouched: each kind of tile took its own path."""
+    cin, cout, t, h, w = 96, 96, 2, 3, 64
+    assert module.row_taps_fit(cin) and not module.row_taps_fit(128) and not module.row_taps_fit(64)
+    fresh.CONFIGS[cout] = (Config(16, 64, 32, 128, 1, 4),)  # 16-pixel tiles: 0 and 48 at the ends, 16, 32 inside
+    gen = torch.Generator().manual_seed(31)
+    buf8, x_scale = quantize_staged(staged(cin, t + 2, h, w, seed=32))
+    weight = torch.randn(cout, cin, 3, 3, 3, generator=gen) / (27 * cin) ** 0.5
+    packed, w_scale = pack_fp8_conv_weight(weight)
+    rows = module.pack_fp8_row_weight(weight)
+    bias = torch.randn(cout, generator=gen)
+    got = fp8_conv(buf8, x_scale, packed, w_scale, bias, out=channels_last(1, cout, t, h, w), row_packed=rows)
+    if not INTERPRETED:
+        assert got is None
+        return
+    want = conv64(buf8.double() * x_scale.double(), unpack(packed, w_scale, cin), bias)
+    assert rel_max(got, want) < SAME_OPERANDS_TOL
+    poisoned = fp8_conv(buf8, x_scale, packed, w_scale, bias, out=channels_last(1, cout, t, h, w),
+                        row_packed=torch.zeros_like(rows))  # fmt: skip
+    ends, inside = [*range(16), *range(48, 64)], list(range(16, 48))
+    assert torch.equal(poisoned[..., ends], got[..., ends])
+    assert torch.allclose(poisoned[..., inside], bias.view(1, -1, 1, 1, 1).expand_as(poisoned[..., inside]))
+    with pytest.raises(ValueError, match="row-packed"):
+        fp8_conv(buf8, x_scale, packed, w_scale, bias, row_packed=rows[:, :-32])
+
+
 @pytest.mark.parametrize("tma_out", [True, False], ids=["copy-engine stores", "element stores"])
 @pytest.mark.parametrize("cout, config", [(96, Config(64, 64, 32, 128, 1, 4)), (32, Config(32, 32, 0, 128, 1, 4))])
 def test_fp8_conv_with_the_next_norm_in_its_epilogue(fresh, cout, config, tma_out):

@@ -41,6 +41,27 @@ waiting on each step's bookkeeping; instead one block may reach past Cin
 and the packed weight's padded columns are zero too, so the extra products add
 nothing (a quarter of the work wasted, in exchange for a third of the steps).
 
+Rows of taps (`row_packed`, off in the product until measured end to end:
+`FastForwardOptions.fp8_row_taps`): in a channels-last buffer the channels of
+pixels w - 1, w and w + 1 are adjacent, so the three horizontal taps of a
+(dt, dh) row are one run of 3 * Cin channels starting at pixel w - 1. A tensor
+descriptor whose pixel stride (Cin) is shorter than its rows (3 * Cin) reads
+those runs directly: at 96 channels, 2 blocks of 128 and a tail of 32 per row,
+2592 deep in all against 3456 with padded taps. A run reaches one pixel past
+each end of the tile, so only tiles inside their row take it (the ends keep
+the padded taps, whose boxes the copy engine fills with zeros past the frame).
+The weight's rows are then unpadded (`pack_fp8_row_weight`, the same values).
+
+The next norm: a resblock's first conv feeds only the second conv's RMS norm
++ SiLU. Where one program holds a pixel's outputs whole (`holds_pixel`), the
+epilogue computes that norm (over the pixel's channels) and SiLU and writes
+the second conv's float8 staged frames and its 2-frame cache entry (`gamma`,
+`act`, `tail`): the first conv's output is never stored and the norm makes no
+pass of its own. Those stores go through the copy engine (a tensor
+descriptor's store per tile), which measured faster there; the plain outputs
+are stored element by element, which measured as fast or faster
+(bench/RESULTS.md round 19).
+
 Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) runs this kernel on
 float8 operands as the GPU does: its float8 tensor-memory loads and tl.dot are
 exact (values widened to float32). Its float32 -> float8 cast is not (it rounds
@@ -68,6 +89,10 @@ ROW_MULTIPLE = 16
 MAX_OUT = 384
 # Input channels: a multiple of the smallest float8 product depth.
 CHANNEL_MULTIPLE = 32
+# The row form (`row_taps_fit`): a row's runs in blocks this deep, its tail in a loop of its own with this many
+# stages (bench/RESULTS.md round 19: the two-loop form, 3 tail stages fastest).
+ROW_DEEP = 128
+ROW_TAIL_STAGES = 3
 # Elements per program of the float8 cast (`quantize_staged` on CUDA).
 CAST_BLOCK = 4096
 
@@ -221,12 +246,14 @@ if triton is not None:
     def _fp8_conv_kernel(
         x_desc, w1_desc, w2_desc, x_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, out1_desc, out2_desc,
         gamma_ptr, act_ptr, tail_ptr, tail1_desc, tail2_desc, act_scale_ptr,
+        xr_desc, xr_tail_desc, wr1_desc, wr2_desc, wr1_tail_desc, wr2_tail_desc,
         T, H, W, COUT,
         so_t, so_h, so_w, sr_t, sr_h, sr_w,
         C: tl.constexpr, TAP_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, GROUPS: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr,
         FP8_MAX: tl.constexpr, TMA_OUT: tl.constexpr, STAGES: tl.constexpr,
+        ROWS: tl.constexpr, ROW_DEEP: tl.constexpr, ROW_TAIL: tl.constexpr, TAIL_STAGES: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         group = pid % GROUPS  # a pixel tile's groups are adjacent programs: its input tile is shared through L2
@@ -242,15 +269,37 @@ if triton is not None:
         acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
         if N2 > 0:
             acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
-        for i in tl.range(0, 27 * KC, num_stages=STAGES):
-            tap = i // KC
-            c0 = (i % KC) * BLOCK_K
-            a = x_desc.load([t + tap // 9, h0 + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, c0])
-            a = a.reshape(BLOCK_M, BLOCK_K)
-            k = tap * TAP_K + c0
-            acc1 = tl.dot(a, w1_desc.load([n0, k]).T, acc1)  # K-major weights: what float8 products take
-            if N2 > 0:
-                acc2 = tl.dot(a, w2_desc.load([n0 + N1, k]).T, acc2)
+        interior = False
+        if ROWS:  # the tile's pixels w0 - 1 .. w0 + BLOCK_W are all inside the row: the rows' runs are its taps
+            interior = (w0 > 0) & (w0 + BLOCK_W < W)
+        if interior:
+            ROW_K: tl.constexpr = 3 * C
+            FULL: tl.constexpr = ROW_K // ROW_DEEP
+            for i in tl.range(0, 9 * FULL, num_stages=STAGES):  # (dt, dh) rows, each FULL blocks deep
+                row = i // FULL
+                c0 = (i % FULL) * ROW_DEEP
+                a = xr_desc.load([t + row // 3, h0 + row % 3 - 1, w0 - 1, c0]).reshape(BLOCK_M, ROW_DEEP)
+                acc1 = tl.dot(a, wr1_desc.load([n0, row * ROW_K + c0]).T, acc1)
+                if N2 > 0:
+                    acc2 = tl.dot(a, wr2_desc.load([n0 + N1, row * ROW_K + c0]).T, acc2)
+            if ROW_TAIL > 0:
+                for row in tl.range(0, 9, num_stages=TAIL_STAGES):  # each row's last ROW_TAIL channels
+                    a = xr_tail_desc.load([t + row // 3, h0 + row % 3 - 1, w0 - 1, FULL * ROW_DEEP])
+                    a = a.reshape(BLOCK_M, ROW_TAIL)
+                    k = row * ROW_K + FULL * ROW_DEEP
+                    acc1 = tl.dot(a, wr1_tail_desc.load([n0, k]).T, acc1)
+                    if N2 > 0:
+                        acc2 = tl.dot(a, wr2_tail_desc.load([n0 + N1, k]).T, acc2)
+        else:
+            for i in tl.range(0, 27 * KC, num_stages=STAGES):
+                tap = i // KC
+                c0 = (i % KC) * BLOCK_K
+                a = x_desc.load([t + tap // 9, h0 + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, c0])
+                a = a.reshape(BLOCK_M, BLOCK_K)
+                k = tap * TAP_K + c0
+                acc1 = tl.dot(a, w1_desc.load([n0, k]).T, acc1)  # K-major weights: what float8 products take
+                if N2 > 0:
+                    acc2 = tl.dot(a, w2_desc.load([n0 + N1, k]).T, acc2)
         m = tl.arange(0, BLOCK_M)
         h = (h0 + m // BLOCK_W).to(tl.int64)
         w = (w0 + m % BLOCK_W).to(tl.int64)
@@ -332,6 +381,20 @@ def fp8_conv_accepts(conv: torch.nn.Conv3d, shape: tuple[int, ...], device: torc
         and w % ROW_MULTIPLE == 0
         and _chosen.get(_config_key(device, c, conv.out_channels, w), 0) >= 0
     )
+
+
+def row_taps_fit(cin: int) -> bool:
+    """Whether the row form applies to `cin` input channels: the taps are padded (`tap_depth`), and a row of three
+    taps splits into ROW_DEEP-deep blocks and one tail a float8 product can take (a power of two, at least 16)."""
+    tail = 3 * cin % ROW_DEEP
+    return tap_depth(cin) != cin and (tail == 0 or (tail >= 16 and tail & (tail - 1) == 0))
+
+
+def pack_fp8_row_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, 3, 3, 3) -> float8 rows (Cout, 27 * Cin) in `pack_split`'s order, unpadded: column
+    (3 dt + dh) * 3 Cin + dw * Cin + c, so each (dt, dh) row of taps is 3 Cin adjacent columns. The values and
+    the scales are `pack_fp8_conv_weight`'s, without its padding columns."""
+    return quantize_rows(pack_split(weight))[0].contiguous()
 
 
 def pack_fp8_conv_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,6 +510,7 @@ def fp8_conv(
     act_scale: torch.Tensor | None = None,
     tail: torch.Tensor | None = None,
     tma_out: bool | None = None,
+    row_packed: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """conv3d(buf * x_scale, weight, bias, padding (0, 1, 1)) [+ residual] on a float8 staged buffer.
 
@@ -467,6 +531,10 @@ def fp8_conv(
     the next norm's outputs, element stores otherwise: as measured (bench/RESULTS.md round 19: the norm's
     epilogue 3-8 % faster through the copy engine, the plain outputs at most as fast as element stores and up
     to 9 % slower on the 192- and 384-wide convs).
+
+    `row_packed` (`pack_fp8_row_weight(weight)`, the same scales): where Cin is padded per tap (`row_taps_fit`),
+    the tiles inside their row read each (dt, dh) row of taps as one run of 3 * Cin channels (the module's
+    docstring); ignored elsewhere.
     """
     if buf.dtype != FP8_DTYPE or packed.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_conv takes float8_e4m3fn operands, got {buf.dtype} and {packed.dtype}")
@@ -517,9 +585,25 @@ def fp8_conv(
     tails = tail if normed and tail is not None else out
     tma_out = (normed if tma_out is None else tma_out) and _tma_writable(out) and _tma_writable(tails)
 
+    rows = row_packed is not None and row_taps_fit(c)
+    if rows and tuple(row_packed.shape) != (cout, 27 * c):
+        raise ValueError(f"row-packed weight {tuple(row_packed.shape)} is not ({cout}, {27 * c}): pack_fp8_row_weight")
+    row_tail = 3 * c % ROW_DEEP
+
     def launch(config: Config) -> None:
         block_h, block_w = _pixel_tile(config, w)
         block_k = block_depth(c, config.block_k)
+        row_descs = [None] * 6
+        if rows:
+            runs = [t + 2, h, w, 3 * c]  # pixel w's run: its own channels, then pixels w + 1 and w + 2's
+            row_descs = [
+                TensorDescriptor(view, runs, list(view.stride()), [1, block_h, block_w, ROW_DEEP]),
+                TensorDescriptor(view, runs, list(view.stride()), [1, block_h, block_w, max(row_tail, 16)]),
+            ] + [
+                TensorDescriptor(row_packed, list(row_packed.shape), list(row_packed.stride()), [n, depth])
+                for depth in (ROW_DEEP, max(row_tail, 16))
+                for n in (config.n1, max(config.n2, 16))
+            ]  # fmt: skip
         out_descs = [_box(out, block_h, block_w, n) if tma_out else None for n in (config.n1, max(config.n2, 16))]
         with_tail = tma_out and tails is not out
         tail_descs = [_box(tails, block_h, block_w, n) if with_tail else None for n in (config.n1, max(config.n2, 16))]
@@ -533,12 +617,12 @@ def fp8_conv(
         _fp8_conv_kernel[(tiles * groups,)](
             x_desc, w1_desc, w2_desc, x_scale, w_scale, bias, out if residual is None else residual, out, *out_descs,
             gamma if normed else w_scale, out, tail_arg if normed else out, *tail_descs,
-            act_scale if normed else x_scale,
+            act_scale if normed else x_scale, *row_descs,
             t, h, w, cout, *strides, *res_strides,
             C=c, TAP_K=depth, N1=config.n1, N2=config.n2, GROUPS=groups, BLOCK_H=block_h, BLOCK_W=block_w,
             BLOCK_K=block_k, HAS_RES=residual is not None, NORM=normed, HAS_TAIL=normed and tail is not None,
             FP8_ACT=out.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX, TMA_OUT=tma_out, STAGES=config.stages,
-            num_warps=config.warps,
+            ROWS=rows, ROW_DEEP=ROW_DEEP, ROW_TAIL=row_tail, TAIL_STAGES=ROW_TAIL_STAGES, num_warps=config.warps,
         )  # fmt: skip
 
     if not first_that_runs(key, configs_for(cout), launch, _chosen, _failures):

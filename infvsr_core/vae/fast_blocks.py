@@ -82,6 +82,10 @@ class FastForwardOptions:
     # histories stay in the model's dtype): on with the float8 convs (`FP8_OPTIONS`), where it measured faster
     # (bench/RESULTS.md round 17; an earlier form, dividing per element, measured slower: round 16).
     fp8_norm_store: bool = False
+    # The float8 convs with padded taps (96 input channels) read each row of three taps as one run of channels in
+    # the tiles inside a frame's rows (`fp8_conv.row_taps_fit`; no padding there): off until measured end to end
+    # (its two-loop form measured 12 % faster on that tier alone, bench/RESULTS.md round 19).
+    fp8_row_taps: bool = False
 
 
 FP8_OPTIONS = FastForwardOptions(fp8_conv_outputs=FP8_CONV_OUTPUTS, fp8_norm_store=True)
@@ -362,7 +366,7 @@ def _conv_plus(
     In float8 where `options.fp8_conv_outputs` and the kernel take it (the additions in its epilogue); else
     cuDNN (`_padded_out_conv`) and one fused pass for the additions (none when there are none)."""
     if takes_fp8(conv, buf, norm, options.fp8_conv_outputs):
-        result = conv_fp8(conv, buf, norm, bias, residual, out)
+        result = conv_fp8(conv, buf, norm, bias, residual, out, row_taps=options.fp8_row_taps)
         if result is not None:
             return result
     if buf.dtype == FP8_DTYPE:  # staged in float8, but no kernel configuration ran: back to the norm's values
@@ -391,7 +395,8 @@ def resblock(
 ) -> torch.Tensor:
     """x + h in one pass at the end: conv2's bias, the shortcut's bias and the residual add share it (written into
     `out` when given). 192-channel convs on Hopper run as one Triton kernel each (kernels/split_conv.py): conv1
-    writes norm2 + SiLU straight into conv2's staged buffer, conv2 adds the biases and the residual itself."""
+    writes norm2 + SiLU straight into conv2's staged buffer, conv2 adds the biases and the residual itself. In
+    float8 (`fp8_conv_outputs`) conv1 does the same through the float8 kernel (`_fp8_into_next_norm`)."""
     shortcut = block.conv_shortcut
     bias = block.conv2.bias
     if isinstance(shortcut, nn.Identity):
@@ -454,7 +459,9 @@ def _fp8_into_next_norm(
         return None
     staged, new, _ = _open_stage(conv2, shape, model, cursor, fp8_scale=scale)
     act = staged[:, :, CACHE_T:]
-    if conv_fp8(conv1, buf, block.norm1, conv1.bias, next_norm=norm2, act=act, tail=new) is None:
+    done = conv_fp8(conv1, buf, block.norm1, conv1.bias, next_norm=norm2, act=act, tail=new,
+                    row_taps=options.fp8_row_taps)  # fmt: skip
+    if done is None:
         y = _conv_plus(conv1, buf, options, block.norm1)  # no kernel configuration ran: the float path
         _norm(norm2, y, silu=True, out=act, tail=new, out_scale=scale)
     cursor.put(new)
