@@ -243,6 +243,51 @@ if triton is not None:
             tl.store(act_ptr + pix_act[:, None] + n[None, :], q, mask=mask)
 
     @triton.jit
+    def _tap_products(
+        x_desc, w1_desc, w2_desc, acc1, acc2, t, h0, w0, n0, C: tl.constexpr, TAP_K: tl.constexpr,
+        N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """The 27 taps' products, each tap's channels in blocks of BLOCK_K (the last may reach into the padding)."""
+        KC: tl.constexpr = (C + BLOCK_K - 1) // BLOCK_K
+        for i in tl.range(0, 27 * KC, num_stages=STAGES):
+            tap = i // KC
+            c0 = (i % KC) * BLOCK_K
+            a = x_desc.load([t + tap // 9, h0 + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, c0])
+            a = a.reshape(BLOCK_M, BLOCK_K)
+            k = tap * TAP_K + c0
+            acc1 = tl.dot(a, w1_desc.load([n0, k]).T, acc1)  # K-major weights: what float8 products take
+            if N2 > 0:
+                acc2 = tl.dot(a, w2_desc.load([n0 + N1, k]).T, acc2)
+        return acc1, acc2
+
+    @triton.jit
+    def _row_products(
+        xr_desc, xr_tail_desc, wr1_desc, wr2_desc, wr1_tail_desc, wr2_tail_desc, acc1, acc2, t, h0, w0, n0,
+        C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, ROW_DEEP: tl.constexpr,
+        ROW_TAIL: tl.constexpr, STAGES: tl.constexpr, TAIL_STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """The 9 (dt, dh) rows' products, each row's 3 * C channels a run from pixel w - 1: its full ROW_DEEP
+        blocks as one loop, then each row's last ROW_TAIL channels as a second."""
+        ROW_K: tl.constexpr = 3 * C
+        FULL: tl.constexpr = ROW_K // ROW_DEEP
+        for i in tl.range(0, 9 * FULL, num_stages=STAGES):
+            row = i // FULL
+            c0 = (i % FULL) * ROW_DEEP
+            a = xr_desc.load([t + row // 3, h0 + row % 3 - 1, w0 - 1, c0]).reshape(BLOCK_M, ROW_DEEP)
+            acc1 = tl.dot(a, wr1_desc.load([n0, row * ROW_K + c0]).T, acc1)
+            if N2 > 0:
+                acc2 = tl.dot(a, wr2_desc.load([n0 + N1, row * ROW_K + c0]).T, acc2)
+        if ROW_TAIL > 0:
+            for row in tl.range(0, 9, num_stages=TAIL_STAGES):
+                a = xr_tail_desc.load([t + row // 3, h0 + row % 3 - 1, w0 - 1, FULL * ROW_DEEP])
+                a = a.reshape(BLOCK_M, ROW_TAIL)
+                k = row * ROW_K + FULL * ROW_DEEP
+                acc1 = tl.dot(a, wr1_tail_desc.load([n0, k]).T, acc1)
+                if N2 > 0:
+                    acc2 = tl.dot(a, wr2_tail_desc.load([n0 + N1, k]).T, acc2)
+        return acc1, acc2
+
+    @triton.jit
     def _fp8_conv_kernel(
         x_desc, w1_desc, w2_desc, x_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, out1_desc, out2_desc,
         gamma_ptr, act_ptr, tail_ptr, tail1_desc, tail2_desc, act_scale_ptr,
@@ -265,41 +310,19 @@ if triton is not None:
         t = tile // (tiles_w * tiles_h)
         n0 = group * (N1 + N2)
         BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
-        KC: tl.constexpr = (C + BLOCK_K - 1) // BLOCK_K  # the last block may reach into the zero padding
         acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
-        if N2 > 0:
-            acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
-        interior = False
-        if ROWS:  # the tile's pixels w0 - 1 .. w0 + BLOCK_W are all inside the row: the rows' runs are its taps
-            interior = (w0 > 0) & (w0 + BLOCK_W < W)
-        if interior:
-            ROW_K: tl.constexpr = 3 * C
-            FULL: tl.constexpr = ROW_K // ROW_DEEP
-            for i in tl.range(0, 9 * FULL, num_stages=STAGES):  # (dt, dh) rows, each FULL blocks deep
-                row = i // FULL
-                c0 = (i % FULL) * ROW_DEEP
-                a = xr_desc.load([t + row // 3, h0 + row % 3 - 1, w0 - 1, c0]).reshape(BLOCK_M, ROW_DEEP)
-                acc1 = tl.dot(a, wr1_desc.load([n0, row * ROW_K + c0]).T, acc1)
-                if N2 > 0:
-                    acc2 = tl.dot(a, wr2_desc.load([n0 + N1, row * ROW_K + c0]).T, acc2)
-            if ROW_TAIL > 0:
-                for row in tl.range(0, 9, num_stages=TAIL_STAGES):  # each row's last ROW_TAIL channels
-                    a = xr_tail_desc.load([t + row // 3, h0 + row % 3 - 1, w0 - 1, FULL * ROW_DEEP])
-                    a = a.reshape(BLOCK_M, ROW_TAIL)
-                    k = row * ROW_K + FULL * ROW_DEEP
-                    acc1 = tl.dot(a, wr1_tail_desc.load([n0, k]).T, acc1)
-                    if N2 > 0:
-                        acc2 = tl.dot(a, wr2_tail_desc.load([n0 + N1, k]).T, acc2)
+        acc2 = tl.zeros((BLOCK_M, N2 if N2 > 0 else 16), dtype=tl.float32)  # unused (and dropped) without N2
+        if ROWS:
+            if (w0 > 0) & (w0 + BLOCK_W < W):  # pixels w0 - 1 .. w0 + BLOCK_W all in the row: the rows' runs
+                acc1, acc2 = _row_products(xr_desc, xr_tail_desc, wr1_desc, wr2_desc, wr1_tail_desc, wr2_tail_desc,
+                                           acc1, acc2, t, h0, w0, n0, C, N1, N2, BLOCK_M, ROW_DEEP, ROW_TAIL, STAGES,
+                                           TAIL_STAGES)  # fmt: skip
+            else:
+                acc1, acc2 = _tap_products(x_desc, w1_desc, w2_desc, acc1, acc2, t, h0, w0, n0, C, TAP_K, N1, N2,
+                                           BLOCK_M, BLOCK_K, STAGES)  # fmt: skip
         else:
-            for i in tl.range(0, 27 * KC, num_stages=STAGES):
-                tap = i // KC
-                c0 = (i % KC) * BLOCK_K
-                a = x_desc.load([t + tap // 9, h0 + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, c0])
-                a = a.reshape(BLOCK_M, BLOCK_K)
-                k = tap * TAP_K + c0
-                acc1 = tl.dot(a, w1_desc.load([n0, k]).T, acc1)  # K-major weights: what float8 products take
-                if N2 > 0:
-                    acc2 = tl.dot(a, w2_desc.load([n0 + N1, k]).T, acc2)
+            acc1, acc2 = _tap_products(x_desc, w1_desc, w2_desc, acc1, acc2, t, h0, w0, n0, C, TAP_K, N1, N2, BLOCK_M,
+                                       BLOCK_K, STAGES)  # fmt: skip
         m = tl.arange(0, BLOCK_M)
         h = (h0 + m // BLOCK_W).to(tl.int64)
         w = (w0 + m % BLOCK_W).to(tl.int64)
