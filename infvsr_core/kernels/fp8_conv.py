@@ -90,7 +90,7 @@ MAX_OUT = 384
 # Input channels: a multiple of the smallest float8 product depth.
 CHANNEL_MULTIPLE = 32
 # The row form (`row_taps_fit`): a row's runs in blocks this deep, its tail in a loop of its own with this many
-# stages (bench/RESULTS.md round 19: the two-loop form, 3 tail stages fastest).
+# stages (the fastest of those tried: bench/RESULTS.md round 19).
 ROW_DEEP = 128
 ROW_TAIL_STAGES = 3
 # Elements per program of the float8 cast (`quantize_staged` on CUDA).
@@ -551,9 +551,8 @@ def fp8_conv(
 
     `tma_out`: the stores through the copy engine (a tensor descriptor's store of each product's tile, where the
     strides allow it) or element by element from the products' registers. Default (None): the copy engine for
-    the next norm's outputs, element stores otherwise: as measured (bench/RESULTS.md round 19: the norm's
-    epilogue 3-8 % faster through the copy engine, the plain outputs at most as fast as element stores and up
-    to 9 % slower on the 192- and 384-wide convs).
+    the next norm's outputs, element stores otherwise: the faster of the two for each (bench/RESULTS.md
+    round 19).
 
     `row_packed` (`pack_fp8_row_weight(weight)`, the same scales): where Cin is padded per tap (`row_taps_fit`),
     the tiles inside their row read each (dt, dh) row of taps as one run of 3 * Cin channels (the module's
