@@ -20,7 +20,9 @@ error:
   outputs;
 - fp8 static: `fp8_conv` alone on a buffer cast with `static_activation_scale` (in the product that cast would
   be the norm pass's own store: no extra pass); its outputs stored element by element (the product's) and
-  through the copy engine (`fp8_static_tma_ms`);
+  through the copy engine (`fp8_static_tma_ms`), and for 96 input channels in the row form
+  (`fp8_static_rows_ms`: `FastForwardOptions.fp8_row_taps`; the one-loop and bordered-buffer experiments that
+  led to it were bench/check_fp8_conv_rows.py, last at 142b708);
 - conv then norm / conv with norm (outputs up to 256): a resblock's first conv and norm2 + SiLU into the next
   conv's float8 staged buffer, as two passes or with the norm in the conv's epilogue (`next_norm`).
 The decode column weighs each shape by its calls per decoder call (the sum is that call's 3x3x3 convs).
@@ -181,6 +183,12 @@ def run_shape(label: str, cin: int, cout: int, t: int, h: int, w: int, sweep: bo
     row["fp8_dynamic_ms"] = timed(dynamic)
     row["fp8_static_ms"] = timed(static)
     row["fp8_static_tma_ms"] = timed(partial(static, tma_out=True))
+    if module.row_taps_fit(cin):  # the row form (FastForwardOptions.fp8_row_taps) against the padded taps
+        padded_taps = out8.float()  # the last call's output
+        rows = partial(static, row_packed=module.pack_fp8_row_weight(weight))
+        rows()
+        row["rows_diff"] = round(((out8.float() - padded_taps).abs().max() / padded_taps.abs().max()).item(), 6)
+        row["fp8_static_rows_ms"] = timed(rows)
     if module.holds_pixel(cout) and t >= 2:
         row.update(next_norm(buf8, static_scale, packed, w_scale, bias, gen))
     return row
@@ -265,6 +273,9 @@ def main() -> None:
               flush=True)  # fmt: skip
         if "fp8_static_tma_ms" in row:
             print(f"   fp8 static, copy-engine stores: {row['fp8_static_tma_ms']} ms", flush=True)
+        if "fp8_static_rows_ms" in row:
+            print(f"   fp8 static, row form: {row['fp8_static_rows_ms']} ms (largest difference from the padded "
+                  f"taps {row['rows_diff']} of the output's)", flush=True)  # fmt: skip
         if "conv_with_norm_ms" in row:
             print(f"   next norm: conv then norm {row['conv_then_norm_ms']} ms, conv with norm "
                   f"{row['conv_with_norm_ms']} ms (element stores {row['conv_with_norm_elem_ms']}); codes differ "
