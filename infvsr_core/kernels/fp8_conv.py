@@ -585,9 +585,7 @@ def fp8_conv(
             raise ValueError("act and tail must have adjacent channels and the same pixel strides")
         # The interpreter's float8 cast does not round as the GPU's does: there the kernel stores act / act_scale
         # in float32 and PyTorch casts it (the module docstring).
-        scratch = torch.empty_like(act, dtype=torch.float32) if INTERPRETED else None
-        target = act if scratch is None else scratch
-        out = target
+        out = torch.empty_like(act, dtype=torch.float32) if INTERPRETED else act
     elif out is None:
         out = torch.empty((1, cout, t, h, w), dtype=out_dtype, device=buf.device, memory_format=CL3)
     strides = _pixel_strides(out)
