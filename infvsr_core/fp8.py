@@ -208,8 +208,8 @@ GELU_TANH_2C = 2 * math.sqrt(2 / math.pi)  # 2u = GELU_TANH_2C * (x + 0.044715 x
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """Wan's tanh GELU, 0.5 x (1 + tanh u), in float32, written as x * sigmoid(2u) (the same function): compiled,
-    an exponential where the tanh form computes a tanh, the FFN quantization's largest cost (bench/RESULTS.md
-    round 18). Its values agree with F.gelu(approximate="tanh") to float32 rounding."""
+    an exponential where the tanh form computes a tanh, the FFN quantization's largest cost
+    (bench/check_dit_quantize.py times it). Its values agree with F.gelu(approximate="tanh") to float32 rounding."""
     x = x.float()
     return x * torch.sigmoid(GELU_TANH_2C * (x + 0.044715 * x * x * x))
 

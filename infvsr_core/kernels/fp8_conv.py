@@ -60,7 +60,7 @@ the second conv's float8 staged frames and its 2-frame cache entry (`gamma`,
 pass of its own. Those stores go through the copy engine (a tensor
 descriptor's store per tile), which measured faster there; the plain outputs
 are stored element by element, which measured as fast or faster
-(bench/RESULTS.md round 19).
+(bench/check_fp8_conv.py times both).
 
 Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) runs this kernel on
 float8 operands as the GPU does: its float8 tensor-memory loads and tl.dot are
@@ -90,7 +90,7 @@ MAX_OUT = 384
 # Input channels: a multiple of the smallest float8 product depth.
 CHANNEL_MULTIPLE = 32
 # The row form (`row_taps_fit`): a row's runs in blocks this deep, its tail in a loop of its own with this many
-# stages (the fastest of those tried: bench/RESULTS.md round 19).
+# stages (the fastest tried: bench/RESULTS.md, "The 96-channel tier as 288-deep rows").
 ROW_DEEP = 128
 ROW_TAIL_STAGES = 3
 # Elements per program of the float8 cast (`quantize_staged` on CUDA).
@@ -551,8 +551,8 @@ def fp8_conv(
 
     `tma_out`: the stores through the copy engine (a tensor descriptor's store of each product's tile, where the
     strides allow it) or element by element from the products' registers. Default (None): the copy engine for
-    the next norm's outputs, element stores otherwise: the faster of the two for each (bench/RESULTS.md
-    round 19).
+    the next norm's outputs, element stores otherwise: the faster of the two for each (bench/check_fp8_conv.py
+    times both).
 
     `row_packed` (`pack_fp8_row_weight(weight)`, the same scales): where Cin is padded per tap (`row_taps_fit`),
     the tiles inside their row read each (dt, dh) row of taps as one run of 3 * Cin channels (the module's

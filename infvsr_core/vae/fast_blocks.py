@@ -84,7 +84,7 @@ class FastForwardOptions:
     fp8_norm_store: bool = False
     # The float8 convs with padded taps (96 input channels) read each row of three taps as one run of channels in
     # the tiles inside a frame's rows (`fp8_conv.row_taps_fit`; no padding there): off until measured end to end
-    # (its loops alone ran faster than the padded taps on that tier: bench/RESULTS.md round 19).
+    # (its loops alone ran faster than the padded taps on that tier: bench/check_fp8_conv.py times both).
     fp8_row_taps: bool = False
 
 
