@@ -25,6 +25,9 @@ TOL = 2e-5
 # A float8-staged conv against its float reference where one staged value sits on a float8 rounding midpoint:
 # one step (1/16 of the value) of one of a conv's many inputs.
 FLOAT8_FLIP = 1e-3
+# A block whose staged inputs went through float8 and back (the fallback's first call), against the float block:
+# float8's relative precision on a few convs of random weights (a lost bias, about 0.1 here, shows).
+FLOAT8_STAGED = 0.05
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -485,7 +488,7 @@ def test_fp8_staged_conv_without_a_running_kernel_falls_back_to_the_float_path(v
         errors.append(max_err(out, ref))
     if norm_silu.INTERPRETED:
         assert fp8_module._failures and set(fp8_module._chosen.values()) == {-1}
-        assert TOL < errors[0] < 0.1 and errors[1] < 0.1 and errors[2] < TOL, errors
+        assert TOL < errors[0] < FLOAT8_STAGED and errors[1] < FLOAT8_STAGED and errors[2] < TOL, errors
     else:
         assert max(errors) < TOL, errors
 

@@ -463,7 +463,7 @@ def _fp8_into_next_norm(
                     row_taps=options.fp8_row_taps)  # fmt: skip
     if done is None:
         y = _conv_plus(conv1, buf, options, block.norm1)  # no kernel configuration ran: the float path
-        _norm(norm2, y, silu=True, out=act, tail=new, out_scale=scale)
+        _norm(norm2, y, silu=True, out=act, pre_bias=conv1.bias, tail=new, out_scale=scale)
     cursor.put(new)
     return staged
 
