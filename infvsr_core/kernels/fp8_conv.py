@@ -41,8 +41,8 @@ waiting on each step's bookkeeping; instead one block may reach past Cin
 and the packed weight's padded columns are zero too, so the extra products add
 nothing (a quarter of the work wasted, in exchange for a third of the steps).
 
-Rows of taps (`row_packed`, off in the product until measured end to end:
-`FastForwardOptions.fp8_row_taps`): in a channels-last buffer the channels of
+Rows of taps (`row_packed`; on in the product, `FastForwardOptions.fp8_row_taps`,
+where it measured faster end to end): in a channels-last buffer the channels of
 pixels w - 1, w and w + 1 are adjacent, so the three horizontal taps of a
 (dt, dh) row are one run of 3 * Cin channels starting at pixel w - 1. A tensor
 descriptor whose pixel stride (Cin) is shorter than its rows (3 * Cin) reads

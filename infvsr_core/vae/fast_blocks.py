@@ -83,12 +83,12 @@ class FastForwardOptions:
     # (bench/RESULTS.md round 17; an earlier form, dividing per element, measured slower: round 16).
     fp8_norm_store: bool = False
     # The float8 convs with padded taps (96 input channels) read each row of three taps as one run of channels in
-    # the tiles inside a frame's rows (`fp8_conv.row_taps_fit`; no padding there): off until measured end to end
-    # (its loops alone ran faster than the padded taps on that tier: bench/check_fp8_conv.py times both).
+    # the tiles inside a frame's rows (`fp8_conv.row_taps_fit`; no padding there): on with the float8 convs
+    # (`FP8_OPTIONS`), where it measured faster end to end (bench/RESULTS.md, round 20).
     fp8_row_taps: bool = False
 
 
-FP8_OPTIONS = FastForwardOptions(fp8_conv_outputs=FP8_CONV_OUTPUTS, fp8_norm_store=True)
+FP8_OPTIONS = FastForwardOptions(fp8_conv_outputs=FP8_CONV_OUTPUTS, fp8_norm_store=True, fp8_row_taps=True)
 """The fast forward of `dtype="fp8"`: the product's defaults with the float8 convs on, their inputs stored in
 float8 by the norm that makes them."""
 
