@@ -472,12 +472,6 @@ def main() -> int:
         "(FastForwardOptions.fp8_row_taps); default: the product's (FP8_OPTIONS)",
     )
     parser.add_argument(
-        "--fp8-a-registers",
-        choices=["on", "off"],
-        help="fp8: the float8 convs computed as two products read each input block into registers once "
-        "(FastForwardOptions.fp8_a_registers); default: the product's (FP8_OPTIONS)",
-    )
-    parser.add_argument(
         "--fp8-attention",
         choices=["on", "off"],
         help="fp8: the DiT's self-attention in float8 where FlashAttention-3 runs it (fp8.set_float8_attention); "
@@ -543,9 +537,6 @@ def main() -> int:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_norm_store=args.fp8_norm_store == "on")
     if args.fp8_row_taps is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_row_taps=args.fp8_row_taps == "on")
-    if args.fp8_a_registers is not None:
-        options = dataclasses.replace(pipe.vae.fast_options, fp8_a_registers=args.fp8_a_registers == "on")
-        pipe.vae.fast_options = options
     if args.fp8_convs is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=args.fp8_convs)
     if args.full_res_frames is not None:

@@ -22,9 +22,7 @@ error:
   be the norm pass's own store: no extra pass); its outputs stored element by element (the product's) and
   through the copy engine (`fp8_static_tma_ms`), and for 96 input channels in the row form
   (`fp8_static_rows_ms`: `FastForwardOptions.fp8_row_taps`; the one-loop and bordered-buffer experiments that
-  led to it were bench/check_fp8_conv_rows.py, last at 142b708); where two products share each input block
-  (96 and 192 outputs), with those blocks read into registers once for both (`fp8_static_regs_ms`,
-  `fp8_static_rows_regs_ms`: `FastForwardOptions.fp8_a_registers`);
+  led to it were bench/check_fp8_conv_rows.py, last at 142b708);
 - conv then norm / conv with norm (outputs up to 256): a resblock's first conv and norm2 + SiLU into the next
   conv's float8 staged buffer, as two passes or with the norm in the conv's epilogue (`next_norm`).
 The decode column weighs each shape by its calls per decoder call (the sum is that call's 3x3x3 convs).
@@ -185,18 +183,12 @@ def run_shape(label: str, cin: int, cout: int, t: int, h: int, w: int, sweep: bo
     row["fp8_dynamic_ms"] = timed(dynamic)
     row["fp8_static_ms"] = timed(static)
     row["fp8_static_tma_ms"] = timed(partial(static, tma_out=True))
-    plain = out8.clone()
-    if sum(row["config"][1:3]) > row["config"][1]:  # two products share each input block (a_in_registers)
-        static(a_in_registers=True)
-        row["regs_equal"] = torch.equal(out8, plain)
-        row["fp8_static_regs_ms"] = timed(partial(static, a_in_registers=True))
     if module.row_taps_fit(cin):  # the row form (FastForwardOptions.fp8_row_taps) against the padded taps
+        padded_taps = out8.float()  # the last call's output
         rows = partial(static, row_packed=module.pack_fp8_row_weight(weight))
         rows()
-        row["rows_diff"] = round(((out8.float() - plain.float()).abs().max() / plain.float().abs().max()).item(), 6)
+        row["rows_diff"] = round(((out8.float() - padded_taps).abs().max() / padded_taps.abs().max()).item(), 6)
         row["fp8_static_rows_ms"] = timed(rows)
-        if "fp8_static_regs_ms" in row:
-            row["fp8_static_rows_regs_ms"] = timed(partial(rows, a_in_registers=True))
     if module.holds_pixel(cout) and t >= 2:
         row.update(next_norm(buf8, static_scale, packed, w_scale, bias, gen))
     return row
@@ -234,7 +226,6 @@ def next_norm(buf8, x_scale, packed, w_scale, bias, gen: torch.Generator) -> dic
         "conv_then_norm_ms": timed(separate),
         "conv_with_norm_ms": timed(fused),
         "conv_with_norm_elem_ms": timed(partial(fused, tma_out=False)),  # the product's: through the copy engine
-        "conv_with_norm_regs_ms": timed(partial(fused, a_in_registers=True)),
         "norm_codes_differ": round((got != want).float().mean().item(), 6),
         "norm_act_max_diff": round(((got - want).abs().max() / want.abs().max()).item(), 6),
         "norm_tail_rel": rel_error(tail, want_tail),
@@ -282,17 +273,12 @@ def main() -> None:
               flush=True)  # fmt: skip
         if "fp8_static_tma_ms" in row:
             print(f"   fp8 static, copy-engine stores: {row['fp8_static_tma_ms']} ms", flush=True)
-        if "fp8_static_regs_ms" in row:
-            print(f"   fp8 static, input blocks in registers: {row['fp8_static_regs_ms']} ms (output equal: "
-                  f"{row['regs_equal']})", flush=True)  # fmt: skip
         if "fp8_static_rows_ms" in row:
             print(f"   fp8 static, row form: {row['fp8_static_rows_ms']} ms (largest difference from the padded "
-                  f"taps {row['rows_diff']} of the output's); in registers {row.get('fp8_static_rows_regs_ms', '-')}",
-                  flush=True)  # fmt: skip
+                  f"taps {row['rows_diff']} of the output's)", flush=True)  # fmt: skip
         if "conv_with_norm_ms" in row:
             print(f"   next norm: conv then norm {row['conv_then_norm_ms']} ms, conv with norm "
-                  f"{row['conv_with_norm_ms']} ms (element stores {row['conv_with_norm_elem_ms']}, input blocks in "
-                  f"registers {row['conv_with_norm_regs_ms']}); codes differ "
+                  f"{row['conv_with_norm_ms']} ms (element stores {row['conv_with_norm_elem_ms']}); codes differ "
                   f"{row['norm_codes_differ']} (largest {row['norm_act_max_diff']}), tail {row['norm_tail_rel']}",
                   flush=True)  # fmt: skip
         bf16 = row.get("split_ms", row["cudnn_ms"])

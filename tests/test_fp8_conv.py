@@ -131,29 +131,6 @@ def test_fp8_conv_matches_conv3d_on_its_quantized_operands(fresh, case, tma_out)
     assert not fresh._failures
 
 
-@pytest.mark.parametrize("rows", [False, True], ids=["padded taps", "row form"])
-def test_fp8_conv_with_its_input_blocks_in_registers(fresh, rows):
-    """`a_in_registers` (two products sharing each input block, 96 outputs as 64 + 32, with the row form or the
-    padded taps): the same values as the products reading shared memory, bit for bit, and the float64 conv."""
-    cin, cout, t, h, w = 96, 96, 2, 3, 64
-    fresh.CONFIGS[cout] = (Config(16, 64, 32, 128, 1, 4),)
-    gen = torch.Generator().manual_seed(41)
-    buf8, x_scale = quantize_staged(staged(cin, t + 2, h, w, seed=42))
-    weight = torch.randn(cout, cin, 3, 3, 3, generator=gen) / (27 * cin) ** 0.5
-    packed, w_scale = pack_fp8_conv_weight(weight)
-    row_packed = module.pack_fp8_row_weight(weight) if rows else None
-    bias = torch.randn(cout, generator=gen)
-    plain = fp8_conv(buf8, x_scale, packed, w_scale, bias, out=channels_last(1, cout, t, h, w), row_packed=row_packed)
-    held = fp8_conv(buf8, x_scale, packed, w_scale, bias, out=channels_last(1, cout, t, h, w), row_packed=row_packed,
-                    a_in_registers=True)  # fmt: skip
-    if not INTERPRETED:
-        assert plain is None and held is None
-        return
-    assert torch.equal(held, plain)
-    want = conv64(buf8.double() * x_scale.double(), unpack(packed, w_scale, cin), bias)
-    assert rel_max(held, want) < SAME_OPERANDS_TOL
-
-
 def test_fp8_conv_writes_bf16_by_default(fresh):
     cin, cout, t, h, w, config = CASES["one product, one row per block"]
     fresh.CONFIGS[cout] = (config,)

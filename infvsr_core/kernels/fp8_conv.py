@@ -243,18 +243,9 @@ if triton is not None:
             tl.store(act_ptr + pix_act[:, None] + n[None, :], q, mask=mask)
 
     @triton.jit
-    def _in_registers(a, zero):
-        """a itself (zero is a runtime 0), through an operation the compiler cannot drop: a product's operand made
-        in registers is read from shared memory once into registers and both products take it from there, where
-        an operand straight from a load is read from shared memory by each product (`fp8_conv`'s
-        `a_in_registers`)."""
-        return (a.to(tl.uint8, bitcast=True) ^ zero.to(tl.uint8)).to(a.dtype, bitcast=True)
-
-    @triton.jit
     def _tap_products(
-        x_desc, w1_desc, w2_desc, acc1, acc2, t, h0, w0, n0, zero, C: tl.constexpr, TAP_K: tl.constexpr,
+        x_desc, w1_desc, w2_desc, acc1, acc2, t, h0, w0, n0, C: tl.constexpr, TAP_K: tl.constexpr,
         N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-        A_REGS: tl.constexpr,
     ):  # fmt: skip
         """The 27 taps' products, each tap's channels in blocks of BLOCK_K (the last may reach into the padding)."""
         KC: tl.constexpr = (C + BLOCK_K - 1) // BLOCK_K
@@ -263,8 +254,6 @@ if triton is not None:
             c0 = (i % KC) * BLOCK_K
             a = x_desc.load([t + tap // 9, h0 + (tap // 3) % 3 - 1, w0 + tap % 3 - 1, c0])
             a = a.reshape(BLOCK_M, BLOCK_K)
-            if A_REGS:
-                a = _in_registers(a, zero)
             k = tap * TAP_K + c0
             acc1 = tl.dot(a, w1_desc.load([n0, k]).T, acc1)  # K-major weights: what float8 products take
             if N2 > 0:
@@ -273,9 +262,9 @@ if triton is not None:
 
     @triton.jit
     def _row_products(
-        xr_desc, xr_tail_desc, wr1_desc, wr2_desc, wr1_tail_desc, wr2_tail_desc, acc1, acc2, t, h0, w0, n0, zero,
+        xr_desc, xr_tail_desc, wr1_desc, wr2_desc, wr1_tail_desc, wr2_tail_desc, acc1, acc2, t, h0, w0, n0,
         C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, ROW_DEEP: tl.constexpr,
-        ROW_TAIL: tl.constexpr, STAGES: tl.constexpr, TAIL_STAGES: tl.constexpr, A_REGS: tl.constexpr,
+        ROW_TAIL: tl.constexpr, STAGES: tl.constexpr, TAIL_STAGES: tl.constexpr,
     ):  # fmt: skip
         """The 9 (dt, dh) rows' products, each row's 3 * C channels a run from pixel w - 1: its full ROW_DEEP
         blocks as one loop, then each row's last ROW_TAIL channels as a second."""
@@ -285,8 +274,6 @@ if triton is not None:
             row = i // FULL
             c0 = (i % FULL) * ROW_DEEP
             a = xr_desc.load([t + row // 3, h0 + row % 3 - 1, w0 - 1, c0]).reshape(BLOCK_M, ROW_DEEP)
-            if A_REGS:
-                a = _in_registers(a, zero)
             acc1 = tl.dot(a, wr1_desc.load([n0, row * ROW_K + c0]).T, acc1)
             if N2 > 0:
                 acc2 = tl.dot(a, wr2_desc.load([n0 + N1, row * ROW_K + c0]).T, acc2)
@@ -294,8 +281,6 @@ if triton is not None:
             for row in tl.range(0, 9, num_stages=TAIL_STAGES):
                 a = xr_tail_desc.load([t + row // 3, h0 + row % 3 - 1, w0 - 1, FULL * ROW_DEEP])
                 a = a.reshape(BLOCK_M, ROW_TAIL)
-                if A_REGS:
-                    a = _in_registers(a, zero)
                 k = row * ROW_K + FULL * ROW_DEEP
                 acc1 = tl.dot(a, wr1_tail_desc.load([n0, k]).T, acc1)
                 if N2 > 0:
@@ -308,13 +293,12 @@ if triton is not None:
         gamma_ptr, act_ptr, tail_ptr, tail1_desc, tail2_desc, act_scale_ptr,
         xr_desc, xr_tail_desc, wr1_desc, wr2_desc, wr1_tail_desc, wr2_tail_desc,
         T, H, W, COUT,
-        so_t, so_h, so_w, sr_t, sr_h, sr_w, zero,
+        so_t, so_h, so_w, sr_t, sr_h, sr_w,
         C: tl.constexpr, TAP_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, GROUPS: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr,
         FP8_MAX: tl.constexpr, TMA_OUT: tl.constexpr, STAGES: tl.constexpr,
         ROWS: tl.constexpr, ROW_DEEP: tl.constexpr, ROW_TAIL: tl.constexpr, TAIL_STAGES: tl.constexpr,
-        A_REGS: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         group = pid % GROUPS  # a pixel tile's groups are adjacent programs: its input tile is shared through L2
@@ -331,14 +315,14 @@ if triton is not None:
         if ROWS:
             if (w0 > 0) & (w0 + BLOCK_W < W):  # pixels w0 - 1 .. w0 + BLOCK_W all in the row: the rows' runs
                 acc1, acc2 = _row_products(xr_desc, xr_tail_desc, wr1_desc, wr2_desc, wr1_tail_desc, wr2_tail_desc,
-                                           acc1, acc2, t, h0, w0, n0, zero, C, N1, N2, BLOCK_M, ROW_DEEP, ROW_TAIL,
-                                           STAGES, TAIL_STAGES, A_REGS)  # fmt: skip
+                                           acc1, acc2, t, h0, w0, n0, C, N1, N2, BLOCK_M, ROW_DEEP, ROW_TAIL, STAGES,
+                                           TAIL_STAGES)  # fmt: skip
             else:
-                acc1, acc2 = _tap_products(x_desc, w1_desc, w2_desc, acc1, acc2, t, h0, w0, n0, zero, C, TAP_K, N1,
-                                           N2, BLOCK_M, BLOCK_K, STAGES, A_REGS)  # fmt: skip
+                acc1, acc2 = _tap_products(x_desc, w1_desc, w2_desc, acc1, acc2, t, h0, w0, n0, C, TAP_K, N1, N2,
+                                           BLOCK_M, BLOCK_K, STAGES)  # fmt: skip
         else:
-            acc1, acc2 = _tap_products(x_desc, w1_desc, w2_desc, acc1, acc2, t, h0, w0, n0, zero, C, TAP_K, N1, N2,
-                                       BLOCK_M, BLOCK_K, STAGES, A_REGS)  # fmt: skip
+            acc1, acc2 = _tap_products(x_desc, w1_desc, w2_desc, acc1, acc2, t, h0, w0, n0, C, TAP_K, N1, N2, BLOCK_M,
+                                       BLOCK_K, STAGES)  # fmt: skip
         m = tl.arange(0, BLOCK_M)
         h = (h0 + m // BLOCK_W).to(tl.int64)
         w = (w0 + m % BLOCK_W).to(tl.int64)
@@ -550,7 +534,6 @@ def fp8_conv(
     tail: torch.Tensor | None = None,
     tma_out: bool | None = None,
     row_packed: torch.Tensor | None = None,
-    a_in_registers: bool = False,
 ) -> torch.Tensor | None:
     """conv3d(buf * x_scale, weight, bias, padding (0, 1, 1)) [+ residual] on a float8 staged buffer.
 
@@ -574,10 +557,6 @@ def fp8_conv(
     `row_packed` (`pack_fp8_row_weight(weight)`, the same scales): where Cin is padded per tap (`row_taps_fit`),
     the tiles inside their row read each (dt, dh) row of taps as one run of 3 * Cin channels (the module's
     docstring); ignored elsewhere.
-
-    `a_in_registers`: where a program's outputs are two products (N2 > 0: 96 outputs as 64 + 32, 192 as
-    128 + 64), each input block goes from shared memory into registers once and both products read it there;
-    else each product reads it from shared memory (bench/check_fp8_conv.py times both).
     """
     if buf.dtype != FP8_DTYPE or packed.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_conv takes float8_e4m3fn operands, got {buf.dtype} and {packed.dtype}")
@@ -659,12 +638,11 @@ def fp8_conv(
             x_desc, w1_desc, w2_desc, x_scale, w_scale, bias, out if residual is None else residual, out, *out_descs,
             gamma if normed else w_scale, out, tail_arg if normed else out, *tail_descs,
             act_scale if normed else x_scale, *row_descs,
-            t, h, w, cout, *strides, *res_strides, 0,
+            t, h, w, cout, *strides, *res_strides,
             C=c, TAP_K=depth, N1=config.n1, N2=config.n2, GROUPS=groups, BLOCK_H=block_h, BLOCK_W=block_w,
             BLOCK_K=block_k, HAS_RES=residual is not None, NORM=normed, HAS_TAIL=normed and tail is not None,
             FP8_ACT=out.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX, TMA_OUT=tma_out, STAGES=config.stages,
-            ROWS=rows, ROW_DEEP=ROW_DEEP, ROW_TAIL=row_tail, TAIL_STAGES=ROW_TAIL_STAGES,
-            A_REGS=a_in_registers and config.n2 > 0, num_warps=config.warps,
+            ROWS=rows, ROW_DEEP=ROW_DEEP, ROW_TAIL=row_tail, TAIL_STAGES=ROW_TAIL_STAGES, num_warps=config.warps,
         )  # fmt: skip
 
     if not first_that_runs(key, configs_for(cout), launch, _chosen, _failures):

@@ -86,10 +86,6 @@ class FastForwardOptions:
     # the tiles inside a frame's rows (`fp8_conv.row_taps_fit`; no padding there): on with the float8 convs
     # (`FP8_OPTIONS`), where it measured faster end to end (bench/RESULTS.md, round 20).
     fp8_row_taps: bool = False
-    # Where a float8 conv's program computes its outputs as two products (96 and 192 outputs), each input block is
-    # read from shared memory into registers once for both (`fp8_conv`'s `a_in_registers`): off until measured end
-    # to end (bench/check_fp8_conv.py times both).
-    fp8_a_registers: bool = False
 
 
 FP8_OPTIONS = FastForwardOptions(fp8_conv_outputs=FP8_CONV_OUTPUTS, fp8_norm_store=True, fp8_row_taps=True)
@@ -370,8 +366,7 @@ def _conv_plus(
     In float8 where `options.fp8_conv_outputs` and the kernel take it (the additions in its epilogue); else
     cuDNN (`_padded_out_conv`) and one fused pass for the additions (none when there are none)."""
     if takes_fp8(conv, buf, norm, options.fp8_conv_outputs):
-        result = conv_fp8(conv, buf, norm, bias, residual, out, row_taps=options.fp8_row_taps,
-                          a_in_registers=options.fp8_a_registers)  # fmt: skip
+        result = conv_fp8(conv, buf, norm, bias, residual, out, row_taps=options.fp8_row_taps)
         if result is not None:
             return result
     if buf.dtype == FP8_DTYPE:  # staged in float8, but no kernel configuration ran: back to the norm's values
@@ -465,7 +460,7 @@ def _fp8_into_next_norm(
     staged, new, _ = _open_stage(conv2, shape, model, cursor, fp8_scale=scale)
     act = staged[:, :, CACHE_T:]
     done = conv_fp8(conv1, buf, block.norm1, conv1.bias, next_norm=norm2, act=act, tail=new,
-                    row_taps=options.fp8_row_taps, a_in_registers=options.fp8_a_registers)  # fmt: skip
+                    row_taps=options.fp8_row_taps)  # fmt: skip
     if done is None:
         y = _conv_plus(conv1, buf, options, block.norm1)  # no kernel configuration ran: the float path
         _norm(norm2, y, silu=True, out=act, pre_bias=conv1.bias, tail=new, out_scale=scale)

@@ -61,7 +61,6 @@ def conv_fp8(
     act: torch.Tensor | None = None,
     tail: torch.Tensor | None = None,
     row_taps: bool = False,
-    a_in_registers: bool = False,
 ) -> torch.Tensor | None:
     """conv(buf) + bias [+ residual] in float8 (buf: the causal conv's staged input, channels-last, in the
     model's dtype or already in float8 with `input_scale(norm)`), the additions in the kernel's epilogue, into
@@ -71,17 +70,16 @@ def conv_fp8(
     With `next_norm` (a resblock's first conv, `holds_pixel`): SiLU(next_norm(result)) goes in float8, with
     `input_scale(next_norm)`, into `act` (the next conv's staged frames) and its last 2 frames in the model's
     dtype into `tail` (that conv's cache entry); the result itself is never stored (fp8_conv's `gamma`).
-    `row_taps`: where the taps are padded, the row form (`FastForwardOptions.fp8_row_taps`); `a_in_registers`:
-    `fp8_conv`'s (`FastForwardOptions.fp8_a_registers`)."""
+    `row_taps`: where the taps are padded, the row form (`FastForwardOptions.fp8_row_taps`)."""
     values, scale = quantize_staged(buf, input_scale(norm))
     packed, weight_scale = derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
     rows = derived(conv, "_infvsr_fp8_rows", pack_fp8_row_weight) if row_taps and row_taps_fit(buf.shape[1]) else None
     if next_norm is None:
         return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out, out_dtype=conv.weight.dtype,
-                        row_packed=rows, a_in_registers=a_in_registers)  # fmt: skip
+                        row_packed=rows)  # fmt: skip
     return fp8_conv(
         values, scale, packed, weight_scale, bias, out_dtype=conv.weight.dtype, gamma=scaled_gamma(next_norm),
-        act=act, act_scale=input_scale(next_norm), tail=tail, row_packed=rows, a_in_registers=a_in_registers,
+        act=act, act_scale=input_scale(next_norm), tail=tail, row_packed=rows,
     )  # fmt: skip
 
 
