@@ -51,6 +51,7 @@ from .fast_blocks import (
     causal_conv,
     downsample,
     resblock,
+    resblocks,
     rgb_in_conv,
     to_cl3,
     upsample,
@@ -161,15 +162,20 @@ def _full_res_layers(layers: list[nn.Module]) -> int:
 
 def _down_layers(layers: list[nn.Module], x: torch.Tensor, cursor: Cursor, options: FastForwardOptions) -> torch.Tensor:
     bordered = None
+    run: list[WanResidualBlock] = []  # resblocks in a row, run together (`resblocks`) before the next other layer
     for i, layer in enumerate(layers):
+        following = layers[i + 1] if i + 1 < len(layers) else None
         if isinstance(layer, WanResidualBlock):
-            following = layers[i + 1] if i + 1 < len(layers) else None
+            run.append(layer)
+            if isinstance(following, WanResidualBlock):
+                continue
             if isinstance(following, WanResample) and following.mode.startswith("downsample"):
-                b, _, t, h, w = x.shape  # the downsampler's zero border: written around the block's output
+                b, _, t, h, w = x.shape  # the downsampler's zero border: written around the blocks' output
                 bordered = zero_bordered((b, layer.conv2.out_channels, t, h, w), x)
-                x = resblock(layer, x, cursor, options, out=bordered[:, :, :, :h, :w])
+                x = resblocks(run, x, cursor, options, out=bordered[:, :, :, :h, :w])
             else:
-                x = resblock(layer, x, cursor, options)
+                x = resblocks(run, x, cursor, options)
+            run = []
         elif isinstance(layer, WanResample):
             x = downsample(layer, x, cursor, bordered)
             bordered = None
@@ -208,8 +214,7 @@ def _encoder(
 def _up_block(
     block: nn.Module, x: torch.Tensor, cursor: Cursor, options: FastForwardOptions, with_upsampler: bool = True
 ) -> torch.Tensor:
-    for resnet in block.resnets:
-        x = resblock(resnet, x, cursor, options)
+    x = resblocks(block.resnets, x, cursor, options)
     if block.upsamplers is not None and with_upsampler:
         x = upsample(block.upsamplers[0], x, cursor, options)
     return x
