@@ -196,24 +196,6 @@ if triton is not None:
         return acc * scale[None, :] + tl.load(bias_ptr + n, mask=valid, other=0.0)[None, :]
 
     @triton.jit
-    def _normed_input(
-        acc, n, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, COUT, HAS_RES: tl.constexpr,
-        KEEP_Y: tl.constexpr,
-    ):  # fmt: skip
-        """What the next norm reads, in float32: acc * x_scale * w_scale[n] + bias[n] (+ residual); with KEEP_Y
-        also stored into out (one store per element), and then that stored value (rounded to out's dtype), which
-        is what a separate norm pass would read."""
-        y = _conv_outputs(acc, n, x_scale, w_scale_ptr, bias_ptr, COUT)
-        mask = keep[:, None] & (n < COUT)[None, :]
-        if HAS_RES:
-            y += tl.load(res_ptr + pix_res[:, None] + n[None, :], mask=mask, other=0.0).to(tl.float32)
-        if KEEP_Y:
-            y = y.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + pix_out[:, None] + n[None, :], y, mask=mask)
-            y = y.to(tl.float32)
-        return y
-
-    @triton.jit
     def _store_outputs(
         acc, n0, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr, out_desc, t, h0, w0,
         COUT, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HAS_RES: tl.constexpr, TMA_OUT: tl.constexpr,
@@ -314,7 +296,7 @@ if triton is not None:
         so_t, so_h, so_w, sr_t, sr_h, sr_w,
         C: tl.constexpr, TAP_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, GROUPS: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_RES: tl.constexpr, NORM: tl.constexpr, KEEP_Y: tl.constexpr, HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr,
+        HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr,
         FP8_MAX: tl.constexpr, TMA_OUT: tl.constexpr, STAGES: tl.constexpr,
         ROWS: tl.constexpr, ROW_DEEP: tl.constexpr, ROW_TAIL: tl.constexpr, TAIL_STAGES: tl.constexpr,
     ):  # fmt: skip
@@ -350,12 +332,11 @@ if triton is not None:
         pix_res = tt * sr_t + h * sr_h + w * sr_w
         x_scale = tl.load(x_scale_ptr)
         if NORM:  # one group holds each pixel's outputs whole: the next norm + SiLU, in float8, into act
-            y1 = _normed_input(acc1, tl.arange(0, N1), keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr,
-                               out_ptr, COUT, HAS_RES, KEEP_Y)  # fmt: skip
+            n = tl.arange(0, N1)
+            y1 = _conv_outputs(acc1, n, x_scale, w_scale_ptr, bias_ptr, COUT)
             square = tl.sum(y1 * y1, axis=1)
             if N2 > 0:
-                y2 = _normed_input(acc2, N1 + tl.arange(0, N2), keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr,
-                                   res_ptr, out_ptr, COUT, HAS_RES, KEEP_Y)  # fmt: skip
+                y2 = _conv_outputs(acc2, N1 + tl.arange(0, N2), x_scale, w_scale_ptr, bias_ptr, COUT)
                 square += tl.sum(y2 * y2, axis=1)
             inv_norm = 1.0 / tl.maximum(tl.sqrt(square), 1e-12)  # F.normalize's eps, as the norm pass
             inv_act_scale = tl.math.div_rn(1.0, tl.load(act_scale_ptr))  # IEEE, as the norm pass's reciprocal
@@ -562,14 +543,11 @@ def fp8_conv(
     `out_dtype` if None), rounded once from float32, and is returned. None if no block configuration runs
     here (the caller takes cuDNN).
 
-    With `gamma` (float32 (Cout,): the next RMS norm's gamma x scale; Cout <= 256 so that one program holds a
-    pixel's outputs whole): SiLU(normalize(result) x gamma), rounded to `out_dtype` as the norm pass rounds it,
-    divided by `act_scale` into `act` (float8, the next conv's staged frames: (1, Cout, T, H, W) with dense
-    pixels) and, when given, its last 2 frames into `tail` (the next conv's cache entry, `out_dtype`, the same
-    pixel strides); `act` is returned. The result [+ residual] itself is stored only where `out` is given (act's
-    pixel strides; a resblock's second conv, whose output is also the next block's residual), and the norm
-    then reads it as stored (rounded to out's dtype), as a separate pass would; a resblock's first conv gives
-    none (its output feeds only the norm).
+    With `gamma` (float32 (Cout,): the next RMS norm's gamma x scale; a resblock's first conv, Cout <= 256 so
+    that one program holds a pixel's outputs whole) the result is not stored: SiLU(normalize(result) x gamma),
+    rounded to `out_dtype` as the norm pass rounds it, divided by `act_scale` into `act` (float8, the next
+    conv's staged frames: (1, Cout, T, H, W) with dense pixels) and, when given, its last 2 frames into `tail`
+    (the next conv's cache entry, `out_dtype`, the same pixel strides); `act` is returned.
 
     `tma_out`: the stores through the copy engine (a tensor descriptor's store of each product's tile, where the
     strides allow it) or element by element from the products' registers. Default (None): the copy engine for
@@ -598,23 +576,18 @@ def fp8_conv(
         return None
     normed = gamma is not None
     if normed:
-        if act is None or act_scale is None or act.dtype != FP8_DTYPE:
-            raise ValueError("a conv with the next norm in its epilogue writes float8 act with act_scale")
+        if act is None or act_scale is None or act.dtype != FP8_DTYPE or residual is not None:
+            raise ValueError("a conv with the next norm in its epilogue writes float8 act with act_scale, no residual")
         if not holds_pixel(cout):
             raise ValueError(f"the next norm needs a pixel's outputs in one program: {cout} outputs are too many")
         if (tail is not None and (t < 2 or tail.dtype != out_dtype or _pixel_strides(tail) != _pixel_strides(act))
                 or _pixel_strides(act) is None):  # fmt: skip
             raise ValueError("act and tail must have adjacent channels and the same pixel strides")
-        if out is not None and (out.shape != act.shape or _pixel_strides(out) != _pixel_strides(act)):
-            raise ValueError("a conv's output kept beside the next norm's must have act's shape and pixel strides")
-        kept = out
         # The interpreter's float8 cast does not round as the GPU's does: there the kernel stores act / act_scale
         # in float32 and PyTorch casts it (the module docstring).
         out = torch.empty_like(act, dtype=torch.float32) if INTERPRETED else act
     elif out is None:
         out = torch.empty((1, cout, t, h, w), dtype=out_dtype, device=buf.device, memory_format=CL3)
-    if not normed:
-        kept = None
     strides = _pixel_strides(out)
     res_strides = (0, 0, 0) if residual is None else _pixel_strides(residual)
     if strides is None or res_strides is None:
@@ -662,14 +635,12 @@ def fp8_conv(
             raise ValueError(f"configuration {config} splits the outputs: the next norm needs them whole")
         tiles = t * triton.cdiv(h, block_h) * triton.cdiv(w, block_w)
         _fp8_conv_kernel[(tiles * groups,)](
-            x_desc, w1_desc, w2_desc, x_scale, w_scale, bias, out if residual is None else residual,
-            out if kept is None else kept, *out_descs,
+            x_desc, w1_desc, w2_desc, x_scale, w_scale, bias, out if residual is None else residual, out, *out_descs,
             gamma if normed else w_scale, out, tail_arg if normed else out, *tail_descs,
             act_scale if normed else x_scale, *row_descs,
             t, h, w, cout, *strides, *res_strides,
             C=c, TAP_K=depth, N1=config.n1, N2=config.n2, GROUPS=groups, BLOCK_H=block_h, BLOCK_W=block_w,
-            BLOCK_K=block_k, HAS_RES=residual is not None, NORM=normed, KEEP_Y=kept is not None,
-            HAS_TAIL=normed and tail is not None,
+            BLOCK_K=block_k, HAS_RES=residual is not None, NORM=normed, HAS_TAIL=normed and tail is not None,
             FP8_ACT=out.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX, TMA_OUT=tma_out, STAGES=config.stages,
             ROWS=rows, ROW_DEEP=ROW_DEEP, ROW_TAIL=row_tail, TAIL_STAGES=ROW_TAIL_STAGES, num_warps=config.warps,
         )  # fmt: skip

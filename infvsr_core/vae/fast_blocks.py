@@ -11,7 +11,6 @@ Every function keeps diffusers' `feat_cache` entries exactly (`Cursor`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -397,40 +396,7 @@ def resblock(
     """x + h in one pass at the end: conv2's bias, the shortcut's bias and the residual add share it (written into
     `out` when given). 192-channel convs on Hopper run as one Triton kernel each (kernels/split_conv.py): conv1
     writes norm2 + SiLU straight into conv2's staged buffer, conv2 adds the biases and the residual itself. In
-    float8 (`fp8_conv_outputs`) conv1 does the same through the float8 kernel (`_fp8_into_norm`)."""
-    return resblocks([block], x, cursor, options, out)
-
-
-def resblocks(
-    blocks: Sequence[WanResidualBlock],
-    x: torch.Tensor,
-    cursor: Cursor,
-    options: FastForwardOptions,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`resblock` of each block in turn (blocks whose cache entries follow each other: a level's run), the last
-    one's output into `out` when given. Where a block's conv2 and the next block's conv1 run in float8, conv2's
-    epilogue also writes the next block's norm1 + SiLU into conv1's float8 staged buffer and its cache entry
-    (`_fp8_into_norm`): norm1 makes no pass of its own."""
-    staged = None
-    for i, block in enumerate(blocks):
-        following = blocks[i + 1] if i + 1 < len(blocks) else None
-        x, staged = _resblock(block, x, cursor, options, out if following is None else None, staged, following)
-    return x
-
-
-def _resblock(
-    block: WanResidualBlock,
-    x: torch.Tensor,
-    cursor: Cursor,
-    options: FastForwardOptions,
-    out: torch.Tensor | None = None,
-    staged: torch.Tensor | None = None,
-    following: WanResidualBlock | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`resblock`, taking conv1's staged buffer where the previous block's conv2 wrote it (`staged`: its cache
-    entry already put), and returning with its output the `following` block's conv1 staged buffer where this
-    block's conv2 wrote it (else None)."""
+    float8 (`fp8_conv_outputs`) conv1 does the same through the float8 kernel (`_fp8_into_next_norm`)."""
     shortcut = block.conv_shortcut
     bias = block.conv2.bias
     if isinstance(shortcut, nn.Identity):
@@ -438,7 +404,7 @@ def _resblock(
     else:
         h = F.conv3d(x, shortcut.weight, None)
         bias = bias.float() + shortcut.bias.float()
-    buf = _stage(block.conv1, x, cursor, block.norm1, options=options) if staged is None else staged
+    buf = _stage(block.conv1, x, cursor, block.norm1, options=options)
     del x
     if (
         _split(block.conv1, buf, block.norm1, options)
@@ -455,67 +421,51 @@ def _resblock(
             _norm(norm2, _padded_out_conv(conv1, buf, options), silu=True, out=act, pre_bias=conv1.bias, tail=new)
         cursor.put(new)
         buf = staged
-    elif (handed := _fp8_into_norm(block.conv1, buf, block.norm1, block.conv1.bias, None, False, block.conv2,
-                                   block.norm2, cursor, options)) is not None:  # fmt: skip
-        buf = handed[1]
+    elif (staged := _fp8_into_next_norm(block, buf, cursor, options)) is not None:
+        buf = staged
     else:
         y = _conv_plus(block.conv1, buf, options, block.norm1)  # its bias goes into norm2's pass
         del buf
         buf = _stage(block.conv2, y, cursor, block.norm2, pre_bias=block.conv1.bias, options=options)
         del y
-    if following is not None and out is None:
-        handed = _fp8_into_norm(block.conv2, buf, block.norm2, bias, h, True, following.conv1, following.norm1,
-                                cursor, options)  # fmt: skip
-        if handed is not None:
-            return handed
     if _split(block.conv2, buf, block.norm2, options):
         result = split_conv(buf, _split_weight(block.conv2), bias.float(), h, out=out)
         if result is not None:
-            return result, None
-    return _conv_plus(block.conv2, buf, options, block.norm2, bias, h, out), None
+            return result
+    return _conv_plus(block.conv2, buf, options, block.norm2, bias, h, out)
 
 
-def _fp8_into_norm(
-    conv: WanCausalConv3d,
-    buf: torch.Tensor,
-    norm: WanRMS_norm,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    keep: bool,
-    next_conv: WanCausalConv3d,
-    next_norm: WanRMS_norm,
-    cursor: Cursor,
-    options: FastForwardOptions,
-) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-    """conv(buf) + bias [+ residual] through the float8 kernel with next_norm + SiLU in its epilogue: returns
-    (the result, kept only where `keep` (else None: it feeds only the norm), next_conv's float8 staged buffer),
-    the buffer's frames and next_conv's cache entry written by the kernel (next_norm makes no pass of its own);
-    None where that does not apply (the caller takes its separate passes). Applies where both convs run in
-    float8, next_norm stores float8 (`fp8_norm_store`), conv's outputs fit one program (`holds_pixel`) and the
-    entry comes whole from this call (at least 2 new frames). The cursor must be on next_conv's entry."""
+def _fp8_into_next_norm(
+    block: WanResidualBlock, buf: torch.Tensor, cursor: Cursor, options: FastForwardOptions
+) -> torch.Tensor | None:
+    """conv2's float8 staged buffer, written by conv1's float8 kernel with norm2 + SiLU in its epilogue (conv1's
+    output is never stored, and norm2 makes no pass of its own), and conv2's cache entry; None where that does
+    not apply (the caller runs conv1, then norm2's pass). Applies where both convs run in float8, norm2 stores
+    float8 (`fp8_norm_store`), conv1's outputs fit one program (`holds_pixel`) and the entry comes whole from
+    this call (at least 2 new frames)."""
+    conv1, conv2, norm2 = block.conv1, block.conv2, block.norm2
     if (
-        isinstance(next_norm.bias, torch.Tensor)
+        isinstance(norm2.bias, torch.Tensor)
         or buf.shape[2] < 2 * CACHE_T
-        or not holds_pixel(conv.out_channels)
-        or not takes_fp8(conv, buf, norm, options.fp8_conv_outputs)
+        or not holds_pixel(conv1.out_channels)
+        or not takes_fp8(conv1, buf, block.norm1, options.fp8_conv_outputs)
     ):
         return None
     b, _, frames, height, width = buf.shape
-    shape = (b, conv.out_channels, frames - CACHE_T, height, width)
-    model = conv.weight  # the model's dtype and device: what the result and the cache entry keep
-    scale = _fp8_stage_scale(next_conv, shape, model, next_norm, None, options)
+    shape = (b, conv1.out_channels, frames - CACHE_T, height, width)
+    model = conv1.weight  # the model's dtype and device: what conv2's cache entry keeps
+    scale = _fp8_stage_scale(conv2, shape, model, norm2, None, options)
     if scale is None:
         return None
-    staged, new, _ = _open_stage(next_conv, shape, model, cursor, fp8_scale=scale)
+    staged, new, _ = _open_stage(conv2, shape, model, cursor, fp8_scale=scale)
     act = staged[:, :, CACHE_T:]
-    y = torch.empty(shape, dtype=model.dtype, device=model.device, memory_format=CL3) if keep else None
-    done = conv_fp8(conv, buf, norm, bias, residual, y, next_norm=next_norm, act=act, tail=new,
+    done = conv_fp8(conv1, buf, block.norm1, conv1.bias, next_norm=norm2, act=act, tail=new,
                     row_taps=options.fp8_row_taps)  # fmt: skip
-    if done is None:  # no kernel configuration ran: the float path, the norm as its own pass
-        y = _conv_plus(conv, buf, options, norm, bias, residual)
-        _norm(next_norm, y, silu=True, out=act, tail=new, out_scale=scale)
+    if done is None:
+        y = _conv_plus(conv1, buf, options, block.norm1)  # no kernel configuration ran: the float path
+        _norm(norm2, y, silu=True, out=act, pre_bias=conv1.bias, tail=new, out_scale=scale)
     cursor.put(new)
-    return (y if keep else None), staged
+    return staged
 
 
 def _split(conv: WanCausalConv3d, buf: torch.Tensor, norm: WanRMS_norm, options: FastForwardOptions) -> bool:

@@ -51,7 +51,6 @@ from .fast_blocks import (
     causal_conv,
     downsample,
     resblock,
-    resblocks,
     rgb_in_conv,
     to_cl3,
     upsample,
@@ -162,20 +161,15 @@ def _full_res_layers(layers: list[nn.Module]) -> int:
 
 def _down_layers(layers: list[nn.Module], x: torch.Tensor, cursor: Cursor, options: FastForwardOptions) -> torch.Tensor:
     bordered = None
-    run: list[WanResidualBlock] = []  # resblocks in a row, run together (`resblocks`) before the next other layer
     for i, layer in enumerate(layers):
-        following = layers[i + 1] if i + 1 < len(layers) else None
         if isinstance(layer, WanResidualBlock):
-            run.append(layer)
-            if isinstance(following, WanResidualBlock):
-                continue
+            following = layers[i + 1] if i + 1 < len(layers) else None
             if isinstance(following, WanResample) and following.mode.startswith("downsample"):
-                b, _, t, h, w = x.shape  # the downsampler's zero border: written around the blocks' output
+                b, _, t, h, w = x.shape  # the downsampler's zero border: written around the block's output
                 bordered = zero_bordered((b, layer.conv2.out_channels, t, h, w), x)
-                x = resblocks(run, x, cursor, options, out=bordered[:, :, :, :h, :w])
+                x = resblock(layer, x, cursor, options, out=bordered[:, :, :, :h, :w])
             else:
-                x = resblocks(run, x, cursor, options)
-            run = []
+                x = resblock(layer, x, cursor, options)
         elif isinstance(layer, WanResample):
             x = downsample(layer, x, cursor, bordered)
             bordered = None
@@ -214,7 +208,8 @@ def _encoder(
 def _up_block(
     block: nn.Module, x: torch.Tensor, cursor: Cursor, options: FastForwardOptions, with_upsampler: bool = True
 ) -> torch.Tensor:
-    x = resblocks(block.resnets, x, cursor, options)
+    for resnet in block.resnets:
+        x = resblock(resnet, x, cursor, options)
     if block.upsamplers is not None and with_upsampler:
         x = upsample(block.upsamplers[0], x, cursor, options)
     return x

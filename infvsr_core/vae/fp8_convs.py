@@ -67,19 +67,20 @@ def conv_fp8(
     `out` (new, in the model's dtype, if None); None where no kernel configuration runs (the caller takes its
     float path).
 
-    With `next_norm` (`holds_pixel`): SiLU(next_norm(result [+ residual])) goes in float8, with
+    With `next_norm` (a resblock's first conv, `holds_pixel`): SiLU(next_norm(result)) goes in float8, with
     `input_scale(next_norm)`, into `act` (the next conv's staged frames) and its last 2 frames in the model's
-    dtype into `tail` (that conv's cache entry), and the result into `out` only where given (a resblock's
-    second conv; its first conv's result feeds only the norm: fp8_conv's `gamma`).
+    dtype into `tail` (that conv's cache entry); the result itself is never stored (fp8_conv's `gamma`).
     `row_taps`: where the taps are padded, the row form (`FastForwardOptions.fp8_row_taps`)."""
     values, scale = quantize_staged(buf, input_scale(norm))
     packed, weight_scale = derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
     rows = derived(conv, "_infvsr_fp8_rows", pack_fp8_row_weight) if row_taps and row_taps_fit(buf.shape[1]) else None
-    normed = {}
-    if next_norm is not None:
-        normed = {"gamma": scaled_gamma(next_norm), "act": act, "act_scale": input_scale(next_norm), "tail": tail}
-    return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out, out_dtype=conv.weight.dtype,
-                    row_packed=rows, **normed)  # fmt: skip
+    if next_norm is None:
+        return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out, out_dtype=conv.weight.dtype,
+                        row_packed=rows)  # fmt: skip
+    return fp8_conv(
+        values, scale, packed, weight_scale, bias, out_dtype=conv.weight.dtype, gamma=scaled_gamma(next_norm),
+        act=act, act_scale=input_scale(next_norm), tail=tail, row_packed=rows,
+    )  # fmt: skip
 
 
 def scaled_gamma(norm: WanRMS_norm) -> torch.Tensor:
