@@ -68,9 +68,18 @@ def long_clip(tmp_path_factory) -> Path:
     return write_clip(tmp_path_factory.mktemp("long") / "long.mp4", 480)
 
 
+def interruptible() -> None:
+    """In the child before it starts: SIGINT back to its default, so that Python installs its KeyboardInterrupt
+    handler (a suite started in the background, e.g. `pytest &` from a script, passes SIGINT on as ignored, and
+    Python then leaves it ignored, as a background job should)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_wait_for_output(args: list[str], folder: Path) -> subprocess.Popen:
     """Start a run and return once its hidden temporary output holds encoded frames."""
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         temps = [p for p in folder.iterdir() if p.name.startswith(".") and p.is_file()]
@@ -100,7 +109,11 @@ def test_stop_signal_keeps_a_playable_file(long_clip, tiny_models, tmp_path, sig
 
 def test_ctrl_c_while_starting_is_one_line(small_video, tiny_models, tmp_path):
     proc = subprocess.Popen(
-        command(small_video, tmp_path / "o.mp4", tiny_models), cwd=ROOT, stderr=subprocess.PIPE, text=True
+        command(small_video, tmp_path / "o.mp4", tiny_models),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=interruptible,
     )
     time.sleep(1.0)  # inside the imports (torch, diffusers) or the weight loading
     proc.send_signal(signal.SIGINT)
