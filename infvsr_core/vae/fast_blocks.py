@@ -84,7 +84,7 @@ class FastForwardOptions:
     fp8_norm_store: bool = False
     # The float8 convs with padded taps (96 input channels) read each row of three taps as one run of channels in
     # the tiles inside a frame's rows (`fp8_conv.row_taps_fit`; no padding there): on with the float8 convs
-    # (`FP8_OPTIONS`), where it measured faster end to end (bench/RESULTS.md, round 20).
+    # (`FP8_OPTIONS`), where it measured faster end to end (bench/bench_pipeline.py --fp8-row-taps on|off).
     fp8_row_taps: bool = False
 
 
