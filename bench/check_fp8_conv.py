@@ -225,7 +225,7 @@ def next_norm(buf8, x_scale, packed, w_scale, bias, gen: torch.Generator) -> dic
     return {
         "conv_then_norm_ms": timed(separate),
         "conv_with_norm_ms": timed(fused),
-        "conv_with_norm_elem_ms": timed(partial(fused, tma_out=False)),  # the product's: through the copy engine
+        "conv_with_norm_elem_ms": timed(partial(fused, tma_out=False)),  # the product's is the copy engine's, above
         "norm_codes_differ": round((got != want).float().mean().item(), 6),
         "norm_act_max_diff": round(((got - want).abs().max() / want.abs().max()).item(), 6),
         "norm_tail_rel": rel_error(tail, want_tail),

@@ -74,13 +74,11 @@ def conv_fp8(
     values, scale = quantize_staged(buf, input_scale(norm))
     packed, weight_scale = derived(conv, "_infvsr_fp8", pack_fp8_conv_weight)
     rows = derived(conv, "_infvsr_fp8_rows", pack_fp8_row_weight) if row_taps and row_taps_fit(buf.shape[1]) else None
-    if next_norm is None:
-        return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out, out_dtype=conv.weight.dtype,
-                        row_packed=rows)  # fmt: skip
-    return fp8_conv(
-        values, scale, packed, weight_scale, bias, out_dtype=conv.weight.dtype, gamma=scaled_gamma(next_norm),
-        act=act, act_scale=input_scale(next_norm), tail=tail, row_packed=rows,
-    )  # fmt: skip
+    normed = {}
+    if next_norm is not None:
+        normed = {"gamma": scaled_gamma(next_norm), "act": act, "act_scale": input_scale(next_norm), "tail": tail}
+    return fp8_conv(values, scale, packed, weight_scale, bias, residual, out=out, out_dtype=conv.weight.dtype,
+                    row_packed=rows, **normed)  # fmt: skip
 
 
 def scaled_gamma(norm: WanRMS_norm) -> torch.Tensor:
