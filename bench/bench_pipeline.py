@@ -472,6 +472,12 @@ def main() -> int:
         "(FastForwardOptions.fp8_row_taps); default: the product's (FP8_OPTIONS)",
     )
     parser.add_argument(
+        "--fp8-history",
+        choices=["on", "off"],
+        help="fp8: the float8-staged convs' cache entries in float8 (FastForwardOptions.fp8_history); default: the "
+        "product's (FP8_OPTIONS)",
+    )
+    parser.add_argument(
         "--fp8-attention",
         choices=["on", "off"],
         help="fp8: the DiT's self-attention in float8 where FlashAttention-3 runs it (fp8.set_float8_attention); "
@@ -537,6 +543,8 @@ def main() -> int:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_norm_store=args.fp8_norm_store == "on")
     if args.fp8_row_taps is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_row_taps=args.fp8_row_taps == "on")
+    if args.fp8_history is not None:
+        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_history=args.fp8_history == "on")
     if args.fp8_convs is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=args.fp8_convs)
     if args.full_res_frames is not None:

@@ -24,7 +24,8 @@ error:
   (`fp8_static_rows_ms`: `FastForwardOptions.fp8_row_taps`; the one-loop and bordered-buffer experiments that
   led to it were bench/check_fp8_conv_rows.py, last at 142b708);
 - conv then norm / conv with norm (outputs up to 256): a resblock's first conv and norm2 + SiLU into the next
-  conv's float8 staged buffer, as two passes or with the norm in the conv's epilogue (`next_norm`).
+  conv's float8 staged buffer, as two passes or with the norm in the conv's epilogue (`next_norm`); "float8
+  tails" says whether both write a float8 cache entry (`FastForwardOptions.fp8_history`) with act's bytes.
 The decode column weighs each shape by its calls per decoder call (the sum is that call's 3x3x3 convs).
 "cast ok" says whether the CUDA cast kernel rounds exactly as PyTorch does (bit for bit).
 
@@ -222,7 +223,19 @@ def next_norm(buf8, x_scale, packed, w_scale, bias, gen: torch.Generator) -> dic
     want, want_tail = act.float(), tail.float()
     fused()
     got = act.float()
+    # A float8 cache entry (`FastForwardOptions.fp8_history`) takes act's last 2 frames' bytes, in either path.
+    tail8 = torch.empty_like(tail, dtype=module.FP8_DTYPE, memory_format=CL3)
+    module.fp8_conv(buf8, x_scale, packed, w_scale, bias, gamma=gamma * cout**0.5, act=act, act_scale=act_scale,
+                    tail=tail8)  # fmt: skip
+    last = act[:, :, t - 2 :].contiguous(memory_format=CL3).view(torch.uint8)
+    epilogue_ok = torch.equal(tail8.view(torch.uint8), last)
+    tail8.zero_()
+    module.fp8_conv(buf8, x_scale, packed, w_scale, None, out=y)
+    rms_norm_rows(rows(y), gamma, cout**0.5, silu=True, out=rows(act), pre_bias=bias, tail=rows(tail8),
+                  out_scale=act_scale)  # fmt: skip
+    last = act[:, :, t - 2 :].contiguous(memory_format=CL3).view(torch.uint8)
     return {
+        "fp8_tail_ok": epilogue_ok and torch.equal(tail8.view(torch.uint8), last),
         "conv_then_norm_ms": timed(separate),
         "conv_with_norm_ms": timed(fused),
         "conv_with_norm_elem_ms": timed(partial(fused, tma_out=False)),  # the product's is the copy engine's, above
@@ -279,7 +292,8 @@ def main() -> None:
         if "conv_with_norm_ms" in row:
             print(f"   next norm: conv then norm {row['conv_then_norm_ms']} ms, conv with norm "
                   f"{row['conv_with_norm_ms']} ms (element stores {row['conv_with_norm_elem_ms']}); codes differ "
-                  f"{row['norm_codes_differ']} (largest {row['norm_act_max_diff']}), tail {row['norm_tail_rel']}",
+                  f"{row['norm_codes_differ']} (largest {row['norm_act_max_diff']}), tail {row['norm_tail_rel']}; "
+                  f"float8 tails = act's last frames: {row['fp8_tail_ok']}",
                   flush=True)  # fmt: skip
         bf16 = row.get("split_ms", row["cudnn_ms"])
         for name, ms in (("bf16", min(bf16, row["cudnn_ms"])), ("fp8_static", row.get("fp8_static_ms")),

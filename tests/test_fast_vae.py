@@ -7,7 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResample, WanResidualBlock
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    WanAttentionBlock,
+    WanResample,
+    WanResidualBlock,
+    WanRMS_norm,
+)
 
 import infvsr_core.vae.fast_blocks as blocks_module
 import infvsr_core.vae.fast_forward as forward_module
@@ -460,13 +465,16 @@ def test_split_conv_resblocks_match_diffusers(vae, monkeypatch):
     assert bool(ran) == norm_silu.INTERPRETED
 
 
-def test_fp8_staged_conv_without_a_running_kernel_falls_back_to_the_float_path(vae, monkeypatch):
+@pytest.mark.parametrize("fp8_history", [False, True])
+def test_fp8_staged_conv_without_a_running_kernel_falls_back_to_the_float_path(vae, monkeypatch, fp8_history):
     """With the norm storing float8 (`fp8_norm_store`): where no float8 block configuration runs (here one that
     cannot compile), the first call has already staged its input in float8: it goes back to the norm's values
     (dequantized) and the float path, within float8's error; the shape is remembered, so later calls stage in
-    the model's dtype. The histories never hold float8
-    values (the norm pass writes them in the model's dtype), so once conv2's history no longer comes from the
-    first call's output (the third call) the block matches diffusers to TOL."""
+    the model's dtype. The first call's cache entries are in the model's dtype, or float8 with `fp8_history`
+    (the second call reads them back with their norm's scale). Later calls write wide entries: without
+    `fp8_history`, once conv2's history no longer comes from the first call (the third call) the block matches
+    diffusers to TOL; with it, conv1's float8 history moved the second call's frames, whose last ones are the
+    third call's history: within float8's error."""
     from infvsr_core.kernels import fp8_conv as fp8_module
     from infvsr_core.kernels import norm_silu
 
@@ -475,7 +483,7 @@ def test_fp8_staged_conv_without_a_running_kernel_falls_back_to_the_float_path(v
     monkeypatch.setattr(fp8_module, "ROW_MULTIPLE", 1)
     width = 4 * TINY_VAE_BASE_DIM
     monkeypatch.setattr(fp8_module, "CONFIGS", {width: (fp8_module.Config(32, 24, 0, 128, 1, 4),)})
-    options = FastForwardOptions(fp8_conv_outputs=frozenset({width}), fp8_norm_store=True)
+    options = FastForwardOptions(fp8_conv_outputs=frozenset({width}), fp8_norm_store=True, fp8_history=fp8_history)
     block = vae.decoder.mid_block.resnets[0]
     gen = torch.Generator().manual_seed(5)
     plain_cache, fast_cache = [None, None], [None, None]
@@ -488,7 +496,8 @@ def test_fp8_staged_conv_without_a_running_kernel_falls_back_to_the_float_path(v
         errors.append(max_err(out, ref))
     if norm_silu.INTERPRETED:
         assert fp8_module._failures and set(fp8_module._chosen.values()) == {-1}
-        assert TOL < errors[0] < FLOAT8_STAGED and errors[1] < FLOAT8_STAGED and errors[2] < TOL, errors
+        last = FLOAT8_STAGED if fp8_history else TOL
+        assert TOL < errors[0] < FLOAT8_STAGED and errors[1] < FLOAT8_STAGED and errors[2] < last, errors
     else:
         assert max(errors) < TOL, errors
 
@@ -529,6 +538,58 @@ def test_fp8_row_taps_match_the_padded_taps(monkeypatch):
             assert out.shape == ref.shape and max_err(out, ref) < limit and max_err(base, ref) < limit
     assert hasattr(block.conv1, "_infvsr_fp8_rows") == norm_silu.INTERPRETED  # the row form's weight was built
     assert not hasattr(padded_block.conv1, "_infvsr_fp8_rows")
+
+
+def test_fp8_history_holds_the_float8_values_of_the_wide_history(vae, monkeypatch):
+    """`fp8_history`: the cache entries of the float8-staged convs (the tiny VAE's 32-channel convs, whose norm
+    stores float8) are float8, written by the norm pass and by conv1's epilogue (the next norm). Two chunks
+    through the encoder and decoder with it on and off: the same outputs bit for bit (the next call's staged
+    history is the same bytes, copied instead of cast), and each float8 entry is the float8 cast of the entry the
+    other run keeps in the model's dtype, with its norm's static scale; the other entries are equal. Without the
+    interpreter no float8 kernel runs, nothing is staged in float8, and the entries stay wide."""
+    from infvsr_core.fp8 import FP8_DTYPE, to_fp8
+    from infvsr_core.kernels import fp8_conv as fp8_module
+    from infvsr_core.kernels import norm_silu
+
+    monkeypatch.setattr(fp8_module, "_chosen", {})
+    monkeypatch.setattr(fp8_module, "ROW_MULTIPLE", 1)
+    width = 4 * TINY_VAE_BASE_DIM
+    wide = FastForwardOptions(fp8_conv_outputs=frozenset({width}), fp8_norm_store=True)
+    narrow = dataclasses.replace(wide, fp8_history=True)
+    # each float8 entry is a conv's input, the output of the norm before it (a resblock's or a head's)
+    scales = [blocks_module.input_scale(module) for module in vae.modules() if isinstance(module, WanRMS_norm)]
+    wide_chunks, wide_caches, _ = stream_both(vae, wide)
+    narrow_chunks, narrow_caches, _ = stream_both(vae, narrow)
+    for a, b in zip(wide_chunks, narrow_chunks, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    float8_entries = 0
+    for wide_cache, narrow_cache in zip(wide_caches, narrow_caches, strict=True):
+        for a, b in zip(wide_cache, narrow_cache, strict=True):
+            if isinstance(b, torch.Tensor) and b.dtype == FP8_DTYPE:
+                casts = [to_fp8(a, scale).view(torch.uint8) for scale in scales]
+                assert any(torch.equal(b.view(torch.uint8), cast) for cast in casts)
+                float8_entries += 1
+            else:
+                assert (a == b) if isinstance(b, str) else (a is None and b is None) or torch.equal(a, b)
+    assert (float8_entries > 0) == norm_silu.INTERPRETED
+
+
+def test_a_float8_history_goes_back_to_the_model_dtype_where_the_float8_kernel_does_not_run():
+    """A float8 cache entry read into a wide staged buffer (a call the float8 kernel does not take): its values
+    times its norm's scale; without the norm that wrote it: refused, naming why."""
+    from infvsr_core.fp8 import FP8_DTYPE, to_fp8
+
+    block = WanResidualBlock(32, 32).eval()
+    scale = blocks_module.input_scale(block.norm1)
+    frames = torch.randn(1, 32, 2, 3, 4) * scale * 100
+    entry = to_fp8(frames, scale).contiguous(memory_format=torch.channels_last_3d)
+    assert entry.dtype == FP8_DTYPE
+    target = torch.empty(1, 32, 2, 3, 4, dtype=torch.bfloat16)
+    blocks_module._put_history(target, entry, None, block.norm1)
+    assert torch.equal(target, (entry.float() * scale).to(torch.bfloat16))
+    assert max_err(target.float(), frames) < 2**-3  # float8's relative step
+    with pytest.raises(ValueError, match="scale of the norm"):
+        blocks_module._put_history(target, entry, None, None)
 
 
 @pytest.mark.parametrize("norm_store", [False, True])

@@ -148,7 +148,8 @@ def test_norm_rows_tail_receives_the_last_rows():
 def test_norm_rows_into_float8_are_the_cast_of_the_rows_dtype_result(dtype):
     """A float8 output (a float8 conv's staged input): result / scale in float8, from the result rounded to the
     rows' dtype, saturated and rounded to nearest even (PyTorch's float8 cast of the rows-dtype result, bit for
-    bit), with a scale small enough that some values saturate; the tail keeps the rows' dtype. No scale: refused.
+    bit), with a scale small enough that some values saturate; the tail keeps the rows' dtype, or in float8 takes
+    the output's values (`fp8_history`). No scale, or a float8 tail beside a wide output: refused.
     (The GPU writes float8 in the kernel itself: bench/check_fp8_conv.py compares it bit for bit there.)"""
     from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX
 
@@ -164,8 +165,14 @@ def test_norm_rows_into_float8_are_the_cast_of_the_rows_dtype_result(dtype):
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
     assert (out.float().abs() == FP8_MAX).any() and (out.float() != 0).sum() > 0.9 * out.numel()
     assert tail.dtype == dtype and torch.equal(tail, wide[50:])
+    fp8_tail, again = torch.empty(20, 32, dtype=FP8_DTYPE), torch.empty(70, 32, dtype=FP8_DTYPE)
+    rms_norm_rows(rows, gamma, 32**0.5, silu=True, out=again, pre_bias=pre, tail=fp8_tail, out_scale=scale)
+    assert torch.equal(fp8_tail.view(torch.uint8), want[50:].view(torch.uint8))  # a float8 history: out's values
+    assert torch.equal(again.view(torch.uint8), want.view(torch.uint8))
     with pytest.raises(ValueError, match="out_scale"):
         rms_norm_rows(rows, gamma, 32**0.5, silu=True, out=torch.empty(70, 32, dtype=FP8_DTYPE))
+    with pytest.raises(ValueError, match="float8 tail"):
+        rms_norm_rows(rows, gamma, 32**0.5, silu=True, tail=fp8_tail)
     assert not norm_silu._TRITON_BROKEN
 
 

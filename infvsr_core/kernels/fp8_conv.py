@@ -218,25 +218,29 @@ if triton is not None:
     def _store_normed(
         y, n0, inv_norm, keep, pix_act, gamma_ptr, act_ptr, tail_ptr, act_desc, tail_desc, inv_act_scale, t, h0, w0,
         T, sa_t, COUT, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr,
-        FP8_MAX: tl.constexpr, TMA_OUT: tl.constexpr,
+        TAIL_ACT: tl.constexpr, MODEL_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr, TMA_OUT: tl.constexpr,
     ):  # fmt: skip
-        """SiLU(y * inv_norm * gamma[n]) rounded to the cache's dtype (tail's), as the norm pass rounds it; the
-        last 2 frames into tail, and that value / the act scale into act (float8, rounded to nearest even); for
-        the outputs n0 <= n < COUT, through the copy engine with TMA_OUT (as `_store_outputs`)."""
+        """SiLU(y * inv_norm * gamma[n]) rounded to the model's dtype, as the norm pass rounds it; that value / the
+        act scale into act (float8, rounded to nearest even), and the last 2 frames into tail: the model's dtype's
+        values, or act's with TAIL_ACT (a float8 cache entry); for the outputs n0 <= n < COUT, through the copy
+        engine with TMA_OUT (as `_store_outputs`)."""
         n = n0 + tl.arange(0, y.shape[1])
         valid = n < COUT
         z = y * inv_norm[:, None] * tl.load(gamma_ptr + n, mask=valid, other=0.0)[None, :]
-        z = (z * tl.sigmoid(z)).to(tail_ptr.dtype.element_ty)
+        z = (z * tl.sigmoid(z)).to(MODEL_DTYPE)
         mask = keep[:, None] & valid[None, :]
-        if HAS_TAIL:
-            if t >= T - 2:
-                if TMA_OUT:
-                    tail_desc.store([t - (T - 2), h0, w0, n0], z.reshape(1, BLOCK_H, BLOCK_W, y.shape[1]))
-                else:
-                    tl.store(tail_ptr + (pix_act - (T - 2) * sa_t)[:, None] + n[None, :], z, mask=mask)
         q = z.to(tl.float32) * inv_act_scale
         if FP8_ACT:
             q = tl.clamp(q, -FP8_MAX, FP8_MAX).to(act_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        if HAS_TAIL:
+            if t >= T - 2:
+                kept = q if TAIL_ACT else z
+                if TMA_OUT:
+                    box = kept.to(tail_desc.dtype).reshape(1, BLOCK_H, BLOCK_W, y.shape[1])
+                    tail_desc.store([t - (T - 2), h0, w0, n0], box)
+                else:
+                    tail = tail_ptr + (pix_act - (T - 2) * sa_t)[:, None] + n[None, :]
+                    tl.store(tail, kept.to(tail_ptr.dtype.element_ty), mask=mask)
         if TMA_OUT:
             act_desc.store([t, h0, w0, n0], q.to(act_desc.dtype).reshape(1, BLOCK_H, BLOCK_W, y.shape[1]))
         else:
@@ -297,7 +301,8 @@ if triton is not None:
         C: tl.constexpr, TAP_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, GROUPS: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_TAIL: tl.constexpr, FP8_ACT: tl.constexpr,
-        FP8_MAX: tl.constexpr, TMA_OUT: tl.constexpr, STAGES: tl.constexpr,
+        TAIL_ACT: tl.constexpr, MODEL_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr, TMA_OUT: tl.constexpr,
+        STAGES: tl.constexpr,
         ROWS: tl.constexpr, ROW_DEEP: tl.constexpr, ROW_TAIL: tl.constexpr, TAIL_STAGES: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
@@ -341,12 +346,12 @@ if triton is not None:
             inv_norm = 1.0 / tl.maximum(tl.sqrt(square), 1e-12)  # F.normalize's eps, as the norm pass
             inv_act_scale = tl.math.div_rn(1.0, tl.load(act_scale_ptr))  # IEEE, as the norm pass's reciprocal
             _store_normed(y1, 0, inv_norm, keep, pix_out, gamma_ptr, act_ptr, tail_ptr, out1_desc, tail1_desc,
-                          inv_act_scale, t, h0, w0, T, so_t, COUT, BLOCK_H, BLOCK_W, HAS_TAIL, FP8_ACT, FP8_MAX,
-                          TMA_OUT)  # fmt: skip
+                          inv_act_scale, t, h0, w0, T, so_t, COUT, BLOCK_H, BLOCK_W, HAS_TAIL, FP8_ACT, TAIL_ACT,
+                          MODEL_DTYPE, FP8_MAX, TMA_OUT)  # fmt: skip
             if N2 > 0:
                 _store_normed(y2, N1, inv_norm, keep, pix_out, gamma_ptr, act_ptr, tail_ptr, out2_desc, tail2_desc,
-                              inv_act_scale, t, h0, w0, T, so_t, COUT, BLOCK_H, BLOCK_W, HAS_TAIL, FP8_ACT, FP8_MAX,
-                              TMA_OUT)  # fmt: skip
+                              inv_act_scale, t, h0, w0, T, so_t, COUT, BLOCK_H, BLOCK_W, HAS_TAIL, FP8_ACT, TAIL_ACT,
+                              MODEL_DTYPE, FP8_MAX, TMA_OUT)  # fmt: skip
         else:
             _store_outputs(acc1, n0, keep, pix_out, pix_res, x_scale, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
                            out1_desc, t, h0, w0, COUT, BLOCK_H, BLOCK_W, HAS_RES, TMA_OUT)  # fmt: skip
@@ -501,6 +506,11 @@ def cast_into(
     return scale
 
 
+# The model's dtype as the epilogue rounds to it (the norm pass's rounding, before the float8 cast).
+_TRITON_DTYPES = {}
+if triton is not None:
+    _TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
 _chosen: dict[tuple, int] = {}  # (device, C, Cout, row factor) -> index into the configurations; -1: none ran
 _failures: list[str] = []
 
@@ -547,7 +557,8 @@ def fp8_conv(
     that one program holds a pixel's outputs whole) the result is not stored: SiLU(normalize(result) x gamma),
     rounded to `out_dtype` as the norm pass rounds it, divided by `act_scale` into `act` (float8, the next
     conv's staged frames: (1, Cout, T, H, W) with dense pixels) and, when given, its last 2 frames into `tail`
-    (the next conv's cache entry, `out_dtype`, the same pixel strides); `act` is returned.
+    (the next conv's cache entry, the same pixel strides: in `out_dtype`, or float8 with act's values, the
+    float8 history of `FastForwardOptions.fp8_history`); `act` is returned.
 
     `tma_out`: the stores through the copy engine (a tensor descriptor's store of each product's tile, where the
     strides allow it) or element by element from the products' registers. Default (None): the copy engine for
@@ -580,14 +591,18 @@ def fp8_conv(
             raise ValueError("a conv with the next norm in its epilogue writes float8 act with act_scale, no residual")
         if not holds_pixel(cout):
             raise ValueError(f"the next norm needs a pixel's outputs in one program: {cout} outputs are too many")
-        if (tail is not None and (t < 2 or tail.dtype != out_dtype or _pixel_strides(tail) != _pixel_strides(act))
-                or _pixel_strides(act) is None):  # fmt: skip
+        tail_ok = tail is None or (
+            t >= 2 and tail.dtype in (out_dtype, FP8_DTYPE) and _pixel_strides(tail) == _pixel_strides(act)
+        )
+        if not tail_ok or _pixel_strides(act) is None:
             raise ValueError("act and tail must have adjacent channels and the same pixel strides")
         # The interpreter's float8 cast does not round as the GPU's does: there the kernel stores act / act_scale
-        # in float32 and PyTorch casts it (the module docstring).
+        # in float32 and PyTorch casts it (the module docstring); a float8 tail likewise.
         out = torch.empty_like(act, dtype=torch.float32) if INTERPRETED else act
     elif out is None:
         out = torch.empty((1, cout, t, h, w), dtype=out_dtype, device=buf.device, memory_format=CL3)
+    tail_act = normed and tail is not None and tail.dtype == FP8_DTYPE
+    tail_store = torch.empty_like(tail, dtype=torch.float32) if tail_act and INTERPRETED else tail
     strides = _pixel_strides(out)
     res_strides = (0, 0, 0) if residual is None else _pixel_strides(residual)
     if strides is None or res_strides is None:
@@ -600,9 +615,9 @@ def fp8_conv(
     if normed:
         gamma = gamma.to(w_scale).reshape(-1).contiguous()
         act_scale = act_scale.to(w_scale).reshape(1)
-        tail_arg = tail if tail is not None else torch.empty(1, dtype=out_dtype, device=buf.device)
+        tail_arg = tail_store if tail is not None else torch.empty(1, dtype=out_dtype, device=buf.device)
 
-    tails = tail if normed and tail is not None else out
+    tails = tail_store if normed and tail is not None else out
     tma_out = (normed if tma_out is None else tma_out) and _tma_writable(out) and _tma_writable(tails)
 
     rows = row_packed is not None and row_taps_fit(c)
@@ -641,7 +656,8 @@ def fp8_conv(
             t, h, w, cout, *strides, *res_strides,
             C=c, TAP_K=depth, N1=config.n1, N2=config.n2, GROUPS=groups, BLOCK_H=block_h, BLOCK_W=block_w,
             BLOCK_K=block_k, HAS_RES=residual is not None, NORM=normed, HAS_TAIL=normed and tail is not None,
-            FP8_ACT=out.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX, TMA_OUT=tma_out, STAGES=config.stages,
+            FP8_ACT=out.dtype == FP8_DTYPE, TAIL_ACT=tail_act, MODEL_DTYPE=_TRITON_DTYPES[out_dtype], FP8_MAX=FP8_MAX,
+            TMA_OUT=tma_out, STAGES=config.stages,
             ROWS=rows, ROW_DEEP=ROW_DEEP, ROW_TAIL=row_tail, TAIL_STAGES=ROW_TAIL_STAGES, num_warps=config.warps,
         )  # fmt: skip
 
@@ -649,4 +665,6 @@ def fp8_conv(
         return None
     if normed and out is not act:  # the interpreter's float32 act / act_scale, cast as the GPU's kernel would
         act.copy_(out.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+    if tail_store is not tail:
+        tail.copy_(tail_store.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
     return act if normed else out

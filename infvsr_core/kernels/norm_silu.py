@@ -54,6 +54,7 @@ if triton is not None:
         SILU: tl.constexpr,
         HAS_TAIL: tl.constexpr,
         FP8_OUT: tl.constexpr,
+        FP8_TAIL: tl.constexpr,
         FP8_MAX: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -74,13 +75,14 @@ if triton is not None:
             y = y * tl.sigmoid(y)
         if FP8_OUT:  # y / scale in float8, from y rounded to x's dtype first (as a cast pass over it would read)
             q = y.to(x_ptr.dtype.element_ty).to(tl.float32) * tl.load(inv_scale_ptr)
-            q = tl.clamp(q, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-            tl.store(out_ptr + r[:, None] * out_stride + c[None, :], q, mask=mask)
+            v = tl.clamp(q, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         else:
-            tl.store(out_ptr + r[:, None] * out_stride + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+            v = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r[:, None] * out_stride + c[None, :], v, mask=mask)
         if HAS_TAIL:  # the last rows also go to a compact copy (a causal conv's cache: no second pass)
             tail = (r >= tail_start)[:, None] & mask
-            tl.store(tail_ptr + (r - tail_start)[:, None] * C + c[None, :], y.to(tail_ptr.dtype.element_ty), mask=tail)
+            kept = v if FP8_TAIL else y.to(tail_ptr.dtype.element_ty)  # a float8 cache keeps the float8 values
+            tl.store(tail_ptr + (r - tail_start)[:, None] * C + c[None, :], kept, mask=tail)
 
     @triton.jit
     def _bias_add_kernel(
@@ -230,7 +232,7 @@ def rms_norm_rows(
     nearest even, without a cast pass after (the float8 causal conv's staged
     input; `FastForwardOptions.fp8_norm_store`). The kernel multiplies by the
     scale's reciprocal, as fp8.to_fp8 does. `tail` keeps rows' dtype (a causal conv's
-    history stays in it).
+    history), or, in float8 beside a float8 `out`, takes out's values (`FastForwardOptions.fp8_history`).
     """
     if rows.ndim != 2:
         raise ValueError(f"expected (N, C) rows, got {tuple(rows.shape)}")
@@ -239,6 +241,9 @@ def rms_norm_rows(
     if use_triton is None:
         use_triton = triton_usable(rows)
     fp8_out = out.dtype == FP8_DTYPE
+    fp8_tail = tail is not None and tail.dtype == FP8_DTYPE
+    if fp8_tail and not fp8_out:
+        raise ValueError("a float8 tail takes a float8 output's values: out must be float8 too")
     if fp8_out:
         if out_scale is None:
             raise ValueError("a float8 output needs its out_scale")
@@ -247,10 +252,7 @@ def rms_norm_rows(
         fused = use_triton and not INTERPRETED and _row_major(rows) and _row_major(out)
         fused = fused and (tail is None or (tail.is_contiguous() and tail.shape[1] == rows.shape[1]))
         if not fused:
-            wide = rms_norm_rows(
-                rows, gamma, scale, bias, silu=silu, use_triton=use_triton, pre_bias=pre_bias, tail=tail
-            )
-            return out.copy_(to_fp8(wide, out_scale))
+            return _cast_after(rows, gamma, scale, bias, silu, use_triton, pre_bias, tail, out, out_scale)
     if use_triton and _row_major(rows) and _row_major(out) and rows.numel():
         n, c = rows.shape
         block_c, block_r = _blocks(c)
@@ -267,7 +269,7 @@ def rms_norm_rows(
                 rows, pre, gamma_scaled, bias_t, out, tail if tail_ok else out, inv_scale, n, rows.stride(0),
                 out.stride(0), n - tail.shape[0] if tail_ok else n, C=c, BLOCK_C=block_c, BLOCK_R=block_r,
                 HAS_PRE=pre_bias is not None, HAS_BIAS=has_bias, SILU=silu, HAS_TAIL=tail_ok, FP8_OUT=fp8_out,
-                FP8_MAX=FP8_MAX, num_warps=4,
+                FP8_TAIL=fp8_tail, FP8_MAX=FP8_MAX, num_warps=4,
             )  # fmt: skip
             if tail is not None and not tail_ok:
                 tail.copy_(out[n - tail.shape[0] :])
@@ -275,9 +277,30 @@ def rms_norm_rows(
         except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
             _TRITON_BROKEN.append(repr(error))
     if fp8_out:
-        wide = rms_norm_rows(rows, gamma, scale, bias, silu=silu, use_triton=False, pre_bias=pre_bias, tail=tail)
-        return out.copy_(to_fp8(wide, out_scale))
+        return _cast_after(rows, gamma, scale, bias, silu, False, pre_bias, tail, out, out_scale)
     out.copy_(rms_norm_rows_reference(rows, gamma, scale, bias, silu, pre_bias))
     if tail is not None:
+        tail.copy_(out[out.shape[0] - tail.shape[0] :])
+    return out
+
+
+def _cast_after(
+    rows: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | float,
+    silu: bool,
+    use_triton: bool,
+    pre_bias: torch.Tensor | None,
+    tail: torch.Tensor | None,
+    out: torch.Tensor,
+    out_scale: torch.Tensor,
+) -> torch.Tensor:
+    """`rms_norm_rows` into a float8 `out` where its kernel does not write float8: the result in rows' dtype,
+    then cast (the same values); a float8 tail takes out's last rows."""
+    wide_tail = tail if tail is None or tail.dtype != FP8_DTYPE else None
+    wide = rms_norm_rows(rows, gamma, scale, bias, silu=silu, use_triton=use_triton, pre_bias=pre_bias, tail=wide_tail)
+    out.copy_(to_fp8(wide, out_scale))
+    if tail is not None and wide_tail is None:
         tail.copy_(out[out.shape[0] - tail.shape[0] :])
     return out

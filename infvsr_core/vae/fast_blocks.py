@@ -86,11 +86,18 @@ class FastForwardOptions:
     # the tiles inside a frame's rows (`fp8_conv.row_taps_fit`; no padding there): on with the float8 convs
     # (`FP8_OPTIONS`), where it measured faster end to end (bench/bench_pipeline.py --fp8-row-taps on|off).
     fp8_row_taps: bool = False
+    # The cache entries of the convs staged in float8 (`fp8_norm_store`) hold float8 too: the values the next call
+    # casts its history frames to today, written by the same pass (bit for bit the same staged buffers), so that
+    # the next call copies them instead of casting, and the entries take half the memory. Off: the entries stay
+    # in the model's dtype (diffusers' own VAE can then read them).
+    fp8_history: bool = False
 
 
-FP8_OPTIONS = FastForwardOptions(fp8_conv_outputs=FP8_CONV_OUTPUTS, fp8_norm_store=True, fp8_row_taps=True)
-"""The fast forward of `dtype="fp8"`: the product's defaults with the float8 convs on, their inputs stored in
-float8 by the norm that makes them."""
+FP8_OPTIONS = FastForwardOptions(
+    fp8_conv_outputs=FP8_CONV_OUTPUTS, fp8_norm_store=True, fp8_row_taps=True, fp8_history=True
+)
+"""The fast forward of `dtype="fp8"`: the product's defaults with the float8 convs on, their inputs and cache
+entries stored in float8 by the norm that makes them."""
 
 
 def to_cl3(x: torch.Tensor) -> torch.Tensor:
@@ -223,10 +230,12 @@ def _stage(
     zero frame after a temporal upsampler's "Rep").
     Where `options.fp8_norm_store` and the conv runs in float8 (`_fp8_stage_scale`),
     the buffer is float8, written by the norm pass itself; the cache entry
-    keeps x's dtype.
+    keeps x's dtype, or is float8 too with `options.fp8_history`.
     """
     scale = None if options is None else _fp8_stage_scale(conv, tuple(x.shape), x, norm, channels, options)
-    full, new, had_past = _open_stage(conv, x.shape, x, cursor, channels, fp8_scale=scale)
+    fp8_entry = scale is not None and options.fp8_history
+    full, new, had_past = _open_stage(conv, x.shape, x, cursor, channels, fp8_scale=scale, fp8_entry=fp8_entry,
+                                      norm=norm)  # fmt: skip
     c = x.shape[1]
     buf = full[:, :c]
     act = buf[:, :, CACHE_T:]
@@ -271,14 +280,20 @@ def _open_stage(
     cursor: Cursor,
     channels: int | None = None,
     fp8_scale: torch.Tensor | None = None,
+    *,
+    fp8_entry: bool = False,
+    norm: WanRMS_norm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """A staged buffer for an act of `shape`, its zero pad and cached frames written, act's frames not yet.
 
     Returns (buffer, the tensor the next 2-frame cache entry goes into, or None
     when act has fewer frames, whether there was history). The cursor stays on
     this conv's entry: the caller writes act, then puts the entry. With
-    `fp8_scale` the buffer is float8 (the cached frames cast with that scale);
-    the entry keeps `like`'s dtype.
+    `fp8_scale` the buffer is float8 (the cached frames cast with that scale,
+    or copied where they are float8 already); the entry keeps `like`'s dtype,
+    or is float8 with `fp8_entry` (`FastForwardOptions.fp8_history`). `norm`:
+    the norm that makes act, whose scale reads a float8 entry back into a
+    buffer in `like`'s dtype (a call the float8 kernel does not take).
     """
     if conv._padding[4] != CACHE_T:
         raise ValueError(f"causal conv with time padding {conv._padding[4]} is not supported")
@@ -296,11 +311,7 @@ def _open_stage(
     if kept < CACHE_T:
         buf[:, :, : CACHE_T - kept].zero_()
     if kept:
-        frames = past[:, :, past.shape[2] - kept :]
-        if fp8_scale is None:
-            buf[:, :, CACHE_T - kept : CACHE_T].copy_(frames)
-        else:
-            cast_into(buf[:, :, CACHE_T - kept : CACHE_T], frames.contiguous(memory_format=CL3), fp8_scale)
+        _put_history(buf[:, :, CACHE_T - kept : CACHE_T], past[:, :, past.shape[2] - kept :], fp8_scale, norm)
     new = None
     if t >= CACHE_T:
         # The new entry goes into the old one's storage where that is this call's own (after the copy above, in
@@ -308,15 +319,32 @@ def _open_stage(
         # scattered among the activations, which fragmented the allocator's pool (allocation retries under a
         # memory cap).
         entry = (b, c, CACHE_T, h, w)
-        new = past if cursor.writable and _fits(past, like, entry) else None
+        entry_dtype = FP8_DTYPE if fp8_entry and fp8_scale is not None else like.dtype
+        new = past if cursor.writable and _fits(past, entry_dtype, like.device, entry) else None
         if new is None:
-            new = torch.empty(entry, dtype=like.dtype, device=like.device, memory_format=CL3)
+            new = torch.empty(entry, dtype=entry_dtype, device=like.device, memory_format=CL3)
     return full, new, past is not None or rep
 
 
-def _fits(past: torch.Tensor | None, x: torch.Tensor, shape: tuple[int, ...]) -> bool:
-    """Whether `past` can take a new cache entry of `shape` in place (channels-last, x's dtype and device)."""
-    if past is None or tuple(past.shape) != shape or past.dtype != x.dtype or past.device != x.device:
+def _put_history(
+    target: torch.Tensor, frames: torch.Tensor, fp8_scale: torch.Tensor | None, norm: WanRMS_norm | None
+) -> None:
+    """A cache entry's frames into a staged buffer's history slots: copied where both have one dtype, cast to
+    float8 with `fp8_scale`, or a float8 entry (`fp8_history`) read back with its norm's scale."""
+    fp8_in, fp8_out = frames.dtype == FP8_DTYPE, target.dtype == FP8_DTYPE
+    if fp8_out and not fp8_in:
+        cast_into(target, frames.contiguous(memory_format=CL3), fp8_scale)
+    elif fp8_in and not fp8_out:
+        if norm is None:
+            raise ValueError("a float8 cache entry is read back with the scale of the norm that wrote it")
+        target.copy_(frames.float() * input_scale(norm))
+    else:
+        target.copy_(frames)
+
+
+def _fits(past: torch.Tensor | None, dtype: torch.dtype, device: torch.device, shape: tuple[int, ...]) -> bool:
+    """Whether `past` can take a new cache entry of `shape` in place (channels-last, that dtype and device)."""
+    if past is None or tuple(past.shape) != shape or past.dtype != dtype or past.device != device:
         return False
     if past.is_inference() and not torch.is_inference_mode_enabled():
         return False
@@ -413,7 +441,7 @@ def resblock(
     ):
         b, _, frames, height, width = buf.shape
         shape = (b, block.conv1.out_channels, frames - CACHE_T, height, width)
-        staged, new, _ = _open_stage(block.conv2, shape, buf, cursor)
+        staged, new, _ = _open_stage(block.conv2, shape, buf, cursor, norm=block.norm2)
         act = staged[:, :, CACHE_T:]
         conv1, norm2 = block.conv1, block.norm2
         gamma = scaled_gamma(norm2)
@@ -457,7 +485,8 @@ def _fp8_into_next_norm(
     scale = _fp8_stage_scale(conv2, shape, model, norm2, None, options)
     if scale is None:
         return None
-    staged, new, _ = _open_stage(conv2, shape, model, cursor, fp8_scale=scale)
+    staged, new, _ = _open_stage(conv2, shape, model, cursor, fp8_scale=scale, fp8_entry=options.fp8_history,
+                                 norm=norm2)  # fmt: skip
     act = staged[:, :, CACHE_T:]
     done = conv_fp8(conv1, buf, block.norm1, conv1.bias, next_norm=norm2, act=act, tail=new,
                     row_taps=options.fp8_row_taps)  # fmt: skip
