@@ -4,10 +4,11 @@
 
 Shapes: every causal 3x3x3 conv of Wan2.1's decoder with at least 32 input channels (its resblocks), read off
 diffusers' model (built on the meta device), at the frame counts of a steady chunk's decoder call as
-StreamingVAE plans them with resident histories: 720p is above WHOLE_CHUNK_PIXELS, so one latent frame per call
-(4 frames at the upper tiers), unsplit; 1080p runs in 128-latent tiles (1024 x 1024 output pixels), each call a
-whole chunk's CHUNK_FRAMES / TEMPORAL_FACTOR latent frames, unsplit. Inputs are norm + SiLU outputs (random
-gammas as in `random_vae_state_dict`), in front of them the 2 history frames, as the decoder stages them.
+StreamingVAE plans them in float8 with resident histories: 720p is below WHOLE_CHUNK_PIXELS_FP8, so a whole chunk's
+CHUNK_FRAMES / TEMPORAL_FACTOR latent frames per call, the full-resolution stage in pieces of 4 frames; 1080p runs
+in 128-latent tiles (1024 x 1024 output pixels), each call a whole chunk's latent frames, unsplit. Inputs are
+norm + SiLU outputs (random gammas as in `random_vae_state_dict`), in front of them the 2 history frames, as the
+decoder stages them.
 
 Per shape, milliseconds per call (`check_scaled_mm.timed`: 20 back-to-back calls after a warm run, CUDA
 events, median of 3), each against a float32 conv of the unquantized operands (TF32 off), relative Frobenius
@@ -56,17 +57,20 @@ from infvsr_core.kernels import fp8_conv as module  # noqa: E402
 from infvsr_core.kernels import split_conv as split  # noqa: E402
 from infvsr_core.kernels.norm_silu import rms_norm_rows  # noqa: E402
 from infvsr_core.schedule import CHUNK_FRAMES  # noqa: E402
-from infvsr_core.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR, WHOLE_CHUNK_PIXELS  # noqa: E402
+from infvsr_core.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR, WHOLE_CHUNK_PIXELS_FP8  # noqa: E402
 from infvsr_core.vae.weights import vae_config_from_state_dict  # noqa: E402
 
 CL3 = torch.channels_last_3d
 DEVICE = "cuda"  # the CPU only for a dry run of this script's logic under Triton's interpreter
 # Output widths cuDNN computes with zero kernels appended, as the product does (fast_blocks.PADDED_OUT).
 PADDED = {96: 128}
-# (output height, width) of one decoder call's frame or tile, and whether the call takes a whole chunk.
+# (output height, width) of one decoder call's frame or tile, whether the call takes a whole chunk, and the frames
+# per piece of its full-resolution stage (StreamingVAE._plan with resident histories: untiled whole-chunk calls
+# keep diffusers' 4 frames there).
+_WHOLE_720P = 720 * 1280 <= WHOLE_CHUNK_PIXELS_FP8
 SIZES = {
-    "720p": (720, 1280, 720 * 1280 <= WHOLE_CHUNK_PIXELS),
-    "1080p": (1024, 1024, True),  # a 128-latent tile; tiles run whole-chunk calls unless the memory policy is lean
+    "720p": (720, 1280, _WHOLE_720P, TEMPORAL_FACTOR if _WHOLE_720P else None),
+    "1080p": (1024, 1024, True, None),  # a 128-latent tile; tiles run whole-chunk calls unless the policy is lean
 }
 
 
@@ -262,12 +266,15 @@ def main() -> None:
     convs = decoder_convs()
     shapes = []
     for size in args.sizes:
-        height, width, whole = SIZES[size]
+        height, width, whole, pieces = SIZES[size]
         latents = CHUNK_FRAMES // TEMPORAL_FACTOR if whole else 1
         for (cin, cout, divisor, frames), calls in convs.items():
             h, w = height // divisor, width // divisor
-            label = f"{size} {cin}->{cout} @ {h}x{w}, {latents * frames} frames"
-            shapes.append((size, calls, label, cin, cout, latents * frames, h, w))
+            frames *= latents
+            if divisor == 1 and pieces and frames > pieces:  # the full-resolution stage, a piece at a time
+                calls, frames = calls * (frames // pieces), pieces
+            label = f"{size} {cin}->{cout} @ {h}x{w}, {frames} frames"
+            shapes.append((size, calls, label, cin, cout, frames, h, w))
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     print("shape | calls | cudnn bf16 ms | split bf16 ms | quantize ms | fp8 dynamic ms | fp8 static ms | "
           "static speedup vs cudnn | err bf16 / fp8 dynamic / fp8 static | cast ok | config", flush=True)  # fmt: skip

@@ -189,10 +189,10 @@ def test_download_and_host_list():
 
 
 def test_full_resolution_pieces_follow_the_offload(vae):
-    """'auto': 4-frame pieces (diffusers' call size) under whole-chunk calls when the histories stay resident,
-    whole calls without them, 2-frame pieces when offloading (memory); tiles: whole-chunk calls unless lean, in
-    4-frame pieces when offloading, unsplit otherwise."""
-    from infvsr_core.vae import FULL_RES_FRAMES, WHOLE_CHUNK_PIXELS
+    """'auto': 4-frame pieces (diffusers' call size) under whole-chunk calls when the histories stay resident (up
+    to larger frames with float8 histories), whole calls without them, 2-frame pieces when offloading (memory);
+    tiles: whole-chunk calls unless lean, in 4-frame pieces when offloading, unsplit otherwise."""
+    from infvsr_core.vae import FP8_OPTIONS, FULL_RES_FRAMES, WHOLE_CHUNK_PIXELS, WHOLE_CHUNK_PIXELS_FP8
 
     def plan(sv: StreamingVAE, pixels: int = 0, tiled: bool = False):
         return sv._plan(torch.device("cuda"), pixels, tiled)  # the fast forward's choices (CUDA's default)
@@ -202,6 +202,12 @@ def test_full_resolution_pieces_follow_the_offload(vae):
     assert plan(StreamingVAE(vae), WHOLE_CHUNK_PIXELS + 1).piece_frames is None  # large frames: diffusers' calls
     assert plan(StreamingVAE(vae, whole_chunks=True), WHOLE_CHUNK_PIXELS + 1).piece_frames == 4
     assert plan(StreamingVAE(vae, whole_chunks=False)).piece_frames is None
+    # Float8 histories (dtype fp8): whole-chunk calls up to the larger frames their halved bytes allow (720p).
+    fp8 = StreamingVAE(vae, fast_options=FP8_OPTIONS)
+    assert WHOLE_CHUNK_PIXELS < 720 * 1280 <= WHOLE_CHUNK_PIXELS_FP8
+    assert plan(fp8, 720 * 1280).whole_chunks and plan(fp8, 720 * 1280).piece_frames == 4
+    assert not plan(fp8, WHOLE_CHUNK_PIXELS_FP8 + 1).whole_chunks
+    assert not plan(StreamingVAE(vae, fast_options=FP8_OPTIONS, history_device="cpu"), 720 * 1280).whole_chunks
     assert plan(StreamingVAE(vae, history_device="cpu")).piece_frames == FULL_RES_FRAMES
     assert plan(StreamingVAE(vae, history_device="cpu", piece_frames=None)).piece_frames is None
     assert plan(StreamingVAE(vae, piece_frames=1)).piece_frames == 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 from .fast_blocks import FP8_OPTIONS
 from .fast_forward import FastForwardOptions
 from .history import TileHistory, VAEHistory
-from .stream import FULL_RES_FRAMES, WHOLE_CHUNK_PIXELS, CallPlan, StreamingVAE, Tiling
+from .stream import FULL_RES_FRAMES, WHOLE_CHUNK_PIXELS, WHOLE_CHUNK_PIXELS_FP8, CallPlan, StreamingVAE, Tiling
 from .tiles import SEAMS, TileRegion, tile_regions
 from .weights import (
     SPATIAL_FACTOR,
@@ -39,6 +39,7 @@ __all__ = [
     "WAN21_LATENTS_MEAN",
     "WAN21_LATENTS_STD",
     "WHOLE_CHUNK_PIXELS",
+    "WHOLE_CHUNK_PIXELS_FP8",
     "CallPlan",
     "FastForwardOptions",
     "StreamingVAE",

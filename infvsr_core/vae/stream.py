@@ -28,6 +28,10 @@ from .weights import SPATIAL_FACTOR, TEMPORAL_FACTOR
 # Largest frame (output pixels, per tile when tiled) for which whole_chunks="auto" groups a chunk's VAE calls:
 # above it the fewer launches gain too little for the larger activations (measured in bench/RESULTS.md).
 WHOLE_CHUNK_PIXELS = 600_000
+# The same for the float8 forward with float8 histories (`FastForwardOptions.fp8_history`, `dtype="fp8"`): its
+# staged buffers and histories take half the bytes, so whole-chunk calls at 720p still peak below the split calls
+# of the float8 forward before it (bench/bench_pipeline.py --dtype fp8 --vae-calls whole|split --fp8-history).
+WHOLE_CHUNK_PIXELS_FP8 = 1_000_000
 # Frames per piece of the full-resolution stages when splitting (`piece_frames`): their causal caches carry the
 # history between pieces exactly, so smaller pieces only lower the peak memory.
 FULL_RES_FRAMES = 2
@@ -235,8 +239,8 @@ class StreamingVAE:
         activation memory), and run its full-resolution stages `piece_frames` frames at a time (lower peak, a
         little slower; None: unsplit). "auto" chooses by memory:
         - whole-chunk calls on tiles (bounded by the tile, whatever the frame) unless `lean`, and on untiled
-          frames up to WHOLE_CHUNK_PIXELS when the histories stay resident (where the host's launches set the
-          pace);
+          frames up to WHOLE_CHUNK_PIXELS (WHOLE_CHUNK_PIXELS_FP8 with float8 histories) when the histories stay
+          resident (where the host's launches set the pace);
         - pieces when offloading (the memory-saving modes): FULL_RES_FRAMES, or 4 for tiles in whole-chunk calls;
           resident: untiled whole-chunk calls keep diffusers' 4 frames at full resolution (its peak), the rest is
           unsplit.
@@ -253,7 +257,8 @@ class StreamingVAE:
         elif tiled:
             whole = not self._policy.lean
         else:
-            whole = not self._policy.vae_histories_on_host and pixels <= WHOLE_CHUNK_PIXELS
+            limit = WHOLE_CHUNK_PIXELS_FP8 if self.fast_options.fp8_history else WHOLE_CHUNK_PIXELS
+            whole = not self._policy.vae_histories_on_host and pixels <= limit
         if self.piece_frames != "auto":
             pieces = self.piece_frames
         elif self._policy.vae_histories_on_host:
