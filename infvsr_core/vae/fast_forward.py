@@ -30,7 +30,9 @@ fast_blocks.py)
 The `feat_cache` lists have exactly diffusers' meaning and order (one entry
 per causal conv, "Rep" for a temporal upsampler's first call, the same
 1- or 2-frame tensors), so a VAEHistory is interchangeable between the two
-paths. Only Wan2.1's architecture (no residual down/up blocks) is supported.
+paths (except with `FastForwardOptions.fp8_history`, whose float8 entries
+only this forward reads). Only Wan2.1's architecture (no residual down/up
+blocks) is supported.
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ class VAEHistory:
     `frame_size` (pixels) and the tiling decision are fixed by the scene's first
     chunk. The caches stay on the device the VAE runs on, or, with the VAE's
     `history_device="cpu"`, in host memory between uses (HostCache lists).
+    Under `dtype="fp8"` the entries of the float8 convs are float8 (their
+    norm's static scale: `FastForwardOptions.fp8_history`), for the fast
+    forward only.
     """
 
     encoder_cache: list = field(default_factory=list)
