@@ -80,7 +80,7 @@ class FastForwardOptions:
     fp8_conv_outputs: frozenset[int] = frozenset()
     # The norm + SiLU pass stores those convs' staged inputs in float8 itself (no cast pass after it; the
     # histories in the model's dtype unless `fp8_history`): on with the float8 convs (`FP8_OPTIONS`), where it
-    # measured faster (bench/RESULTS.md round 17; an earlier form, dividing per element, measured slower: round 16).
+    # measured faster than the cast pass after the norm (bench/check_norm_fp8.py).
     fp8_norm_store: bool = False
     # The float8 convs with padded taps (96 input channels) read each row of three taps as one run of channels in
     # the tiles inside a frame's rows (`fp8_conv.row_taps_fit`; no padding there): on with the float8 convs
