@@ -87,9 +87,9 @@ class FastForwardOptions:
     # (`FP8_OPTIONS`), where it measured faster end to end (bench/bench_pipeline.py --fp8-row-taps on|off).
     fp8_row_taps: bool = False
     # The cache entries of the convs staged in float8 (`fp8_norm_store`) hold float8 too: the values the next call
-    # casts its history frames to today, written by the same pass (bit for bit the same staged buffers), so that
-    # the next call copies them instead of casting, and the entries take half the memory. Off: the entries stay
-    # in the model's dtype (diffusers' own VAE can then read them).
+    # would cast its history frames to, written by the pass that writes act (the same staged bytes), so that the
+    # next call copies them instead of casting, and the entries take half the memory. Off: the entries stay in
+    # the model's dtype (diffusers' own VAE can then read them).
     fp8_history: bool = False
 
 
