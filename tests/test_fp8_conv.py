@@ -200,8 +200,8 @@ def test_fp8_conv_with_the_next_norm_in_its_epilogue(fresh, cout, config, tma_ou
     """A resblock's first conv with norm2 + SiLU in its epilogue (`gamma`): act holds SiLU(normalize(conv + bias)
     x gamma) / act_scale in float8 (against a float64 conv, norm and SiLU of the same float8 operands, then
     PyTorch's float8 cast: codes equal but where float32's rounding crosses a float8 midpoint, one step apart
-    there), the cache entry (tail) the last 2 frames of those values in the output dtype; the staged buffer's
-    history frames are not touched."""
+    there), the cache entry (tail) the last 2 frames of those values in the output dtype, or in float8 act's
+    own bytes; the staged buffer's history frames are not touched."""
     cin, t, h, w = 64, 3, 3, 16
     fresh.CONFIGS[cout] = (config,)
     gen = torch.Generator().manual_seed(21)
@@ -227,6 +227,11 @@ def test_fp8_conv_with_the_next_norm_in_its_epilogue(fresh, cout, config, tma_ou
     steps = (act.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()
     assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-2
     assert (history[:, :, :2].float() == 1.0).all()
+    # A float8 cache entry (`fp8_history`): act's last 2 frames, byte for byte.
+    fp8_tail = torch.zeros(1, cout, 2, h, w).to(FP8_DTYPE).contiguous(memory_format=CL3)
+    fp8_conv(buf8, x_scale, packed, w_scale, bias, out_dtype=torch.float32, gamma=gamma2 * cout**0.5, act=act,
+             act_scale=act_scale, tail=fp8_tail, tma_out=tma_out)  # fmt: skip
+    assert torch.equal(fp8_tail.view(torch.uint8), act[:, :, -2:].contiguous(memory_format=CL3).view(torch.uint8))
     assert not fresh._failures
 
 
