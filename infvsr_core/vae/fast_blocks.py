@@ -33,7 +33,15 @@ from ..kernels.split_conv import pack_split, split_conv, split_conv_usable
 from ..kernels.subpixel import interleave
 from ..memory.host import ArrivingCache
 from .derived import derived
-from .fp8_convs import FP8_CONV_OUTPUTS, conv_fp8, fp8_candidate, input_scale, scaled_gamma, takes_fp8
+from .fp8_convs import (
+    FP8_CONV_OUTPUTS,
+    conv_fp8,
+    fp8_candidate,
+    input_scale,
+    scaled_gamma,
+    staged_values,
+    takes_fp8,
+)
 
 CACHE_T = 2  # frames of history each causal 3x3x3 (or 3x1x1) conv keeps
 CL3 = torch.channels_last_3d
@@ -233,7 +241,7 @@ def _stage(
     keeps x's dtype, or is float8 too with `options.fp8_history`.
     """
     scale = None if options is None else _fp8_stage_scale(conv, tuple(x.shape), x, norm, channels, options)
-    fp8_entry = scale is not None and options.fp8_history
+    fp8_entry = options is not None and options.fp8_history  # applies where the buffer is float8 (`scale`)
     full, new, had_past = _open_stage(conv, x.shape, x, cursor, channels, fp8_scale=scale, fp8_entry=fp8_entry,
                                       norm=norm)  # fmt: skip
     c = x.shape[1]
@@ -337,7 +345,7 @@ def _put_history(
     elif fp8_in and not fp8_out:
         if norm is None:
             raise ValueError("a float8 cache entry is read back with the scale of the norm that wrote it")
-        target.copy_(frames.float() * input_scale(norm))
+        target.copy_(staged_values(frames, norm))
     else:
         target.copy_(frames)
 
@@ -398,7 +406,7 @@ def _conv_plus(
         if result is not None:
             return result
     if buf.dtype == FP8_DTYPE:  # staged in float8, but no kernel configuration ran: back to the norm's values
-        buf = (buf.float() * input_scale(norm)).to(conv.weight.dtype).contiguous(memory_format=CL3)
+        buf = staged_values(buf, norm).to(conv.weight.dtype).contiguous(memory_format=CL3)
     return _add_bias(_padded_out_conv(conv, buf, options), bias, residual, out)
 
 

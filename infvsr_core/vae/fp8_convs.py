@@ -96,6 +96,12 @@ def input_scale(norm: WanRMS_norm) -> torch.Tensor:
     return derived(norm, "_infvsr_fp8_scale", build, source="gamma")
 
 
+def staged_values(values: torch.Tensor, norm: WanRMS_norm) -> torch.Tensor:
+    """Float8 values that `norm`'s output was stored as (a staged buffer, a cache entry) back to what they stand
+    for, in float32: values x `input_scale(norm)`. Where a float8-staged input meets the float path."""
+    return values.float() * input_scale(norm)
+
+
 def _pairs(vae: nn.Module, widths: frozenset[int]) -> list[tuple[WanCausalConv3d, WanRMS_norm]]:
     """The (conv, the norm that makes its input) pairs of diffusers' VAE that `fp8_candidate` takes: the
     resblocks' two convs and the heads'."""
