@@ -478,6 +478,12 @@ def main() -> int:
         "product's (FP8_OPTIONS)",
     )
     parser.add_argument(
+        "--rgb-out-taps",
+        choices=["on", "off"],
+        help="the VAE's RGB head as one product of its taps and one gather (FastForwardOptions.rgb_out_taps); "
+        "default: the product's (on in fp8)",
+    )
+    parser.add_argument(
         "--fp8-attention",
         choices=["on", "off"],
         help="fp8: the DiT's self-attention in float8 where FlashAttention-3 runs it (fp8.set_float8_attention); "
@@ -545,6 +551,8 @@ def main() -> int:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_row_taps=args.fp8_row_taps == "on")
     if args.fp8_history is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_history=args.fp8_history == "on")
+    if args.rgb_out_taps is not None:
+        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, rgb_out_taps=args.rgb_out_taps == "on")
     if args.fp8_convs is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=args.fp8_convs)
     if args.full_res_frames is not None:

@@ -35,6 +35,7 @@ def main() -> None:
         "conv": conv_rates,
         "paired": paired_conv_rates,
         "rgb": rgb_conv_rates,
+        "taps": rgb_out_taps_check,
         "split": split_conv_rates,
         "pad": padded_output_rates,
         "few": few_channel_kernels,
@@ -299,6 +300,51 @@ def rgb_conv_rates() -> None:
                 ms = timed(lambda: torch.nn.functional.conv3d(small, weight, None, 1, (0, 1, 1)))  # noqa: B023
                 gbps = 96 * frames * h * w * 2 / ms / 1e6
                 print(f"rgb in {p:2d}->96 {h}x{w} x{frames}: {ms:.3f} ms ({gbps:.0f} GB/s of output written)")
+
+
+def rgb_out_taps_check() -> None:
+    """The RGB head (96 -> 3) as the fast forward runs it: cuDNN with 8 padded outputs, the channel slice and the
+    bias pass (the bf16 default), against one product of the 27 taps and one gather (kernels/rgb_out.py:
+    `FastForwardOptions.rgb_out_taps`); milliseconds per call and the largest error of each against float32."""
+    import torch.nn.functional as F
+
+    from infvsr_core.kernels.rgb_out import few_out_conv, pack_few_out, tap_contributions, tap_sum
+    from infvsr_core.vae.fast_blocks import _add_bias
+
+    torch.backends.cudnn.benchmark = True
+    cl3 = torch.channels_last_3d
+    bf = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = (torch.randn(3, 96, 3, 3, 3, device="cuda", generator=gen) / (27 * 96) ** 0.5).to(bf)
+    padded = torch.zeros(8, 96, 3, 3, 3, device="cuda", dtype=bf)
+    padded[:3] = weight
+    padded = padded.contiguous(memory_format=cl3)
+    bias = torch.randn(3, device="cuda", generator=gen).to(bf)
+    packed = pack_few_out(weight)
+    for h, w in ((480, 832), (720, 1280), (1080, 1920)):
+        for frames in (4, 12):
+            buf = F.silu(torch.randn(1, 96, frames + 2, h, w, device="cuda", dtype=bf, generator=gen))
+            buf = buf.contiguous(memory_format=cl3)
+            ref = F.conv3d(buf.float(), weight.float(), bias.float(), 1, (0, 1, 1))
+            scale = ref.abs().max().item()
+
+            def cudnn(buf=buf):
+                return _add_bias(F.conv3d(buf, padded, None, 1, (0, 1, 1))[:, :3], bias)
+
+            def taps(buf=buf):
+                return few_out_conv(buf, weight, packed, bias, use_triton=True)
+
+            y = tap_contributions(buf, packed)
+            ms = {name: timed(fn) for name, fn in (("cudnn", cudnn), ("taps", taps))}
+            product = timed(lambda buf=buf: tap_contributions(buf, packed))
+            gather = timed(lambda y=y: tap_sum(y, bias, 3, use_triton=True))
+            errors = {name: _rel_error(fn(), ref, scale) for name, fn in (("cudnn", cudnn), ("taps", taps))}
+            print(
+                f"rgb head 96->3 {h}x{w} x{frames}: cuDNN (8 outputs) {ms['cudnn']:.3f} ms, err {errors['cudnn']}; "
+                f"taps {ms['taps']:.3f} ms (product {product:.3f} + gather {gather:.3f}), err {errors['taps']}",
+                flush=True,
+            )
+            del buf, ref, y
 
 
 def conv_rates() -> None:

@@ -49,15 +49,16 @@ def clip() -> torch.Tensor:
     return smooth_vae_clip(13, seed=5)
 
 
-@pytest.mark.parametrize("pad_rgb", [False, True])
-def test_encoder_and_decoder_match_diffusers_call_by_call(vae, clip, pad_rgb, monkeypatch):
+@pytest.mark.parametrize("pad_rgb, rgb_out_taps", [(False, False), (True, False), (False, True)])
+def test_encoder_and_decoder_match_diffusers_call_by_call(vae, clip, pad_rgb, rgb_out_taps, monkeypatch):
     """Frame groups 1, 4, 4, 4 (encoder) and single latent frames (decoder): outputs and every cache entry.
 
     With `pad_rgb` the padded convs run as they do on CUDA: RGB in and out with zero-padded channels, and the
     full-resolution resblocks' convs with padded outputs (the tiny VAE's 8 as 16, as 96 is computed as 128),
-    read back as channel slices by the norm and the bias + residual pass.
+    read back as channel slices by the norm and the bias + residual pass. With `rgb_out_taps` the RGB head is
+    one product of its taps and one gather where Triton runs (under the interpreter here: float32 contributions).
     """
-    options = FastForwardOptions(pad_off_cuda=pad_rgb)
+    options = FastForwardOptions(pad_off_cuda=pad_rgb, rgb_out_taps=rgb_out_taps)
     monkeypatch.setattr(blocks_module, "PADDED_OUT", {TINY_VAE_BASE_DIM: 2 * TINY_VAE_BASE_DIM})
     fast_vae = copy.deepcopy(vae)
     prepare_channels_last(fast_vae)

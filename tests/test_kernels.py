@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from infvsr_core.kernels import norm_silu
 from infvsr_core.kernels.norm_silu import bias_add_rows_, rms_norm_rows, rms_norm_rows_reference
 from infvsr_core.kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
+from infvsr_core.kernels.rgb_out import (
+    few_out_conv,
+    few_out_fits,
+    pack_few_out,
+    tap_contributions,
+    tap_sum,
+    tap_sum_reference,
+)
 from infvsr_core.kernels.subpixel import interleave, interleave_reference
 
 CL3 = torch.channels_last_3d
@@ -64,6 +72,67 @@ def test_few_in_conv_matches_conv3d(dtype, shape):
 def test_few_in_conv_refuses_other_shapes():
     assert not few_in_fits(torch.zeros(96, 16, 3, 3, 3))  # 27 x 16 gathered inputs: too many for one row
     assert not few_in_fits(torch.zeros(96, 3, 3, 1, 1))
+
+
+# The RGB head's contributions round to the dtype before the sum (27 of them per output): float16's rounding of
+# each, against the output's largest magnitude (the float path rounds only the sum: REL_TOL).
+TAP_SUM_TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape, cout", [((1, 16, 5, 7, 37), 3), ((2, 8, 3, 33, 4), 1), ((1, 12, 4, 1, 130), 3)])
+def test_few_out_conv_matches_conv3d(dtype, shape, cout):
+    """The taps' product and gather against the float64 conv: through the kernel where Triton runs (under the
+    interpreter), and the decomposition itself in PyTorch ops on every run."""
+    gen = torch.Generator().manual_seed(17)
+    buf = staged(*shape, dtype, seed=18)
+    weight = (torch.randn(cout, shape[1], 3, 3, 3, generator=gen) / (27 * shape[1]) ** 0.5).to(dtype)
+    bias = torch.randn(cout, generator=gen).to(dtype)
+    assert few_out_fits(weight)
+    packed = pack_few_out(weight)
+    want = conv_reference(buf, weight, bias)
+    out = few_out_conv(buf, weight, packed, bias)
+    decomposed = tap_sum_reference(tap_contributions(buf, packed), bias, cout)
+    for got in (out, decomposed):
+        assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous(memory_format=CL3)
+        assert rel_err(got, want) < TAP_SUM_TOL[dtype]
+    if norm_silu.triton_usable(buf):  # the kernel sums the contributions in the reference's order
+        assert torch.equal(out, decomposed)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_tap_sum_reads_contributions_with_padded_columns(with_bias):
+    """The gather reads each output's 27 contributions at their neighbours (zero outside the frame), from rows
+    wider than the taps (the packed weight's padded columns), against a plain loop over pixels and taps."""
+    gen = torch.Generator().manual_seed(5)
+    b, frames, h, w, cout = 1, 4, 3, 5, 3
+    y = torch.randn(b, frames, h, w, 88, generator=gen)
+    bias = torch.randn(cout, generator=gen) if with_bias else None
+    out = tap_sum(y, bias, cout)
+    want = torch.zeros(b, cout, frames - 2, h, w, dtype=torch.float64)
+    for t in range(frames - 2):
+        for i in range(h):
+            for j in range(w):
+                for tap in range(27):
+                    dt, dh, dw = tap // 9, (tap // 3) % 3, tap % 3
+                    ii, jj = i + dh - 1, j + dw - 1
+                    if 0 <= ii < h and 0 <= jj < w:
+                        want[0, :, t, i, j] += y[0, t + dt, ii, jj, tap * cout : (tap + 1) * cout].double()
+                if bias is not None:
+                    want[0, :, t, i, j] += bias.double()
+    assert (out.double() - want).abs().max().item() < 1e-5
+
+
+def test_pack_few_out_layout_and_refusals():
+    weight = torch.randn(3, 4, 3, 3, 3)
+    packed = pack_few_out(weight)
+    assert packed.shape == (4, 88)  # 81 columns, zero-padded to a multiple of 8
+    for tap in range(27):
+        dt, dh, dw = tap // 9, (tap // 3) % 3, tap % 3
+        assert torch.equal(packed[:, tap * 3 : tap * 3 + 3], weight[:, :, dt, dh, dw].t())
+    assert not packed[:, 81:].any()
+    assert not few_out_fits(torch.zeros(8, 96, 3, 3, 3))  # more outputs than one product packs
+    assert not few_out_fits(torch.zeros(3, 96, 3, 1, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

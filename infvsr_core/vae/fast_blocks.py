@@ -29,6 +29,7 @@ from ..kernels.fp8_conv import cast_into, fp8_conv_accepts, holds_pixel
 from ..kernels.mid_attention import mid_attention, mid_attention_usable
 from ..kernels.norm_silu import bias_add_rows_, rms_norm_rows, triton_usable
 from ..kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
+from ..kernels.rgb_out import few_out_conv, few_out_fits, pack_few_out
 from ..kernels.split_conv import pack_split, split_conv, split_conv_usable
 from ..kernels.subpixel import interleave
 from ..memory.host import ArrivingCache
@@ -99,13 +100,19 @@ class FastForwardOptions:
     # next call copies them instead of casting, and the entries take half the memory. Off: the entries stay in
     # the model's dtype (diffusers' own VAE can then read them).
     fp8_history: bool = False
+    # The RGB head (96 -> 3) as one product of every tap and one gather of the contributions (kernels/rgb_out.py)
+    # where Triton runs: reads its input once where cuDNN's kernels read it once per tap. The contributions round
+    # to the model's dtype before the sum (cuDNN rounds the sum only): on with the float8 convs (`FP8_OPTIONS`),
+    # where it measured faster (bench/bench_pipeline.py --rgb-out-taps on|off); the faithful bf16 default keeps
+    # cuDNN.
+    rgb_out_taps: bool = False
 
 
 FP8_OPTIONS = FastForwardOptions(
-    fp8_conv_outputs=FP8_CONV_OUTPUTS, fp8_norm_store=True, fp8_row_taps=True, fp8_history=True
+    fp8_conv_outputs=FP8_CONV_OUTPUTS, fp8_norm_store=True, fp8_row_taps=True, fp8_history=True, rgb_out_taps=True
 )
 """The fast forward of `dtype="fp8"`: the product's defaults with the float8 convs on, their inputs and cache
-entries stored in float8 by the norm that makes them."""
+entries stored in float8 by the norm that makes them, and the RGB head's taps in one product."""
 
 
 def to_cl3(x: torch.Tensor) -> torch.Tensor:
@@ -407,6 +414,8 @@ def _conv_plus(
             return result
     if buf.dtype == FP8_DTYPE:  # staged in float8, but no kernel configuration ran: back to the norm's values
         buf = staged_values(buf, norm).to(conv.weight.dtype).contiguous(memory_format=CL3)
+    if options.rgb_out_taps and residual is None and out is None and few_out_fits(conv.weight) and triton_usable(buf):
+        return few_out_conv(buf, conv.weight, derived(conv, "_infvsr_few_out", pack_few_out), bias, use_triton=True)
     return _add_bias(_padded_out_conv(conv, buf, options), bias, residual, out)
 
 
