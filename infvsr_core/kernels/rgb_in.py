@@ -9,8 +9,8 @@ accumulators; the bias is added before the single rounding.
 
 It reads the staged causal-conv buffer (B, C, T + 2, H, W) (the 2 cached
 frames in front) in any layout with adjacent channels. Without Triton (CPU)
-the same result comes from `F.conv3d`. (A kernel for the RGB head, 96 -> 3,
-was measured too and lost to cuDNN: not kept.)
+the same result comes from `F.conv3d`. (The same form for the RGB head, 96 -> 3,
+lost to cuDNN: each input is read once per tap; kernels/rgb_out.py reads it once.)
 """
 
 from __future__ import annotations
