@@ -110,6 +110,12 @@ def few_in_conv(
             return out
         except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
             _TRITON_BROKEN.append(repr(error))
+    return staged_conv3d(buf, weight, bias)
+
+
+def staged_conv3d(buf: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 3x3x3 causal conv on a staged buffer (time already padded) through `F.conv3d`: the result the kernels
+    of few channels stand in for, where they do not run. Channels-last, as theirs."""
     out = F.conv3d(buf, weight, None, 1, (0, 1, 1))
     if bias is not None:
         out = out + bias.to(out.dtype).view(1, -1, 1, 1, 1)

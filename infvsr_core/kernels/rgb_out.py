@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .norm_silu import _TRITON_BROKEN, tl, triton, triton_usable
+from .rgb_in import CL3, TAPS, staged_conv3d
 
-CL3 = torch.channels_last_3d
-TAPS = 27  # 3 x 3 x 3
 MAX_OUTPUTS = 4  # outputs whose 27 taps `few_out_conv` packs into one product (the RGB head has 3)
 COLUMN_MULTIPLE = 8  # the packed weight's columns, zero-padded: rows of the product stay 16-byte aligned
 
@@ -141,7 +140,4 @@ def few_out_conv(
         use_triton = triton_usable(buf)
     if use_triton and buf.shape[2] > 2 and buf.numel():
         return tap_sum(tap_contributions(buf, packed), bias, weight.shape[0], use_triton=True)
-    out = F.conv3d(buf, weight, None, 1, (0, 1, 1))
-    if bias is not None:
-        out = out + bias.to(out.dtype).view(1, -1, 1, 1, 1)
-    return out.contiguous(memory_format=CL3)
+    return staged_conv3d(buf, weight, bias)
