@@ -147,6 +147,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+# The fast forward's on/off switches an A/B may flip, each as --<field> on|off (FastForwardOptions fields).
+OPTION_SWITCHES = {
+    "fp8_norm_store": "fp8: the VAE's norm stores the float8 convs' inputs itself",
+    "fp8_row_taps": "fp8: the 96-channel float8 convs read each row of taps as one run of channels inside the frame",
+    "fp8_history": "fp8: the float8-staged convs' cache entries in float8",
+    "rgb_out_taps": "the VAE's RGB head as one product of its taps and one gather",
+}
+
+
 def run_stream(
     pipe: InfVSRPipeline,
     clip: torch.Tensor,
@@ -459,30 +468,12 @@ def main() -> int:
     parser.add_argument(
         "--split-conv", default="on", choices=["on", "off"], help="the 192-channel convs through the Triton kernel"
     )
-    parser.add_argument(
-        "--fp8-norm-store",
-        choices=["on", "off"],
-        help="fp8: the VAE's norm stores the float8 convs' inputs itself (FastForwardOptions.fp8_norm_store); "
-        "default: the product's (FP8_OPTIONS)",
-    )
-    parser.add_argument(
-        "--fp8-row-taps",
-        choices=["on", "off"],
-        help="fp8: the 96-channel float8 convs read each row of taps as one run of channels inside the frame "
-        "(FastForwardOptions.fp8_row_taps); default: the product's (FP8_OPTIONS)",
-    )
-    parser.add_argument(
-        "--fp8-history",
-        choices=["on", "off"],
-        help="fp8: the float8-staged convs' cache entries in float8 (FastForwardOptions.fp8_history); default: the "
-        "product's (FP8_OPTIONS)",
-    )
-    parser.add_argument(
-        "--rgb-out-taps",
-        choices=["on", "off"],
-        help="the VAE's RGB head as one product of its taps and one gather (FastForwardOptions.rgb_out_taps); "
-        "default: the product's (on in fp8)",
-    )
+    for field, what in OPTION_SWITCHES.items():
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            choices=["on", "off"],
+            help=f"{what} (FastForwardOptions.{field}); default: the product's (FP8_OPTIONS in fp8)",
+        )
     parser.add_argument(
         "--fp8-attention",
         choices=["on", "off"],
@@ -545,14 +536,8 @@ def main() -> int:
     )
     if args.fp8_attention is not None:
         set_float8_attention(pipe.dit, args.fp8_attention == "on")
-    if args.fp8_norm_store is not None:
-        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_norm_store=args.fp8_norm_store == "on")
-    if args.fp8_row_taps is not None:
-        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_row_taps=args.fp8_row_taps == "on")
-    if args.fp8_history is not None:
-        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_history=args.fp8_history == "on")
-    if args.rgb_out_taps is not None:
-        pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, rgb_out_taps=args.rgb_out_taps == "on")
+    switches = {field: getattr(args, field) == "on" for field in OPTION_SWITCHES if getattr(args, field) is not None}
+    pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, **switches)
     if args.fp8_convs is not None:
         pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, fp8_conv_outputs=args.fp8_convs)
     if args.full_res_frames is not None:
