@@ -148,6 +148,7 @@ def sync(device: torch.device) -> None:
 
 
 # The fast forward's on/off switches an A/B may flip, each as --<field> on|off (FastForwardOptions fields).
+ROW_QUANTIZE_CHOICES = {"off": (), "gelu": ("gelu_quantize",), "all": ("gelu_quantize", "quantize")}
 OPTION_SWITCHES = {
     "fp8_norm_store": "fp8: the VAE's norm stores the float8 convs' inputs itself",
     "fp8_row_taps": "fp8: the 96-channel float8 convs read each row of taps as one run of channels inside the frame",
@@ -481,6 +482,12 @@ def main() -> int:
         "default: the product's (fp8.FLOAT8_ATTENTION)",
     )
     parser.add_argument(
+        "--row-quantize",
+        choices=["off", "gelu", "all"],
+        help="fp8: the DiT's FFN GELU + quantize (gelu), and also its plain quantize (all), by the one-read row "
+        "kernel (kernels/row_quantize.py, CausalWanDiT.row_quantize_kernels); default: the product's",
+    )
+    parser.add_argument(
         "--fp8-convs",
         type=_widths,
         help="the VAE's causal convs of these output widths in float8 (kernels/fp8_conv.py), e.g. 96,192,384, or "
@@ -536,6 +543,8 @@ def main() -> int:
     )
     if args.fp8_attention is not None:
         set_float8_attention(pipe.dit, args.fp8_attention == "on")
+    if args.row_quantize is not None:
+        pipe.dit.row_quantize_kernels = ROW_QUANTIZE_CHOICES[args.row_quantize]
     switches = {field: getattr(args, field) == "on" for field in OPTION_SWITCHES if getattr(args, field) is not None}
     pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, **switches)
     if args.fp8_convs is not None:

@@ -38,6 +38,7 @@ from check_scaled_mm import append_rows, timed  # noqa: E402
 
 from infvsr_core.dit import EAGER_OPS, _ln_modulate_op, compile_available, compiled_ops  # noqa: E402
 from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX, gelu_row_scale, to_fp8  # noqa: E402
+from infvsr_core.kernels.row_quantize import row_quantize, row_quantize_usable  # noqa: E402
 
 DIM, FFN_DIM, EPS = 1536, 8960, 1e-6
 
@@ -92,6 +93,10 @@ def main() -> None:
         "gelu_quantize": {"divide": wrap(gelu_quantize_divide), "tanh": wrap(gelu_quantize_tanh)},
         "ln_modulate_quantize": {"divide": wrap(ln_modulate_quantize_divide)},
     }
+    if row_quantize_usable(torch.empty(1, DIM, device=device, dtype=torch.bfloat16)):
+        for warps in (4, 8, 16):
+            candidates["quantize"][f"kernel_w{warps}"] = partial(row_quantize, num_warps=warps)
+            candidates["gelu_quantize"][f"kernel_w{warps}"] = partial(row_quantize, gelu=True, num_warps=warps)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for tokens in args.tokens:

@@ -36,6 +36,7 @@ from .fp8 import (
     to_fp8,
 )
 from .graphs import BlockGraphs
+from .kernels.row_quantize import gelu_quantize_rows_kernel, quantize_rows_kernel
 from .memory.host import ManagedCache
 from .memory.transfer import to_device_async
 from .rope import apply_rope, rope_cos_sin
@@ -270,6 +271,9 @@ class _Ops:
 
 EAGER_OPS = _Ops()
 _COMPILED_OPS: list[_Ops] = []
+ROW_QUANTIZE_KERNELS = {"quantize": quantize_rows_kernel, "gelu_quantize": gelu_quantize_rows_kernel}
+"""The fp8 quantizations a hand-written one-read kernel can stand in for (kernels/row_quantize.py), by op name."""
+_KERNEL_OPS: dict[tuple[str, ...], _Ops] = {}
 
 
 def compiled_ops() -> _Ops:
@@ -277,6 +281,17 @@ def compiled_ops() -> _Ops:
     if not _COMPILED_OPS:
         _COMPILED_OPS.append(_Ops(lambda fn: torch.compile(fn, fullgraph=True)))
     return _COMPILED_OPS[0]
+
+
+def kernel_ops(names: Sequence[str]) -> _Ops:
+    """The compiled ops with the quantizations `names` (keys of ROW_QUANTIZE_KERNELS) by the row kernel."""
+    key = tuple(sorted(names))
+    if key not in _KERNEL_OPS:
+        ops = _Ops(lambda fn: torch.compile(fn, fullgraph=True))
+        for name in key:
+            setattr(ops, name, ROW_QUANTIZE_KERNELS[name])
+        _KERNEL_OPS[key] = ops
+    return _KERNEL_OPS[key]
 
 
 def compile_available() -> bool:
@@ -427,6 +442,8 @@ class CausalWanDiT(nn.Module):
         # None = for chunks of at most GRAPH_MAX_TOKENS tokens, True = any size, False = never.
         self.cuda_graphs: bool | None = None
         self.graphs = BlockGraphs()
+        # fp8: quantizations by the one-read row kernel (keys of ROW_QUANTIZE_KERNELS) with the fused ops.
+        self.row_quantize_kernels: tuple[str, ...] = ()
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(
@@ -441,6 +458,8 @@ class CausalWanDiT(nn.Module):
         fuse = self.fuse_elementwise
         if fuse is None:
             fuse = device.type == "cuda" and compile_available()
+        if fuse and self.row_quantize_kernels:
+            return kernel_ops(self.row_quantize_kernels)
         return compiled_ops() if fuse else EAGER_OPS
 
     def forward(
