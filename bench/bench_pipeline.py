@@ -36,6 +36,7 @@ from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict  # no
 from infvsr_core.fp8 import cast_except_fp8, quantize_dit, set_float8_attention  # noqa: E402
 from infvsr_core.guidance import SwinConfig, build_guidance, random_dape_state_dict, random_ram_state_dict  # noqa: E402
 from infvsr_core.kernels import split_conv  # noqa: E402
+from infvsr_core.kernels.row_quantize import ROW_QUANTIZE_OPS  # noqa: E402
 from infvsr_core.loader import load_pipeline, parse_dtype  # noqa: E402
 from infvsr_core.memory import OffloadPolicy  # noqa: E402
 from infvsr_core.pipeline import InfVSRPipeline  # noqa: E402
@@ -148,13 +149,20 @@ def sync(device: torch.device) -> None:
 
 
 # The fast forward's on/off switches an A/B may flip, each as --<field> on|off (FastForwardOptions fields).
-ROW_QUANTIZE_CHOICES = {"off": (), "gelu": ("gelu_quantize",), "all": ("gelu_quantize", "quantize")}
 OPTION_SWITCHES = {
     "fp8_norm_store": "fp8: the VAE's norm stores the float8 convs' inputs itself",
     "fp8_row_taps": "fp8: the 96-channel float8 convs read each row of taps as one run of channels inside the frame",
     "fp8_history": "fp8: the float8-staged convs' cache entries in float8",
     "rgb_out_taps": "the VAE's RGB head as one product of its taps and one gather",
 }
+
+
+def _row_quantize_ops(text: str) -> tuple[str, ...]:
+    """--row-quantize: 'all', 'off', or op names joined by commas."""
+    names = {"all": tuple(ROW_QUANTIZE_OPS), "off": ()}.get(text, tuple(filter(None, text.split(","))))
+    if unknown := set(names) - set(ROW_QUANTIZE_OPS):
+        raise argparse.ArgumentTypeError(f"unknown ops {sorted(unknown)}: not among {list(ROW_QUANTIZE_OPS)}")
+    return names
 
 
 def run_stream(
@@ -483,9 +491,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--row-quantize",
-        choices=["off", "gelu", "all"],
-        help="fp8: the DiT's FFN GELU + quantize (gelu), and also its plain quantize (all), by the one-read row "
-        "kernel (kernels/row_quantize.py, CausalWanDiT.row_quantize_kernels); default: the product's",
+        type=_row_quantize_ops,
+        help="fp8: the DiT's quantizations by the one-read row kernel (kernels/row_quantize.py, "
+        f"CausalWanDiT.row_quantize_kernels): 'all', 'off', or some of {','.join(ROW_QUANTIZE_OPS)}; "
+        "default: the product's",
     )
     parser.add_argument(
         "--fp8-convs",
@@ -544,7 +553,7 @@ def main() -> int:
     if args.fp8_attention is not None:
         set_float8_attention(pipe.dit, args.fp8_attention == "on")
     if args.row_quantize is not None:
-        pipe.dit.row_quantize_kernels = ROW_QUANTIZE_CHOICES[args.row_quantize]
+        pipe.dit.row_quantize_kernels = args.row_quantize
     switches = {field: getattr(args, field) == "on" for field in OPTION_SWITCHES if getattr(args, field) is not None}
     pipe.vae.fast_options = dataclasses.replace(pipe.vae.fast_options, **switches)
     if args.fp8_convs is not None:

@@ -38,7 +38,7 @@ from check_scaled_mm import append_rows, timed  # noqa: E402
 
 from infvsr_core.dit import EAGER_OPS, _ln_modulate_op, compile_available, compiled_ops  # noqa: E402
 from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX, gelu_row_scale, to_fp8  # noqa: E402
-from infvsr_core.kernels.row_quantize import row_quantize, row_quantize_usable  # noqa: E402
+from infvsr_core.kernels.row_quantize import GELU, LN_MODULATE, PLAIN, row_quantize, row_quantize_usable  # noqa: E402
 
 DIM, FFN_DIM, EPS = 1536, 8960, 1e-6
 
@@ -64,6 +64,10 @@ def gelu_quantize_tanh(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ln_modulate_quantize_divide(x, shift, scale, eps):
     return quantize_divide(_ln_modulate_op(x, shift, scale, eps).reshape(-1, x.shape[-1]))
+
+
+def _row_kernel(op: int, launch: tuple[int, int], x: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor]:
+    return row_quantize(x, op, *rest, launch=launch)
 
 
 def agreement(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> dict:
@@ -93,10 +97,14 @@ def main() -> None:
         "gelu_quantize": {"divide": wrap(gelu_quantize_divide), "tanh": wrap(gelu_quantize_tanh)},
         "ln_modulate_quantize": {"divide": wrap(ln_modulate_quantize_divide)},
     }
-    if row_quantize_usable(torch.empty(1, DIM, device=device, dtype=torch.bfloat16)):
-        for warps in (4, 8, 16):
-            candidates["quantize"][f"kernel_w{warps}"] = partial(row_quantize, num_warps=warps)
-            candidates["gelu_quantize"][f"kernel_w{warps}"] = partial(row_quantize, gelu=True, num_warps=warps)
+    if row_quantize_usable(torch.empty(1, DIM, device=device, dtype=torch.bfloat16)):  # the one-read row kernel
+        for op, kernel_op, launches in (
+            ("quantize", PLAIN, [(1, 4), (2, 4), (4, 4), (4, 8)]),
+            ("gelu_quantize", GELU, [(1, 4), (1, 8)]),
+            ("ln_modulate_quantize", LN_MODULATE, [(1, 4), (2, 4), (4, 4), (4, 8)]),
+        ):
+            for rows, warps in launches:
+                candidates[op][f"kernel_r{rows}w{warps}"] = partial(_row_kernel, kernel_op, (rows, warps))
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for tokens in args.tokens:

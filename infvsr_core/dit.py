@@ -36,7 +36,7 @@ from .fp8 import (
     to_fp8,
 )
 from .graphs import BlockGraphs
-from .kernels.row_quantize import gelu_quantize_rows_kernel, quantize_rows_kernel
+from .kernels.row_quantize import kernel_or
 from .memory.host import ManagedCache
 from .memory.transfer import to_device_async
 from .rope import apply_rope, rope_cos_sin
@@ -271,9 +271,7 @@ class _Ops:
 
 EAGER_OPS = _Ops()
 _COMPILED_OPS: list[_Ops] = []
-ROW_QUANTIZE_KERNELS = {"quantize": quantize_rows_kernel, "gelu_quantize": gelu_quantize_rows_kernel}
-"""The fp8 quantizations a hand-written one-read kernel can stand in for (kernels/row_quantize.py), by op name."""
-_KERNEL_OPS: dict[tuple[str, ...], _Ops] = {}
+_KERNEL_OPS: dict[tuple[tuple[str, ...], bool], _Ops] = {}
 
 
 def compiled_ops() -> _Ops:
@@ -283,13 +281,14 @@ def compiled_ops() -> _Ops:
     return _COMPILED_OPS[0]
 
 
-def kernel_ops(names: Sequence[str]) -> _Ops:
-    """The compiled ops with the quantizations `names` (keys of ROW_QUANTIZE_KERNELS) by the row kernel."""
-    key = tuple(sorted(names))
+def kernel_ops(names: Sequence[str], compiled: bool) -> _Ops:
+    """The ops (compiled or eager) with the quantizations `names` (keys of row_quantize.ROW_QUANTIZE_OPS) by the
+    one-read row kernel where it runs on the input, else by the op it stands in for."""
+    key = (tuple(sorted(names)), compiled)
     if key not in _KERNEL_OPS:
-        ops = _Ops(lambda fn: torch.compile(fn, fullgraph=True))
-        for name in key:
-            setattr(ops, name, ROW_QUANTIZE_KERNELS[name])
+        ops = _Ops(lambda fn: torch.compile(fn, fullgraph=True)) if compiled else _Ops()
+        for name in key[0]:
+            setattr(ops, name, kernel_or(name, getattr(ops, name)))
         _KERNEL_OPS[key] = ops
     return _KERNEL_OPS[key]
 
@@ -442,7 +441,7 @@ class CausalWanDiT(nn.Module):
         # None = for chunks of at most GRAPH_MAX_TOKENS tokens, True = any size, False = never.
         self.cuda_graphs: bool | None = None
         self.graphs = BlockGraphs()
-        # fp8: quantizations by the one-read row kernel (keys of ROW_QUANTIZE_KERNELS) with the fused ops.
+        # fp8: quantizations by the one-read row kernel (keys of row_quantize.ROW_QUANTIZE_OPS), off until measured.
         self.row_quantize_kernels: tuple[str, ...] = ()
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
@@ -458,8 +457,8 @@ class CausalWanDiT(nn.Module):
         fuse = self.fuse_elementwise
         if fuse is None:
             fuse = device.type == "cuda" and compile_available()
-        if fuse and self.row_quantize_kernels:
-            return kernel_ops(self.row_quantize_kernels)
+        if self.row_quantize_kernels:
+            return kernel_ops(self.row_quantize_kernels, fuse)
         return compiled_ops() if fuse else EAGER_OPS
 
     def forward(

@@ -17,10 +17,16 @@ before that cast, which PyTorch then casts as the GPU does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..fp8 import FP8_DTYPE, FP8_MAX, GELU_ARGMIN, GELU_MIN_BOUND, GELU_TANH_2C, gelu_quantize_rows, quantize_rows
+from ..fp8 import FP8_DTYPE, FP8_MAX, GELU_ARGMIN, GELU_MIN_BOUND, GELU_TANH_2C
 from .norm_silu import INTERPRETED, tl, triton, triton_usable
+
+Quantizing = tuple[torch.Tensor, torch.Tensor]
+PLAIN, GELU, LN_MODULATE = 0, 1, 2
+"""The ops before the quantization: none, Wan's tanh GELU, the affine-free layer norm * (1 + scale) + shift."""
 
 if triton is not None:
 
@@ -29,100 +35,142 @@ if triton is not None:
         return x * tl.sigmoid(C2 * (x + 0.044715 * x * x * x))
 
     @triton.jit
-    def _row_quantize_kernel(
-        x_ptr, out_ptr, scale_ptr, K,
-        HEAD: tl.constexpr, TAIL: tl.constexpr, GELU: tl.constexpr, FP8_MAX: tl.constexpr, C2: tl.constexpr,
-        ARGMIN: tl.constexpr, MIN_BOUND: tl.constexpr, FLOAT_OUT: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * K
-        out_row = out_ptr + row * K
-        head = tl.arange(0, HEAD)
-        a = tl.load(x_row + head).to(tl.float32)
-        if GELU:  # the GELU's extreme over the row from the input's (fp8.gelu_row_scale)
-            hi = tl.max(a, axis=0)
-            lo = tl.min(a, axis=0)
+    def _ln_modulated(x, mean, rstd, shift_ptr, scale_ptr, batch_at, cols, mask, out_dtype):
+        """One block of a row's layer norm * (1 + scale) + shift, rounded to the activations' dtype."""
+        at = batch_at[:, None] + cols[None, :]
+        y = (x - mean[:, None]) * rstd[:, None] * (1.0 + tl.load(scale_ptr + at, mask=mask, other=0.0))
+        return (y + tl.load(shift_ptr + at, mask=mask, other=0.0)).to(out_dtype).to(tl.float32)
+
+    @triton.jit
+    def _store_fp8(out_ptr, at, values, inv, mask, FP8_MAX: tl.constexpr, FLOAT_OUT: tl.constexpr):
+        q = tl.clamp(values * inv[:, None], -FP8_MAX, FP8_MAX)
+        if FLOAT_OUT:
+            tl.store(out_ptr + at, q, mask=mask)
         else:
-            amax = tl.max(tl.abs(a), axis=0)
-        if TAIL > 0:
-            tail = HEAD + tl.arange(0, TAIL)
-            inside = tail < K
-            b = tl.load(x_row + tail, mask=inside, other=0.0).to(tl.float32)
-            if GELU:
-                hi = tl.maximum(hi, tl.max(tl.where(inside, b, float("-inf")), axis=0))
-                lo = tl.minimum(lo, tl.min(tl.where(inside, b, float("inf")), axis=0))
-            else:
-                amax = tl.maximum(amax, tl.max(tl.abs(b), axis=0))
-        if GELU:
+            tl.store(out_ptr + at, q.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def _row_quantize_kernel(
+        x_ptr, out_ptr, scale_out_ptr, shift_ptr, scale_ptr, n_rows, K, tokens, eps,
+        ROWS: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, OP: tl.constexpr, FP8_MAX: tl.constexpr,
+        C2: tl.constexpr, ARGMIN: tl.constexpr, MIN_BOUND: tl.constexpr, FLOAT_OUT: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        in_rows = rows < n_rows
+        row_at = rows.to(tl.int64) * K
+        head = tl.arange(0, HEAD)
+        tail = HEAD + tl.arange(0, TAIL)
+        head_mask = in_rows[:, None] & (head < K)[None, :]
+        tail_mask = in_rows[:, None] & (tail < K)[None, :]
+        head_at = row_at[:, None] + head[None, :]
+        tail_at = row_at[:, None] + tail[None, :]
+        a = tl.load(x_ptr + head_at, mask=head_mask, other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + tail_at, mask=tail_mask, other=0.0).to(tl.float32)
+        if OP == 2:  # layer norm over the row (float32, two passes in registers), then the batch's modulation
+            mean = (tl.sum(a, axis=1) + tl.sum(b, axis=1)) / K
+            da = tl.where(head_mask, a - mean[:, None], 0.0)
+            db = tl.where(tail_mask, b - mean[:, None], 0.0)
+            rstd = tl.rsqrt((tl.sum(da * da, axis=1) + tl.sum(db * db, axis=1)) / K + eps)
+            batch_at = (rows // tokens).to(tl.int64) * K
+            a = _ln_modulated(a, mean, rstd, shift_ptr, scale_ptr, batch_at, head, head_mask, x_ptr.dtype.element_ty)
+            b = _ln_modulated(b, mean, rstd, shift_ptr, scale_ptr, batch_at, tail, tail_mask, x_ptr.dtype.element_ty)
+        if OP == 1:  # the GELU's extreme over the row from the input's (fp8.gelu_row_scale)
+            hi = tl.maximum(
+                tl.max(tl.where(head_mask, a, float("-inf")), axis=1),
+                tl.max(tl.where(tail_mask, b, float("-inf")), axis=1),
+            )
+            lo = tl.minimum(
+                tl.min(tl.where(head_mask, a, float("inf")), axis=1),
+                tl.min(tl.where(tail_mask, b, float("inf")), axis=1),
+            )
             under = tl.where(lo < ARGMIN, MIN_BOUND, -_gelu(lo, C2))
             amax = tl.maximum(_gelu(hi, C2), under)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
-        inv = tl.math.div_rn(1.0, scale)
-        tl.store(scale_ptr + row, scale)
-        if GELU:
             a = _gelu(a, C2)
-        qa = tl.clamp(a * inv, -FP8_MAX, FP8_MAX)
-        if FLOAT_OUT:
-            tl.store(out_row + head, qa)
-        else:
-            tl.store(out_row + head, qa.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"))
-        if TAIL > 0:
-            if GELU:
-                b = _gelu(b, C2)
-            qb = tl.clamp(b * inv, -FP8_MAX, FP8_MAX)
-            if FLOAT_OUT:
-                tl.store(out_row + tail, qb, mask=inside)
-            else:
-                tl.store(out_row + tail, qb.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=inside)
+            b = _gelu(b, C2)
+        else:  # masked entries are 0
+            amax = tl.maximum(tl.max(tl.abs(a), axis=1), tl.max(tl.abs(b), axis=1))
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
+        tl.store(scale_out_ptr + rows, scale, mask=in_rows)
+        inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), scale)
+        _store_fp8(out_ptr, head_at, a, inv, head_mask, FP8_MAX, FLOAT_OUT)
+        _store_fp8(out_ptr, tail_at, b, inv, tail_mask, FP8_MAX, FLOAT_OUT)
 
 
 def row_split(k: int) -> tuple[int, int]:
     """(head, tail) blocks of a row of k: the largest power of two not above k, and the rest rounded up to a
-    power of two (0 when there is none)."""
+    power of two (1, all masked, when there is none)."""
     head = 1 << (k.bit_length() - 1)
     rest = k - head
-    return head, (triton.next_power_of_2(rest) if rest else 0)
+    return head, (1 << (rest - 1).bit_length() if rest else 1)
 
 
 def row_quantize_usable(x: torch.Tensor) -> bool:
-    """Whether the kernel runs on rows x: 2-D, contiguous, bf16/fp16/fp32, CUDA where Triton runs (CPU tensors
-    under the interpreter), and rows of at most 16384 (one program's registers)."""
+    """Whether the kernel runs on x (..., K): contiguous, bf16/fp16/fp32, CUDA where Triton runs (CPU tensors
+    under the interpreter), rows of at most 16384 (one program's registers)."""
     return (
         triton_usable(x)
         and x.is_cuda != INTERPRETED
-        and x.ndim == 2
         and x.is_contiguous()
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and 0 < x.shape[1] <= 16384
+        and 0 < x.shape[-1] <= 16384
     )
 
 
+def launch_shape(k: int) -> tuple[int, int]:
+    """(rows per program, warps) for rows of k: wide rows one to a program, narrow ones packed to ~4096
+    elements."""
+    head = 1 << (k.bit_length() - 1)
+    if head >= 4096:
+        return 1, 8
+    return max(1, 2048 // head), 4
+
+
 def row_quantize(
-    x: torch.Tensor, gelu: bool = False, num_warps: int | None = None
+    x: torch.Tensor,
+    op: int = PLAIN,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    eps: float = 0.0,
+    launch: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 values (M, K), float32 scales (M, 1)) of x (M, K), or of Wan's tanh GELU of x with `gelu`, in one
-    read of x (`row_quantize_usable` must hold). The same as fp8.quantize_rows / fp8.gelu_quantize_rows, up to
-    one float8 step where the GELU's exponential rounds apart."""
-    m, k = x.shape
+    """(float8 values (M, K), float32 scales (M, 1)) of op(x), x (..., K) with M rows, quantized per row in one
+    read of x (`row_quantize_usable` must hold). op: PLAIN (fp8.quantize_rows), GELU (fp8.gelu_quantize_rows) or
+    LN_MODULATE (x (B, L, K), shift and scale (B, 1, K) float32: dit's `_ln_modulate_quantize_op`). The same
+    values as those, up to one float8 step where an exponential or a square root rounds apart. `launch`: (rows
+    per program, warps), default `launch_shape`."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    m = rows.shape[0]
+    if op == LN_MODULATE and (x.ndim != 3 or shift is None or scale is None):
+        raise ValueError("LN_MODULATE takes x (B, L, K) with shift and scale (B, 1, K)")
     out = torch.empty((m, k), dtype=torch.float32 if INTERPRETED else FP8_DTYPE, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    row_scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         head, tail = row_split(k)
-        warps = num_warps or (8 if head >= 4096 else 4)
-        _row_quantize_kernel[(m,)](
-            x, out, scale, k, HEAD=head, TAIL=tail, GELU=gelu, FP8_MAX=FP8_MAX, C2=GELU_TANH_2C,
-            ARGMIN=GELU_ARGMIN, MIN_BOUND=GELU_MIN_BOUND, FLOAT_OUT=INTERPRETED, num_warps=warps,
+        per_program, warps = launch or launch_shape(k)
+        shift = rows if shift is None else shift.float().contiguous()
+        scale = rows if scale is None else scale.float().contiguous()
+        tokens = x.shape[1] if op == LN_MODULATE else m
+        _row_quantize_kernel[(triton.cdiv(m, per_program),)](
+            rows, out, row_scale, shift, scale, m, k, tokens, eps, ROWS=per_program, HEAD=head, TAIL=tail, OP=op,
+            FP8_MAX=FP8_MAX, C2=GELU_TANH_2C, ARGMIN=GELU_ARGMIN, MIN_BOUND=GELU_MIN_BOUND, FLOAT_OUT=INTERPRETED,
+            num_warps=warps,
         )  # fmt: skip
     if INTERPRETED:  # PyTorch's cast rounds to nearest even, as the GPU's store does
         out = out.to(FP8_DTYPE)
-    return out, scale
+    return out, row_scale
 
 
-def quantize_rows_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fp8.quantize_rows` in one read where the kernel runs, else that function."""
-    return row_quantize(x) if row_quantize_usable(x) else quantize_rows(x)
+ROW_QUANTIZE_OPS = {"quantize": PLAIN, "gelu_quantize": GELU, "ln_modulate_quantize": LN_MODULATE}
+"""The DiT's quantizing ops (dit._Ops' names) the kernel can stand in for, and its op for each."""
 
 
-def gelu_quantize_rows_kernel(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fp8.gelu_quantize_rows` in one read where the kernel runs, else that function."""
-    return row_quantize(h, gelu=True) if row_quantize_usable(h) else gelu_quantize_rows(h)
+def kernel_or(name: str, fallback: Callable[..., Quantizing]) -> Callable[..., Quantizing]:
+    """The DiT op `name` (a key of ROW_QUANTIZE_OPS, called as fallback is: x first) by the kernel where it runs
+    on x, else by `fallback` (the compiled op)."""
+    op = ROW_QUANTIZE_OPS[name]
+
+    def run(x: torch.Tensor, *rest) -> Quantizing:
+        return row_quantize(x, op, *rest) if row_quantize_usable(x) else fallback(x, *rest)
+
+    return run
