@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from infvsr_core.fp8 import FP8_MAX
 from infvsr_core.kernels import norm_silu
 from infvsr_core.kernels.norm_silu import bias_add_rows_, rms_norm_rows, rms_norm_rows_reference
 from infvsr_core.kernels.rgb_in import few_in_conv, few_in_fits, pack_few_in
@@ -375,3 +376,146 @@ def test_split_conv_is_only_for_its_shapes(monkeypatch):
     assert not split_conv_usable(conv, staged(2, 32, 4, 3, 5, torch.float32, seed=14))
     assert not split_conv_usable(conv, buf.to(torch.bfloat16))  # interpreted: float32 only; else: CPU
     assert not split_conv_usable(conv, staged(1, 32, 4, 3, 6, torch.float32, seed=14))  # 6 pixels: blocks of 5
+
+
+# ----------------------------------------------------------------------------- the fp8 DiT's row quantizations
+# float8_e4m3fn: a normal value rounds to within 2^-4 of itself, a subnormal (below 2^-6 scales) to within 2^-10
+# scales; float32's exponential and square root may round apart from PyTorch's by a step, which can move a code
+# by one where a value falls on a float8 midpoint.
+FP8_RELATIVE, FP8_SUBNORMAL = 2.0**-4, 2.0**-10
+
+
+def _quantizing_rows(k: int, rows: int = 9, seed: int = 20) -> torch.Tensor:
+    """bf16 rows of k with varied magnitudes, an all-zero row, an outlier and an all-negative row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-2, 1, rows)[:, None]
+    x[2] = 0
+    x[4, k // 3] = 300.0
+    x[5] = -x[5].abs()
+    return x.to(torch.bfloat16)
+
+
+def _codes_close(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Equal scales (to float32 rounding), and the float8 values equal but for rare one-step differences."""
+    (values, scale), (ref_values, ref_scale) = got, want
+    assert values.dtype == ref_values.dtype and values.shape == ref_values.shape and scale.shape == ref_scale.shape
+    assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+    steps = (values.float() - ref_values.float()).abs() / ref_values.float().abs().clamp_min(2.0**-9)
+    assert (steps <= 2.0**-3 + 1e-6).all()  # one float8 step at most (relative spacing 2^-3)
+    assert (values.view(torch.uint8) == ref_values.view(torch.uint8)).float().mean() >= 0.99
+
+
+def _within_fp8(values: torch.Tensor, scale: torch.Tensor, want: torch.Tensor, slack: float = 1e-6) -> None:
+    """Dequantized values against float64 `want` to float8's rounding (plus `slack` relative), and no row's
+    largest magnitude beyond its scale's range (to `slack`: no saturation)."""
+    back = values.double() * scale.double()
+    bound = want.abs() * (FP8_RELATIVE + slack) + scale.double() * FP8_SUBNORMAL
+    assert ((back - want).abs() <= bound * (1 + 1e-6)).all()
+    assert (scale.double().squeeze(1) * FP8_MAX >= want.abs().amax(dim=1) * (1 - slack)).all()
+
+
+@pytest.mark.parametrize("launch", [(1, 4), (4, 4)])
+@pytest.mark.parametrize("k", [48, 64, 100])
+def test_row_quantize_plain_is_quantize_rows(launch, k):
+    """The plain quantization: the same codes and scales as fp8.quantize_rows (both IEEE: the scale by division,
+    the values times its reciprocal), within float8's rounding of float64; a head of 32/64 and a tail of 16/none/
+    64 (36 used), rows packed 1 or 4 to a program (9 rows: the last program partly empty)."""
+    from infvsr_core.fp8 import quantize_rows
+    from infvsr_core.kernels.row_quantize import PLAIN, kernel_or, row_quantize, row_quantize_usable
+
+    x = _quantizing_rows(k)
+    assert row_quantize_usable(x) == norm_silu.INTERPRETED
+    got = row_quantize(x, PLAIN, launch=launch) if norm_silu.INTERPRETED else kernel_or("quantize", quantize_rows)(x)
+    want = quantize_rows(x)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    _within_fp8(*got, x.double())
+    assert torch.equal(got[0][2].float(), torch.zeros(k)) and got[1][2].item() == 1.0  # a zero row: scale 1
+
+
+@pytest.mark.parametrize("k", [96, 160])
+def test_row_quantize_gelu_against_float64(k):
+    """The FFN's GELU + quantize: the float8 values of Wan's tanh GELU (float64) to float8's rounding, the row
+    scale never below the GELU's largest magnitude (fp8.gelu_row_scale's bound from the input's extremes), and
+    the codes of fp8.gelu_quantize_rows but for one-step differences."""
+    from infvsr_core.fp8 import gelu_quantize_rows
+    from infvsr_core.kernels.row_quantize import GELU, kernel_or, row_quantize
+
+    x = _quantizing_rows(k, seed=21)
+    got = row_quantize(x, GELU) if norm_silu.INTERPRETED else kernel_or("gelu_quantize", gelu_quantize_rows)(x)
+    xd = x.double()
+    gelu = 0.5 * xd * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (xd + 0.044715 * xd**3)))
+    _within_fp8(*got, gelu)
+    _codes_close(got, gelu_quantize_rows(x))
+
+
+@pytest.mark.parametrize("launch", [(1, 4), (2, 4)])
+def test_row_quantize_ln_modulate_against_float64(launch):
+    """The modulated norm + quantize of two batch entries with their own shift and scale (rows of 48: a head of
+    32 and a tail of 16): against a float64 layer norm * (1 + scale) + shift rounded to bf16 (as the op's output
+    is; the interpreter's bf16 cast may truncate), to float8's rounding plus one bf16 step; the codes of the
+    DiT's op but for one-step differences."""
+    from infvsr_core.dit import _ln_modulate_quantize_op
+    from infvsr_core.kernels.row_quantize import LN_MODULATE, kernel_or, row_quantize
+
+    g = torch.Generator().manual_seed(22)
+    x = (torch.randn(2, 7, 48, generator=g) * 3 + 1).to(torch.bfloat16)
+    shift, scale = 0.3 * torch.randn(2, 1, 48, generator=g), 0.5 * torch.randn(2, 1, 48, generator=g)
+    eps = 1e-6
+    if norm_silu.INTERPRETED:
+        got = row_quantize(x, LN_MODULATE, shift, scale, eps, launch=launch)
+    else:
+        got = kernel_or("ln_modulate_quantize", _ln_modulate_quantize_op)(x, shift, scale, eps)
+    xd = x.double()
+    normed = (xd - xd.mean(-1, keepdim=True)) / (xd.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    want = (normed * (1 + scale.double()) + shift.double()).reshape(-1, 48)
+    _within_fp8(*got, want, slack=2.0**-7)  # one bf16 step: the op's output is rounded to x's dtype
+    ref_values, ref_scale = _ln_modulate_quantize_op(x, shift, scale, eps)
+    assert torch.allclose(got[1], ref_scale, rtol=2.0**-7)  # the row's extreme, one bf16 step apart at most
+    steps = (got[0].double() * got[1] - ref_values.double() * ref_scale).abs()
+    assert (steps <= want.abs() * 2.0**-3 + ref_scale * FP8_SUBNORMAL).all()
+
+
+def test_row_quantize_refuses_misuse():
+    from infvsr_core.kernels.row_quantize import LN_MODULATE, row_quantize, row_quantize_usable
+
+    assert not row_quantize_usable(torch.zeros(4, 16).t())  # not contiguous
+    assert not row_quantize_usable(torch.zeros(2, 20000))  # a row beyond one program's registers
+    assert not row_quantize_usable(torch.zeros(2, 16, dtype=torch.int32))
+    if norm_silu.INTERPRETED:
+        with pytest.raises(ValueError, match="LN_MODULATE"):
+            row_quantize(torch.zeros(3, 16), LN_MODULATE)
+
+
+def test_the_dit_with_row_kernels_matches_its_ops(monkeypatch):
+    """A one-block fp8 DiT (native products, forced on the CPU, in float32; widths 384 and 640: heads and tails
+    in every row) with every quantization by the row kernel against its own ops: the same output but for the float8
+    codes the exponential and square root move by one step. Under the interpreter the kernel ran for each of its
+    ops; in a plain run no kernel runs and the output is the ops' own, bit for bit."""
+    from infvsr_core.dit import CausalWanDiT, DiTConfig, random_dit_state_dict
+    from infvsr_core.fp8 import FP8Linear, quantize_dit
+    from infvsr_core.kernels import row_quantize as module
+
+    config = DiTConfig(dim=384, ffn_dim=640, num_heads=3, num_layers=1)
+    dit = CausalWanDiT(config)
+    dit.load_state_dict(random_dit_state_dict(config, seed=23))
+    quantize_dit(dit).eval()
+    for layer in dit.modules():
+        if isinstance(layer, FP8Linear):
+            layer.native = True
+    g = torch.Generator().manual_seed(24)
+    latents = torch.randn(1, config.in_dim, 2, 4, 6, generator=g)
+    context = torch.randn(1, 5, config.text_dim, generator=g)
+    timestep = torch.tensor([500.0])
+    ran: list[int] = []
+    real = module.row_quantize
+    monkeypatch.setattr(module, "row_quantize", lambda x, op, *rest, **kw: ran.append(op) or real(x, op, *rest, **kw))
+    with torch.no_grad():
+        plain, _ = dit(latents, context, timestep)
+        dit.row_quantize_kernels = tuple(module.ROW_QUANTIZE_OPS)
+        kernels, _ = dit(latents, context, timestep)
+    if norm_silu.INTERPRETED:
+        assert set(ran) == {module.PLAIN, module.GELU, module.LN_MODULATE}
+        relative = ((kernels.float() - plain.float()).norm() / plain.float().norm()).item()
+        assert relative < 0.02, relative
+    else:
+        assert not ran and torch.equal(kernels, plain)
