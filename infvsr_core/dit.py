@@ -12,6 +12,7 @@ cache (this chunk's keys/values) replaces the old one, so memory is constant.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from torch import nn
 
 from .attention import attention, float8_attention, float8_attention_runs
 from .fp8 import (
+    FP8Linear,
     Quantized,
     ffn_fp8,
     gelu_quantize_rows,
@@ -36,7 +38,7 @@ from .fp8 import (
     to_fp8,
 )
 from .graphs import BlockGraphs
-from .kernels.row_quantize import kernel_or
+from .kernels.row_quantize import ROW_QUANTIZE_OPS, kernel_or
 from .memory.host import ManagedCache
 from .memory.transfer import to_device_async
 from .rope import apply_rope, rope_cos_sin
@@ -267,11 +269,11 @@ class _Ops:
         self.gelu_quantize = wrap(gelu_quantize_rows)
         self.quantize_heads = wrap(quantize_heads)
         self.rms_rope_fp8 = wrap(_rms_rope_fp8_op)
+        self.row_kernel_variants: dict[tuple[str, ...], _Ops] = {}  # with_row_kernels' copies of these ops
 
 
 EAGER_OPS = _Ops()
 _COMPILED_OPS: list[_Ops] = []
-_KERNEL_OPS: dict[tuple[tuple[str, ...], bool], _Ops] = {}
 
 
 def compiled_ops() -> _Ops:
@@ -281,16 +283,17 @@ def compiled_ops() -> _Ops:
     return _COMPILED_OPS[0]
 
 
-def kernel_ops(names: Sequence[str], compiled: bool) -> _Ops:
-    """The ops (compiled or eager) with the quantizations `names` (keys of row_quantize.ROW_QUANTIZE_OPS) by the
-    one-read row kernel where it runs on the input, else by the op it stands in for."""
-    key = (tuple(sorted(names)), compiled)
-    if key not in _KERNEL_OPS:
-        ops = _Ops(lambda fn: torch.compile(fn, fullgraph=True)) if compiled else _Ops()
-        for name in key[0]:
-            setattr(ops, name, kernel_or(name, getattr(ops, name)))
-        _KERNEL_OPS[key] = ops
-    return _KERNEL_OPS[key]
+def with_row_kernels(ops: _Ops, names: Sequence[str]) -> _Ops:
+    """`ops` (eager or compiled) with the quantizations `names` (keys of row_quantize.ROW_QUANTIZE_OPS) by the
+    one-read row kernel where it runs on the input, else by the op it stands in for (built once per set)."""
+    key = tuple(sorted(names))
+    if key not in ops.row_kernel_variants:
+        variant = copy.copy(ops)
+        variant.row_kernel_variants = {}
+        for name in key:
+            setattr(variant, name, kernel_or(name, getattr(ops, name)))
+        ops.row_kernel_variants[key] = variant
+    return ops.row_kernel_variants[key]
 
 
 def compile_available() -> bool:
@@ -441,8 +444,9 @@ class CausalWanDiT(nn.Module):
         # None = for chunks of at most GRAPH_MAX_TOKENS tokens, True = any size, False = never.
         self.cuda_graphs: bool | None = None
         self.graphs = BlockGraphs()
-        # fp8: quantizations by the one-read row kernel (keys of row_quantize.ROW_QUANTIZE_OPS), off until measured.
-        self.row_quantize_kernels: tuple[str, ...] = ()
+        # fp8: the activations' quantizations (keys of row_quantize.ROW_QUANTIZE_OPS) by the one-read row kernel
+        # where it runs: each measured faster than its compiled op at every size (bench/RESULTS.md round 23).
+        self.row_quantize_kernels: tuple[str, ...] = tuple(ROW_QUANTIZE_OPS)
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(
@@ -457,9 +461,10 @@ class CausalWanDiT(nn.Module):
         fuse = self.fuse_elementwise
         if fuse is None:
             fuse = device.type == "cuda" and compile_available()
-        if self.row_quantize_kernels:
-            return kernel_ops(self.row_quantize_kernels, fuse)
-        return compiled_ops() if fuse else EAGER_OPS
+        ops = compiled_ops() if fuse else EAGER_OPS
+        if self.row_quantize_kernels and isinstance(self.blocks[0].ffn[0], FP8Linear):  # fp8 (quantize_dit)
+            return with_row_kernels(ops, self.row_quantize_kernels)
+        return ops
 
     def forward(
         self,

@@ -509,12 +509,16 @@ def test_the_dit_with_row_kernels_matches_its_ops(monkeypatch):
     ran: list[int] = []
     real = module.row_quantize
     monkeypatch.setattr(module, "row_quantize", lambda x, op, *rest, **kw: ran.append(op) or real(x, op, *rest, **kw))
+    assert dit.row_quantize_kernels == tuple(module.ROW_QUANTIZE_OPS)  # the product's default
     with torch.no_grad():
+        dit.row_quantize_kernels = ()
         plain, _ = dit(latents, context, timestep)
+        assert not ran
         dit.row_quantize_kernels = tuple(module.ROW_QUANTIZE_OPS)
         kernels, _ = dit(latents, context, timestep)
     if norm_silu.INTERPRETED:
         assert set(ran) == {module.PLAIN, module.GELU, module.LN_MODULATE}
+        assert 0 < (kernels - plain).abs().max()  # the kernel's codes, not the ops' (some differ by a step)
         relative = ((kernels.float() - plain.float()).norm() / plain.float().norm()).item()
         assert relative < 0.02, relative
     else:

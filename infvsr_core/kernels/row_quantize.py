@@ -1,18 +1,20 @@
-"""The fp8 DiT's per-row quantizations (the FFN's tanh GELU + quantize, the plain quantize) in one read.
+"""The fp8 DiT's per-row quantizations (the FFN's tanh GELU, the modulated norms, the plain ones) in one read.
 
-Why (issue 21): the down projection's float8 operand is the FFN's hidden activation (tokens x 8960, the DiT's
-largest tensor) after Wan's tanh GELU, quantized per row. torch.compile makes that a loop over each row for its
-extremes and a second loop that reads the row again to write the float8 values: two reads of the bf16 row and
-one write of its float8 codes. Here one program holds a whole row in registers: it reads the row once, finds
-the row's scale (`fp8.gelu_row_scale`: from the input's extremes, no GELU twice), and writes the codes. A row
-is loaded as a power-of-two head with no mask and a masked power-of-two tail (8960 = 8192 + 768 of 1024), so
-few lanes idle: round 17's kernel (removed) masked a 16384-wide block, one lane in two.
+Why (issue 21): every float8 product of the DiT takes its input quantized per row (a token's largest magnitude
+maps to float8's largest value). torch.compile makes each such op a loop over the row for its extremes, then a
+second loop that reads the row again to write the float8 values: for the FFN's hidden activation (tokens x 8960,
+the DiT's largest tensor) that is two reads of the bf16 row and one write of its codes. Here one program holds
+a whole row in registers: it reads the row once, applies the op (Wan's tanh GELU; or the affine-free layer norm
+* (1 + scale) + shift, rounded to the activations' dtype as the op's output is), finds the row's scale (for the
+GELU from the input's extremes, `fp8.gelu_row_scale`: no GELU twice) and writes the codes. A row is loaded as a
+power-of-two head and a power-of-two tail (8960 = 8192 + 768 of 1024, 1536 = 1024 + 512), so few lanes idle:
+round 17's kernel (removed) masked a 16384-wide block, one lane in two.
 
 The arithmetic is fp8.py's: the scale `scale_for(amax)` and the values `to_fp8` (times the scale's reciprocal,
 both by IEEE division, saturated, rounded to nearest even), the GELU as x * sigmoid(2u) in float32; codes may
-differ by one step from the compiled pass where the exponential's rounding differs. Triton's interpreter casts
-float32 to float8 wrongly (kernels/fp8_conv.py says how), so under it the kernel stores the float32 values
-before that cast, which PyTorch then casts as the GPU does.
+differ by one step from the compiled ops where an exponential or a square root rounds apart. Triton's
+interpreter casts float32 to float8 wrongly (kernels/fp8_conv.py says how), so under it the kernel stores the
+float32 values before that cast, which PyTorch then casts as the GPU does.
 """
 
 from __future__ import annotations
@@ -116,13 +118,9 @@ def row_quantize_usable(x: torch.Tensor) -> bool:
     )
 
 
-def launch_shape(k: int) -> tuple[int, int]:
-    """(rows per program, warps) for rows of k: wide rows one to a program, narrow ones packed to ~4096
-    elements."""
-    head = 1 << (k.bit_length() - 1)
-    if head >= 4096:
-        return 1, 8
-    return max(1, 2048 // head), 4
+DEFAULT_LAUNCH = (1, 4)
+"""(rows per program, warps): one row to a program of 4 warps, for the DiT's rows of 1536 and 8960 alike (the best
+of the launch shapes `bench/check_dit_quantize.py` tried at 480p, 720p and 1080p, or within a few percent)."""
 
 
 def row_quantize(
@@ -137,7 +135,7 @@ def row_quantize(
     read of x (`row_quantize_usable` must hold). op: PLAIN (fp8.quantize_rows), GELU (fp8.gelu_quantize_rows) or
     LN_MODULATE (x (B, L, K), shift and scale (B, 1, K) float32: dit's `_ln_modulate_quantize_op`). The same
     values as those, up to one float8 step where an exponential or a square root rounds apart. `launch`: (rows
-    per program, warps), default `launch_shape`."""
+    per program, warps), default DEFAULT_LAUNCH."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     m = rows.shape[0]
@@ -147,7 +145,7 @@ def row_quantize(
     row_scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         head, tail = row_split(k)
-        per_program, warps = launch or launch_shape(k)
+        per_program, warps = launch or DEFAULT_LAUNCH
         shift = rows if shift is None else shift.float().contiguous()
         scale = rows if scale is None else scale.float().contiguous()
         tokens = x.shape[1] if op == LN_MODULATE else m
