@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from ..fp8 import FP8_DTYPE, FP8_MAX, GELU_ARGMIN, GELU_MIN_BOUND, GELU_TANH_2C
-from .norm_silu import INTERPRETED, tl, triton, triton_usable
+from .norm_silu import _TRITON_BROKEN, INTERPRETED, tl, triton, triton_usable
 
 Quantizing = tuple[torch.Tensor, torch.Tensor]
 PLAIN, GELU, LN_MODULATE = 0, 1, 2
@@ -169,6 +169,13 @@ def kernel_or(name: str, fallback: Callable[..., Quantizing]) -> Callable[..., Q
     op = ROW_QUANTIZE_OPS[name]
 
     def run(x: torch.Tensor, *rest) -> Quantizing:
-        return row_quantize(x, op, *rest) if row_quantize_usable(x) else fallback(x, *rest)
+        if row_quantize_usable(x):
+            try:
+                return row_quantize(x, op, *rest)
+            except ValueError:  # a misuse (LN_MODULATE's shapes), not the install's fault
+                raise
+            except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
+                _TRITON_BROKEN.append(repr(error))
+        return fallback(x, *rest)
 
     return run
