@@ -15,6 +15,9 @@ compiles to an exponential rather than a tanh). Forms timed against it (each com
 - `divide`: round 17's product (each value divided by the scale; the GELU's scale from its values);
 - `tanh` (the GELU only): the product with F.gelu(approximate="tanh").
 
+The one-read kernels of kernels/row_quantize.py are timed beside them (`kernel_r{rows}w{warps}`: launch shapes),
+and the queries'/keys' norm + RoPE + float8 (`rms_rope_fp8`) against the product's compiled op.
+
 Per token count (480p 4680, 720p 10800, 1080p 24480 tokens a chunk) and op: milliseconds per call
 (`check_scaled_mm.timed`) and how each form agrees with the product's pass (the share of equal float8 bytes, the
 largest difference in float8 codes, the largest relative difference of the scales).
@@ -38,7 +41,15 @@ from check_scaled_mm import append_rows, timed  # noqa: E402
 
 from infvsr_core.dit import EAGER_OPS, _ln_modulate_op, compile_available, compiled_ops  # noqa: E402
 from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX, gelu_row_scale, to_fp8  # noqa: E402
-from infvsr_core.kernels.row_quantize import GELU, LN_MODULATE, PLAIN, row_quantize, row_quantize_usable  # noqa: E402
+from infvsr_core.kernels.row_quantize import (  # noqa: E402
+    GELU,
+    LN_MODULATE,
+    PLAIN,
+    rms_rope_fp8,
+    rms_rope_fp8_usable,
+    row_quantize,
+    row_quantize_usable,
+)
 
 DIM, FFN_DIM, EPS = 1536, 8960, 1e-6
 
@@ -130,7 +141,33 @@ def main() -> None:
                     row[name]["ms"] = timed(candidate)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        rows += rope_rows(ops, x, tokens, gpu, gen)
     append_rows(args.json, device, rows)
+
+
+def rope_rows(ops, x: torch.Tensor, tokens: int, gpu: bool, gen: torch.Generator) -> list[dict]:
+    """The queries' (no past, no bf16 copy kept) and the keys' (a past chunk's cached keys joined, the rotated
+    rows kept) norm + RoPE + float8: the product's compiled op against the one-read kernel, where it runs."""
+    heads, head_dim = DIM // 128, 128
+    weight = (1 + 0.1 * torch.randn(DIM, device=x.device, generator=gen)).to(torch.bfloat16)
+    angles = torch.rand(tokens, head_dim // 2, device=x.device, generator=gen) * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    past = torch.randn(1, tokens, heads, head_dim, device=x.device, generator=gen).to(torch.bfloat16)
+    args = (x, weight, cos, sin, EPS, heads)
+    out = []
+    for name, extra, keep in (("rms_rope_fp8 queries", (), False), ("rms_rope_fp8 keys", (past,), True)):
+        product = partial(ops.rms_rope_fp8, *args, *extra, keep_roped=keep)
+        row = {"tokens": tokens, "op": name}
+        if gpu:
+            row["product_ms"] = timed(product)
+        if rms_rope_fp8_usable(*args, *extra):
+            kernel = partial(rms_rope_fp8, *args, *extra, keep_roped=keep)
+            row["kernel"] = agreement(kernel()[1:], product()[1:])
+            if gpu:
+                row["kernel"]["ms"] = timed(kernel)
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
 
 
 if __name__ == "__main__":

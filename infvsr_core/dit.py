@@ -38,7 +38,7 @@ from .fp8 import (
     to_fp8,
 )
 from .graphs import BlockGraphs
-from .kernels.row_quantize import ROW_QUANTIZE_OPS, kernel_or
+from .kernels.row_quantize import ROW_QUANTIZE_DEFAULT, kernel_or
 from .memory.host import ManagedCache
 from .memory.transfer import to_device_async
 from .rope import apply_rope, rope_cos_sin
@@ -444,9 +444,9 @@ class CausalWanDiT(nn.Module):
         # None = for chunks of at most GRAPH_MAX_TOKENS tokens, True = any size, False = never.
         self.cuda_graphs: bool | None = None
         self.graphs = BlockGraphs()
-        # fp8: the activations' quantizations (keys of row_quantize.ROW_QUANTIZE_OPS) by the one-read row kernel
-        # where it runs: each measured faster than its compiled op at every size (bench/RESULTS.md round 23).
-        self.row_quantize_kernels: tuple[str, ...] = tuple(ROW_QUANTIZE_OPS)
+        # fp8: the activations' quantizations (keys of row_quantize.ROW_QUANTIZE_OPS) by the one-read row kernels
+        # where they run (the default: those measured faster than their compiled ops, bench/RESULTS.md round 23).
+        self.row_quantize_kernels: tuple[str, ...] = ROW_QUANTIZE_DEFAULT
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(

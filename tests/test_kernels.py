@@ -509,7 +509,7 @@ def test_the_dit_with_row_kernels_matches_its_ops(monkeypatch):
     ran: list[int] = []
     real = module.row_quantize
     monkeypatch.setattr(module, "row_quantize", lambda x, op, *rest, **kw: ran.append(op) or real(x, op, *rest, **kw))
-    assert dit.row_quantize_kernels == tuple(module.ROW_QUANTIZE_OPS)  # the product's default
+    assert dit.row_quantize_kernels == module.ROW_QUANTIZE_DEFAULT  # the product's
     with torch.no_grad():
         dit.row_quantize_kernels = ()
         plain, _ = dit(latents, context, timestep)
@@ -523,3 +523,66 @@ def test_the_dit_with_row_kernels_matches_its_ops(monkeypatch):
         assert relative < 0.02, relative
     else:
         assert not ran and torch.equal(kernels, plain)
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    """float32 t through a kernel's cast to bf16 and back: the interpreter truncates toward zero, the GPU and
+    PyTorch round to nearest even."""
+    if norm_silu.INTERPRETED:
+        return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
+    return t.to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize(("dim", "heads", "past_tokens"), [(384, 3, 12), (256, 2, 0)])
+def test_rms_rope_fp8_against_float64(dim, heads, past_tokens):
+    """The queries'/keys' norm + RoPE + float8 (rows of 384: 128 + 64 pairs; of 256: one masked tail pair):
+    against a float64 RMS norm, weight and rotation by each token's own angles, the rotated rows to three bf16
+    roundings (the interpreter's bf16 cast truncates) and the float8 codes to float8's rounding on top; the cached
+    rows' codes exactly `to_fp8` of them; the same per-head scales as the DiT's op."""
+    from infvsr_core.dit import _rms_rope_fp8_op
+    from infvsr_core.fp8 import to_fp8
+    from infvsr_core.kernels.row_quantize import kernel_or, rms_rope_fp8, rms_rope_fp8_usable
+    from infvsr_core.rope import rope_cos_sin
+
+    g = torch.Generator().manual_seed(25)
+    tokens, head_dim = 12, dim // heads
+    x = (3 * torch.randn(2, tokens, dim, generator=g)).to(torch.bfloat16)
+    weight = (1 + 0.3 * torch.randn(dim, generator=g)).to(torch.bfloat16)
+    cos, sin = rope_cos_sin(2, 2, 3, head_dim, time_offset=5)  # 12 tokens, each its own angles
+    past = [torch.randn(2, past_tokens, heads, head_dim, generator=g).to(torch.bfloat16)] if past_tokens else []
+    eps = 1e-6
+    assert rms_rope_fp8_usable(x, weight, cos, sin, eps, heads, *past) == norm_silu.INTERPRETED
+    if norm_silu.INTERPRETED:
+        roped, codes, scale = rms_rope_fp8(x, weight, cos, sin, eps, heads, *past)
+    else:
+        roped, codes, scale = kernel_or("rms_rope_fp8", _rms_rope_fp8_op)(x, weight, cos, sin, eps, heads, *past)
+    xd = x.double()
+    normed = xd / (xd.pow(2).mean(-1, keepdim=True) + eps).sqrt() * weight.double()
+    pairs = normed.unflatten(-1, (heads, -1, 2))
+    c, s = cos.double()[:, None, :], sin.double()[:, None, :]
+    want = torch.stack([pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 0] * s + pairs[..., 1] * c], -1)
+    want = want.flatten(-2)
+    size = want.abs().amax()
+    assert roped.shape == want.shape and roped.dtype == torch.bfloat16
+    row_size = normed.abs().amax(-1)[..., None, None]
+    assert ((roped.double() - want).abs() <= 3 * 2.0**-7 * (want.abs() + 2 * row_size)).all()
+    assert (roped.double() - want).abs().amax() < 0.05 * size
+    # Tighter: the same arithmetic in float32 with the kernel's three casts to bf16, to one bf16 step.
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = _bf16(_bf16(xf * rstd) * weight.float()).unflatten(-1, (heads, -1, 2))
+    c, s = cos[:, None, :], sin[:, None, :]
+    emulated = _bf16(torch.stack([y[..., 0] * c - y[..., 1] * s, y[..., 0] * s + y[..., 1] * c], -1).flatten(-2))
+    assert ((roped.float() - emulated).abs() <= 2.0**-7 * emulated.abs() + 1e-6 * row_size.float()).all()
+    _, want_codes, want_scale = _rms_rope_fp8_op(x, weight, cos, sin, eps, heads, *past)
+    assert torch.equal(scale, want_scale)
+    assert codes.shape == want_codes.shape == (2, past_tokens + tokens, heads, head_dim)
+    inv = scale[0].reciprocal()[None, None, :, None]
+    if past:
+        assert torch.equal(codes[:, :past_tokens].view(torch.uint8), to_fp8(past[0], 1 / inv).view(torch.uint8))
+    new = codes[:, past_tokens:].double() / inv.double()
+    assert ((new - roped.double()).abs() <= roped.double().abs() * 2.0**-4 + FP8_SUBNORMAL / inv.double()).all()
+    without, codes_only, _ = (rms_rope_fp8 if norm_silu.INTERPRETED else kernel_or("rms_rope_fp8", _rms_rope_fp8_op))(
+        x, weight, cos, sin, eps, heads, *past, keep_roped=False
+    )
+    assert without is None and torch.equal(codes_only.view(torch.uint8), codes.view(torch.uint8))

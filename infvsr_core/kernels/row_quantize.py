@@ -10,6 +10,10 @@ GELU from the input's extremes, `fp8.gelu_row_scale`: no GELU twice) and writes 
 power-of-two head and a power-of-two tail (8960 = 8192 + 768 of 1024, 1536 = 1024 + 512), so few lanes idle:
 round 17's kernel (removed) masked a 16384-wide block, one lane in two.
 
+The queries' and keys' RMS norm + RoPE + float8 (`rms_rope_fp8`, dit's `_rms_rope_fp8_op`: a per-head scale
+known from the norm's weight) reads each row once the same way, rotating its pairs in registers, and writes the
+cached rows' codes in the same launch; it is off by default (ROW_QUANTIZE_DEFAULT) until measured.
+
 The arithmetic is fp8.py's: the scale `scale_for(amax)` and the values `to_fp8` (times the scale's reciprocal,
 both by IEEE division, saturated, rounded to nearest even), the GELU as x * sigmoid(2u) in float32; codes may
 differ by one step from the compiled ops where an exponential or a square root rounds apart. Triton's
@@ -20,10 +24,11 @@ float32 values before that cast, which PyTorch then casts as the GPU does.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
-from ..fp8 import FP8_DTYPE, FP8_MAX, GELU_ARGMIN, GELU_MIN_BOUND, GELU_TANH_2C
+from ..fp8 import FP8_DTYPE, FP8_MAX, GELU_ARGMIN, GELU_MIN_BOUND, GELU_TANH_2C, normed_head_scale
 from .norm_silu import _TRITON_BROKEN, INTERPRETED, tl, triton, triton_usable
 
 Quantizing = tuple[torch.Tensor, torch.Tensor]
@@ -98,6 +103,77 @@ if triton is not None:
         _store_fp8(out_ptr, tail_at, b, inv, tail_mask, FP8_MAX, FLOAT_OUT)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _store_head_fp8(out_ptr, at, values, inv, mask, FP8_MAX: tl.constexpr, FLOAT_OUT: tl.constexpr):
+        q = tl.clamp(values * inv, -FP8_MAX, FP8_MAX)
+        if FLOAT_OUT:
+            tl.store(out_ptr + at, q, mask=mask)
+        else:
+            tl.store(out_ptr + at, q.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def _normed_rotated(
+        x, rstd, w_ptr, cos_ptr, sin_ptr, token, pairs, cols, mask, DIM: tl.constexpr, HALF: tl.constexpr, dtype
+    ):
+        """A block of pairs (P, 2) of one row: RMS-normed (rounded to dtype), times the weight (rounded), then
+        rotated by its token's angles in float32 (`rope.apply_rope`), rounded to dtype."""
+        y = (x * rstd).to(dtype).to(tl.float32) * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y.to(dtype).to(tl.float32)
+        first = (cols % 2) == 0
+        x0 = tl.sum(tl.where(first, y, 0.0), axis=1)
+        x1 = tl.sum(tl.where(first, 0.0, y), axis=1)
+        angle_at = token * HALF + pairs % HALF
+        inside = 2 * pairs < DIM
+        c = tl.load(cos_ptr + angle_at, mask=inside, other=0.0)
+        s = tl.load(sin_ptr + angle_at, mask=inside, other=0.0)
+        return tl.where(first, (x0 * c - x1 * s)[:, None], (x0 * s + x1 * c)[:, None]).to(dtype)
+
+    @triton.jit
+    def _rms_rope_fp8_kernel(
+        x_ptr, past_ptr, w_ptr, cos_ptr, sin_ptr, inv_ptr, roped_ptr, out_ptr, tokens, past_tokens, eps,
+        DIM: tl.constexpr, HALF: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, KEEP: tl.constexpr,
+        FP8_MAX: tl.constexpr, FLOAT_OUT: tl.constexpr,
+    ):  # fmt: skip
+        r = tl.program_id(0)
+        joined = past_tokens + tokens
+        batch, t = r // joined, r % joined
+        two = tl.arange(0, 2)[None, :]
+        head_pairs = tl.arange(0, HEAD)
+        tail_pairs = HEAD + tl.arange(0, TAIL)
+        head_cols = 2 * head_pairs[:, None] + two
+        tail_cols = 2 * tail_pairs[:, None] + two
+        head_mask = head_cols < DIM
+        tail_mask = tail_cols < DIM
+        head_inv = tl.load(inv_ptr + head_cols // (2 * HALF), mask=head_mask, other=0.0)
+        tail_inv = tl.load(inv_ptr + tail_cols // (2 * HALF), mask=tail_mask, other=0.0)
+        out_at = r.to(tl.int64) * DIM
+        if t < past_tokens:  # a cached row, already normed and rotated: its float8 codes only
+            past_row = past_ptr + (batch * past_tokens + t).to(tl.int64) * DIM
+            a = tl.load(past_row + head_cols, mask=head_mask, other=0.0).to(tl.float32)
+            b = tl.load(past_row + tail_cols, mask=tail_mask, other=0.0).to(tl.float32)
+        else:
+            token = t - past_tokens
+            row = (batch * tokens + token).to(tl.int64) * DIM
+            a = tl.load(x_ptr + row + head_cols, mask=head_mask, other=0.0).to(tl.float32)
+            b = tl.load(x_ptr + row + tail_cols, mask=tail_mask, other=0.0).to(tl.float32)
+            squares = tl.sum(tl.sum(a * a, axis=1), axis=0) + tl.sum(tl.sum(b * b, axis=1), axis=0)
+            rstd = tl.rsqrt(squares / DIM + eps)
+            dt = x_ptr.dtype.element_ty
+            a = _normed_rotated(a, rstd, w_ptr, cos_ptr, sin_ptr, token, head_pairs, head_cols, head_mask, DIM, HALF,
+                                dt)  # fmt: skip
+            b = _normed_rotated(b, rstd, w_ptr, cos_ptr, sin_ptr, token, tail_pairs, tail_cols, tail_mask, DIM, HALF,
+                                dt)  # fmt: skip
+            if KEEP:
+                tl.store(roped_ptr + row + head_cols, a, mask=head_mask)
+                tl.store(roped_ptr + row + tail_cols, b, mask=tail_mask)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        _store_head_fp8(out_ptr, out_at + head_cols, a, head_inv, head_mask, FP8_MAX, FLOAT_OUT)
+        _store_head_fp8(out_ptr, out_at + tail_cols, b, tail_inv, tail_mask, FP8_MAX, FLOAT_OUT)
+
+
 def row_split(k: int) -> tuple[int, int]:
     """(head, tail) blocks of a row of k: the largest power of two not above k, and the rest rounded up to a
     power of two (1, all masked, when there is none)."""
@@ -159,23 +235,94 @@ def row_quantize(
     return out, row_scale
 
 
-ROW_QUANTIZE_OPS = {"quantize": PLAIN, "gelu_quantize": GELU, "ln_modulate_quantize": LN_MODULATE}
-"""The DiT's quantizing ops (dit._Ops' names) the kernel can stand in for, and its op for each."""
+def rms_rope_fp8_usable(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                        heads: int, *past: torch.Tensor) -> bool:  # fmt: skip
+    """Whether `rms_rope_fp8` runs on these arguments: x (B, L, dim) bf16/fp16 with a weight of its dtype, angles
+    (L, head_dim / 2), at most one past (B, Lp, heads, head_dim) of x's dtype, all contiguous."""
+    if not (row_quantize_usable(x) and x.ndim == 3 and x.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    b, tokens, dim = x.shape
+    head_dim = dim // heads
+    angles = (tokens, head_dim // 2)
+    return (
+        weight.dtype == x.dtype
+        and dim % heads == 0
+        and head_dim % 2 == 0
+        and all(tuple(t.shape) == angles and t.is_contiguous() and t.device == x.device for t in (cos, sin))
+        and len(past) <= 1
+        and all(p.dtype == x.dtype and p.is_contiguous() and p.shape[::2] == (b, heads) and p.shape[3] == head_dim
+                for p in past)
+    )  # fmt: skip
 
 
-def kernel_or(name: str, fallback: Callable[..., Quantizing]) -> Callable[..., Quantizing]:
-    """The DiT op `name` (a key of ROW_QUANTIZE_OPS, called as fallback is: x first) by the kernel where it runs
-    on x, else by `fallback` (the compiled op)."""
-    op = ROW_QUANTIZE_OPS[name]
+def rms_rope_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    heads: int,
+    *past: torch.Tensor,
+    keep_roped: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """dit's `_rms_rope_fp8_op` in one read of each row (`rms_rope_fp8_usable` must hold): the queries' or keys'
+    RMS norm over the full width, times the weight, rotated per head (RoPE), in float8 with the per-head scale
+    known from the weight (fp8.normed_head_scale), joined after the cached rows `past` (their codes written by
+    the same launch). Returns (the rotated rows (B, L, heads, head_dim) if `keep_roped`, else None; the float8
+    operand (B, Lp + L, heads, head_dim); the scales (B, heads))."""
+    b, tokens, dim = x.shape
+    head_dim = dim // heads
+    scale = normed_head_scale(weight, heads)
+    joined = tokens + (past[0].shape[1] if past else 0)
+    out = torch.empty((b, joined, heads, head_dim), dtype=torch.float32 if INTERPRETED else FP8_DTYPE, device=x.device)
+    roped = torch.empty((b, tokens, heads, head_dim), dtype=x.dtype, device=x.device) if keep_roped else None
+    if out.numel():
+        head, tail = row_split(dim // 2)
+        _rms_rope_fp8_kernel[(b * joined,)](
+            x, past[0] if past else x, weight, cos, sin, scale.reciprocal(), x if roped is None else roped, out,
+            tokens, joined - tokens, eps, DIM=dim, HALF=head_dim // 2, HEAD=head, TAIL=tail, KEEP=keep_roped,
+            FP8_MAX=FP8_MAX, FLOAT_OUT=INTERPRETED, num_warps=4,
+        )  # fmt: skip
+    if INTERPRETED:
+        out = out.to(FP8_DTYPE)
+    return roped, out, scale.expand(b, heads)
 
-    def run(x: torch.Tensor, *rest) -> Quantizing:
-        if row_quantize_usable(x):
+
+def _kernel_usable(x: torch.Tensor, *_rest) -> bool:
+    return row_quantize_usable(x)
+
+
+def row_quantize_op(op: int, x: torch.Tensor, *rest) -> Quantizing:
+    """`row_quantize` called as the DiT's op is: (x, then the op's own arguments)."""
+    return row_quantize(x, op, *rest)
+
+
+ROW_QUANTIZE_OPS: dict[str, tuple[Callable[..., object], Callable[..., bool]]] = {
+    "quantize": (partial(row_quantize_op, PLAIN), _kernel_usable),
+    "gelu_quantize": (partial(row_quantize_op, GELU), _kernel_usable),
+    "ln_modulate_quantize": (partial(row_quantize_op, LN_MODULATE), _kernel_usable),
+    "rms_rope_fp8": (rms_rope_fp8, rms_rope_fp8_usable),
+}
+"""The DiT's quantizing ops (dit._Ops' names) the kernels can stand in for: (the kernel's form, whether it runs
+on the arguments)."""
+ROW_QUANTIZE_DEFAULT = ("quantize", "gelu_quantize", "ln_modulate_quantize")
+"""The ops a DiT takes by the kernels unless told (each measured faster: bench/RESULTS.md round 23); the queries'
+and keys' norm + RoPE (`rms_rope_fp8`) is not measured yet."""
+
+
+def kernel_or(name: str, fallback: Callable[..., object]) -> Callable[..., object]:
+    """The DiT op `name` (a key of ROW_QUANTIZE_OPS, called as `fallback` is) by the kernel where it runs on the
+    arguments, else by `fallback` (the compiled or eager op)."""
+    kernel, usable = ROW_QUANTIZE_OPS[name]
+
+    def run(*args, **kwargs):
+        if usable(*args):
             try:
-                return row_quantize(x, op, *rest)
+                return kernel(*args, **kwargs)
             except ValueError:  # a misuse (LN_MODULATE's shapes), not the install's fault
                 raise
             except Exception as error:  # pragma: no cover - a broken Triton install: fall back for good
                 _TRITON_BROKEN.append(repr(error))
-        return fallback(x, *rest)
+        return fallback(*args, **kwargs)
 
     return run
