@@ -445,7 +445,7 @@ class CausalWanDiT(nn.Module):
         self.cuda_graphs: bool | None = None
         self.graphs = BlockGraphs()
         # fp8: the activations' quantizations (keys of row_quantize.ROW_QUANTIZE_OPS) by the one-read row kernels
-        # where they run (the default: those measured faster than their compiled ops, bench/RESULTS.md round 23).
+        # where they run (the default: those measured faster than their compiled ops, bench/check_dit_quantize.py).
         self.row_quantize_kernels: tuple[str, ...] = ROW_QUANTIZE_DEFAULT
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)

@@ -8,7 +8,7 @@ a whole row in registers: it reads the row once, applies the op (Wan's tanh GELU
 * (1 + scale) + shift, rounded to the activations' dtype as the op's output is), finds the row's scale (for the
 GELU from the input's extremes, `fp8.gelu_row_scale`: no GELU twice) and writes the codes. A row is loaded as a
 power-of-two head and a power-of-two tail (8960 = 8192 + 768 of 1024, 1536 = 1024 + 512), so few lanes idle:
-round 17's kernel (removed) masked a 16384-wide block, one lane in two.
+an earlier kernel (removed) masked a 16384-wide block, one lane in two.
 
 The queries' and keys' RMS norm + RoPE + float8 (`rms_rope_fp8`, dit's `_rms_rope_fp8_op`: a per-head scale
 known from the norm's weight) reads each row once the same way, rotating its pairs in registers, and writes the
@@ -50,7 +50,9 @@ if triton is not None:
 
     @triton.jit
     def _store_fp8(out_ptr, at, values, inv, mask, FP8_MAX: tl.constexpr, FLOAT_OUT: tl.constexpr):
-        q = tl.clamp(values * inv[:, None], -FP8_MAX, FP8_MAX)
+        """values times the reciprocal scale `inv` (broadcast to them), saturated, stored as float8 (rounded to
+        nearest even), or as float32 under the interpreter (FLOAT_OUT)."""
+        q = tl.clamp(values * inv, -FP8_MAX, FP8_MAX)
         if FLOAT_OUT:
             tl.store(out_ptr + at, q, mask=mask)
         else:
@@ -99,19 +101,8 @@ if triton is not None:
         scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
         tl.store(scale_out_ptr + rows, scale, mask=in_rows)
         inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), scale)
-        _store_fp8(out_ptr, head_at, a, inv, head_mask, FP8_MAX, FLOAT_OUT)
-        _store_fp8(out_ptr, tail_at, b, inv, tail_mask, FP8_MAX, FLOAT_OUT)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _store_head_fp8(out_ptr, at, values, inv, mask, FP8_MAX: tl.constexpr, FLOAT_OUT: tl.constexpr):
-        q = tl.clamp(values * inv, -FP8_MAX, FP8_MAX)
-        if FLOAT_OUT:
-            tl.store(out_ptr + at, q, mask=mask)
-        else:
-            tl.store(out_ptr + at, q.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        _store_fp8(out_ptr, head_at, a, inv[:, None], head_mask, FP8_MAX, FLOAT_OUT)
+        _store_fp8(out_ptr, tail_at, b, inv[:, None], tail_mask, FP8_MAX, FLOAT_OUT)
 
     @triton.jit
     def _normed_rotated(
@@ -170,8 +161,8 @@ if triton is not None:
                 tl.store(roped_ptr + row + tail_cols, b, mask=tail_mask)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        _store_head_fp8(out_ptr, out_at + head_cols, a, head_inv, head_mask, FP8_MAX, FLOAT_OUT)
-        _store_head_fp8(out_ptr, out_at + tail_cols, b, tail_inv, tail_mask, FP8_MAX, FLOAT_OUT)
+        _store_fp8(out_ptr, out_at + head_cols, a, head_inv, head_mask, FP8_MAX, FLOAT_OUT)
+        _store_fp8(out_ptr, out_at + tail_cols, b, tail_inv, tail_mask, FP8_MAX, FLOAT_OUT)
 
 
 def row_split(k: int) -> tuple[int, int]:
@@ -306,7 +297,7 @@ ROW_QUANTIZE_OPS: dict[str, tuple[Callable[..., object], Callable[..., bool]]] =
 """The DiT's quantizing ops (dit._Ops' names) the kernels can stand in for: (the kernel's form, whether it runs
 on the arguments)."""
 ROW_QUANTIZE_DEFAULT = ("quantize", "gelu_quantize", "ln_modulate_quantize")
-"""The ops a DiT takes by the kernels unless told (each measured faster: bench/RESULTS.md round 23); the queries'
+"""The ops a DiT takes by the kernels unless told (each measured faster: bench/check_dit_quantize.py); the queries'
 and keys' norm + RoPE (`rms_rope_fp8`) is not measured yet."""
 
 
