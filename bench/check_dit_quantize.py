@@ -18,9 +18,11 @@ compiles to an exponential rather than a tanh). Forms timed against it (each com
 The one-read kernels of kernels/row_quantize.py are timed beside them (`kernel_r{rows}w{warps}`: launch shapes),
 and the queries'/keys' norm + RoPE + float8 (`rms_rope_fp8`) against the product's compiled op.
 
-Per token count (480p 4680, 720p 10800, 1080p 24480 tokens a chunk) and op: milliseconds per call
-(`check_scaled_mm.timed`) and how each form agrees with the product's pass (the share of equal float8 bytes, the
-largest difference in float8 codes, the largest relative difference of the scales).
+Per token count (480p 4680, 720p 10800, 1080p 24480 tokens a chunk) and op: milliseconds per call, as wall
+time between events (`check_scaled_mm.timed`: a short call's Python launch time shows in it) and as GPU kernel
+time (`gpu_ms`: what the call costs in the DiT's CUDA graph), and how each form agrees with the product's pass
+(the share of equal float8 bytes, the largest difference in float8 codes, the largest relative difference of
+the scales).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from check_scaled_mm import append_rows, timed  # noqa: E402
+from check_scaled_mm import append_rows, gpu_ms, timed  # noqa: E402
 
 from infvsr_core.dit import EAGER_OPS, _ln_modulate_op, compile_available, compiled_ops  # noqa: E402
 from infvsr_core.fp8 import FP8_DTYPE, FP8_MAX, gelu_row_scale, to_fp8  # noqa: E402
@@ -133,12 +135,12 @@ def main() -> None:
             want = product()
             row = {"tokens": tokens, "op": op}
             if gpu:
-                row["product_ms"] = timed(product)
+                row["product_ms"], row["product_gpu_ms"] = timed(product), gpu_ms(product)
             for name, fn in forms.items():
                 candidate = partial(fn, *inputs[op])
                 row[name] = agreement(candidate(), want)
                 if gpu:
-                    row[name]["ms"] = timed(candidate)
+                    row[name]["ms"], row[name]["gpu_ms"] = timed(candidate), gpu_ms(candidate)
             rows.append(row)
             print(json.dumps(row), flush=True)
         rows += rope_rows(ops, x, tokens, gpu, gen)
@@ -159,12 +161,12 @@ def rope_rows(ops, x: torch.Tensor, tokens: int, gpu: bool, gen: torch.Generator
         product = partial(ops.rms_rope_fp8, *args, *extra, keep_roped=keep)
         row = {"tokens": tokens, "op": name}
         if gpu:
-            row["product_ms"] = timed(product)
+            row["product_ms"], row["product_gpu_ms"] = timed(product), gpu_ms(product)
         if rms_rope_fp8_usable(*args, *extra):
             kernel = partial(rms_rope_fp8, *args, *extra, keep_roped=keep)
             row["kernel"] = agreement(kernel()[1:], product()[1:])
             if gpu:
-                row["kernel"]["ms"] = timed(kernel)
+                row["kernel"]["ms"], row["kernel"]["gpu_ms"] = timed(kernel), gpu_ms(kernel)
         out.append(row)
         print(json.dumps(row), flush=True)
     return out

@@ -32,6 +32,22 @@ def timed(fn, repeats: int = 3, calls: int = 20) -> float:
     return round(statistics.median(times[1:]), 4)
 
 
+def gpu_ms(fn, calls: int = 20) -> float:
+    """Milliseconds of GPU kernel time per call, from the profiler's device events (after one warm call): what
+    the call costs inside the DiT's CUDA graph, where no launch time separates kernels. `timed` measures
+    wall time between events, which for calls shorter than their Python launch is the launch's time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(event.self_device_time_total for event in prof.key_averages())
+    return round(total_us / calls / 1000, 4)
+
+
 def append_rows(path: Path | None, device: torch.device | str, rows: list[dict]) -> None:
     """One JSON line {device, torch, rows} appended to `path` when given (the checks' --json)."""
     if path is not None:
