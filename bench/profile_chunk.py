@@ -1,4 +1,4 @@
-"""Where one steady chunk's GPU time and memory go, stage by stage (encode, DiT, decode).
+"""Where one steady chunk's GPU time and memory go, stage by stage (prepare, encode, DiT, decode, finish, output).
 
     python bench/profile_chunk.py --size 720p [--offload none] [--top 25] [--whole] [--memory-gib 24]
     python bench/profile_chunk.py --size 720p --deferred 3   # where the host waits between deferred pushes
@@ -7,8 +7,8 @@ Builds the full-size pipeline from random weights in the published formats
 (as bench_pipeline.py), pushes three chunks to warm up (torch.compile,
 cuDNN's algorithm search, the DiT's CUDA graph capture), times each stage of
 chunks 4-5 (synchronized wall time: the GPU's time plus whatever the host
-adds, launch overhead included), then pushes the sixth chunk with its encode,
-DiT and decode stages each under its own profiler, and prints per stage: the
+adds, launch overhead included), then pushes the sixth chunk with each of its
+stages (`PROFILED_STAGES`) under its own profiler, and prints per stage: the
 GPU time by kernel class (convolution, GEMM, attention, Triton, copy, other
 elementwise) with the top kernels, and the memory allocated at the stage's
 start and its peak. The stages are the pipeline's own, seen through its
@@ -42,7 +42,7 @@ CLASSES = [
 ]
 
 
-PROFILED_STAGES = ("encode", "dit", "decode")
+PROFILED_STAGES = ("prepare", "encode", "dit", "decode", "finish", "output")
 """The pipeline's stages (`InfVSRPipeline.stage_hook` names) profiled kernel by kernel in the last chunk."""
 
 
@@ -170,6 +170,13 @@ def whole_push(pipe, height: int, width: int, args) -> int:
             nxt = named[min(bisect.bisect_right(starts, at), len(named) - 1)][2]
             after[nxt][0] += gap
             after[nxt][1] += 1
+    by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for a, b, name in named:
+        by_kernel[name][0] += b - a
+        by_kernel[name][1] += 1
+    print("   kernels by GPU time:")
+    for name, (total, count) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"   {total / 1000:8.2f} ms {count:5d}x  [{kernel_class(name)}] {name[:130]}")
     for name, (total, count) in sorted(after.items(), key=lambda kv: -kv[1][0])[:10]:
         print(f"   {total / 1000:7.2f} ms idle in {count:4d} gaps before {kernel_class(name)}: {name[:110]}")
     for gap, at in sorted(gaps, reverse=True)[: args.top]:
@@ -292,7 +299,7 @@ class StageTimer:
 
 def staged_chunks(pipe, height: int, width: int, args) -> int:
     """Six chunks pushed with a `StageTimer` as the stage hook (and the VAE's call hook, with --tiles); the
-    last chunk's encode, DiT and decode each under its own profiler. Prints the times of chunks 4-5."""
+    last chunk's stages (`PROFILED_STAGES`) each under its own profiler. Prints the times of chunks 4-5."""
     clip = synthetic_clip(9 + 12 * 5, height, width, torch.device("cpu"))
     session = pipe.new_session(args.scale)
     timer = StageTimer()

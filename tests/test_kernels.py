@@ -586,3 +586,21 @@ def test_rms_rope_fp8_against_float64(dim, heads, past_tokens):
         x, weight, cos, sin, eps, heads, *past, keep_roped=False
     )
     assert without is None and torch.equal(codes_only.view(torch.uint8), codes.view(torch.uint8))
+
+
+def test_head_scales_follow_the_weight():
+    """The RoPE kernel's per-head scales are kept on the norm's weight, and recomputed when it changes in place
+    (a fine-tune or a LoRA step between chunks) or is asked for another head count."""
+    from infvsr_core.fp8 import normed_head_scale
+    from infvsr_core.kernels.row_quantize import head_scales
+
+    weight = torch.linspace(0.5, 2.0, 256).to(torch.bfloat16)
+    first, inverse = head_scales(weight, 2)
+    assert torch.equal(first, normed_head_scale(weight, 2)) and torch.equal(inverse, first.reciprocal())
+    assert head_scales(weight, 2)[0] is first  # kept, not recomputed
+    with torch.no_grad():
+        weight.mul_(3)
+    again, inverse = head_scales(weight, 2)
+    assert torch.equal(again, normed_head_scale(weight, 2)) and torch.allclose(again, 3 * first, rtol=1e-2)
+    assert torch.equal(inverse, again.reciprocal())
+    assert head_scales(weight, 4)[0].shape == (4,)

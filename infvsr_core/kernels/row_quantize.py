@@ -11,8 +11,10 @@ power-of-two head and a power-of-two tail (8960 = 8192 + 768 of 1024, 1536 = 102
 an earlier kernel (removed) masked a 16384-wide block, one lane in two.
 
 The queries' and keys' RMS norm + RoPE + float8 (`rms_rope_fp8`, dit's `_rms_rope_fp8_op`: a per-head scale
-known from the norm's weight) reads each row once the same way, rotating its pairs in registers, and writes the
-cached rows' codes in the same launch; it is off by default (ROW_QUANTIZE_DEFAULT) until measured.
+known from the norm's weight, kept on it by `head_scales`) reads each row once the same way, rotating its pairs
+in registers, and writes the cached rows' codes in the same launch. It rounds the norm's and the rotation's
+bf16 results as the eager op does; the compiled op may keep an intermediate product in float32, so a code may
+differ from its where that rounding moves it (by a step, or across zero where a rotation cancels).
 
 The arithmetic is fp8.py's: the scale `scale_for(amax)` and the values `to_fp8` (times the scale's reciprocal,
 both by IEEE division, saturated, rounded to nearest even), the GELU as x * sigmoid(2u) in float32; codes may
@@ -246,6 +248,24 @@ def rms_rope_fp8_usable(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor
     )  # fmt: skip
 
 
+def head_scales(weight: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8.normed_head_scale(weight, heads)` and its reciprocal, kept on the weight tensor: they depend on the
+    weight only, and computing them is a few tiny launches per block and call that the compiled op fuses away.
+    Recomputed when the weight changes in place (its version counter; inference tensors have none and are kept
+    as first seen)."""
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference tensor: no in-place change is tracked (nor expected of a norm's weight)
+        version = None
+    key = (version, heads)
+    kept = getattr(weight, "_infvsr_head_scales", None)
+    if kept is None or kept[0] != key:
+        scale = normed_head_scale(weight, heads)
+        kept = (key, scale, scale.reciprocal())
+        weight._infvsr_head_scales = kept
+    return kept[1], kept[2]
+
+
 def rms_rope_fp8(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -263,14 +283,14 @@ def rms_rope_fp8(
     operand (B, Lp + L, heads, head_dim); the scales (B, heads))."""
     b, tokens, dim = x.shape
     head_dim = dim // heads
-    scale = normed_head_scale(weight, heads)
+    scale, inverse = head_scales(weight, heads)
     joined = tokens + (past[0].shape[1] if past else 0)
     out = torch.empty((b, joined, heads, head_dim), dtype=torch.float32 if INTERPRETED else FP8_DTYPE, device=x.device)
     roped = torch.empty((b, tokens, heads, head_dim), dtype=x.dtype, device=x.device) if keep_roped else None
     if out.numel():
         head, tail = row_split(dim // 2)
         _rms_rope_fp8_kernel[(b * joined,)](
-            x, past[0] if past else x, weight, cos, sin, scale.reciprocal(), x if roped is None else roped, out,
+            x, past[0] if past else x, weight, cos, sin, inverse, x if roped is None else roped, out,
             tokens, joined - tokens, eps, DIM=dim, HALF=head_dim // 2, HEAD=head, TAIL=tail, KEEP=keep_roped,
             FP8_MAX=FP8_MAX, FLOAT_OUT=INTERPRETED, num_warps=4,
         )  # fmt: skip
@@ -296,9 +316,10 @@ ROW_QUANTIZE_OPS: dict[str, tuple[Callable[..., object], Callable[..., bool]]] =
 }
 """The DiT's quantizing ops (dit._Ops' names) the kernels can stand in for: (the kernel's form, whether it runs
 on the arguments)."""
-ROW_QUANTIZE_DEFAULT = ("quantize", "gelu_quantize", "ln_modulate_quantize")
-"""The ops a DiT takes by the kernels unless told (each measured faster: bench/check_dit_quantize.py); the queries'
-and keys' norm + RoPE (`rms_rope_fp8`) is not measured yet."""
+ROW_QUANTIZE_DEFAULT = ("quantize", "gelu_quantize", "ln_modulate_quantize", "rms_rope_fp8")
+"""The ops a DiT takes by the kernels unless told: each measured faster in GPU time than the compiled op it stands
+in for (bench/check_dit_quantize.py's `gpu_ms`; the DiT's steady chunks replay in a CUDA graph, where launch
+time is absent)."""
 
 
 def kernel_or(name: str, fallback: Callable[..., object]) -> Callable[..., object]:
