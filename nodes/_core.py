@@ -11,6 +11,7 @@ from __future__ import annotations
 
 if __package__ and "." in __package__:
     from ..infvsr_core import attention, loader, memory
+    from ..infvsr_core.derived import release_derived
     from ..infvsr_core.download import download_weights
     from ..infvsr_core.errors import VideoError, WeightFileError
     from ..infvsr_core.evaluate import report as evaluation_report
@@ -24,9 +25,9 @@ if __package__ and "." in __package__:
     from ..infvsr_core.pipeline import InfVSRPipeline
     from ..infvsr_core.session import InfVSRSession, SceneState
     from ..infvsr_core.vae import SEAMS
-    from ..infvsr_core.vae.derived import release_derived
 else:
     from infvsr_core import attention, loader, memory
+    from infvsr_core.derived import release_derived
     from infvsr_core.download import download_weights
     from infvsr_core.errors import VideoError, WeightFileError
     from infvsr_core.evaluate import report as evaluation_report
@@ -40,4 +41,3 @@ else:
     from infvsr_core.pipeline import InfVSRPipeline
     from infvsr_core.session import InfVSRSession, SceneState
     from infvsr_core.vae import SEAMS
-    from infvsr_core.vae.derived import release_derived

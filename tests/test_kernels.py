@@ -604,3 +604,9 @@ def test_head_scales_follow_the_weight():
     assert torch.equal(again, normed_head_scale(weight, 2)) and torch.allclose(again, 3 * first, rtol=1e-2)
     assert torch.equal(inverse, again.reciprocal())
     assert head_scales(weight, 4)[0].shape == (4,)
+    moved = torch.nn.Parameter(weight.clone())  # module.to() keeps the Parameter and swaps its data
+    kept = head_scales(moved, 2)[0]
+    with torch.no_grad():
+        moved.data = weight.float().to(torch.bfloat16) * 2  # other storage, same version counter
+    fresh = head_scales(moved, 2)[0]
+    assert torch.equal(fresh, normed_head_scale(moved, 2)) and not torch.equal(fresh, kept)

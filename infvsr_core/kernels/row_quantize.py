@@ -30,6 +30,7 @@ from functools import partial
 
 import torch
 
+from ..derived import derived_from
 from ..fp8 import FP8_DTYPE, FP8_MAX, GELU_ARGMIN, GELU_MIN_BOUND, GELU_TANH_2C, normed_head_scale
 from .norm_silu import _TRITON_BROKEN, INTERPRETED, tl, triton, triton_usable
 
@@ -248,22 +249,16 @@ def rms_rope_fp8_usable(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor
     )  # fmt: skip
 
 
+def _scale_and_inverse(weight: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = normed_head_scale(weight, heads)
+    return scale, scale.reciprocal()
+
+
 def head_scales(weight: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fp8.normed_head_scale(weight, heads)` and its reciprocal, kept on the weight tensor: they depend on the
-    weight only, and computing them is a few tiny launches per block and call that the compiled op fuses away.
-    Recomputed when the weight changes in place (its version counter; inference tensors have none and are kept
-    as first seen)."""
-    try:
-        version = weight._version
-    except RuntimeError:  # an inference tensor: no in-place change is tracked (nor expected of a norm's weight)
-        version = None
-    key = (version, heads)
-    kept = getattr(weight, "_infvsr_head_scales", None)
-    if kept is None or kept[0] != key:
-        scale = normed_head_scale(weight, heads)
-        kept = (key, scale, scale.reciprocal())
-        weight._infvsr_head_scales = kept
-    return kept[1], kept[2]
+    """`fp8.normed_head_scale(weight, heads)` and its reciprocal, kept on the weight tensor (`derived_from`):
+    they depend on the weight only, and computing them is a few tiny launches per block and call that the
+    compiled op fuses away."""
+    return derived_from(weight, "_infvsr_head_scales", weight, _scale_and_inverse, heads)
 
 
 def rms_rope_fp8(

@@ -7,7 +7,7 @@
 - stream.py: `StreamingVAE`, which encodes and decodes chunks with that state
 - fast_forward.py, fast_blocks.py: the GPU's faster forward over the same weights and state
 - fp8_convs.py: which of its causal convs run in float8 under dtype "fp8", and their float reference
-- derived.py: the weights' packed / padded / quantized forms that forward uses, cached on the modules
+- (../derived.py: the weights' packed / padded / quantized forms that forward uses, cached on the modules)
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
+from ..derived import derived
 from ..fp8 import FP8_DTYPE
 from ..kernels.fp8_conv import cast_into, fp8_conv_accepts, holds_pixel
 from ..kernels.mid_attention import mid_attention, mid_attention_usable
@@ -33,7 +34,6 @@ from ..kernels.rgb_out import few_out_conv, few_out_fits, pack_few_out
 from ..kernels.split_conv import pack_split, split_conv, split_conv_usable
 from ..kernels.subpixel import interleave
 from ..memory.host import ArrivingCache
-from .derived import derived
 from .fp8_convs import (
     FP8_CONV_OUTPUTS,
     conv_fp8,

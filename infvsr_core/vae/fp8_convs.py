@@ -13,6 +13,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResidualBlock, WanRMS_norm
 from torch import nn
 
+from ..derived import derived
 from ..fp8 import dequantize_rows, quantize_rows, to_fp8
 from ..kernels.fp8_conv import (
     CHANNEL_MULTIPLE,
@@ -24,7 +25,6 @@ from ..kernels.fp8_conv import (
     row_taps_fit,
     static_activation_scale,
 )
-from .derived import derived
 
 # The conv widths whose float8 form beats cuDNN's bf16: every tier once the 96-channel taps run as one padded
 # 128-deep block (bench/RESULTS.md round 16).
